@@ -1,0 +1,91 @@
+"""Capture: a causal LM (transformers model or plain nn.Module) -> torch.export.ExportedProgram.
+
+The model is wrapped so the captured function is ``(input_ids, attention_mask) -> logits``, with the batch and sequence
+dimensions dynamic. The wrapper's single attribute is ``lm`` (see naming.py), so parameter names are the model's own
+names behind a fixed prefix.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+import torch
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 1024
+MAX_SEQUENCE = 8192
+
+
+class CausalLM(torch.nn.Module):
+    """``(input_ids, attention_mask) -> logits`` around a Hugging Face causal LM or a module with that signature."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if _is_hf_model(self.lm):
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        out = self.lm(input_ids, attention_mask)
+        return out.logits if hasattr(out, "logits") else out
+
+
+def _is_hf_model(module: torch.nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(module, PreTrainedModel)
+
+
+def example_inputs(vocab_size: int, batch: int = 2, seq: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and an all-ones mask used as the tracing example (values do not matter, shapes are dynamic)."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, max(vocab_size, 2), (batch, seq), generator=gen)
+    return ids, torch.ones_like(ids)
+
+
+def capture(model: torch.nn.Module, vocab_size: int | None = None) -> torch.export.ExportedProgram:
+    """Export ``model`` with dynamic batch and sequence length; a failure names the construct torch.export rejected."""
+    if vocab_size is None:
+        vocab_size = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
+        if not vocab_size:
+            emb = next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
+            vocab_size = emb.num_embeddings if emb is not None else 2
+    model.eval()
+    ids, mask = example_inputs(vocab_size)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    seq = torch.export.Dim("sequence", min=2, max=MAX_SEQUENCE)
+    dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            exported = torch.export.export(CausalLM(model), (ids, mask), dynamic_shapes=dynamic, strict=False)
+    except Exception as exc:  # torch.export raises many types; all become one clear message
+        raise UserError(f"torch.export could not capture {type(model).__name__}: {describe_export_failure(exc)}") from exc
+    log.info("captured %s with torch.export in %.1f s", type(model).__name__, time.perf_counter() - start)
+    return exported
+
+
+def describe_export_failure(exc: Exception) -> str:
+    """One line naming the failing construct and, where torch says it, the user source line."""
+    text = str(exc)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    headline = lines[0] if lines else type(exc).__name__
+    headline = re.sub(r"\s+", " ", headline)[:300]
+    where = None
+    for ln in lines:
+        m = re.search(r'File "([^"]+)", line (\d+)', ln) or re.search(r"\(([^()\s]+\.py):(\d+)", ln)
+        if m and "site-packages/torch" not in m.group(1) and "/torch/" not in m.group(1):
+            where = f"{m.group(1)}:{m.group(2)}"
+    for ln in lines:
+        if ln.startswith(("Caused by:", "User code:")) or "data-dependent" in ln:
+            headline = headline if "data-dependent" in headline else f"{headline} ({ln[:160]})"
+            break
+    hint = "rewrite that construct without data-dependent Python control flow, or pass a supported model"
+    return f"{type(exc).__name__}: {headline}" + (f" at {where}" if where else "") + f"; {hint}"

@@ -1,0 +1,297 @@
+"""Structure of a captured causal LM, read from the graph: blocks, linears and their roles, residual stream, norms.
+
+How roles are found (topology first, names never):
+- Linears are the ops that multiply by a weight parameter (aten.linear, or addmm/mm with the weight as [in, out]).
+- The residual stream is followed backwards from the lm_head: the last ``add`` whose one tensor operand is an ancestor
+  of the other is a residual add; its ancestor operand is the stream before it, the other operand the sublayer output.
+- A sublayer is everything between the stream and a residual add. It is attention when it holds a scaled-dot-product
+  attention (or a softmax), otherwise an MLP. Its linears with no linear before them *read* the stream (``attn_in`` /
+  ``mlp_in``); those with no linear after them *write* to it (``attn_out`` / ``mlp_out``).
+- Blocks are the entries of the repeated module list seen in ``nn_module_stack`` (the path component that is an index).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import Node
+
+from .errors import UserError
+from .naming import layer_name
+
+ROLES = ("attn_in", "attn_out", "mlp_in", "mlp_out", "lm_head")
+ATTENTION_OPS = {"scaled_dot_product_attention", "_softmax", "softmax", "_safe_softmax"}
+# Ops that pass the residual stream through unchanged in value (dtype casts, views, eval-mode dropout, aliases).
+PASS_THROUGH_OPS = {
+    "to", "_to_copy", "alias", "clone", "contiguous", "dropout", "view", "reshape", "_unsafe_view",
+    "_assert_tensor_metadata", "type_as", "detach",
+}
+
+
+class UnsupportedArchitecture(UserError):
+    """The graph does not have the shape of a pre-norm or post-norm decoder stack this tool understands."""
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One weight-multiplying op. ``weight_layout`` is "out_in" (nn.Linear) or "in_out" (GPT-2's Conv1D, addmm/mm)."""
+
+    name: str
+    role: str
+    block: int | None
+    weight: str
+    bias: str | None
+    in_features: int
+    out_features: int
+    weight_layout: str
+    node: str
+
+
+@dataclass(frozen=True)
+class Sublayer:
+    kind: str  # "attention" or "mlp"
+    block: int
+    readers: tuple[str, ...]
+    writers: tuple[str, ...]
+    norm: str | None  # module name of the norm between the stream and the readers
+
+
+@dataclass
+class Structure:
+    """What passes need to know about a captured model; every name is a user-facing module name."""
+
+    linears: dict[str, Linear]
+    blocks: list[str]  # module path of each decoder block, by index
+    sublayers: list[Sublayer]
+    embeddings: dict[str, str]  # module name -> weight parameter
+    lm_head: str | None
+    final_norm: str | None
+    tied_embedding: bool
+    block_list: str = ""  # module path of the repeated block list, e.g. "model.layers"
+    residual_adds: list[str] = field(default_factory=list)
+
+    def in_blocks(self) -> list[Linear]:
+        """Every linear inside a decoder block, in graph order (the default pruning scope)."""
+        return [lin for lin in self.linears.values() if lin.block is not None]
+
+    def by_role(self, role: str) -> list[Linear]:
+        return [lin for lin in self.linears.values() if lin.role == role]
+
+    def summary(self) -> dict:
+        roles = {r: len(self.by_role(r)) for r in ROLES}
+        return {
+            "blocks": len(self.blocks),
+            "block_list": self.block_list,
+            "linears": len(self.linears),
+            "roles": roles,
+            "embeddings": sorted(self.embeddings),
+            "lm_head": self.lm_head,
+            "final_norm": self.final_norm,
+            "tied_embedding": self.tied_embedding,
+        }
+
+
+def _op(node: Node) -> str:
+    target = node.target
+    name = getattr(target, "__name__", str(target))
+    return name.split(".")[0]
+
+
+def _module_path(node: Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return path
+
+
+def _block_of(node: Node) -> tuple[str, int] | None:
+    """The outermost module-stack entry whose last path component is an index: (list path, index)."""
+    for path, _type in (node.meta.get("nn_module_stack") or {}).values():
+        m = re.fullmatch(r"(.+)\.(\d+)", path)
+        if m:
+            return m.group(1), int(m.group(2))
+    return None
+
+
+def _tensor_args(node: Node) -> list[Node]:
+    return [a for a in node.args if isinstance(a, Node)]
+
+
+def _ancestors(node: Node, stop: set[Node] | None = None) -> set[Node]:
+    seen: set[Node] = set()
+    todo = [node]
+    while todo:
+        cur = todo.pop()
+        for inp in cur.all_input_nodes:
+            if inp not in seen:
+                seen.add(inp)
+                if stop is None or inp not in stop:
+                    todo.append(inp)
+    return seen
+
+
+def _through(node: Node) -> Node:
+    """Follow pass-through ops back to the node that produced the value."""
+    while node.op == "call_function" and _op(node) in PASS_THROUGH_OPS and _tensor_args(node):
+        node = _tensor_args(node)[0]
+    return node
+
+
+def read_structure(exported: torch.export.ExportedProgram) -> Structure:
+    """Read blocks, linears with roles, embeddings, norms and the residual stream from an exported causal LM."""
+    graph = exported.graph
+    params = dict(exported.graph_signature.inputs_to_parameters)
+    state = exported.state_dict
+    order = {n: i for i, n in enumerate(graph.nodes)}
+
+    def param_of(arg) -> str | None:
+        return params.get(arg.name) if isinstance(arg, Node) and arg.op == "placeholder" else None
+
+    # 1. Linears and embeddings.
+    raw_linears: dict[Node, dict] = {}
+    embeddings: dict[str, str] = {}
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        op = _op(node)
+        if op == "linear" and param_of(node.args[1]):
+            weight = param_of(node.args[1])
+            bias = param_of(node.args[2]) if len(node.args) > 2 else None
+            out_f, in_f = state[weight].shape
+            raw_linears[node] = dict(weight=weight, bias=bias, layout="out_in", in_f=in_f, out_f=out_f)
+        elif op in ("addmm", "mm") and param_of(node.args[-1]):
+            weight = param_of(node.args[-1])
+            bias = param_of(node.args[0]) if op == "addmm" else None
+            in_f, out_f = state[weight].shape
+            raw_linears[node] = dict(weight=weight, bias=bias, layout="in_out", in_f=in_f, out_f=out_f)
+        elif op == "embedding" and param_of(node.args[0]):
+            embeddings[layer_name(_module_path(node) + ".weight")] = param_of(node.args[0])
+    if not raw_linears:
+        raise UnsupportedArchitecture("no linear layers found in the captured graph; expected a transformer causal LM")
+
+    # 2. lm_head: the linear whose output reaches the graph output through pass-through ops only.
+    output_node = next(n for n in graph.nodes if n.op == "output")
+    logits = _through(output_node.args[0][0] if isinstance(output_node.args[0], (tuple, list)) else output_node.args[0])
+    head = logits if logits in raw_linears else None
+    if head is None:
+        raise UnsupportedArchitecture("the logits are not produced by a linear layer (lm_head); unsupported model head")
+
+    # 3. Residual stream, walked back from the lm_head.
+    head_ancestors = _ancestors(head)
+    adds = sorted((n for n in head_ancestors if n.op == "call_function" and _op(n) == "add"), key=order.get, reverse=True)
+    residual: list[tuple[Node, Node, Node]] = []  # (add, stream_in, branch)
+
+    def split_residual(add: Node) -> tuple[Node, Node] | None:
+        args = _tensor_args(add)
+        if len(args) != 2:
+            return None
+        a, b = args
+        if a in _ancestors(b):
+            return a, b
+        if b in _ancestors(a):
+            return b, a
+        return None
+
+    last = None
+    for add in adds:
+        if split_residual(add) is not None:
+            last = add
+            break
+    if last is None:
+        raise UnsupportedArchitecture("no residual connection found before the lm_head; unsupported architecture")
+    cur = last
+    while True:
+        parts = split_residual(cur)
+        if parts is None:
+            break
+        stream_in, branch = parts
+        residual.append((cur, stream_in, branch))
+        cur = _through(stream_in)
+        if not (cur.op == "call_function" and _op(cur) == "add"):
+            break
+    residual.reverse()
+
+    # 4. Sublayers: the linears between each stream value and its residual add.
+    roles: dict[Node, tuple[str, int | None]] = {}
+    sublayers: list[Sublayer] = []
+    block_paths: dict[int, str] = {}
+    block_lists: set[str] = set()
+    for add, stream_in, branch in residual:
+        blk = _block_of(add)
+        if blk is None:
+            raise UnsupportedArchitecture(f"residual add {add.name} is not inside a repeated decoder block")
+        block_lists.add(blk[0])
+        block_paths[blk[1]] = f"{blk[0]}.{blk[1]}"
+        stream_anc = _ancestors(stream_in) | {stream_in}
+        region = (_ancestors(branch) | {branch}) - stream_anc
+        lins = [n for n in region if n in raw_linears]
+        if not lins:
+            raise UnsupportedArchitecture(f"the residual branch ending at {add.name} holds no linear layer")
+        lin_set = set(lins)
+        upstream = {n: _ancestors(n, stop=stream_anc) & lin_set for n in lins}
+        readers = [n for n in lins if not upstream[n]]
+        writers = [n for n in lins if not any(n in upstream[o] for o in lins if o is not n)]
+        middle = [n for n in lins if n not in readers and n not in writers]
+        if middle:
+            names = ", ".join(layer_name(raw_linears[n]["weight"]) for n in middle)
+            raise UnsupportedArchitecture(f"linears neither reading nor writing the residual stream: {names}")
+        is_attention = any(n.op == "call_function" and _op(n) in ATTENTION_OPS for n in region)
+        kind = "attention" if is_attention else "mlp"
+        prefix = "attn" if is_attention else "mlp"
+        for n in readers:
+            roles[n] = (f"{prefix}_in", blk[1])
+        for n in writers:
+            if n in roles:
+                raise UnsupportedArchitecture(f"{layer_name(raw_linears[n]['weight'])} both reads and writes the stream")
+            roles[n] = (f"{prefix}_out", blk[1])
+        norm_region = set().union(*(_ancestors(n, stop=stream_anc) for n in readers)) - stream_anc
+        sublayers.append(Sublayer(
+            kind=kind, block=blk[1],
+            readers=tuple(layer_name(raw_linears[n]["weight"]) for n in sorted(readers, key=order.get)),
+            writers=tuple(layer_name(raw_linears[n]["weight"]) for n in sorted(writers, key=order.get)),
+            norm=_norm_module(norm_region, param_of),
+        ))
+    if len(block_lists) != 1:
+        raise UnsupportedArchitecture(f"decoder blocks found in more than one module list: {sorted(block_lists)}")
+    roles[head] = ("lm_head", None)
+    outside = [raw_linears[n]["weight"] for n in raw_linears if n not in roles]
+    if outside:
+        raise UnsupportedArchitecture(f"linears outside the decoder blocks other than the lm_head: {outside[:5]}")
+
+    linears: dict[str, Linear] = {}
+    for node in sorted(raw_linears, key=order.get):
+        info = raw_linears[node]
+        role, block = roles[node]
+        name = layer_name(_module_path(node) + ".weight") if _module_path(node) else layer_name(info["weight"])
+        linears[name] = Linear(
+            name=name, role=role, block=block, weight=info["weight"], bias=info["bias"],
+            in_features=int(info["in_f"]), out_features=int(info["out_f"]), weight_layout=info["layout"], node=node.name,
+        )
+    head_weight = raw_linears[head]["weight"]
+    n_blocks = max(block_paths) + 1
+    missing = [i for i in range(n_blocks) if i not in block_paths]
+    if missing:
+        raise UnsupportedArchitecture(f"decoder blocks {missing} have no residual connection the tool could follow")
+    final_region = _ancestors(head, stop={residual[-1][0]}) - (_ancestors(residual[-1][0]) | {residual[-1][0]})
+    return Structure(
+        linears=linears,
+        blocks=[layer_name(block_paths[i]) for i in range(n_blocks)],
+        sublayers=sublayers,
+        embeddings=embeddings,
+        lm_head=layer_name(_module_path(head) + ".weight"),
+        final_norm=_norm_module(final_region, param_of),
+        tied_embedding=head_weight in embeddings.values(),
+        block_list=layer_name(next(iter(block_lists))),
+        residual_adds=[a.name for a, _, _ in residual],
+    )
+
+
+def _norm_module(region: set[Node], param_of) -> str | None:
+    """Module name of the norm in a region: the module owning the parameters used there (None when parameter-free)."""
+    for node in region:
+        if node.op == "call_function" and any(param_of(a) for a in node.args):
+            return layer_name(_module_path(node))
+    return None
