@@ -1,0 +1,159 @@
+"""The ``nexus-export`` command line: prune, run, inspect, check-onnx.
+
+Bad input ends with one line on stderr and exit code 2, and no output folder left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+log = logging.getLogger("nexus_export.cli")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nexus-export", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    prune = sub.add_parser("prune", help="prune a model, lower it to ONNX, evaluate and report")
+    prune.add_argument("--model", required=True, help="zoo name (tiny-llama, smollm2-135m) or local HF model folder")
+    prune.add_argument("--method", required=True, help="pruning pass, e.g. magnitude")
+    prune.add_argument("--sparsity", type=float, help="fraction of weights to zero in [0, 1) (default: N/M or 0.5)")
+    prune.add_argument("--pattern", help="N:M pattern, N zeros in every M consecutive inputs (e.g. 2:4)")
+    prune.add_argument("--schedule", help='JSON per role/block/module, e.g. \'{"layer_0-5": 0.3, "mlp_out": 0.5}\'')
+    prune.add_argument("--per-row", action="store_true", help="unstructured: same sparsity in every output row")
+    prune.add_argument("--calib-source", default="austen", help="calibration text: austen, a .txt file or folder")
+    prune.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default 64)")
+    prune.add_argument("--eval-source", default="austen", help="evaluation text: austen, a .txt file or folder")
+    prune.add_argument("--eval-windows", type=int, default=64, help="evaluation windows (default 64)")
+    prune.add_argument("--seq-len", type=int, default=512, help="tokens per calibration/evaluation window (512)")
+    prune.add_argument("--no-latency", action="store_true", help="skip the onnxruntime latency measurement")
+    _output_args(prune)
+
+    run = sub.add_parser("run", help="run a recipe (YAML)")
+    run.add_argument("recipe", help="recipe YAML file")
+    _output_args(run)
+
+    inspect = sub.add_parser("inspect", help="show blocks, linears with roles, parameter counts")
+    inspect.add_argument("model", help="zoo name or local HF model folder")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    check = sub.add_parser("check-onnx", help="per-layer sparsity and N:M validity of an ONNX file")
+    check.add_argument("onnx", help="path of a .onnx file")
+    check.add_argument("--pattern", default="2:4", help="N:M pattern to check (default 2:4; 'none' to skip)")
+    check.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def _output_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty output folder when done")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    for noisy in ("torch", "onnxscript", "transformers", "urllib3", "filelock", "httpx"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    try:
+        return {"prune": _prune, "run": _run, "inspect": _inspect, "check-onnx": _check_onnx}[args.command](args)
+    except UserError as exc:
+        print(f"nexus-export: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nexus-export: interrupted; no output written", file=sys.stderr)
+        return 130
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from .recipe import Recipe
+
+    options = {"sparsity": args.sparsity, "pattern": args.pattern}
+    if args.schedule:
+        try:
+            options["schedule"] = json.loads(args.schedule)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"--schedule is not valid JSON ({exc.msg}); e.g. '{{\"layer_0-5\": 0.3}}'") from None
+    if args.per_row:
+        options["per_row"] = True
+    options = {k: v for k, v in options.items() if v is not None}
+    recipe = Recipe.from_dict({
+        "model": args.model,
+        "passes": [{args.method: options}],
+        "calibration": {"source": args.calib_source, "samples": args.calib_samples, "seq_len": args.seq_len},
+        "evaluation": {"source": args.eval_source, "windows": args.eval_windows, "seq_len": args.seq_len,
+                       "latency": not args.no_latency},
+    })
+    return _execute(recipe, args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .recipe import Recipe
+
+    return _execute(Recipe.from_yaml(args.recipe), args)
+
+
+def _execute(recipe, args: argparse.Namespace) -> int:
+    from .pipeline import run_recipe
+    from .report import headline
+
+    report = run_recipe(recipe, Path(args.out), force=args.force)
+    print(headline(report))
+    print(f"artifacts: {Path(args.out) / 'model.onnx'}, report.json, report.md")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .program import Program
+    from .zoo import load_model
+
+    loaded = load_model(args.model)
+    program = Program.from_model(loaded.model, loaded.tokenizer, name=loaded.name)
+    s = program.structure
+    if args.json:
+        rows = [dict(name=l.name, role=l.role, block=l.block, in_features=l.in_features, out_features=l.out_features)
+                for l in s.linears.values()]
+        print(json.dumps({"summary": s.summary(), "parameters": program.num_parameters(), "linears": rows}, indent=2))
+        return 0
+    print(f"{loaded.name}: {len(s.blocks)} blocks ({s.block_list}), {program.num_parameters():,} parameters, "
+          f"tied embedding: {s.tied_embedding}")
+    print(f"embeddings: {', '.join(s.embeddings)}; final norm: {s.final_norm}")
+    print(f"{'linear':<48} {'role':<9} {'block':>5} {'in':>6} {'out':>6} {'params':>10}")
+    for lin in s.linears.values():
+        block = "-" if lin.block is None else str(lin.block)
+        print(f"{lin.name:<48} {lin.role:<9} {block:>5} {lin.in_features:>6} {lin.out_features:>6} "
+              f"{lin.in_features * lin.out_features:>10,}")
+    return 0
+
+
+def _check_onnx(args: argparse.Namespace) -> int:
+    from passes.sparsity import parse_pattern
+    from runtimes.onnx_check import inspect_onnx, report_rows, summarize
+
+    pattern = parse_pattern(args.pattern)
+    layers = inspect_onnx(args.onnx, nm=(pattern.n, pattern.m) if pattern else None)
+    summary = summarize(layers)
+    if args.json:
+        print(json.dumps({"summary": summary, "layers": report_rows(layers)}, indent=2))
+        return 0
+    label = str(pattern) if pattern else "N:M"
+    print(f"{'layer':<48} {'op':<6} {'k':>6} {'n':>6} {'sparsity':>9} {label + ' valid':>10} {'form':<10}")
+    for row in report_rows(layers):
+        valid = "-" if row["nm_valid"] is None else ("yes" if row["nm_valid"] else "NO")
+        print(f"{row['layer']:<48} {row['op']:<6} {row['k']:>6} {row['n']:>6} {row['sparsity']:>9.1%} {valid:>10} "
+              f"{row['form']:<10}")
+    print(f"{summary['layers']} layers, weight sparsity {summary['sparsity']:.1%}, "
+          f"{summary['nm_valid_layers']} {label}-valid" + (", all valid" if summary["all_nm_valid"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

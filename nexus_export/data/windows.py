@@ -1,0 +1,116 @@
+"""Token windows for calibration and evaluation, cut from one tokenized stream per split.
+
+The default protocol (see shared/data/README.md): calibration = ``n`` windows of ``seq_len`` tokens at random offsets
+``torch.randint(0, len(stream) - seq_len, (n,))`` from ``torch.Generator().manual_seed(seed)``; evaluation = the first
+``n`` non-overlapping windows of the evaluation stream. Streams are tokenized whole, without special tokens, once per
+(tokenizer, source, split) in a process: tokenizing the Austen streams with a real tokenizer takes seconds.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import time
+
+import torch
+from tokenizers import Tokenizer
+
+from nexus_export.data.sources import load_text
+from nexus_export.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def calibration_windows(
+    tokenizer, source: str | os.PathLike = "austen", n: int = 64, seq_len: int = 512, seed: int = 0
+) -> torch.Tensor:
+    """``n`` windows of ``seq_len`` token ids at seeded random offsets of the calibration stream, a LongTensor [n, seq_len]."""
+    _check_sizes(n, seq_len)
+    stream = _stream(tokenizer, source, "calibration")
+    needed = seq_len + 1  # randint needs a non-empty range
+    if len(stream) < needed:
+        raise _too_short(source, "calibration", len(stream), needed, f"{n} random windows of {seq_len} tokens")
+    generator = torch.Generator().manual_seed(seed)
+    offsets = torch.randint(0, len(stream) - seq_len, (n,), generator=generator)
+    return torch.stack([stream[o : o + seq_len] for o in offsets.tolist()])
+
+
+def evaluation_windows(tokenizer, source: str | os.PathLike = "austen", n: int = 64, seq_len: int = 512) -> torch.Tensor:
+    """The first ``n`` non-overlapping windows of ``seq_len`` token ids of the evaluation stream, a LongTensor [n, seq_len]."""
+    _check_sizes(n, seq_len)
+    stream = _stream(tokenizer, source, "evaluation")
+    needed = n * seq_len
+    if len(stream) < needed:
+        raise _too_short(source, "evaluation", len(stream), needed, f"{n} windows of {seq_len} tokens")
+    return stream[:needed].reshape(n, seq_len).clone()  # a copy: the cached stream must not be changed by callers
+
+
+def _check_sizes(n: int, seq_len: int) -> None:
+    """Reject window counts and lengths that are not positive integers."""
+    for label, value in (("n", n), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{label} must be a positive integer, got {value!r}")
+
+
+def _too_short(source, split: str, have: int, needed: int, what: str) -> UserError:
+    """The error for a stream with fewer tokens than the windows need."""
+    return UserError(
+        f"the {split} text of source {os.fspath(source)!r} has {have} tokens, but {what} need at least {needed}; "
+        "use a longer text, fewer windows (n) or shorter windows (seq_len)"
+    )
+
+
+class _TokenizerKey:
+    """A hashable handle on a tokenizer: equal for tokenizers that produce the same ids, holding the tokenizer itself."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.key = _tokenizer_identity(tokenizer)
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _TokenizerKey) and other.key == self.key
+
+
+def _tokenizer_identity(tokenizer) -> tuple:
+    """What determines a tokenizer's output: its full serialized definition when it has one, else name and size."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return ("fast", hashlib.sha256(backend.to_str().encode("utf-8")).hexdigest())
+    return (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer))
+
+
+def _stream(tokenizer, source, split: str) -> torch.Tensor:
+    """The token ids of a whole split as a 1-D LongTensor (cached; callers must not modify it)."""
+    return _cached_stream(_TokenizerKey(tokenizer), os.fspath(source), split)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_stream(key: _TokenizerKey, source: str, split: str) -> torch.Tensor:
+    """Tokenize one split once per process."""
+    text = load_text(source, split)
+    start = time.perf_counter()
+    ids = _encode(key.tokenizer, text)
+    log.info(
+        "tokenized %s/%s: %d characters -> %d tokens in %.1f s",
+        source, split, len(text), len(ids), time.perf_counter() - start,
+    )
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    """Token ids of a text with no special tokens added and no warning about exceeding the model's maximum length."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        # The Rust tokenizer has no notion of a model maximum length, so it does not warn; a copy drops any truncation
+        # or padding its owner configured, without changing the caller's tokenizer.
+        if backend.truncation is not None or backend.padding is not None:
+            backend = Tokenizer.from_str(backend.to_str())
+            backend.no_truncation()
+            backend.no_padding()
+        return backend.encode(text, add_special_tokens=False).ids
+    return tokenizer.encode(text, add_special_tokens=False, verbose=False)

@@ -1,0 +1,141 @@
+"""Recipes: the model, an ordered list of passes with options, and calibration, evaluation and lowering settings.
+
+YAML form::
+
+    model: smollm2-135m
+    passes:
+      - magnitude: {sparsity: 0.5, pattern: "2:4"}
+    calibration: {source: austen, samples: 64, seq_len: 512, seed: 0}
+    evaluation: {source: austen, windows: 64, seq_len: 512}
+    lowering: {opset: 18, external_data: true}
+
+Everything is validated (pass names, pass options, settings) before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+from .passbase import PassConfig, _coerce
+from .registry import get_pass
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    source: str = "austen"
+    samples: int = 64
+    seq_len: int = 512
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    source: str = "austen"
+    windows: int = 64
+    seq_len: int = 512
+    batch_size: int = 4
+    latency: bool = True  # measure onnxruntime latency (median of repeated runs)
+
+
+@dataclass(frozen=True)
+class LoweringSettings:
+    opset: int = 18
+    external_data: bool = True
+    runtime: str = "onnxruntime"
+
+
+def _settings(cls, data: Any, section: str):
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise UserError(f"recipe section {section!r} must be a mapping of settings")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UserError(f"unknown key(s) {', '.join(unknown)} in recipe section {section!r}; valid: {', '.join(sorted(names))}")
+    import typing
+    hints = typing.get_type_hints(cls)
+    values = {k: _coerce(v, hints[k], k, section) for k, v in data.items()}
+    settings = cls(**values)
+    for f in dataclasses.fields(cls):
+        v = getattr(settings, f.name)
+        if isinstance(v, int) and not isinstance(v, bool) and f.name != "seed" and v <= 0:
+            raise UserError(f"{section}.{f.name} must be positive, got {v}")
+    return settings
+
+
+@dataclass(frozen=True)
+class PassStep:
+    name: str
+    config: PassConfig
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: str
+    passes: tuple[PassStep, ...] = ()
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+    lowering: LoweringSettings = field(default_factory=LoweringSettings)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Recipe":
+        if not isinstance(data, dict):
+            raise UserError("a recipe must be a mapping with at least 'model' and 'passes'")
+        valid = {"model", "passes", "calibration", "evaluation", "lowering"}
+        unknown = sorted(set(data) - valid)
+        if unknown:
+            raise UserError(f"unknown recipe key(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+        if not data.get("model"):
+            raise UserError("the recipe names no model; add e.g. 'model: tiny-llama'")
+        steps = []
+        for i, entry in enumerate(data.get("passes") or []):
+            if isinstance(entry, str):
+                entry = {entry: {}}
+            if not isinstance(entry, dict) or len(entry) != 1:
+                raise UserError(f"passes[{i}] must be a single-key mapping like '- magnitude: {{sparsity: 0.5}}'")
+            (name, options), = entry.items()
+            pass_cls = get_pass(name)
+            if options is not None and not isinstance(options, dict):
+                raise UserError(f"options of pass {name!r} must be a mapping")
+            steps.append(PassStep(name=name, config=pass_cls.config_class.from_options(options, name)))
+        return cls(
+            model=str(data["model"]),
+            passes=tuple(steps),
+            calibration=_settings(CalibrationSettings, data.get("calibration"), "calibration"),
+            evaluation=_settings(EvaluationSettings, data.get("evaluation"), "evaluation"),
+            lowering=_settings(LoweringSettings, data.get("lowering"), "lowering"),
+        )
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"recipe file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise UserError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "passes": [{s.name: _clean(s.config.to_dict())} for s in self.passes],
+            "calibration": dataclasses.asdict(self.calibration),
+            "evaluation": dataclasses.asdict(self.evaluation),
+            "lowering": dataclasses.asdict(self.lowering),
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _clean(options: dict) -> dict:
+    return {k: v for k, v in options.items() if v is not None}

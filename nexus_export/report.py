@@ -1,0 +1,81 @@
+"""Reports are data (report.json); this module writes them and renders the Markdown a person reads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def write_json(report: dict, path: Path) -> None:
+    path.write_text(json.dumps(report, indent=2, default=_plain) + "\n")
+
+
+def _plain(value):
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON-serializable: {type(value).__name__}")
+
+
+def headline(report: dict) -> str:
+    """One line: model, passes, sparsity, perplexities, parity."""
+    ppl = report["perplexity"]
+    passes = " + ".join(p["name"] for p in report["passes"]) or "no pass"
+    return (f"{report['model']['name']} | {passes} | sparsity {report['sparsity']['overall']:.1%} "
+            f"({report['sparsity']['pattern']}) | perplexity dense {ppl['dense']:.2f} -> pruned {ppl['pruned']:.2f} "
+            f"(onnxruntime {ppl['onnx']:.2f}) | parity max|diff| {report['parity']['max_abs_diff']:.2e}")
+
+
+def render_markdown(report: dict) -> str:
+    ppl = report["perplexity"]
+    onnx = report["onnx"]
+    summary = onnx["summary"]
+    lines = [
+        f"# nexus-export report: {report['model']['name']}",
+        "",
+        headline(report),
+        "",
+        "## Perplexity",
+        f"Dataset: {ppl['dataset']} ({ppl['tokens']} predicted tokens).",
+        "",
+        "| | perplexity |",
+        "|---|---|",
+        f"| dense (PyTorch) | {ppl['dense']:.3f} |",
+        f"| pruned (PyTorch) | {ppl['pruned']:.3f} |",
+        f"| pruned (onnxruntime) | {ppl['onnx']:.3f} |",
+        "",
+        "## Passes",
+        "| pass | wall s | params before | params after | peak RSS MiB |",
+        "|---|---|---|---|---|",
+    ]
+    for p in report["passes"]:
+        lines.append(f"| {p['name']} | {p['wall_s']:.2f} | {p['params_before']:,} | {p['params_after']:,} | "
+                     f"{p['peak_rss_mb']:.0f} |")
+    lines += [
+        "",
+        "## ONNX",
+        f"`{onnx['path']}`: {onnx['bytes'] / 2**20:.1f} MiB, opset {onnx['opset']}; {summary['layers']} MatMul/Gemm "
+        f"layers with constant weights ({_forms(summary)}); weight sparsity {summary['sparsity']:.1%}; "
+        f"N:M valid layers: {summary['nm_valid_layers']}. Parity with PyTorch: max |logits diff| "
+        f"{report['parity']['max_abs_diff']:.2e}.",
+        "",
+        "| layer | k | n | sparsity | N:M valid | form |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in onnx["layers"]:
+        valid = "-" if row["nm_valid"] is None else ("yes" if row["nm_valid"] else "NO")
+        lines.append(f"| {row['layer']} | {row['k']} | {row['n']} | {row['sparsity']:.1%} | {valid} | {row['form']} |")
+    if report.get("latency"):
+        lines += ["", "## Latency (onnxruntime CPU)", "| shape | median ms | p90 ms | runs |", "|---|---|---|---|"]
+        for shape, lat in report["latency"].items():
+            lines.append(f"| {shape} | {lat['median_ms']:.1f} | {lat['p90_ms']:.1f} | {lat['runs']} |")
+    lines += ["", "## Timings", ", ".join(f"{k} {v:.1f}" for k, v in report["timings"].items()),
+              f"Peak RSS {report['peak_rss_mb']:.0f} MiB.", ""]
+    return "\n".join(lines)
+
+
+def _forms(summary: dict) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in summary.get("by_form", {}).items()) or "none"
+
+

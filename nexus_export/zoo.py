@@ -1,0 +1,366 @@
+"""The model zoo: load a model and its tokenizer by zoo name, from a local Hugging Face folder, or wrap a loaded one.
+
+Zoo entries are data: one YAML file per model in the repository's ``models/`` folder, with ``name``, ``description``,
+``kind`` and what that kind needs. Kinds:
+
+- ``random``: a seeded random model built from a transformers config class, with a byte-level tokenizer built in
+  memory. No download, instant; used by tests and quick demos.
+- ``gguf``: a pretrained model shipped as a GGUF file inside an installed Python package. The first load dequantizes
+  it with transformers (slow) and caches float32 safetensors under ``$NEXUS_EXPORT_CACHE/models/<name>``
+  (default ``~/.cache/nexus-export``); later loads read the cache, never the network.
+
+Every loaded model is a float32 transformers ``PreTrainedModel`` in eval mode. Pickled checkpoints are never loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+import yaml
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+import nexus_export
+from nexus_export.errors import UserError
+
+log = logging.getLogger(__name__)
+
+KINDS = ("random", "gguf")
+ENDOFTEXT = "<|endoftext|>"
+_ORIGIN_FILE = "nexus-origin.json"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for capture: float32, eval mode, with its tokenizer and a record of where its weights came from."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase | None
+    name: str
+    origin: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------- zoo entries
+
+
+def models_dir() -> Path:
+    """The repository's ``models/`` folder, which holds one YAML file per zoo model."""
+    return Path(nexus_export.__file__).resolve().parents[1] / "models"
+
+
+def zoo_entries() -> dict[str, dict[str, Any]]:
+    """Every zoo entry by name, read and checked from ``models/*.yaml``."""
+    entries: dict[str, dict[str, Any]] = {}
+    for path in sorted(models_dir().glob("*.yaml")):
+        entry = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if not isinstance(entry, dict) or entry.get("name") != path.stem:
+            raise UserError(f"zoo file {path} must be a mapping whose 'name' is {path.stem!r}; fix the file")
+        missing = [key for key in ("description", "kind") if key not in entry]
+        if missing:
+            raise UserError(f"zoo file {path} lacks {', '.join(missing)}; add them")
+        if entry["kind"] not in KINDS:
+            raise UserError(f"zoo file {path} has kind {entry['kind']!r}; expected one of {', '.join(KINDS)}")
+        entries[entry["name"]] = entry
+    return entries
+
+
+def zoo_names() -> list[str]:
+    """The names of the zoo models, sorted."""
+    return sorted(zoo_entries())
+
+
+# ---------------------------------------------------------------------------------------------------- public API
+
+
+def load_model(name_or_path: str | os.PathLike) -> LoadedModel:
+    """Load a zoo model by name, or a local Hugging Face folder (config.json + safetensors weights + tokenizer)."""
+    name = os.fspath(name_or_path)
+    entries = zoo_entries()
+    if name in entries:
+        entry = entries[name]
+        loaded = _build_random(entry) if entry["kind"] == "random" else _load_gguf(entry)
+    else:
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise UserError(
+                f"unknown model {name!r}: expected a zoo name ({', '.join(sorted(entries))}) "
+                "or the path of a local Hugging Face model folder (config.json + *.safetensors + tokenizer files)"
+            )
+        loaded = _load_local(path)
+    return _finish(loaded)
+
+
+def wrap_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None, name: str | None = None
+) -> LoadedModel:
+    """Wrap an already-loaded transformers model (cast to float32 and put in eval mode, in place).
+
+    Without a tokenizer, one is read from the model's own local folder when it came from one; otherwise the
+    tokenizer stays None and text-based calibration or evaluation needs one passed in later.
+    """
+    if not isinstance(model, PreTrainedModel):
+        raise UserError(
+            f"expected a transformers PreTrainedModel, got {type(model).__name__}; "
+            "load it with transformers (e.g. AutoModelForCausalLM) or pass a zoo name or a local model folder"
+        )
+    source = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or ""
+    if tokenizer is None and source and Path(source).is_dir():
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
+        except (OSError, ValueError) as exc:
+            log.warning("no tokenizer could be read from %s (%s); continuing without one", source, exc)
+    origin = {"kind": "object", "class": type(model).__name__, "name_or_path": source}
+    return _finish(LoadedModel(model, tokenizer, name or source or type(model).__name__, origin))
+
+
+def cache_root() -> Path:
+    """Where converted models are cached: ``$NEXUS_EXPORT_CACHE``, default ``~/.cache/nexus-export``."""
+    return Path(os.environ.get("NEXUS_EXPORT_CACHE") or Path.home() / ".cache" / "nexus-export").expanduser()
+
+
+def byte_level_tokenizer(model_max_length: int = 1024) -> PreTrainedTokenizerFast:
+    """A tokenizer with one token per byte (ids 0-255 are the bytes) plus ``<|endoftext|>`` (id 256); no download.
+
+    Byte-level BPE without merges: every UTF-8 byte of the text becomes one token, and decoding restores the text.
+    """
+    symbols = _byte_symbols()
+    vocab = {symbols[b]: b for b in range(256)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([ENDOFTEXT])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=ENDOFTEXT,
+        eos_token=ENDOFTEXT,
+        unk_token=ENDOFTEXT,
+        pad_token=ENDOFTEXT,
+        model_max_length=model_max_length,
+        name_or_path="byte-level",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- kinds
+
+
+def _finish(loaded: LoadedModel) -> LoadedModel:
+    """Float32 and eval mode, whatever the source."""
+    if any(p.is_floating_point() and p.dtype != torch.float32 for p in loaded.model.parameters()):
+        log.info("casting %s to float32", loaded.name)
+        loaded.model.float()
+    loaded.model.eval()
+    return loaded
+
+
+def _byte_symbols() -> list[str]:
+    """The printable character that byte-level tokenizers use for each byte value 0-255.
+
+    Bytes that are printable Latin-1 characters stand for themselves; the others are mapped, in order, to the
+    characters from U+0100 on, so that no symbol is whitespace or a control character.
+    """
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAC + 1)) | set(range(0xAE, 0xFF + 1))
+    symbols = []
+    extra = 0
+    for b in range(256):
+        if b in printable:
+            symbols.append(chr(b))
+        else:
+            symbols.append(chr(0x100 + extra))
+            extra += 1
+    assert set(symbols) == set(pre_tokenizers.ByteLevel.alphabet())
+    return symbols
+
+
+def _transformers_class(entry: dict[str, Any], key: str, base: type) -> type:
+    """A class named in a zoo entry, looked up in transformers and checked against its expected base class."""
+    cls = getattr(transformers, str(entry.get(key, "")), None)
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise UserError(
+            f"zoo model {entry['name']!r}: {key} {entry.get(key)!r} is not a transformers {base.__name__}; "
+            "fix models/" + entry["name"] + ".yaml"
+        )
+    return cls
+
+
+def _build_random(entry: dict[str, Any]) -> LoadedModel:
+    """A seeded random model from a transformers config; the global torch RNG is left as it was."""
+    config_class = _transformers_class(entry, "config_class", transformers.PretrainedConfig)
+    model_class = _transformers_class(entry, "model_class", PreTrainedModel)
+    options = dict(entry.get("config") or {})
+    defaults = config_class()
+    unknown = sorted(key for key in options if not hasattr(defaults, key))
+    if unknown:
+        raise UserError(f"zoo model {entry['name']!r}: unknown {config_class.__name__} options {unknown}")
+    tokenizer = byte_level_tokenizer(options.get("max_position_embeddings", 1024))
+    token = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+    config = config_class(
+        vocab_size=len(tokenizer), bos_token_id=token, eos_token_id=token, pad_token_id=token, **options
+    )
+    seed = int(entry.get("seed", 0))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(config)
+    origin = {"kind": "random", "zoo": entry["name"], "seed": seed, "config": config_class.__name__, **options}
+    return LoadedModel(model, tokenizer, entry["name"], origin)
+
+
+def _load_local(folder: Path) -> LoadedModel:
+    """A Hugging Face model folder with safetensors weights; tokenizer from the same folder; no network, no remote code."""
+    if not folder.is_dir():
+        raise UserError(f"{folder} is a file; expected a Hugging Face model folder (config.json + *.safetensors)")
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{folder} has no config.json, so it is not a Hugging Face model folder; save one with save_pretrained")
+    if not any(folder.glob("*.safetensors")):
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        found = f"only pickled weights ({', '.join(pickled)}), which are never loaded" if pickled else "no weights"
+        raise UserError(
+            f"{folder} has {found}; expected *.safetensors: re-save the model with save_pretrained(..., safe_serialization=True)"
+        )
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, use_safetensors=True, local_files_only=True, trust_remote_code=False, dtype=torch.float32
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"could not load a causal language model from {folder}: {exc}") from exc
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(
+            f"could not load a tokenizer from {folder} ({exc}); save the tokenizer into the folder with save_pretrained"
+        ) from exc
+    origin = {"kind": "local", "path": str(folder.resolve())}
+    return LoadedModel(model, tokenizer, folder.resolve().name, origin)
+
+
+# ---------------------------------------------------------------------------------------------------- gguf
+
+
+def _gguf_path(entry: dict[str, Any]) -> Path:
+    """The GGUF file inside its installed package (found without importing the package)."""
+    spec = importlib.util.find_spec(entry["package"])
+    if spec is None or not spec.submodule_search_locations:
+        commands = " && ".join(entry.get("install") or [f"pip install {entry['package']}"])
+        raise UserError(f"zoo model {entry['name']!r} needs the package {entry['package']}: install it with {commands}")
+    for location in spec.submodule_search_locations:
+        path = Path(location) / entry["gguf_file"]
+        if path.is_file():
+            return path
+    raise UserError(
+        f"package {entry['package']} is installed but holds no {entry['gguf_file']}; "
+        f"reinstall it with {' && '.join(entry.get('install') or [])}"
+    )
+
+
+def _load_gguf(entry: dict[str, Any]) -> LoadedModel:
+    """A GGUF model: from the cache when it matches the installed file, else dequantized once and cached."""
+    gguf = _gguf_path(entry)
+    cached = cache_root() / "models" / entry["name"]
+    origin = _cached_origin(cached)
+    if origin is None or origin.get("gguf_bytes") != gguf.stat().st_size:
+        _convert_gguf(entry, gguf, cached)
+        origin = _cached_origin(cached)
+        from_cache = False
+    else:
+        from_cache = True
+    start = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        cached, use_safetensors=True, local_files_only=True, trust_remote_code=False, dtype=torch.float32
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(cached, local_files_only=True, trust_remote_code=False)
+    log.info("loaded %s from %s in %.1f s", entry["name"], cached, time.perf_counter() - start)
+    return LoadedModel(model, tokenizer, entry["name"], {**origin, "cache": str(cached), "from_cache": from_cache})
+
+
+def _cached_origin(cached: Path) -> dict[str, Any] | None:
+    """The origin record of a complete cache folder, or None when there is no usable cache."""
+    marker = cached / _ORIGIN_FILE
+    if not (marker.is_file() and (cached / "config.json").is_file() and any(cached.glob("*.safetensors"))):
+        return None
+    try:
+        return json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _convert_gguf(entry: dict[str, Any], gguf: Path, cached: Path) -> None:
+    """Dequantize a GGUF to float32 safetensors + tokenizer files, written to a temporary folder, renamed when complete."""
+    for module in ("gguf", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"loading {entry['name']!r} from GGUF needs the package {module}: pip install gguf accelerate")
+    log.info("first load of %s: dequantizing %s (takes a while; cached afterwards)", entry["name"], gguf)
+    start = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, local_files_only=True, dtype=torch.float32
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    model = _without_quantization_marker(model)
+    log.info("dequantized %s in %.1f s; writing the cache %s", entry["name"], time.perf_counter() - start, cached)
+    origin = {
+        "kind": "gguf",
+        "zoo": entry["name"],
+        "package": entry.get("distribution", entry["package"]),
+        "package_version": _package_version(entry),
+        "gguf_file": gguf.name,
+        "gguf_bytes": gguf.stat().st_size,
+        "gguf_sha256": _sha256(gguf),
+    }
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{cached.name}.partial-", dir=cached.parent))
+    try:
+        model.save_pretrained(partial, safe_serialization=True)
+        tokenizer.save_pretrained(partial)
+        (partial / _ORIGIN_FILE).write_text(json.dumps(origin, indent=2) + "\n", encoding="utf-8")
+        if cached.exists():  # an incomplete or outdated cache
+            shutil.rmtree(cached)
+        os.rename(partial, cached)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    log.info("cached %s in %s (%.1f s in all)", entry["name"], cached, time.perf_counter() - start)
+
+
+def _without_quantization_marker(model: PreTrainedModel) -> PreTrainedModel:
+    """The same weights in a plain model of the same class.
+
+    transformers dequantizes GGUF tensors to ordinary float Linear/Embedding weights but still marks the model as
+    GGUF-quantized, and refuses to save a model so marked; a fresh model built from the config without the mark can be saved.
+    """
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.random.fork_rng(devices=[]):  # the throwaway initialization must not move the global RNG
+        plain = type(model)(config)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    plain.tie_weights()
+    return plain.to(torch.float32)
+
+
+def _package_version(entry: dict[str, Any]) -> str | None:
+    """The installed version of the package that ships a GGUF, when its metadata is there."""
+    try:
+        return importlib.metadata.version(entry.get("distribution", entry["package"]))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _sha256(path: Path) -> str:
+    """The SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,49 @@
+"""The onnxruntime CPU runtime as the pipeline sees it: lower, open a session, measure.
+
+Registered as the ``onnxruntime`` runtime (entry point group ``nexus_export.runtimes``); the pipeline reaches it only
+through the registry. The work is done by onnx_export (lowering), onnx_check (zeros and N:M in the file), ort and parity.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from nexus_export.program import Program
+
+from . import onnx_check, ort, parity
+from .onnx_export import lower_to_onnx
+
+
+class OnnxRuntimeCPU:
+    name = "onnxruntime"
+
+    @staticmethod
+    def available() -> tuple[bool, str]:
+        return ort.available()
+
+    def lower(self, program: Program, out_dir: Path, opset: int = 18, external_data: bool = True) -> Path:
+        return lower_to_onnx(program.exported, Path(out_dir) / "model.onnx", opset=opset, external_data=external_data)
+
+    def session(self, artifact: Path):
+        return ort.session(artifact)
+
+    def perplexity(self, sess, windows: torch.Tensor, batch_size: int = 4, progress=None) -> tuple[float, int]:
+        return ort.perplexity(sess, windows, batch_size=batch_size, progress=progress)
+
+    def parity(self, program: Program, sess, input_ids: torch.Tensor) -> float:
+        return parity.max_abs_diff(program.exported, sess, input_ids, torch.ones_like(input_ids))
+
+    def inspect(self, artifact: Path, nm: tuple[int, int] | None) -> dict:
+        layers = onnx_check.inspect_onnx(artifact, nm=nm)
+        return {"summary": onnx_check.summarize(layers), "layers": onnx_check.report_rows(layers)}
+
+    def latency(self, sess, batch: int, seq: int, repeats: int = 10) -> dict:
+        return ort.latency_ms(sess, batch, seq, repeats=repeats)
+
+    @staticmethod
+    def artifact_bytes(artifact: Path) -> int:
+        """Size of the ONNX file plus its external data."""
+        artifact = Path(artifact)
+        return sum(p.stat().st_size for p in artifact.parent.glob(artifact.name + "*") if p.is_file())
