@@ -245,7 +245,9 @@ def read_structure(exported: torch.export.ExportedProgram) -> Structure:
             roles[n] = (f"{prefix}_in", blk[1])
         for n in writers:
             if n in roles:
-                raise UnsupportedArchitecture(f"{layer_name(raw_linears[n]['weight'])} both reads and writes the stream")
+                raise UnsupportedArchitecture(
+                    f"{layer_name(raw_linears[n]['weight'])} both reads and writes the residual stream (a sublayer "
+                    "with a single linear, or parallel attention and MLP branches): unsupported architecture")
             roles[n] = (f"{prefix}_out", blk[1])
         norm_region = set().union(*(_ancestors(n, stop=stream_anc) for n in readers)) - stream_anc
         sublayers.append(Sublayer(

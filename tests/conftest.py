@@ -1,0 +1,50 @@
+"""Tiny random models of every supported architecture, built from transformers config classes (no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+ARCHS = ("llama", "qwen2", "mistral", "opt", "gpt2")
+
+
+def make_tiny(arch: str, layers: int = 2, seed: int = 0) -> transformers.PreTrainedModel:
+    """A seeded tiny causal LM: hidden 64, 4 heads, vocab 300."""
+    common = dict(vocab_size=300, max_position_embeddings=512)
+    if arch in ("llama", "qwen2", "mistral"):
+        config_cls, model_cls = {
+            "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        }[arch]
+        config = config_cls(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                            num_key_value_heads=2, tie_word_embeddings=False, **common)
+    elif arch == "opt":
+        config_cls, model_cls = transformers.OPTConfig, transformers.OPTForCausalLM
+        config = config_cls(hidden_size=64, ffn_dim=128, num_hidden_layers=layers, num_attention_heads=4,
+                            word_embed_proj_dim=64, dropout=0.0, **common)
+    elif arch == "gpt2":
+        config_cls, model_cls = transformers.GPT2Config, transformers.GPT2LMHeadModel
+        config = config_cls(n_embd=64, n_layer=layers, n_head=4, vocab_size=300, n_positions=512)
+    else:
+        raise ValueError(arch)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = model_cls(config)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_program_factory():
+    """Capture each tiny architecture once per session; tests that mutate weights must build their own."""
+    from nexus_export.program import Program
+
+    cache = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            cache[arch] = Program.from_model(make_tiny(arch), name=f"tiny-{arch}")
+        return cache[arch]
+
+    return get
