@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    for noisy in ("torch", "onnxscript", "transformers", "urllib3", "filelock", "httpx"):
+    for noisy in ("torch", "onnxscript", "onnx_ir", "transformers", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    logging.getLogger("torch.onnx").setLevel(max(level, logging.ERROR))  # "torchvision is not installed" notes
     try:
         return {"prune": _prune, "run": _run, "inspect": _inspect, "check-onnx": _check_onnx}[args.command](args)
     except UserError as exc:
@@ -140,19 +141,37 @@ def _check_onnx(args: argparse.Namespace) -> int:
 
     pattern = parse_pattern(args.pattern)
     layers = inspect_onnx(args.onnx, nm=(pattern.n, pattern.m) if pattern else None)
-    summary = summarize(layers)
+    targets = _report_targets(Path(args.onnx))
+    summary = summarize(layers, targets)
+    rows = report_rows(layers, targets)
     if args.json:
-        print(json.dumps({"summary": summary, "layers": report_rows(layers)}, indent=2))
+        print(json.dumps({"summary": summary, "layers": rows}, indent=2))
         return 0
     label = str(pattern) if pattern else "N:M"
-    print(f"{'layer':<48} {'op':<6} {'k':>6} {'n':>6} {'sparsity':>9} {label + ' valid':>10} {'form':<10}")
-    for row in report_rows(layers):
+    print(f"{'layer':<48} {'op':<6} {'k':>6} {'n':>6} {'sparsity':>9} {label + ' valid':>10} {'form':<10} targeted")
+    for row in rows:
         valid = "-" if row["nm_valid"] is None else ("yes" if row["nm_valid"] else "NO")
         print(f"{row['layer']:<48} {row['op']:<6} {row['k']:>6} {row['n']:>6} {row['sparsity']:>9.1%} {valid:>10} "
-              f"{row['form']:<10}")
-    print(f"{summary['layers']} layers, weight sparsity {summary['sparsity']:.1%}, "
-          f"{summary['nm_valid_layers']} {label}-valid" + (", all valid" if summary["all_nm_valid"] else ""))
+              f"{row['form']:<10} {'yes' if row['targeted'] else 'no'}")
+    scope = "from report.json" if targets is not None else "all layers (no report.json beside the file)"
+    line = (f"{summary['layers']} layers, weight sparsity {summary['sparsity']:.1%}; "
+            f"{summary['targeted_layers']} targeted layers ({scope})")
+    if pattern:
+        line += (f": all {label}-valid" if summary["all_nm_valid"] else
+                 f": {summary['nm_valid_layers']} {label}-valid, not valid: {', '.join(summary['nm_invalid'][:5])}")
+    print(line)
     return 0
+
+
+def _report_targets(onnx_path: Path) -> set[str] | None:
+    """The layers the run that wrote this ONNX targeted, from the report.json beside it (None if there is none)."""
+    report = onnx_path.parent / "report.json"
+    if not report.is_file():
+        return None
+    try:
+        return set(json.loads(report.read_text())["sparsity"]["per_layer"])
+    except (ValueError, KeyError):
+        return None
 
 
 if __name__ == "__main__":

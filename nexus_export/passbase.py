@@ -108,6 +108,9 @@ class Pass:
             config = self.config_class.from_options(config, self.name)
         self.config = config
 
+    def check(self, program: Program) -> None:
+        """Raise UserError if this pass cannot apply to ``program`` (called before any slow work starts)."""
+
     def apply(self, program: Program, ctx: PassContext) -> tuple[Program, dict]:
         """Rewrite ``program`` and return it with the report's ``changes``."""
         raise NotImplementedError

@@ -55,6 +55,9 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False) -> dict
         t = time.perf_counter()
         program = Program.from_model(loaded.model, loaded.tokenizer, name=loaded.name, origin=loaded.origin)
         timings["capture_s"] = time.perf_counter() - t
+        passes = [get_pass(step.name)(step.config) for step in recipe.passes]
+        for pass_ in passes:
+            pass_.check(program)
         params_dense = program.num_parameters()
         log.info("model %s: %d blocks, %d linears, %.1fM parameters", loaded.name, len(program.structure.blocks),
                  len(program.structure.linears), params_dense / 1e6)
@@ -66,8 +69,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False) -> dict
 
         ctx = PassContext(calibration=cal, calibration_windows=cal_windows, seed=cal.seed)
         pass_reports = []
-        for step in recipe.passes:
-            result = get_pass(step.name)(step.config).run(program, ctx)
+        for pass_ in passes:
+            result = pass_.run(program, ctx)
             program = result.program
             pass_reports.append(result.report.to_dict())
 
@@ -80,7 +83,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False) -> dict
         artifact = runtime.lower(program, tmp, opset=recipe.lowering.opset, external_data=recipe.lowering.external_data)
         timings["lower_s"] = time.perf_counter() - t
         pattern = _last_pattern(pass_reports)
-        onnx_info = runtime.inspect(artifact, pattern)
+        targeted = _targeted_layers(program, pass_reports)
+        onnx_info = runtime.inspect(artifact, pattern, set(targeted))
         sess = runtime.session(artifact)
         parity = runtime.parity(program, sess, windows[:2, : min(128, windows.shape[1])])
         t = time.perf_counter()
@@ -91,7 +95,6 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False) -> dict
             latency["onnxruntime_cpu_1x128"] = runtime.latency(sess, 1, 128)
         del sess
 
-        targeted = _targeted_layers(program, pass_reports)
         per_layer = program.sparsity(targeted)
         total = sum(program.weight(n).numel() for n in targeted)
         overall = sum(per_layer[n] * program.weight(n).numel() for n in targeted) / total if total else 0.0

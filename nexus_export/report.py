@@ -56,16 +56,17 @@ def render_markdown(report: dict) -> str:
         "",
         "## ONNX",
         f"`{onnx['path']}`: {onnx['bytes'] / 2**20:.1f} MiB, opset {onnx['opset']}; {summary['layers']} MatMul/Gemm "
-        f"layers with constant weights ({_forms(summary)}); weight sparsity {summary['sparsity']:.1%}; "
-        f"N:M valid layers: {summary['nm_valid_layers']}. Parity with PyTorch: max |logits diff| "
-        f"{report['parity']['max_abs_diff']:.2e}.",
+        f"layers with a weight ({_forms(summary)}); weight sparsity {summary['sparsity']:.1%}; "
+        f"{summary['targeted_layers']} targeted, {summary['nm_valid_layers']} of them N:M-valid. "
+        f"Parity with PyTorch: max |logits diff| {report['parity']['max_abs_diff']:.2e}.",
         "",
-        "| layer | k | n | sparsity | N:M valid | form |",
-        "|---|---|---|---|---|---|",
+        "| layer | k | n | sparsity | N:M valid | form | targeted |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in onnx["layers"]:
         valid = "-" if row["nm_valid"] is None else ("yes" if row["nm_valid"] else "NO")
-        lines.append(f"| {row['layer']} | {row['k']} | {row['n']} | {row['sparsity']:.1%} | {valid} | {row['form']} |")
+        lines.append(f"| {row['layer']} | {row['k']} | {row['n']} | {row['sparsity']:.1%} | {valid} | {row['form']} | "
+                     f"{'yes' if row['targeted'] else 'no'} |")
     if report.get("latency"):
         lines += ["", "## Latency (onnxruntime CPU)", "| shape | median ms | p90 ms | runs |", "|---|---|---|---|"]
         for shape, lat in report["latency"].items():

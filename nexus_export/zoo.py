@@ -120,7 +120,9 @@ def wrap_model(
     source = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or ""
     if tokenizer is None and source and Path(source).is_dir():
         try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(
+                source, local_files_only=True, trust_remote_code=False
+            )
         except (OSError, ValueError) as exc:
             log.warning("no tokenizer could be read from %s (%s); continuing without one", source, exc)
     origin = {"kind": "object", "class": type(model).__name__, "name_or_path": source}
@@ -219,16 +221,19 @@ def _build_random(entry: dict[str, Any]) -> LoadedModel:
 
 
 def _load_local(folder: Path) -> LoadedModel:
-    """A Hugging Face model folder with safetensors weights; tokenizer from the same folder; no network, no remote code."""
+    """A Hugging Face folder with safetensors weights and its tokenizer; no network, no remote code, no pickles."""
     if not folder.is_dir():
         raise UserError(f"{folder} is a file; expected a Hugging Face model folder (config.json + *.safetensors)")
     if not (folder / "config.json").is_file():
-        raise UserError(f"{folder} has no config.json, so it is not a Hugging Face model folder; save one with save_pretrained")
+        raise UserError(
+            f"{folder} has no config.json, so it is not a Hugging Face model folder; save one with save_pretrained"
+        )
     if not any(folder.glob("*.safetensors")):
         pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         found = f"only pickled weights ({', '.join(pickled)}), which are never loaded" if pickled else "no weights"
         raise UserError(
-            f"{folder} has {found}; expected *.safetensors: re-save the model with save_pretrained(..., safe_serialization=True)"
+            f"{folder} has {found}; expected *.safetensors: "
+            "re-save the model with save_pretrained(..., safe_serialization=True)"
         )
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -297,10 +302,12 @@ def _cached_origin(cached: Path) -> dict[str, Any] | None:
 
 
 def _convert_gguf(entry: dict[str, Any], gguf: Path, cached: Path) -> None:
-    """Dequantize a GGUF to float32 safetensors + tokenizer files, written to a temporary folder, renamed when complete."""
+    """Dequantize a GGUF to float32 safetensors + tokenizer files, in a temporary folder renamed when complete."""
     for module in ("gguf", "accelerate"):
         if importlib.util.find_spec(module) is None:
-            raise UserError(f"loading {entry['name']!r} from GGUF needs the package {module}: pip install gguf accelerate")
+            raise UserError(
+                f"loading {entry['name']!r} from GGUF needs the package {module}: pip install gguf accelerate"
+            )
     log.info("first load of %s: dequantizing %s (takes a while; cached afterwards)", entry["name"], gguf)
     start = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -337,7 +344,8 @@ def _without_quantization_marker(model: PreTrainedModel) -> PreTrainedModel:
     """The same weights in a plain model of the same class.
 
     transformers dequantizes GGUF tensors to ordinary float Linear/Embedding weights but still marks the model as
-    GGUF-quantized, and refuses to save a model so marked; a fresh model built from the config without the mark can be saved.
+    GGUF-quantized, and refuses to save a model so marked; a fresh model built from the config without the mark
+    can be saved.
     """
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):

@@ -54,6 +54,10 @@ class MagnitudePass(Pass):
     name = "magnitude"
     config_class = MagnitudeConfig
 
+    def check(self, program: Program) -> None:
+        resolve_targets(program.structure, self.config.target_sparsity(), self.config.schedule,
+                        parse_pattern(self.config.pattern))
+
     def apply(self, program: Program, ctx: PassContext) -> tuple[Program, dict]:
         cfg: MagnitudeConfig = self.config
         pattern = parse_pattern(cfg.pattern)

@@ -35,9 +35,9 @@ class OnnxRuntimeCPU:
     def parity(self, program: Program, sess, input_ids: torch.Tensor) -> float:
         return parity.max_abs_diff(program.exported, sess, input_ids, torch.ones_like(input_ids))
 
-    def inspect(self, artifact: Path, nm: tuple[int, int] | None) -> dict:
+    def inspect(self, artifact: Path, nm: tuple[int, int] | None, targets: set[str] | None = None) -> dict:
         layers = onnx_check.inspect_onnx(artifact, nm=nm)
-        return {"summary": onnx_check.summarize(layers), "layers": onnx_check.report_rows(layers)}
+        return {"summary": onnx_check.summarize(layers, targets), "layers": onnx_check.report_rows(layers, targets)}
 
     def latency(self, sess, batch: int, seq: int, repeats: int = 10) -> dict:
         return ort.latency_ms(sess, batch, seq, repeats=repeats)

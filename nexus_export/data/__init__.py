@@ -1,4 +1,4 @@
-"""Text for calibration and evaluation: sources (Austen by default, local files, WikiText-2/C4 online) and token windows."""
+"""Text for calibration and evaluation: sources (Austen by default, local files, WikiText-2/C4) and token windows."""
 
 from nexus_export.data.sources import load_text
 from nexus_export.data.windows import calibration_windows, evaluation_windows

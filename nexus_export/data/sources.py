@@ -7,8 +7,8 @@ A source is one of:
   Persuasion (each joined with a blank line, in that order). Works offline on a fresh machine.
 - a local ``.txt`` file: the same text serves both splits.
 - a local folder of ``.txt`` files (read in sorted name order, joined with a blank line). If some file names contain
-  ``calib`` or ``train`` and others contain ``eval`` or ``test``, the first group is the calibration split and the second
-  the evaluation split; otherwise every file serves both splits.
+  ``calib`` or ``train`` and others contain ``eval`` or ``test``, the first group is the calibration split and the
+  second the evaluation split; otherwise every file serves both splits.
 - ``"wikitext2"`` or ``"c4"``: fetched with the Hugging Face ``datasets`` package, which needs a network. Not available
   offline; use a local text file instead.
 """
@@ -129,9 +129,12 @@ def _wikitext2(split: str) -> str:
 
 
 def _c4(split: str) -> str:
-    """C4 (English): the first documents of the first train shard for calibration, of the validation shard for evaluation."""
+    """C4 (English): the first documents of the first train shard (calibration) or validation shard (evaluation)."""
     datasets = _import_datasets("c4")
-    shard = "en/c4-train.00000-of-01024.json.gz" if split == "calibration" else "en/c4-validation.00000-of-00008.json.gz"
+    if split == "calibration":
+        shard = "en/c4-train.00000-of-01024.json.gz"
+    else:
+        shard = "en/c4-validation.00000-of-00008.json.gz"
     try:
         rows = datasets.load_dataset("allenai/c4", data_files={"shard": shard}, split="shard", streaming=True)
         texts: list[str] = []

@@ -4,6 +4,7 @@ The default protocol (see shared/data/README.md): calibration = ``n`` windows of
 ``torch.randint(0, len(stream) - seq_len, (n,))`` from ``torch.Generator().manual_seed(seed)``; evaluation = the first
 ``n`` non-overlapping windows of the evaluation stream. Streams are tokenized whole, without special tokens, once per
 (tokenizer, source, split) in a process: tokenizing the Austen streams with a real tokenizer takes seconds.
+A local file edited while a process runs is therefore not re-read by that process.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ log = logging.getLogger(__name__)
 def calibration_windows(
     tokenizer, source: str | os.PathLike = "austen", n: int = 64, seq_len: int = 512, seed: int = 0
 ) -> torch.Tensor:
-    """``n`` windows of ``seq_len`` token ids at seeded random offsets of the calibration stream, a LongTensor [n, seq_len]."""
+    """``n`` windows of ``seq_len`` tokens at seeded random offsets in the calibration stream: LongTensor [n, seq_len].
+
+    Windows may overlap; the same seed gives the same windows.
+    """
     _check_sizes(n, seq_len)
     stream = _stream(tokenizer, source, "calibration")
     needed = seq_len + 1  # randint needs a non-empty range
@@ -37,8 +41,10 @@ def calibration_windows(
     return torch.stack([stream[o : o + seq_len] for o in offsets.tolist()])
 
 
-def evaluation_windows(tokenizer, source: str | os.PathLike = "austen", n: int = 64, seq_len: int = 512) -> torch.Tensor:
-    """The first ``n`` non-overlapping windows of ``seq_len`` token ids of the evaluation stream, a LongTensor [n, seq_len]."""
+def evaluation_windows(
+    tokenizer, source: str | os.PathLike = "austen", n: int = 64, seq_len: int = 512
+) -> torch.Tensor:
+    """The first ``n`` disjoint windows of ``seq_len`` tokens of the evaluation stream: LongTensor [n, seq_len]."""
     _check_sizes(n, seq_len)
     stream = _stream(tokenizer, source, "evaluation")
     needed = n * seq_len
@@ -57,13 +63,13 @@ def _check_sizes(n: int, seq_len: int) -> None:
 def _too_short(source, split: str, have: int, needed: int, what: str) -> UserError:
     """The error for a stream with fewer tokens than the windows need."""
     return UserError(
-        f"the {split} text of source {os.fspath(source)!r} has {have} tokens, but {what} need at least {needed}; "
+        f"the {split} text of source {os.fspath(source)!r} is too short: {have} tokens, but {what} need {needed}; "
         "use a longer text, fewer windows (n) or shorter windows (seq_len)"
     )
 
 
 class _TokenizerKey:
-    """A hashable handle on a tokenizer: equal for tokenizers that produce the same ids, holding the tokenizer itself."""
+    """A hashable handle on a tokenizer, equal for tokenizers that produce the same ids; holds the tokenizer itself."""
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer

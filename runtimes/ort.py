@@ -1,0 +1,134 @@
+"""Run a lowered model in onnxruntime on CPU: logits, perplexity and latency.
+
+This is the runtime that works everywhere, so it is what a report's "after" numbers come from on a machine
+without a GPU. Perplexity uses the same ``metrics.next_token_nll`` as the PyTorch side, so the two agree to
+float rounding.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from nexus_export import metrics
+from nexus_export.errors import UserError
+
+if TYPE_CHECKING:
+    from onnxruntime import InferenceSession
+
+log = logging.getLogger(__name__)
+
+PROVIDER = "CPUExecutionProvider"
+
+
+def available() -> tuple[bool, str]:
+    """Whether onnxruntime with its CPU provider can be used here, and why (version, or what is missing)."""
+    try:
+        import onnxruntime
+    except ImportError as error:
+        return False, f"onnxruntime is not installed ({error}): pip install onnxruntime"
+    if PROVIDER not in onnxruntime.get_available_providers():
+        return False, f"onnxruntime {onnxruntime.__version__} has no {PROVIDER}"
+    return True, f"onnxruntime {onnxruntime.__version__} ({PROVIDER})"
+
+
+def session(path: str | Path, threads: int | None = None) -> InferenceSession:
+    """An ``onnxruntime.InferenceSession`` on CPU with all graph optimizations; ``threads`` None = ORT's default."""
+    import onnxruntime
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no ONNX file at {path}: lower the model first or pass the path of a .onnx file")
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    start = time.perf_counter()
+    sess = onnxruntime.InferenceSession(str(path), sess_options=options, providers=[PROVIDER])
+    log.info("onnxruntime session for %s in %.1f s", path.name, time.perf_counter() - start)
+    return sess
+
+
+def logits(sess: InferenceSession, input_ids, attention_mask=None) -> np.ndarray:
+    """Logits [batch, seq, vocab] for ``input_ids`` (torch or numpy); the mask defaults to all ones."""
+    ids = _int64(input_ids)
+    if ids.ndim != 2:
+        raise UserError(f"input_ids must be [batch, sequence], got shape {ids.shape}")
+    mask = np.ones_like(ids) if attention_mask is None else _int64(attention_mask)
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    names = {value.name for value in sess.get_inputs()}
+    return sess.run(["logits"], {name: value for name, value in feeds.items() if name in names})[0]
+
+
+def _int64(values) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    return np.ascontiguousarray(values, dtype=np.int64)
+
+
+def perplexity(
+    sess: InferenceSession,
+    windows: torch.LongTensor,
+    batch_size: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[float, int]:
+    """Perplexity over token ``windows`` [count, seq] (each scored on its own, mask of ones) and tokens predicted.
+
+    ``progress(done, total)`` is called after each batch of windows.
+    """
+    if windows.ndim != 2 or windows.shape[1] < 2:
+        raise UserError(f"windows must be [count, sequence] with sequence >= 2, got shape {tuple(windows.shape)}")
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    total_nll, tokens = 0.0, 0
+    count = windows.shape[0]
+    for start in range(0, count, batch_size):
+        batch = windows[start : start + batch_size]
+        nll, predicted = metrics.next_token_nll(logits(sess, batch), batch)
+        total_nll += nll
+        tokens += predicted
+        if progress is not None:
+            progress(min(start + batch_size, count), count)
+    if tokens == 0:
+        raise UserError("no windows to evaluate: pass at least one window")
+    return metrics.perplexity(total_nll, tokens), tokens
+
+
+def latency_ms(
+    sess: InferenceSession, batch: int, seq: int, warmup: int = 2, repeats: int = 10, seed: int = 0
+) -> dict:
+    """Wall time of one forward pass at [batch, seq] on random token ids: median and p90 over ``repeats`` runs."""
+    if batch < 1 or seq < 1 or repeats < 1:
+        raise UserError(f"latency needs batch, seq, repeats >= 1, got {batch}, {seq}, {repeats}")
+    vocab = _vocab_size(sess)
+    ids = np.random.default_rng(seed).integers(0, vocab, size=(batch, seq), dtype=np.int64)
+    for _ in range(warmup):
+        logits(sess, ids)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        logits(sess, ids)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return {
+        "median_ms": float(np.median(times)),
+        "p90_ms": float(np.percentile(times, 90)),
+        "runs": repeats,
+        "batch": batch,
+        "seq": seq,
+    }
+
+
+def _vocab_size(sess: InferenceSession) -> int:
+    """The logits' last dim, which the exporter keeps static."""
+    vocab = sess.get_outputs()[0].shape[-1]
+    if not isinstance(vocab, int) or vocab < 1:
+        raise UserError(f"the model's logits have no fixed vocabulary dim ({vocab!r}); re-lower it with this tool")
+    return vocab

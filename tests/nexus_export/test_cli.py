@@ -1,0 +1,141 @@
+"""The command line end to end on tiny-llama, and every bad input: one line, exit 2, no folder left behind."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nexus_export.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST = ["--eval-windows", "4", "--seq-len", "64", "--no-latency"]
+
+
+def prune(out, *extra, model="tiny-llama", method="magnitude"):
+    return main(["-q", "prune", "--model", model, "--method", method, *FAST, *extra, "--out", str(out)])
+
+
+def test_tiny_llama_two_four_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert prune(out, "--sparsity", "0.5", "--pattern", "2:4") == 0
+    stdout = capsys.readouterr().out
+    assert "tiny-llama | magnitude | sparsity 50.0% (2:4)" in stdout
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data", "recipe.yaml", "report.json",
+                                                     "report.md"]
+    report = json.loads((out / "report.json").read_text())
+    for key in ("model", "recipe", "passes", "sparsity", "perplexity", "parity", "onnx", "latency"):
+        assert key in report
+    (p,) = report["passes"]
+    assert p["name"] == "magnitude" and p["wall_s"] >= 0 and p["params_before"] == p["params_after"] == 106944
+    assert report["sparsity"]["overall"] == pytest.approx(0.5)
+    assert len(report["sparsity"]["per_layer"]) == 14
+    assert report["parity"]["max_abs_diff"] < 1e-4
+    ppl = report["perplexity"]
+    assert abs(ppl["onnx"] - ppl["pruned"]) / ppl["pruned"] < 1e-3
+    assert ppl["tokens"] == 4 * 63 and ppl["dense"] < ppl["pruned"]
+    targeted = [row for row in report["onnx"]["layers"] if row["layer"] in report["sparsity"]["per_layer"]]
+    assert len(targeted) == 14 and all(row["nm_valid"] for row in targeted)
+
+    assert main(["check-onnx", str(out / "model.onnx")]) == 0
+    table = capsys.readouterr().out
+    assert "model.layers.1.mlp.down_proj" in table and "14 targeted layers" in table and "all 2:4-valid" in table
+
+    # --force replaces a finished run only when the new one completes
+    assert prune(out, "--sparsity", "0.3", "--force") == 0
+    assert json.loads((out / "report.json").read_text())["sparsity"]["overall"] == pytest.approx(0.3, abs=0.01)
+
+
+def test_run_recipe_matches_prune(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tiny-llama\npasses:\n  - magnitude: {pattern: '2:4'}\n"
+                      "evaluation: {windows: 2, seq_len: 64, latency: false}\n")
+    assert main(["-q", "run", str(recipe), "--out", str(tmp_path / "o")]) == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["recipe"]["passes"] == [{"magnitude": {"pattern": "2:4", "per_row": False, "uniform": True}}]
+
+
+def test_inspect_lists_roles(capsys):
+    assert main(["inspect", "tiny-llama"]) == 0
+    out = capsys.readouterr().out
+    assert "2 blocks (model.layers), 106,944 parameters" in out
+    assert "model.layers.0.mlp.down_proj" in out and "mlp_out" in out
+
+
+BAD = [
+    (["--sparsity", "1.5"], "outside [0, 1)"),
+    (["--sparsity", "-0.1"], "outside [0, 1)"),
+    (["--pattern", "3:2"], "0 < N < M"),
+    (["--pattern", "2:0"], "0 < N < M"),
+    (["--pattern", "abc"], "is not N:M"),
+    (["--pattern", "2:4", "--sparsity", "0.3"], "contradicts"),
+    (["--schedule", '{"attn_qkv": 0.5}'], "matches no layer"),
+    (["--schedule", "{bad json"], "not valid JSON"),
+    (["--eval-windows", "100000"], "too short"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD)
+def test_bad_prune_input(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    assert prune(out, *args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("nexus-export: error:") and message in err[0]
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(method="bogus"), "unknown method 'bogus'"),
+    (dict(model="no-such-model"), "unknown model"),
+])
+def test_unknown_method_and_model(tmp_path, capsys, kwargs, message):
+    assert prune(tmp_path / "out", **kwargs) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_path_that_is_not_a_model(tmp_path, capsys):
+    folder = tmp_path / "notamodel"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("hello")
+    assert prune(tmp_path / "out", model=str(folder)) == 2
+    assert "config.json" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_empty_output_is_kept(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    assert prune(out) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (out / "precious.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1
+
+
+def test_unknown_recipe_key(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tiny-llama\npasses: [magnitude]\nquantize: {bits: 4}\n")
+    assert main(["run", str(recipe), "--out", str(tmp_path / "o")]) == 2
+    assert "unknown recipe key(s) quantize" in capsys.readouterr().err
+    recipe.write_text("model: tiny-llama\npasses:\n  - magnitude: {sparsity: 0.5, blocksize: 8}\n")
+    assert main(["run", str(recipe), "--out", str(tmp_path / "o")]) == 2
+    assert "unknown option(s) blocksize for pass magnitude" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_console_script_exit_code(tmp_path):
+    exe = Path(sys.executable).parent / "nexus-export"
+    proc = subprocess.run([str(exe), "prune", "--model", "tiny-llama", "--method", "magnitude", "--pattern", "abc",
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "is not N:M" in proc.stderr
+
+
+def test_readme_demo_command_runs(tmp_path):
+    """The README's main command, pointed at tiny-llama so it runs in seconds (the real one is the same script)."""
+    out = tmp_path / "demo"
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), "--model", "tiny-llama", *FAST, "--out", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "tiny-llama | magnitude | sparsity 50.0% (2:4)" in proc.stdout
+    assert json.loads((out / "report.json").read_text())["onnx"]["summary"]["layers"] == 15
