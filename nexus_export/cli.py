@@ -28,9 +28,14 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--sparsity", type=float, help="fraction of weights to zero in [0, 1) (default: N/M or 0.5)")
     prune.add_argument("--pattern", help="N:M pattern, N zeros in every M consecutive inputs (e.g. 2:4)")
     prune.add_argument("--schedule", help='JSON per role/block/module, e.g. \'{"layer_0-5": 0.3, "mlp_out": 0.5}\'')
-    prune.add_argument("--per-row", action="store_true", help="unstructured: same sparsity in every output row")
+    prune.add_argument("--per-row", action="store_true", help="magnitude, unstructured: same sparsity in every row")
+    prune.add_argument("--blocksize", type=int, help="sparsegpt: columns per block (default 128)")
+    prune.add_argument("--percdamp", type=float, help="sparsegpt: damping as a fraction of mean diag(H) (0.01)")
+    prune.add_argument("--true-sequential", action="store_true",
+                       help="wanda/sparsegpt: prune attention inputs, attention output, MLP inputs, MLP output in turn")
     prune.add_argument("--calib-source", default="austen", help="calibration text: austen, a .txt file or folder")
     prune.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default 64)")
+    prune.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration window offsets (0)")
     prune.add_argument("--eval-source", default="austen", help="evaluation text: austen, a .txt file or folder")
     prune.add_argument("--eval-windows", type=int, default=64, help="evaluation windows (default 64)")
     prune.add_argument("--seq-len", type=int, default=512, help="tokens per calibration/evaluation window (512)")
@@ -55,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
 def _output_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output folder when done")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted calibrated run from its last finished block")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,13 +90,16 @@ def _prune(args: argparse.Namespace) -> int:
             options["schedule"] = json.loads(args.schedule)
         except json.JSONDecodeError as exc:
             raise UserError(f"--schedule is not valid JSON ({exc.msg}); e.g. '{{\"layer_0-5\": 0.3}}'") from None
-    if args.per_row:
-        options["per_row"] = True
+    for flag in ("per_row", "true_sequential"):
+        if getattr(args, flag):
+            options[flag] = True
+    options.update(blocksize=args.blocksize, percdamp=args.percdamp)
     options = {k: v for k, v in options.items() if v is not None}
     recipe = Recipe.from_dict({
         "model": args.model,
         "passes": [{args.method: options}],
-        "calibration": {"source": args.calib_source, "samples": args.calib_samples, "seq_len": args.seq_len},
+        "calibration": {"source": args.calib_source, "samples": args.calib_samples, "seq_len": args.seq_len,
+                        "seed": args.calib_seed},
         "evaluation": {"source": args.eval_source, "windows": args.eval_windows, "seq_len": args.seq_len,
                        "latency": not args.no_latency},
     })
@@ -106,7 +116,7 @@ def _execute(recipe, args: argparse.Namespace) -> int:
     from .pipeline import run_recipe
     from .report import headline
 
-    report = run_recipe(recipe, Path(args.out), force=args.force)
+    report = run_recipe(recipe, Path(args.out), force=args.force, resume=args.resume)
     print(headline(report))
     print(f"artifacts: {Path(args.out) / 'model.onnx'}, report.json, report.md")
     return 0

@@ -87,8 +87,10 @@ class PassContext:
     """What a pass may use besides the program: calibration settings and data, progress reporting, a seed."""
 
     calibration: Any = None  # recipe.CalibrationSettings
-    calibration_windows: Any = None  # callable -> LongTensor [n, seq_len], computed once on first use
+    calibration_windows: Any = None  # LongTensor [n, seq_len]
     seed: int = 0
+    checkpoint_dir: Any = None  # Path: calibrated passes checkpoint each finished block there
+    resume: bool = False  # continue from the checkpoint in checkpoint_dir
 
 
 def peak_rss_mb() -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from .evaluate import program_perplexity
 from .outdir import check_output_dir, staged_output
 from .passbase import PassContext, peak_rss_mb
 from .program import Program
+from .progress import Progress
 from .recipe import Recipe
 from .registry import get_pass, get_runtime
 from .report import render_markdown, write_json
@@ -29,9 +31,16 @@ from .zoo import load_model
 log = logging.getLogger(__name__)
 
 
-def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False) -> dict:
-    """Run ``recipe``; write model.onnx (+ data), recipe.yaml, report.json and report.md into ``out_dir``."""
-    out_dir = Path(out_dir)
+def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume: bool = False) -> dict:
+    """Run ``recipe``; write model.onnx (+ data), recipe.yaml, report.json and report.md into ``out_dir``.
+
+    Calibrated passes checkpoint every finished block in a hidden folder beside ``out_dir``; with ``resume`` an
+    interrupted run continues from there. The checkpoint is removed once the run completes.
+    """
+    out_dir = Path(out_dir).resolve()
+    checkpoints = out_dir.parent / f".{out_dir.name}.checkpoint"
+    if resume and not checkpoints.is_dir():
+        raise UserError(f"--resume: no checkpoint at {checkpoints}; run without --resume")
     check_output_dir(out_dir, force)
     runtime_cls = get_runtime(recipe.lowering.runtime)
     ok, why = runtime_cls.available()
@@ -45,9 +54,12 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False) -> dict
         if loaded.tokenizer is None:
             raise UserError(f"model {recipe.model} has no tokenizer; evaluation needs one")
         ev = recipe.evaluation
-        windows = evaluation_windows(loaded.tokenizer, ev.source, ev.windows, ev.seq_len)
         cal = recipe.calibration
         needs_calibration = any(get_pass(s.name).needs_calibration for s in recipe.passes)
+        check_context(loaded.model, ev.seq_len, "evaluation")
+        if needs_calibration:
+            check_context(loaded.model, cal.seq_len, "calibration")
+        windows = evaluation_windows(loaded.tokenizer, ev.source, ev.windows, ev.seq_len)
         cal_windows = calibration_windows(loaded.tokenizer, cal.source, cal.samples, cal.seq_len, cal.seed) \
             if needs_calibration else None
         timings["load_s"] = time.perf_counter() - t0
@@ -67,9 +79,10 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False) -> dict
         timings["eval_dense_s"] = time.perf_counter() - t
         log.info("dense perplexity %.3f on %d tokens", dense_ppl, tokens)
 
-        ctx = PassContext(calibration=cal, calibration_windows=cal_windows, seed=cal.seed)
         pass_reports = []
-        for pass_ in passes:
+        for i, pass_ in enumerate(passes):
+            ctx = PassContext(calibration=cal, calibration_windows=cal_windows, seed=cal.seed,
+                              checkpoint_dir=checkpoints / f"{i}-{pass_.name}", resume=resume)
             result = pass_.run(program, ctx)
             program = result.program
             pass_reports.append(result.report.to_dict())
@@ -88,7 +101,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False) -> dict
         sess = runtime.session(artifact)
         parity = runtime.parity(program, sess, windows[:2, : min(128, windows.shape[1])])
         t = time.perf_counter()
-        onnx_ppl, _ = runtime.perplexity(sess, windows, ev.batch_size)
+        onnx_ppl, _ = runtime.perplexity(sess, windows, ev.batch_size,
+                                         Progress("onnxruntime perplexity", len(windows), "windows"))
         timings["eval_onnx_s"] = time.perf_counter() - t
         latency = {}
         if ev.latency:
@@ -122,8 +136,18 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False) -> dict
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         write_json(report, tmp / "report.json")
         (tmp / "report.md").write_text(render_markdown(report))
+    shutil.rmtree(checkpoints, ignore_errors=True)
     log.info("wrote %s", out_dir)
     return report
+
+
+def check_context(model, seq_len: int, what: str) -> None:
+    """Windows longer than the model's context are refused up front."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit and seq_len > limit:
+        raise UserError(f"{what} windows of {seq_len} tokens are longer than the model's context ({limit}); "
+                        f"use --seq-len {limit} or less")
 
 
 def _last_pattern(pass_reports: list[dict]) -> tuple[int, int] | None:

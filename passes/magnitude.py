@@ -14,40 +14,24 @@ from dataclasses import dataclass
 import torch
 
 from nexus_export.errors import UserError
-from nexus_export.passbase import Pass, PassConfig, PassContext
+from nexus_export.passbase import Pass, PassContext
 from nexus_export.program import Program
 
-from .sparsity import check_sparsity, nm_mask, parse_pattern, resolve_targets, unstructured_mask
-from .masking import apply_mask, masking_changes
+from .masking import MaskConfig, apply_mask, masking_changes
+from .sparsity import nm_mask, unstructured_mask
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class MagnitudeConfig(PassConfig):
-    sparsity: float | None = None  # default: the pattern's N/M, or 0.5
-    pattern: str | None = None  # "2:4", "4:8", ...; None = unstructured
-    schedule: dict | None = None  # per role / block / module sparsities (see passes.sparsity)
+class MagnitudeConfig(MaskConfig):
     per_row: bool = False  # unstructured: prune the same fraction of every output row
     uniform: bool = True  # unstructured: False = one global magnitude threshold across targeted matrices
 
     def validate(self) -> None:
-        pattern = parse_pattern(self.pattern)
-        if self.sparsity is not None:
-            check_sparsity(self.sparsity)
-            if pattern is not None and abs(self.sparsity - pattern.sparsity) > 1e-9:
-                raise UserError(f"sparsity {self.sparsity} contradicts pattern {pattern} (which means {pattern.sparsity}); "
-                                f"drop --sparsity or set it to {pattern.sparsity}")
-        if pattern is not None and not self.uniform:
+        super().validate()
+        if self.pattern_obj() is not None and not self.uniform:
             raise UserError("uniform: false applies to unstructured sparsity only; N:M is uniform by construction")
-        if self.schedule is not None and not isinstance(self.schedule, dict):
-            raise UserError("schedule must be a mapping like {\"layer_0-5\": 0.3, \"mlp_out\": 0.5}")
-
-    def target_sparsity(self) -> float:
-        pattern = parse_pattern(self.pattern)
-        if self.sparsity is not None:
-            return self.sparsity
-        return pattern.sparsity if pattern is not None else 0.5
 
 
 class MagnitudePass(Pass):
@@ -55,13 +39,12 @@ class MagnitudePass(Pass):
     config_class = MagnitudeConfig
 
     def check(self, program: Program) -> None:
-        resolve_targets(program.structure, self.config.target_sparsity(), self.config.schedule,
-                        parse_pattern(self.config.pattern))
+        self.config.targets(program)
 
     def apply(self, program: Program, ctx: PassContext) -> tuple[Program, dict]:
         cfg: MagnitudeConfig = self.config
-        pattern = parse_pattern(cfg.pattern)
-        targets = resolve_targets(program.structure, cfg.target_sparsity(), cfg.schedule, pattern)
+        pattern = cfg.pattern_obj()
+        targets = cfg.targets(program)
         threshold = None
         if not cfg.uniform and targets:
             threshold = _global_threshold(program, targets)

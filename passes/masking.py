@@ -2,11 +2,46 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from nexus_export.errors import UserError
+from nexus_export.passbase import PassConfig
 from nexus_export.program import Program
 
-from .sparsity import NMPattern, Target, nm_valid
+from .sparsity import NMPattern, Target, check_sparsity, nm_valid, parse_pattern, resolve_targets
+
+
+@dataclass(frozen=True)
+class MaskConfig(PassConfig):
+    """Options every masking pass shares: how much, in what pattern, and where."""
+
+    sparsity: float | None = None  # default: the pattern's N/M, or 0.5
+    pattern: str | None = None  # "2:4", "4:8", ...; None = unstructured
+    schedule: dict | None = None  # per role / block / module sparsities (see passes.sparsity)
+
+    def validate(self) -> None:
+        pattern = parse_pattern(self.pattern)
+        if self.sparsity is not None:
+            check_sparsity(self.sparsity)
+            if pattern is not None and abs(self.sparsity - pattern.sparsity) > 1e-9:
+                raise UserError(f"sparsity {self.sparsity} contradicts pattern {pattern} (which means {pattern.sparsity}); "
+                                f"drop --sparsity or set it to {pattern.sparsity}")
+        if self.schedule is not None and not isinstance(self.schedule, dict):
+            raise UserError("schedule must be a mapping like {\"layer_0-5\": 0.3, \"mlp_out\": 0.5}")
+
+    def pattern_obj(self) -> NMPattern | None:
+        return parse_pattern(self.pattern)
+
+    def target_sparsity(self) -> float:
+        if self.sparsity is not None:
+            return self.sparsity
+        pattern = self.pattern_obj()
+        return pattern.sparsity if pattern is not None else 0.5
+
+    def targets(self, program: Program) -> list[Target]:
+        return resolve_targets(program.structure, self.target_sparsity(), self.schedule, self.pattern_obj())
 
 
 def apply_mask(weight: torch.Tensor, keep: torch.Tensor) -> None:

@@ -139,3 +139,36 @@ def test_readme_demo_command_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "tiny-llama | magnitude | sparsity 50.0% (2:4)" in proc.stdout
     assert json.loads((out / "report.json").read_text())["onnx"]["summary"]["layers"] == 15
+
+
+@pytest.mark.parametrize("method, args, message", [
+    ("sparsegpt", ["--percdamp", "0"], "percdamp"),
+    ("sparsegpt", ["--percdamp", "-0.5"], "percdamp"),
+    ("wanda", ["--blocksize", "64"], "unknown option(s) blocksize for pass wanda"),
+    ("wanda", ["--calib-samples", "0"], "calibration.samples must be positive"),
+    ("sparsegpt", ["--seq-len", "4096"], "longer than the model's context (1024)"),
+])
+def test_bad_calibrated_input(tmp_path, capsys, method, args, message):
+    assert prune(tmp_path / "out", *args, method=method) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sparsegpt_end_to_end_with_calibration_settings(tmp_path, capsys):
+    out = tmp_path / "sg"
+    assert prune(out, "--pattern", "2:4", "--calib-samples", "4", "--blocksize", "32", "--true-sequential",
+                 method="sparsegpt") == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration"] == {"source": "austen", "samples": 4, "seq_len": 64, "seed": 0}
+    (p,) = report["passes"]
+    assert p["options"]["blocksize"] == 32 and p["options"]["true_sequential"] is True
+    assert p["changes"]["calibration"] == {"windows": 4, "seq_len": 64, "true_sequential": True}
+    assert p["peak_rss_mb"] > 0 and p["wall_s"] > 0
+    assert report["onnx"]["summary"]["all_nm_valid"]
+    assert not any(x.name.endswith(".checkpoint") for x in tmp_path.iterdir())  # removed once complete
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path, capsys):
+    assert prune(tmp_path / "out", "--resume", method="sparsegpt") == 2
+    assert "no checkpoint" in capsys.readouterr().err

@@ -1,0 +1,332 @@
+"""The calibration engine shared by every data-driven pass.
+
+The program's graph is cut at block boundaries: a *prefix* graph computes, from the token ids, the residual stream
+entering block 0 and every side value the blocks read (attention mask, rotary tables, sizes); each *block* graph maps
+(stream, side values) to the stream leaving the block, and also returns the input activation of every linear in the
+block, once per distinct input node (q, k and v share one). Blocks run one after another over all calibration
+windows, so block k+1 sees the outputs of the already-pruned block k, and memory holds one block's activations.
+
+Statistics are accumulated streaming in float64: token count, per-column sum of squares (Wanda) and, when asked for,
+X^T X (SparseGPT's Hessian).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import fx
+
+from .errors import UserError
+from .program import Program
+from .progress import Progress
+from .structure import Linear, _block_of
+
+log = logging.getLogger(__name__)
+
+LINEAR_INPUT_ARG = {"linear": 0, "addmm": 1, "mm": 0}
+
+
+class InputStats:
+    """Streaming statistics of one linear input X [tokens, in_features]."""
+
+    def __init__(self, in_features: int, hessian: bool):
+        self.tokens = 0
+        self.sq_sum = torch.zeros(in_features, dtype=torch.float64)
+        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float64) if hessian else None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.tokens += x.shape[0]
+        self.sq_sum += (x * x).sum(dim=0, dtype=torch.float64)
+        if self.xtx is not None:
+            self.xtx += (x.t() @ x).double()
+
+    def column_norms(self) -> torch.Tensor:
+        """||X_j||_2 over all calibration tokens (Wanda's activation norm)."""
+        return self.sq_sum.sqrt()
+
+    def hessian(self) -> torch.Tensor:
+        """H = (2/n) X^T X, float64 (SparseGPT's Hessian)."""
+        if self.xtx is None:
+            raise RuntimeError("the Hessian was not collected; ask for hessian=True")
+        return self.xtx * (2.0 / max(self.tokens, 1))
+
+
+@dataclass
+class BlockGraphs:
+    """The program cut at block boundaries (see module docstring)."""
+
+    prefix: fx.GraphModule
+    blocks: list[fx.GraphModule]
+    side_index: list[list[int]]  # per block: which prefix side outputs it takes, in its placeholder order
+    linear_inputs: list[dict[str, int]] = field(default_factory=list)  # per block: linear name -> extra output index
+
+
+def _op(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target)).split(".")[0]
+
+
+def _copy(root: fx.GraphModule, nodes: Iterable[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node]) -> fx.GraphModule:
+    """A GraphModule of ``nodes`` (in order) with ``inputs`` as placeholders and a tuple of ``outputs``."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for i, node in enumerate(inputs):
+        env[node] = graph.placeholder(f"in_{i}_{node.name}")
+    for node in nodes:
+        if node not in env:
+            env[node] = graph.node_copy(node, lambda a: env[a])
+    graph.output(tuple(env[o] for o in outputs))
+    graph.lint()
+    return fx.GraphModule(root, graph)
+
+
+def cut_blocks(program: Program) -> BlockGraphs:
+    """Partition the program's graph into a prefix and one graph per decoder block."""
+    gm = program.module()
+    order = list(gm.graph.nodes)
+    n_blocks = len(program.structure.blocks)
+    members: list[list[fx.Node]] = [[] for _ in range(n_blocks)]
+    block_of: dict[fx.Node, int] = {}
+    for node in order:
+        if node.op == "call_function":
+            blk = _block_of(node)
+            if blk is not None and blk[0] == "lm." + program.structure.block_list:
+                members[blk[1]].append(node)
+                block_of[node] = blk[1]
+    weight_to_linear = {lin.weight: lin for lin in program.structure.in_blocks()}
+
+    streams: list[fx.Node] = []  # stream entering each block
+    sides: list[list[fx.Node]] = []
+    outputs: list[fx.Node] = []
+    for k, nodes in enumerate(members):
+        if not nodes:
+            raise UserError(f"block {k} has no operations in the captured graph; cannot calibrate block by block")
+        inside = set(nodes)
+        external = []
+        for node in nodes:
+            for inp in node.all_input_nodes:
+                if inp not in inside and inp.op != "get_attr" and inp not in external:
+                    external.append(inp)
+        from_blocks = [n for n in external if n in block_of]
+        if len(from_blocks) > 1 or (from_blocks and block_of[from_blocks[0]] != k - 1):
+            raise UserError(f"block {k} reads values from blocks other than the previous one; unsupported for "
+                            f"block-by-block calibration")
+        leaving = [n for n in nodes if any(u not in inside and _op(u) != "_assert_tensor_metadata" for u in n.users)]
+        if len(leaving) != 1:
+            raise UserError(f"block {k} has {len(leaving)} outputs; expected one residual stream")
+        outputs.append(leaving[0])
+        if k == 0:
+            stream = _stream_candidate(external, nodes)
+        else:
+            if not from_blocks or from_blocks[0] is not outputs[k - 1]:
+                raise UserError(f"block {k} does not read the stream leaving block {k - 1}")
+            stream = from_blocks[0]
+        streams.append(stream)
+        sides.append([n for n in external if n is not stream])
+
+    all_sides: list[fx.Node] = []
+    for side in sides:
+        for n in side:
+            if n not in all_sides:
+                all_sides.append(n)
+    wanted = [streams[0], *all_sides]
+    needed = set()
+    todo = list(wanted)
+    while todo:
+        cur = todo.pop()
+        if cur in needed:
+            continue
+        needed.add(cur)
+        todo.extend(cur.all_input_nodes)
+    placeholders = [n for n in order if n.op == "placeholder"]
+    prefix = _copy(gm, [n for n in order if n in needed and n.op != "placeholder"], placeholders, wanted)
+
+    blocks, side_index, linear_inputs = [], [], []
+    for k, nodes in enumerate(members):
+        attrs = [inp for node in nodes for inp in node.all_input_nodes if inp.op == "get_attr"]
+        body = [n for n in order if n in set(nodes) or n in set(attrs)]
+        lin_inputs: dict[str, int] = {}
+        extra: list[fx.Node] = []
+        for node in nodes:
+            op = _op(node)
+            if op in LINEAR_INPUT_ARG and len(node.args) > 1:
+                weight = node.args[-1] if op in ("addmm", "mm") else node.args[1]
+                lin = weight_to_linear.get(getattr(weight, "target", None)) if isinstance(weight, fx.Node) else None
+                if lin is None:
+                    continue
+                x = node.args[LINEAR_INPUT_ARG[op]]
+                if x not in extra:
+                    extra.append(x)
+                lin_inputs[lin.name] = extra.index(x)
+        blocks.append(_copy(gm, body, [streams[k], *sides[k]], [outputs[k], *extra]))
+        side_index.append([all_sides.index(n) for n in sides[k]])
+        linear_inputs.append(lin_inputs)
+    return BlockGraphs(prefix=prefix, blocks=blocks, side_index=side_index, linear_inputs=linear_inputs)
+
+
+def _stream_candidate(external: list[fx.Node], nodes: list[fx.Node]) -> fx.Node:
+    """The stream entering block 0: the external float tensor with the hidden shape that the block's output depends on."""
+    floats = [n for n in external if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].is_floating_point()
+              and n.meta["val"].dim() == 3]
+    hidden = nodes[-1].meta.get("val")
+    same = [n for n in floats if hidden is not None and n.meta["val"].shape[-1] == hidden.shape[-1]]
+    if len(same) != 1:
+        raise UserError("cannot tell which input of block 0 is the residual stream; unsupported architecture")
+    return same[0]
+
+
+@dataclass
+class CalibrationState:
+    """Activations between blocks: the stream entering the current block and the prefix's side values, per batch."""
+
+    streams: list[torch.Tensor]
+    sides: list[tuple]
+
+
+class Calibrator:
+    """Run calibration windows block by block; passes prune each block between statistics and its outputs."""
+
+    def __init__(self, program: Program, windows: torch.Tensor, batch_size: int = 8):
+        self.program = program
+        self.graphs = cut_blocks(program)
+        self.batch_size = batch_size
+        with torch.no_grad():
+            streams, sides = [], []
+            for start in range(0, len(windows), batch_size):
+                ids = windows[start:start + batch_size]
+                out = self.graphs.prefix(ids, torch.ones_like(ids))
+                streams.append(out[0])
+                sides.append(tuple(out[1:]))
+        self.state = CalibrationState(streams, sides)
+        self.windows = len(windows)
+
+    def _block_inputs(self, k: int, i: int) -> tuple:
+        side = self.state.sides[i]
+        return (self.state.streams[i], *(side[j] for j in self.graphs.side_index[k]))
+
+    @torch.no_grad()
+    def collect(self, k: int, linears: list[Linear], hessian: bool) -> dict[str, InputStats]:
+        """Statistics of the inputs of ``linears`` (all in block k) over every calibration window."""
+        index = self.graphs.linear_inputs[k]
+        missing = [lin.name for lin in linears if lin.name not in index]
+        if missing:
+            raise UserError(f"no input found in the graph of block {k} for {missing}")
+        by_input: dict[int, InputStats] = {}
+        for lin in linears:
+            by_input.setdefault(index[lin.name], InputStats(lin.in_features, hessian))
+        block = self.graphs.blocks[k]
+        for i in range(len(self.state.streams)):
+            out = block(*self._block_inputs(k, i))
+            for j, stats in by_input.items():
+                if not torch.isfinite(out[1 + j]).all():
+                    names = [lin.name for lin in linears if index[lin.name] == j]
+                    raise UserError(f"NaN or Inf in the input of {', '.join(names)} (block {k}) during calibration; "
+                                    "check the model's weights and dtype (fp16 overflow?) or the calibration text")
+                stats.add(out[1 + j])
+        return {lin.name: by_input[index[lin.name]] for lin in linears}
+
+    @torch.no_grad()
+    def advance(self, k: int) -> None:
+        """Replace the stream by block k's outputs (computed with its current, possibly pruned, weights)."""
+        block = self.graphs.blocks[k]
+        self.state.streams = [block(*self._block_inputs(k, i))[0] for i in range(len(self.state.streams))]
+        if not all(torch.isfinite(s).all() for s in self.state.streams):
+            raise UserError(f"NaN or Inf in the output of block {k} ({self.program.structure.blocks[k]}) during "
+                            "calibration; the pruned weights of that block broke the model")
+
+
+def stages(program: Program, k: int, true_sequential: bool) -> list[list[Linear]]:
+    """The linears of block k in pruning order: one stage, or (true sequential) readers/writers sublayer by sublayer."""
+    lins = [lin for lin in program.structure.in_blocks() if lin.block == k]
+    if not true_sequential:
+        return [lins]
+    out = []
+    for sub in program.structure.sublayers:
+        if sub.block == k:
+            out.append([program.linear(n) for n in sub.readers])
+            out.append([program.linear(n) for n in sub.writers])
+    return out
+
+
+class Checkpoint:
+    """After each finished block: that block's weights, the stream entering the next block, and per-layer notes.
+
+    Files are replaced atomically and ``state.json`` is written last, so an interrupted run always leaves a consistent
+    checkpoint. ``fingerprint`` ties it to one model, pass, options and calibration set.
+    """
+
+    def __init__(self, folder: Path, fingerprint: str):
+        self.folder = Path(folder)
+        self.fingerprint = fingerprint
+
+    def _write(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        tmp = self.folder / f".{name}.tmp"
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, self.folder / name)
+
+    def save(self, k: int, program: Program, linears: list[Linear], streams: list[torch.Tensor], notes: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._write(f"block_{k}.safetensors", {lin.name: program.weight(lin.name) for lin in linears})
+        self._write("streams.safetensors", {str(i): t for i, t in enumerate(streams)})
+        state = {"fingerprint": self.fingerprint, "done": k, "notes": notes}
+        tmp = self.folder / ".state.json.tmp"
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.folder / "state.json")
+
+    def restore(self, program: Program, calibrator: "Calibrator") -> tuple[int, dict]:
+        """Load the finished blocks' weights and the saved stream; return (next block, notes). (0, {}) if none."""
+        path = self.folder / "state.json"
+        if not path.is_file():
+            log.info("no checkpoint in %s; starting from block 0", self.folder)
+            return 0, {}
+        state = json.loads(path.read_text())
+        if state.get("fingerprint") != self.fingerprint:
+            raise UserError(f"the checkpoint in {self.folder} is from a different model, pass or calibration set; "
+                            "run without --resume to start over")
+        with torch.no_grad():
+            for k in range(state["done"] + 1):
+                for name, tensor in load_file(str(self.folder / f"block_{k}.safetensors")).items():
+                    program.weight(name).copy_(tensor)
+        streams = load_file(str(self.folder / "streams.safetensors"))
+        calibrator.state.streams = [streams[str(i)] for i in range(len(streams))]
+        log.info("resumed from %s: blocks 0-%d already done", self.folder, state["done"])
+        return state["done"] + 1, state.get("notes", {})
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def calibrate_blocks(program: Program, windows: torch.Tensor,
+                     prune_stage: Callable[[int, list[Linear], dict[str, InputStats]], dict],
+                     hessian: bool, true_sequential: bool = False, batch_size: int = 8, what: str = "calibration",
+                     checkpoint: Checkpoint | None = None, resume: bool = False) -> dict:
+    """For each block in order: collect statistics of each stage's inputs, let ``prune_stage`` prune it (it returns
+    per-layer notes for the report), then move on with the pruned block's outputs. Returns the notes of every layer."""
+    calibrator = Calibrator(program, windows, batch_size)
+    n_blocks = len(program.structure.blocks)
+    start, notes = 0, {}
+    if checkpoint is not None:
+        if resume:
+            start, notes = checkpoint.restore(program, calibrator)
+        else:
+            checkpoint.clear()
+    progress = Progress(what, n_blocks, "blocks", every_s=10.0)
+    for k in range(start, n_blocks):
+        block_linears = []
+        for stage in stages(program, k, true_sequential):
+            if stage:
+                notes.update(prune_stage(k, stage, calibrator.collect(k, stage, hessian)) or {})
+                block_linears.extend(stage)
+        calibrator.advance(k)
+        if checkpoint is not None:
+            checkpoint.save(k, program, block_linears, calibrator.state.streams, notes)
+        progress.update(k + 1)
+    return notes

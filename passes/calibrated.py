@@ -1,0 +1,74 @@
+"""What the calibrated masking passes (Wanda, SparseGPT) share: options, and the loop over the calibration engine."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from nexus_export.calibration import Checkpoint, InputStats, calibrate_blocks
+from nexus_export.errors import UserError
+from nexus_export.passbase import PassContext
+from nexus_export.program import Program
+
+from .masking import MaskConfig, masking_changes
+from .sparsity import Target
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CalibratedConfig(MaskConfig):
+    true_sequential: bool = False  # prune q/k/v, then o, then gate/up, then down, each on pruned predecessors
+    batch_size: int = 8  # calibration windows per forward through a block
+
+    def validate(self) -> None:
+        super().validate()
+        if self.batch_size < 1:
+            raise UserError(f"batch_size must be positive, got {self.batch_size}")
+
+
+def run_calibrated(program: Program, ctx: PassContext, cfg: CalibratedConfig,
+                   prune: Callable[[Target, InputStats], dict], hessian: bool, what: str) -> dict:
+    """Drive ``prune(target, stats)`` over every targeted linear, block by block; return the pass's ``changes``.
+
+    ``prune`` returns per-layer extras for the report (e.g. SparseGPT's damping); they are merged into per_layer.
+    """
+    windows = ctx.calibration_windows
+    if windows is None or len(windows) == 0:
+        raise UserError(f"{what} needs calibration data; give calibration settings (source, samples, seq_len)")
+    targets = {t.name: t for t in cfg.targets(program)}
+    outside = [n for n, t in targets.items() if program.structure.linears.get(n) is None
+               or program.structure.linears[n].block is None]
+    if outside:
+        raise UserError(f"{what} prunes linears inside decoder blocks only; remove {outside} from the schedule "
+                        f"(use magnitude for the embeddings or the lm_head)")
+    def prune_stage(block: int, linears, stats: dict[str, InputStats]) -> dict:
+        return {lin.name: prune(targets[lin.name], stats[lin.name]) or {} for lin in linears if lin.name in targets}
+
+    checkpoint = None
+    if ctx.checkpoint_dir is not None:
+        checkpoint = Checkpoint(ctx.checkpoint_dir, fingerprint(program, what, cfg, windows))
+    with torch.no_grad():
+        extras = calibrate_blocks(program, windows, prune_stage, hessian=hessian, true_sequential=cfg.true_sequential,
+                                  batch_size=cfg.batch_size, what=what, checkpoint=checkpoint, resume=ctx.resume)
+    changes = masking_changes(program, list(targets.values()), cfg.pattern_obj())
+    for name, extra in extras.items():
+        changes["per_layer"][name].update(extra)
+    changes["calibration"] = {"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
+                              "true_sequential": cfg.true_sequential}
+    return changes
+
+
+def fingerprint(program: Program, what: str, cfg: CalibratedConfig, windows: torch.Tensor) -> str:
+    """Identity of a calibrated run for checkpoints: model, pass, options, calibration windows, starting weights."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([program.name, what, cfg.to_dict()], sort_keys=True, default=str).encode())
+    digest.update(windows.numpy().tobytes())
+    for lin in program.structure.in_blocks():  # a cheap signature of the weights the pass starts from
+        digest.update(program.weight(lin.name).detach().reshape(-1)[:64].numpy().tobytes())
+    return digest.hexdigest()[:32]

@@ -1,0 +1,54 @@
+"""Wanda: prune by |W_ij| * ||X_j||_2, comparing weights within each output row; no weight update.
+
+Before -> after: same graph and shapes; targeted weights get exact zeros. Activation norms come from the calibration
+engine, block by block, so each block is scored on inputs produced by the already-pruned blocks before it.
+Unstructured: the int(cols * s) lowest scores of every row. N:M: the N lowest scores of every M consecutive inputs.
+Invariant: with all-equal activation norms the mask equals per-row magnitude pruning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nexus_export.passbase import Pass, PassContext
+from nexus_export.program import Program
+
+from .calibrated import CalibratedConfig, run_calibrated
+from .masking import apply_mask
+from .sparsity import NMPattern, Target, nm_mask, unstructured_mask
+
+
+@dataclass(frozen=True)
+class WandaConfig(CalibratedConfig):
+    pass
+
+
+def wanda_mask(weight: torch.Tensor, column_norms: torch.Tensor, sparsity: float,
+               pattern: NMPattern | None, layer: str = "") -> torch.Tensor:
+    """Keep mask from Wanda scores |W| * ||X_j|| (per row, or N:M)."""
+    scores = weight.detach().abs().double() * column_norms.reshape(1, -1).double()
+    if pattern is not None:
+        return nm_mask(scores, pattern, layer)
+    return unstructured_mask(scores, sparsity, per_row=True)
+
+
+class WandaPass(Pass):
+    name = "wanda"
+    config_class = WandaConfig
+    needs_calibration = True
+
+    def check(self, program: Program) -> None:
+        self.config.targets(program)
+
+    def apply(self, program: Program, ctx: PassContext) -> tuple[Program, dict]:
+        cfg: WandaConfig = self.config
+        pattern = cfg.pattern_obj()
+
+        def prune(target: Target, stats) -> dict:
+            weight = program.weight(target.name)
+            apply_mask(weight, wanda_mask(weight, stats.column_norms(), target.sparsity, pattern, target.name))
+            return {}
+
+        return program, run_calibrated(program, ctx, cfg, prune, hessian=False, what="wanda")

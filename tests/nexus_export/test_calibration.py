@@ -1,0 +1,114 @@
+"""The calibration engine: the cut graph reproduces the model, and its statistics equal a plain forward pass."""
+
+import pytest
+import torch
+
+from conftest import make_tiny
+from nexus_export.calibration import Calibrator, cut_blocks, stages
+from nexus_export.program import Program
+
+
+def windows(n=3, seq=12, seed=0):
+    return torch.randint(0, 300, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+def test_blocks_reproduce_hidden_states(arch):
+    model = make_tiny(arch, layers=3)
+    program = Program.from_model(model)
+    ids = windows()
+    calibrator = Calibrator(program, ids, batch_size=2)
+    with torch.no_grad():
+        hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True).hidden_states
+    assert torch.allclose(torch.cat(calibrator.state.streams), hidden[0], atol=1e-5)
+    for k in range(2):  # the last hidden state is reported after the final norm
+        calibrator.advance(k)
+        assert torch.allclose(torch.cat(calibrator.state.streams), hidden[k + 1], atol=1e-5)
+
+
+def test_statistics_equal_a_plain_forward_pass():
+    model = make_tiny("llama")
+    program = Program.from_model(model)
+    ids = windows(n=4, seq=16)
+    seen = {}
+
+    def hook(name):
+        def record(module, args):
+            seen.setdefault(name, []).append(args[0].detach().reshape(-1, args[0].shape[-1]).double())
+        return record
+
+    names = ["model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    for h in handles:
+        h.remove()
+
+    calibrator = Calibrator(program, ids, batch_size=3)
+    calibrator.advance(0)
+    lins = [program.linear(n) for n in names] + [program.linear("model.layers.1.self_attn.k_proj")]
+    stats = calibrator.collect(1, lins, hessian=True)
+    for name in names:
+        x = torch.cat(seen[name])
+        assert stats[name].tokens == 64
+        assert torch.allclose(stats[name].column_norms(), x.pow(2).sum(0).sqrt(), rtol=1e-5)
+        assert torch.allclose(stats[name].hessian(), 2 / 64 * x.t() @ x, rtol=1e-4, atol=1e-6)
+    # q, k and v read one tensor: one statistic
+    assert stats["model.layers.1.self_attn.q_proj"] is stats["model.layers.1.self_attn.k_proj"]
+
+
+def test_true_sequential_stages_follow_the_sublayers(tiny_program_factory):
+    program = tiny_program_factory("llama")
+    names = [[lin.name.rsplit(".", 1)[-1] for lin in stage] for stage in stages(program, 0, True)]
+    assert names == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    assert len(stages(program, 0, False)) == 1
+
+
+def test_prefix_and_blocks_are_separate_graphs(tiny_program_factory):
+    graphs = cut_blocks(tiny_program_factory("llama"))
+    assert len(graphs.blocks) == 2
+    prefix_ops = {str(n.target) for n in graphs.prefix.graph.nodes if n.op == "call_function"}
+    assert not any("linear" in op for op in prefix_ops)  # no block work in the prefix
+    assert all(sum("linear" in str(n.target) for n in b.graph.nodes) == 7 for b in graphs.blocks)
+
+
+def test_resume_after_interruption_gives_the_same_result(tmp_path, monkeypatch):
+    from nexus_export.calibration import Calibrator as Engine
+    from nexus_export.passbase import PassContext
+    from passes.sparsegpt import SparseGPTPass
+
+    ids = windows(n=4, seq=16)
+
+    def run(ctx):
+        program = Program.from_model(make_tiny("llama", layers=3))
+        report = SparseGPTPass({"pattern": "2:4", "blocksize": 32}).run(program, ctx).report
+        return program, report
+
+    reference, ref_report = run(PassContext(calibration_windows=ids))
+
+    real_advance = Engine.advance
+
+    def interrupted(self, k):
+        if k == 2:
+            raise KeyboardInterrupt
+        real_advance(self, k)
+
+    monkeypatch.setattr(Engine, "advance", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(PassContext(calibration_windows=ids, checkpoint_dir=tmp_path))
+    monkeypatch.setattr(Engine, "advance", real_advance)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["block_0.safetensors", "block_1.safetensors", "state.json",
+                                                         "streams.safetensors"]
+
+    calls = []
+    real_collect = Engine.collect
+    monkeypatch.setattr(Engine, "collect", lambda self, k, *a, **kw: calls.append(k) or real_collect(self, k, *a, **kw))
+    resumed, report = run(PassContext(calibration_windows=ids, checkpoint_dir=tmp_path, resume=True))
+    assert calls == [2]  # only the unfinished block is calibrated again
+    for name in reference.structure.linears:
+        assert torch.equal(reference.weight(name), resumed.weight(name)), name
+    assert report.changes["per_layer"] == ref_report.changes["per_layer"]
+
+    with pytest.raises(Exception, match="different model, pass or calibration set"):
+        run(PassContext(calibration_windows=windows(n=4, seq=16, seed=9), checkpoint_dir=tmp_path, resume=True))
+
