@@ -27,7 +27,7 @@ from torch import fx
 from .errors import UserError
 from .program import Program
 from .progress import Progress
-from .structure import Linear, _block_of
+from .structure import Linear, block_boundaries, op_name
 
 log = logging.getLogger(__name__)
 
@@ -68,21 +68,28 @@ class BlockGraphs:
     blocks: list[fx.GraphModule]
     side_index: list[list[int]]  # per block: which prefix side outputs it takes, in its placeholder order
     linear_inputs: list[dict[str, int]] = field(default_factory=list)  # per block: linear name -> extra output index
-
-
-def _op(node: fx.Node) -> str:
-    return getattr(node.target, "__name__", str(node.target)).split(".")[0]
+    residuals: list[dict[str, int]] = field(default_factory=list)  # per block: sublayer kind -> output index of the
+    # stream right after that sublayer's residual add
+    suffix: fx.GraphModule | None = None  # (stream after the last block, *its side values) -> logits
+    suffix_side_index: list[int] = field(default_factory=list)
 
 
 def _copy(root: fx.GraphModule, nodes: Iterable[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node]) -> fx.GraphModule:
-    """A GraphModule of ``nodes`` (in order) with ``inputs`` as placeholders and a tuple of ``outputs``."""
+    """A GraphModule of ``nodes`` (in order) with ``inputs`` as placeholders and a tuple of ``outputs``; the weights
+    they read (get_attr) are shared with ``root``, not copied."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for i, node in enumerate(inputs):
         env[node] = graph.placeholder(f"in_{i}_{node.name}")
+
+    def lookup(arg: fx.Node) -> fx.Node:
+        if arg not in env and arg.op == "get_attr":
+            env[arg] = graph.get_attr(arg.target)
+        return env[arg]
+
     for node in nodes:
         if node not in env:
-            env[node] = graph.node_copy(node, lambda a: env[a])
+            env[node] = graph.node_copy(node, lookup)
     graph.output(tuple(env[o] for o in outputs))
     graph.lint()
     return fx.GraphModule(root, graph)
@@ -92,51 +99,36 @@ def cut_blocks(program: Program) -> BlockGraphs:
     """Partition the program's graph into a prefix and one graph per decoder block."""
     gm = program.module()
     order = list(gm.graph.nodes)
-    n_blocks = len(program.structure.blocks)
-    members: list[list[fx.Node]] = [[] for _ in range(n_blocks)]
-    block_of: dict[fx.Node, int] = {}
-    for node in order:
-        if node.op == "call_function":
-            blk = _block_of(node)
-            if blk is not None and blk[0] == "lm." + program.structure.block_list:
-                members[blk[1]].append(node)
-                block_of[node] = blk[1]
+    bounds = block_boundaries(order, program.structure, is_weight=lambda n: n.op == "get_attr")
+    members, streams, sides, outputs = bounds.members, bounds.streams, bounds.sides, bounds.outputs
     weight_to_linear = {lin.weight: lin for lin in program.structure.in_blocks()}
-
-    streams: list[fx.Node] = []  # stream entering each block
-    sides: list[list[fx.Node]] = []
-    outputs: list[fx.Node] = []
-    for k, nodes in enumerate(members):
-        if not nodes:
-            raise UserError(f"block {k} has no operations in the captured graph; cannot calibrate block by block")
-        inside = set(nodes)
-        external = []
-        for node in nodes:
-            for inp in node.all_input_nodes:
-                if inp not in inside and inp.op != "get_attr" and inp not in external:
-                    external.append(inp)
-        from_blocks = [n for n in external if n in block_of]
-        if len(from_blocks) > 1 or (from_blocks and block_of[from_blocks[0]] != k - 1):
-            raise UserError(f"block {k} reads values from blocks other than the previous one; unsupported for "
-                            f"block-by-block calibration")
-        leaving = [n for n in nodes if any(u not in inside and _op(u) != "_assert_tensor_metadata" for u in n.users)]
-        if len(leaving) != 1:
-            raise UserError(f"block {k} has {len(leaving)} outputs; expected one residual stream")
-        outputs.append(leaving[0])
-        if k == 0:
-            stream = _stream_candidate(external, nodes)
-        else:
-            if not from_blocks or from_blocks[0] is not outputs[k - 1]:
-                raise UserError(f"block {k} does not read the stream leaving block {k - 1}")
-            stream = from_blocks[0]
-        streams.append(stream)
-        sides.append([n for n in external if n is not stream])
 
     all_sides: list[fx.Node] = []
     for side in sides:
         for n in side:
             if n not in all_sides:
                 all_sides.append(n)
+    # The suffix: what turns the last block's output into logits (final norm, lm_head).
+    output_node = next(n for n in order if n.op == "output")
+    before_blocks = _ancestors_of(streams[0]) | {streams[0]}
+    in_blocks = set().union(*members)
+    suffix_nodes, todo = set(), [a for a in output_node.all_input_nodes]
+    while todo:
+        cur = todo.pop()
+        if cur in suffix_nodes or cur is outputs[-1] or cur in in_blocks or cur in before_blocks or cur.op == "placeholder":
+            continue
+        suffix_nodes.add(cur)
+        todo.extend(cur.all_input_nodes)
+    suffix_sides = []
+    for node in suffix_nodes:
+        for inp in node.all_input_nodes:
+            if inp not in suffix_nodes and inp is not outputs[-1] and inp.op != "get_attr" and inp not in suffix_sides:
+                suffix_sides.append(inp)
+    for n in suffix_sides:
+        if n not in all_sides:
+            all_sides.append(n)
+    logits = output_node.args[0][0] if isinstance(output_node.args[0], (tuple, list)) else output_node.args[0]
+    suffix = _copy(gm, [n for n in order if n in suffix_nodes], [outputs[-1], *suffix_sides], [logits])
     wanted = [streams[0], *all_sides]
     needed = set()
     todo = list(wanted)
@@ -149,14 +141,17 @@ def cut_blocks(program: Program) -> BlockGraphs:
     placeholders = [n for n in order if n.op == "placeholder"]
     prefix = _copy(gm, [n for n in order if n in needed and n.op != "placeholder"], placeholders, wanted)
 
-    blocks, side_index, linear_inputs = [], [], []
+    residual_nodes = {n.name: n for n in order}
+    residual_of_block: list[dict[str, fx.Node]] = [{} for _ in members]
+    for sub, add_name in zip(program.structure.sublayers, program.structure.residual_adds):
+        residual_of_block[sub.block][sub.kind] = residual_nodes[add_name]
+    blocks, side_index, linear_inputs, residuals = [], [], [], []
     for k, nodes in enumerate(members):
-        attrs = [inp for node in nodes for inp in node.all_input_nodes if inp.op == "get_attr"]
-        body = [n for n in order if n in set(nodes) or n in set(attrs)]
+        body = nodes
         lin_inputs: dict[str, int] = {}
         extra: list[fx.Node] = []
         for node in nodes:
-            op = _op(node)
+            op = op_name(node)
             if op in LINEAR_INPUT_ARG and len(node.args) > 1:
                 weight = node.args[-1] if op in ("addmm", "mm") else node.args[1]
                 lin = weight_to_linear.get(getattr(weight, "target", None)) if isinstance(weight, fx.Node) else None
@@ -166,21 +161,26 @@ def cut_blocks(program: Program) -> BlockGraphs:
                 if x not in extra:
                     extra.append(x)
                 lin_inputs[lin.name] = extra.index(x)
+        residual = {}
+        for kind, node in residual_of_block[k].items():
+            extra.append(node)
+            residual[kind] = len(extra)  # index into the block outputs, where 0 is the stream leaving it
         blocks.append(_copy(gm, body, [streams[k], *sides[k]], [outputs[k], *extra]))
         side_index.append([all_sides.index(n) for n in sides[k]])
         linear_inputs.append(lin_inputs)
-    return BlockGraphs(prefix=prefix, blocks=blocks, side_index=side_index, linear_inputs=linear_inputs)
+        residuals.append(residual)
+    return BlockGraphs(prefix=prefix, blocks=blocks, side_index=side_index, linear_inputs=linear_inputs,
+                       residuals=residuals, suffix=suffix, suffix_side_index=[all_sides.index(n) for n in suffix_sides])
 
 
-def _stream_candidate(external: list[fx.Node], nodes: list[fx.Node]) -> fx.Node:
-    """The stream entering block 0: the external float tensor with the hidden shape that the block's output depends on."""
-    floats = [n for n in external if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].is_floating_point()
-              and n.meta["val"].dim() == 3]
-    hidden = nodes[-1].meta.get("val")
-    same = [n for n in floats if hidden is not None and n.meta["val"].shape[-1] == hidden.shape[-1]]
-    if len(same) != 1:
-        raise UserError("cannot tell which input of block 0 is the residual stream; unsupported architecture")
-    return same[0]
+def _ancestors_of(node: fx.Node) -> set[fx.Node]:
+    seen, todo = set(), [node]
+    while todo:
+        for inp in todo.pop().all_input_nodes:
+            if inp not in seen:
+                seen.add(inp)
+                todo.append(inp)
+    return seen
 
 
 @dataclass
@@ -208,9 +208,11 @@ class Calibrator:
         self.state = CalibrationState(streams, sides)
         self.windows = len(windows)
 
-    def _block_inputs(self, k: int, i: int) -> tuple:
+    def block_inputs(self, k: int, i: int, stream: torch.Tensor | None = None) -> tuple:
+        """Block k's inputs for batch i: the current stream (or ``stream``) and batch i's side values."""
+        stream = self.state.streams[i] if stream is None else stream
         side = self.state.sides[i]
-        return (self.state.streams[i], *(side[j] for j in self.graphs.side_index[k]))
+        return (stream, *(side[j] for j in self.graphs.side_index[k]))
 
     @torch.no_grad()
     def collect(self, k: int, linears: list[Linear], hessian: bool) -> dict[str, InputStats]:
@@ -224,7 +226,7 @@ class Calibrator:
             by_input.setdefault(index[lin.name], InputStats(lin.in_features, hessian))
         block = self.graphs.blocks[k]
         for i in range(len(self.state.streams)):
-            out = block(*self._block_inputs(k, i))
+            out = block(*self.block_inputs(k, i))
             for j, stats in by_input.items():
                 if not torch.isfinite(out[1 + j]).all():
                     names = [lin.name for lin in linears if index[lin.name] == j]
@@ -234,13 +236,29 @@ class Calibrator:
         return {lin.name: by_input[index[lin.name]] for lin in linears}
 
     @torch.no_grad()
-    def advance(self, k: int) -> None:
-        """Replace the stream by block k's outputs (computed with its current, possibly pruned, weights)."""
+    def step(self, k: int, visit: Callable[[torch.Tensor, tuple], None] | None = None) -> None:
+        """Run block k on every batch, call ``visit(stream_in, outputs)`` (outputs[0] is the stream leaving the
+        block; ``graphs.residuals[k]`` indexes the stream after each sublayer), and move the stream on."""
         block = self.graphs.blocks[k]
-        self.state.streams = [block(*self._block_inputs(k, i))[0] for i in range(len(self.state.streams))]
+        streams = []
+        for i in range(len(self.state.streams)):
+            out = block(*self.block_inputs(k, i))
+            if visit is not None:
+                visit(self.state.streams[i], out)
+            streams.append(out[0])
+        self.state.streams = streams
         if not all(torch.isfinite(s).all() for s in self.state.streams):
             raise UserError(f"NaN or Inf in the output of block {k} ({self.program.structure.blocks[k]}) during "
                             "calibration; the pruned weights of that block broke the model")
+
+    def advance(self, k: int) -> None:
+        """Replace the stream by block k's outputs (computed with its current, possibly pruned, weights)."""
+        self.step(k)
+
+    def logits(self, stream: torch.Tensor, i: int) -> torch.Tensor:
+        """The suffix (final norm, lm_head) applied to the stream leaving the last block, for batch i."""
+        side = self.state.sides[i]
+        return self.graphs.suffix(stream, *(side[j] for j in self.graphs.suffix_side_index))[0]
 
 
 def stages(program: Program, k: int, true_sequential: bool) -> list[list[Linear]]:

@@ -57,7 +57,8 @@ def capture(model: torch.nn.Module, vocab_size: int | None = None) -> torch.expo
         if not vocab_size:
             emb = next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
             vocab_size = emb.num_embeddings if emb is not None else 2
-    model.eval()
+    if not isinstance(model, torch.fx.GraphModule):  # an unlifted exported program refuses eval(); it is eval already
+        model.eval()
     ids, mask = example_inputs(vocab_size)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     seq = torch.export.Dim("sequence", min=2, max=MAX_SEQUENCE)

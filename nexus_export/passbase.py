@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import resource
+import threading
 import time
 import typing
 from dataclasses import dataclass, field
@@ -98,6 +100,40 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def current_rss_mb() -> float:
+    """Resident set size now, in MiB (Linux /proc; falls back to the process peak elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return peak_rss_mb()
+
+
+class RssSampler:
+    """Highest RSS seen while the ``with`` block runs, sampled every ``interval_s`` by a background thread."""
+
+    def __init__(self, interval_s: float = 0.05):
+        self.interval_s = interval_s
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, current_rss_mb())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "RssSampler":
+        self.peak_mb = current_rss_mb()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, current_rss_mb())
+
+
 class Pass:
     """A Program -> Program rewrite. Subclasses set ``name`` and ``config_class`` and implement ``apply``."""
 
@@ -122,10 +158,11 @@ class Pass:
         before = program.num_parameters()
         start = time.perf_counter()
         log.info("pass %s: starting", self.name)
-        program, changes = self.apply(program, ctx)
+        with RssSampler() as rss:
+            program, changes = self.apply(program, ctx)
         wall = time.perf_counter() - start
-        log.info("pass %s: done in %.1f s", self.name, wall)
+        log.info("pass %s: done in %.1f s (peak RSS %.0f MiB)", self.name, wall, rss.peak_mb)
         report = PassReport(name=self.name, wall_s=round(wall, 3), params_before=before,
-                            params_after=program.num_parameters(), peak_rss_mb=round(peak_rss_mb(), 1),
+                            params_after=program.num_parameters(), peak_rss_mb=round(rss.peak_mb, 1),
                             options=self.config.to_dict(), changes=changes)
         return PassResult(program=program, report=report)

@@ -47,6 +47,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
     if not ok:
         raise UserError(f"runtime {recipe.lowering.runtime} is not available: {why}")
     runtime = runtime_cls()
+    passes = [get_pass(step.name)(step.config) for step in recipe.passes]
+    needs_calibration = any(pass_.needs_calibration for pass_ in passes)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     with staged_output(out_dir, force) as tmp:
@@ -55,7 +57,6 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
             raise UserError(f"model {recipe.model} has no tokenizer; evaluation needs one")
         ev = recipe.evaluation
         cal = recipe.calibration
-        needs_calibration = any(get_pass(s.name).needs_calibration for s in recipe.passes)
         check_context(loaded.model, ev.seq_len, "evaluation")
         if needs_calibration:
             check_context(loaded.model, cal.seq_len, "calibration")
@@ -67,7 +68,6 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
         t = time.perf_counter()
         program = Program.from_model(loaded.model, loaded.tokenizer, name=loaded.name, origin=loaded.origin)
         timings["capture_s"] = time.perf_counter() - t
-        passes = [get_pass(step.name)(step.config) for step in recipe.passes]
         for pass_ in passes:
             pass_.check(program)
         params_dense = program.num_parameters()

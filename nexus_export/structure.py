@@ -93,7 +93,8 @@ class Structure:
         }
 
 
-def _op(node: Node) -> str:
+def op_name(node: Node) -> str:
+    """The short name of a call_function target (aten.linear.default -> "linear")."""
     target = node.target
     name = getattr(target, "__name__", str(target))
     return name.split(".")[0]
@@ -135,7 +136,7 @@ def _ancestors(node: Node, stop: set[Node] | None = None) -> set[Node]:
 
 def _through(node: Node) -> Node:
     """Follow pass-through ops back to the node that produced the value."""
-    while node.op == "call_function" and _op(node) in PASS_THROUGH_OPS and _tensor_args(node):
+    while node.op == "call_function" and op_name(node) in PASS_THROUGH_OPS and _tensor_args(node):
         node = _tensor_args(node)[0]
     return node
 
@@ -156,7 +157,7 @@ def read_structure(exported: torch.export.ExportedProgram) -> Structure:
     for node in graph.nodes:
         if node.op != "call_function":
             continue
-        op = _op(node)
+        op = op_name(node)
         if op == "linear" and param_of(node.args[1]):
             weight = param_of(node.args[1])
             bias = param_of(node.args[2]) if len(node.args) > 2 else None
@@ -181,7 +182,7 @@ def read_structure(exported: torch.export.ExportedProgram) -> Structure:
 
     # 3. Residual stream, walked back from the lm_head.
     head_ancestors = _ancestors(head)
-    adds = sorted((n for n in head_ancestors if n.op == "call_function" and _op(n) == "add"), key=order.get, reverse=True)
+    adds = sorted((n for n in head_ancestors if n.op == "call_function" and op_name(n) == "add"), key=order.get, reverse=True)
     residual: list[tuple[Node, Node, Node]] = []  # (add, stream_in, branch)
 
     def split_residual(add: Node) -> tuple[Node, Node] | None:
@@ -210,7 +211,7 @@ def read_structure(exported: torch.export.ExportedProgram) -> Structure:
         stream_in, branch = parts
         residual.append((cur, stream_in, branch))
         cur = _through(stream_in)
-        if not (cur.op == "call_function" and _op(cur) == "add"):
+        if not (cur.op == "call_function" and op_name(cur) == "add"):
             break
     residual.reverse()
 
@@ -238,7 +239,7 @@ def read_structure(exported: torch.export.ExportedProgram) -> Structure:
         if middle:
             names = ", ".join(layer_name(raw_linears[n]["weight"]) for n in middle)
             raise UnsupportedArchitecture(f"linears neither reading nor writing the residual stream: {names}")
-        is_attention = any(n.op == "call_function" and _op(n) in ATTENTION_OPS for n in region)
+        is_attention = any(n.op == "call_function" and op_name(n) in ATTENTION_OPS for n in region)
         kind = "attention" if is_attention else "mlp"
         prefix = "attn" if is_attention else "mlp"
         for n in readers:
@@ -297,3 +298,62 @@ def _norm_module(region: set[Node], param_of) -> str | None:
         if node.op == "call_function" and any(param_of(a) for a in node.args):
             return layer_name(_module_path(node))
     return None
+
+
+@dataclass
+class BlockBoundaries:
+    """Where each decoder block sits in a graph: its nodes, the stream entering and leaving it, its side inputs."""
+
+    members: list[list[Node]]
+    streams: list[Node]  # the residual stream entering each block (a node outside it)
+    sides: list[list[Node]]  # other values each block reads from outside (mask, rotary tables, sizes)
+    outputs: list[Node]  # the node of each block whose value leaves it (the stream after the block)
+
+
+def block_boundaries(nodes: list[Node], structure: Structure, is_weight) -> BlockBoundaries:
+    """Cut a graph (lifted or unlifted: ``is_weight`` tells weight inputs) at the decoder-block boundaries."""
+    n_blocks = len(structure.blocks)
+    members: list[list[Node]] = [[] for _ in range(n_blocks)]
+    block_of: dict[Node, int] = {}
+    for node in nodes:
+        if node.op == "call_function":
+            blk = _block_of(node)
+            if blk is not None and layer_name(blk[0]) == structure.block_list and blk[1] < n_blocks:
+                members[blk[1]].append(node)
+                block_of[node] = blk[1]
+    streams, sides, outputs = [], [], []
+    for k, block in enumerate(members):
+        if not block:
+            raise UnsupportedArchitecture(f"block {k} has no operations in the captured graph")
+        inside = set(block)
+        external: list[Node] = []
+        for node in block:
+            for inp in node.all_input_nodes:
+                if inp not in inside and not is_weight(inp) and inp not in external:
+                    external.append(inp)
+        from_blocks = [n for n in external if n in block_of]
+        if len(from_blocks) > 1 or (from_blocks and block_of[from_blocks[0]] != k - 1):
+            raise UnsupportedArchitecture(f"block {k} reads values from blocks other than the previous one")
+        leaving = [n for n in block if any(u not in inside and op_name(u) != "_assert_tensor_metadata" for u in n.users)]
+        if len(leaving) != 1:
+            raise UnsupportedArchitecture(f"block {k} has {len(leaving)} outputs; expected one residual stream")
+        outputs.append(leaving[0])
+        if k == 0:
+            stream = _first_stream(external, block)
+        else:
+            if not from_blocks or from_blocks[0] is not outputs[k - 1]:
+                raise UnsupportedArchitecture(f"block {k} does not read the stream leaving block {k - 1}")
+            stream = from_blocks[0]
+        streams.append(stream)
+        sides.append([n for n in external if n is not stream])
+    return BlockBoundaries(members, streams, sides, outputs)
+
+
+def _first_stream(external: list[Node], block: list[Node]) -> Node:
+    """The stream entering block 0: the external float [batch, seq, hidden] value with the block output's width."""
+    hidden = block[-1].meta.get("val")
+    same = [n for n in external if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].is_floating_point()
+            and n.meta["val"].dim() == 3 and hidden is not None and n.meta["val"].shape[-1] == hidden.shape[-1]]
+    if len(same) != 1:
+        raise UnsupportedArchitecture("cannot tell which input of block 0 is the residual stream")
+    return same[0]

@@ -112,3 +112,18 @@ def test_resume_after_interruption_gives_the_same_result(tmp_path, monkeypatch):
     with pytest.raises(Exception, match="different model, pass or calibration set"):
         run(PassContext(calibration_windows=windows(n=4, seq=16, seed=9), checkpoint_dir=tmp_path, resume=True))
 
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_suffix_completes_the_model(arch):
+    model = make_tiny(arch)
+    program = Program.from_model(model)
+    ids = windows(n=2)
+    calibrator = Calibrator(program, ids, batch_size=2)
+    after_attention = []
+    calibrator.step(0, lambda h_in, out: after_attention.append(out[calibrator.graphs.residuals[0]["attention"]]))
+    assert after_attention[0].shape == calibrator.state.streams[0].shape
+    calibrator.step(1)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        assert torch.allclose(calibrator.logits(calibrator.state.streams[0], 0), expected, atol=1e-5)

@@ -1,0 +1,181 @@
+"""ShortGPT: rank decoder blocks (or attention sublayers) by importance on calibration data and remove the least
+important from the graph.
+
+Before -> after: the chosen blocks (or attention sublayers) are gone from the graph, the residual stream is rewired
+around them and the remaining blocks renumbered; nothing is multiplied by zero. Invariant: removing nothing leaves the
+program unchanged.
+
+Strategies:
+- ``similarity``: Block Influence BI_k = mean over tokens of 1 - cos(h_in, h_out) (the last block's output is taken
+  before the final norm); the lowest BI goes first.
+- ``attention``: the same influence measured across each attention sublayer (stream before it and after its residual
+  add); only attention sublayers are removed, the MLPs stay.
+- ``gradient``: first-order Taylor importance |sum over tokens (h_out - h_in) . dL/dh_out| of each block on the
+  calibration language-modelling loss.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from nexus_export.calibration import Calibrator
+from nexus_export.errors import UserError
+from nexus_export.passbase import Pass, PassConfig, PassContext
+from nexus_export.program import Program
+from nexus_export.progress import Progress
+from nexus_export.surgery import remove_attention, remove_blocks
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("similarity", "attention", "gradient")
+
+
+@dataclass(frozen=True)
+class ShortGPTConfig(PassConfig):
+    remove: int | None = None  # how many blocks (or attention sublayers) to remove
+    remove_ratio: float | None = None  # or what fraction of them
+    layers: list | str | None = None  # or exactly which (e.g. [20, 21, 22] or "20,21,22"); no scoring needed
+    strategy: str = "similarity"
+    batch_size: int = 8  # calibration windows per forward (gradient: per backward)
+
+    def validate(self) -> None:
+        given = [x for x in (self.remove, self.remove_ratio, self.layers) if x is not None]
+        if len(given) != 1:
+            raise UserError("say what to remove with exactly one of remove (a count), remove_ratio (a fraction) or "
+                            "layers (a list of block indices)")
+        if self.strategy not in STRATEGIES:
+            raise UserError(f"unknown strategy {self.strategy!r}; use one of {', '.join(STRATEGIES)}")
+        if self.remove is not None and self.remove < 0:
+            raise UserError(f"remove must be 0 or more blocks, got {self.remove}")
+        if self.remove_ratio is not None and not 0.0 <= self.remove_ratio < 1.0:
+            raise UserError(f"remove_ratio must be in [0, 1), got {self.remove_ratio}")
+        if self.batch_size < 1:
+            raise UserError(f"batch_size must be positive, got {self.batch_size}")
+        if self.layers is not None:
+            self.layer_list()
+
+    def layer_list(self) -> list[int]:
+        items = self.layers.split(",") if isinstance(self.layers, str) else list(self.layers)
+        try:
+            values = [int(str(x).strip()) for x in items if str(x).strip()]
+        except ValueError:
+            raise UserError(f"layers must be block indices like 20,21,22; got {self.layers!r}") from None
+        if len(set(values)) != len(values):
+            raise UserError(f"layers lists a block more than once: {values}")
+        return values
+
+
+class ShortGPTPass(Pass):
+    name = "shortgpt"
+    config_class = ShortGPTConfig
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return self.config.layers is None
+
+    def count(self, program: Program) -> int:
+        n = len(program.structure.blocks)
+        return self.config.remove if self.config.remove is not None else int(n * (self.config.remove_ratio or 0.0))
+
+    def check(self, program: Program) -> None:
+        n = len(program.structure.blocks)
+        if self.config.strategy == "attention":
+            blocks_with_attention = {s.block for s in program.structure.sublayers if s.kind == "attention"}
+            if not blocks_with_attention:
+                raise UserError("strategy 'attention' needs blocks with an attention sublayer to separate; this model "
+                                "has none; use strategy similarity")
+            limit = len(blocks_with_attention)
+        else:
+            limit = n - 1
+        if self.config.layers is not None:
+            bad = [k for k in self.config.layer_list() if not 0 <= k < n]
+            if bad:
+                raise UserError(f"block indices {bad} are out of range: the model has blocks 0-{n - 1}")
+            wanted = len(self.config.layer_list())
+        else:
+            wanted = self.count(program)
+        if wanted > limit or (self.config.strategy != "attention" and wanted >= n):
+            raise UserError(f"cannot remove {wanted} of {n} blocks; at most {limit} (at least one block must stay)")
+
+    def apply(self, program: Program, ctx: PassContext) -> tuple[Program, dict]:
+        cfg: ShortGPTConfig = self.config
+        self.check(program)
+        scores = None
+        if cfg.layers is not None:
+            chosen = sorted(cfg.layer_list())
+        else:
+            windows = ctx.calibration_windows
+            if windows is None or len(windows) == 0:
+                raise UserError("shortgpt needs calibration data to rank blocks, or an explicit list of layers")
+            scores = score_blocks(program, windows, cfg.strategy, cfg.batch_size)
+            ranked = sorted(scores, key=lambda k: scores[k])
+            chosen = sorted(ranked[: self.count(program)])
+        n_before = len(program.structure.blocks)
+        if cfg.strategy == "attention":
+            new = remove_attention(program, chosen)
+        else:
+            new = remove_blocks(program, chosen)
+        changes = {
+            "strategy": cfg.strategy if cfg.layers is None else "explicit",
+            "unit": "attention sublayer" if cfg.strategy == "attention" else "block",
+            "scores": {str(k): round(v, 6) for k, v in (scores or {}).items()},
+            "removed": chosen,
+            "blocks_before": n_before,
+            "blocks_after": len(new.structure.blocks),
+        }
+        log.info("shortgpt: removed %s %s", changes["unit"] + "s", chosen)
+        return new, changes
+
+
+def score_blocks(program: Program, windows: torch.Tensor, strategy: str, batch_size: int = 8) -> dict[int, float]:
+    """Importance of each block (or attention sublayer) on the calibration windows; lower = removed first."""
+    if strategy == "gradient":
+        return _taylor_scores(program, windows, max(1, min(batch_size, 2)))
+    calibrator = Calibrator(program, windows, batch_size)
+    sums: dict[int, float] = {}
+    tokens: dict[int, int] = {}
+    progress = Progress(f"shortgpt {strategy}", len(program.structure.blocks), "blocks", every_s=10.0)
+    for k in range(len(program.structure.blocks)):
+        has_attention = "attention" in calibrator.graphs.residuals[k]
+
+        def visit(h_in: torch.Tensor, out: tuple, k=k, has_attention=has_attention) -> None:
+            if strategy == "attention":
+                if not has_attention:
+                    return
+                h_out = out[calibrator.graphs.residuals[k]["attention"]]
+            else:
+                h_out = out[0]
+            cos = torch.nn.functional.cosine_similarity(h_in.double(), h_out.double(), dim=-1)
+            sums[k] = sums.get(k, 0.0) + float((1.0 - cos).sum())
+            tokens[k] = tokens.get(k, 0) + cos.numel()
+
+        calibrator.step(k, visit)
+        progress.update(k + 1)
+    return {k: sums[k] / tokens[k] for k in sums}
+
+
+def _taylor_scores(program: Program, windows: torch.Tensor, batch_size: int) -> dict[int, float]:
+    """|sum (h_out - h_in) . dL/dh_out| per block, summed over the calibration windows."""
+    calibrator = Calibrator(program, windows, batch_size)
+    n = len(program.structure.blocks)
+    totals = torch.zeros(n, dtype=torch.float64)
+    progress = Progress("shortgpt gradient", len(calibrator.state.streams), "batches", every_s=10.0)
+    for i, stream in enumerate(calibrator.state.streams):
+        h = stream.detach()
+        ins, outs = [], []
+        with torch.enable_grad():
+            for k in range(n):
+                ins.append(h)
+                h = calibrator.graphs.blocks[k](*calibrator.block_inputs(k, i, h))[0]
+                outs.append(h)
+            logits = calibrator.logits(h, i)
+            ids = windows[i * batch_size:(i + 1) * batch_size]
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+            grads = torch.autograd.grad(loss, outs)
+        for k in range(n):
+            totals[k] += float(((outs[k] - ins[k]).detach().double() * grads[k].double()).sum())
+        progress.update(i + 1)
+    return {k: float(abs(totals[k])) for k in range(n)}

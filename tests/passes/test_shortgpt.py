@@ -1,0 +1,163 @@
+"""ShortGPT: block scores, removal from the graph, strategies, bad input, Hugging Face round trip."""
+
+import copy
+
+import onnx
+import pytest
+import torch
+
+from conftest import make_tiny
+from nexus_export.errors import UserError
+from nexus_export.hf_export import save_hf
+from nexus_export.passbase import PassContext
+from nexus_export.program import Program
+from passes.shortgpt import ShortGPTPass, score_blocks
+from runtimes.onnx_export import lower_to_onnx
+
+
+def calib(n=4, seq=16):
+    return torch.randint(0, 300, (n, seq), generator=torch.Generator().manual_seed(5))
+
+
+def ctx():
+    return PassContext(calibration_windows=calib())
+
+
+def test_removing_nothing_is_identity():
+    program = Program.from_model(make_tiny("llama", layers=3))
+    ids = calib(n=1)
+    before = program.logits(ids)
+    result = ShortGPTPass({"remove": 0}).run(program, ctx())
+    assert result.report.changes["removed"] == [] and len(result.program.structure.blocks) == 3
+    assert torch.equal(result.program.logits(ids), before)
+
+
+def test_a_block_that_adds_nothing_scores_lowest_and_goes():
+    model = make_tiny("llama", layers=4)
+    with torch.no_grad():  # block 2 writes nothing to the stream: its output equals its input
+        model.model.layers[2].self_attn.o_proj.weight.zero_()
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+    program = Program.from_model(model)
+    scores = score_blocks(program, calib(), "similarity")
+    assert scores[2] == pytest.approx(0.0, abs=1e-9) and min(scores, key=scores.get) == 2
+    assert all(scores[k] > 1e-4 for k in (0, 1, 3))
+    result = ShortGPTPass({"remove": 1}).run(program, ctx())
+    assert result.report.changes["removed"] == [2]
+    assert result.report.changes["scores"]["2"] == pytest.approx(0.0, abs=1e-9)
+    ids = calib(n=1)
+    assert torch.allclose(result.program.logits(ids), program.logits(ids), atol=1e-5)  # removing it changes nothing
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_removed_blocks_are_gone_from_the_onnx(arch, tmp_path):
+    model = make_tiny(arch, layers=4)
+    program = Program.from_model(model)
+    new = ShortGPTPass({"layers": "1,2"}).run(program).program
+    assert new.structure.blocks == [f"{program.structure.block_list}.{k}" for k in range(2)]
+    reference = copy.deepcopy(model)  # the same model with the blocks deleted by hand
+    blocks = reference.get_submodule(program.structure.block_list)
+    del blocks[2], blocks[1]
+    ids = calib(n=2)
+    with torch.no_grad():
+        assert torch.allclose(reference(input_ids=ids).logits, new.logits(ids), atol=1e-5)
+    assert program.num_parameters() - new.num_parameters() == sum(p.numel() for p in model.get_submodule(
+        f"{program.structure.block_list}.1").parameters()) * 2
+    sizes = {}
+    for label, prog in (("dense", program), ("short", new)):
+        path = lower_to_onnx(prog.exported, tmp_path / label / "model.onnx")
+        graph = onnx.load(str(path), load_external_data=False).graph
+        sizes[label] = (len(graph.node), len(graph.initializer))
+    assert sizes["short"][0] < sizes["dense"][0] and sizes["short"][1] < sizes["dense"][1]
+    # every remaining initializer of the block list is numbered 0 or 1
+    names = [i.name for i in onnx.load(str(tmp_path / "short" / "model.onnx"), load_external_data=False).graph.initializer]
+    numbered = {n[len("lm." + program.structure.block_list) + 1:].split(".")[0] for n in names
+                if n.startswith("lm." + program.structure.block_list + ".")}
+    assert numbered == {"0", "1"}
+
+
+def test_attention_strategy_removes_only_attention():
+    program = Program.from_model(make_tiny("llama", layers=3))
+    result = ShortGPTPass({"remove": 2, "strategy": "attention"}).run(program, ctx())
+    removed = result.report.changes["removed"]
+    assert len(removed) == 2 and result.report.changes["unit"] == "attention sublayer"
+    kinds = [(s.block, s.kind) for s in result.program.structure.sublayers]
+    assert sum(kind == "attention" for _, kind in kinds) == 1 and sum(kind == "mlp" for _, kind in kinds) == 3
+    assert len(result.program.structure.blocks) == 3
+    assert not any(l.role.startswith("attn") and l.block in removed for l in result.program.structure.linears.values())
+
+
+def test_gradient_strategy_scores_every_block():
+    program = Program.from_model(make_tiny("llama", layers=3))
+    scores = score_blocks(program, calib(), "gradient")
+    assert sorted(scores) == [0, 1, 2] and all(v >= 0 for v in scores.values()) and max(scores.values()) > 0
+    result = ShortGPTPass({"remove_ratio": 0.34, "strategy": "gradient"}).run(program, ctx())
+    assert result.report.changes["removed"] == [min(scores, key=scores.get)]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"remove": 4}, "cannot remove 4 of 4 blocks"),
+    ({"remove": -1}, "0 or more"),
+    ({"layers": [1, 7]}, "out of range"),
+    ({"layers": "1,1"}, "more than once"),
+    ({"remove": 1, "layers": [1]}, "exactly one"),
+    ({"remove": 1, "strategy": "bogus"}, "unknown strategy"),
+])
+def test_bad_input(options, message):
+    program = Program.from_model(make_tiny("llama", layers=4))
+    with pytest.raises(UserError, match=message):
+        ShortGPTPass(options).check(program)
+
+
+class MLPBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.up, self.down = torch.nn.LayerNorm(16), torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(self.norm(x))))
+
+
+class MLPOnly(torch.nn.Module):
+    """Blocks with an MLP sublayer only."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 16)
+        self.layers = torch.nn.ModuleList(MLPBlock() for _ in range(3))
+        self.head = torch.nn.Linear(16, 50)
+
+    def forward(self, input_ids, attention_mask):
+        x = self.emb(input_ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def test_attention_strategy_needs_attention():
+    program = Program.from_model(MLPOnly())
+    assert [s.kind for s in program.structure.sublayers] == ["mlp"] * 3
+    with pytest.raises(UserError, match="needs blocks with an attention sublayer"):
+        ShortGPTPass({"remove": 1, "strategy": "attention"}).check(program)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_hugging_face_folder_round_trip(arch, tmp_path):
+    import transformers
+
+    program = Program.from_model(make_tiny(arch, layers=4))
+    new = ShortGPTPass({"layers": [0, 3]}).run(program).program
+    diff = save_hf(new, tmp_path / "hf")
+    assert diff < 1e-5
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", use_safetensors=True)
+    assert loaded.config.num_hidden_layers == 2
+    assert not list((tmp_path / "hf").glob("*.bin")) and list((tmp_path / "hf").glob("*.safetensors"))
+    ids = calib(n=1)
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, new.logits(ids), atol=1e-5)
+
+
+def test_hugging_face_folder_refused_after_attention_removal(tmp_path):
+    program = Program.from_model(make_tiny("llama", layers=3))
+    new = ShortGPTPass({"layers": [1], "strategy": "attention"}).run(program).program
+    with pytest.raises(UserError, match="attention sublayers were removed"):
+        save_hf(new, tmp_path / "hf")
