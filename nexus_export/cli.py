@@ -33,6 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--percdamp", type=float, help="sparsegpt: damping as a fraction of mean diag(H) (0.01)")
     prune.add_argument("--true-sequential", action="store_true",
                        help="wanda/sparsegpt: prune attention inputs, attention output, MLP inputs, MLP output in turn")
+    prune.add_argument("--remove", type=int, help="shortgpt: number of blocks (or attention sublayers) to remove")
+    prune.add_argument("--remove-ratio", type=float, help="shortgpt: fraction of blocks to remove")
+    prune.add_argument("--layers", help="shortgpt: exactly these blocks, e.g. 20,21,22")
+    prune.add_argument("--strategy", help="shortgpt: similarity (default), attention or gradient")
+    prune.add_argument("--save-hf", action="store_true", help="also write a Hugging Face folder to DIR/hf")
     prune.add_argument("--calib-source", default="austen", help="calibration text: austen, a .txt file or folder")
     prune.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default 64)")
     prune.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration window offsets (0)")
@@ -93,7 +98,8 @@ def _prune(args: argparse.Namespace) -> int:
     for flag in ("per_row", "true_sequential"):
         if getattr(args, flag):
             options[flag] = True
-    options.update(blocksize=args.blocksize, percdamp=args.percdamp)
+    options.update(blocksize=args.blocksize, percdamp=args.percdamp, remove=args.remove,
+                   remove_ratio=args.remove_ratio, layers=args.layers, strategy=args.strategy)
     options = {k: v for k, v in options.items() if v is not None}
     recipe = Recipe.from_dict({
         "model": args.model,
@@ -102,6 +108,7 @@ def _prune(args: argparse.Namespace) -> int:
                         "seed": args.calib_seed},
         "evaluation": {"source": args.eval_source, "windows": args.eval_windows, "seq_len": args.seq_len,
                        "latency": not args.no_latency},
+        "lowering": {"save_hf": args.save_hf},
     })
     return _execute(recipe, args)
 

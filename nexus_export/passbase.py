@@ -149,6 +149,10 @@ class Pass:
     def check(self, program: Program) -> None:
         """Raise UserError if this pass cannot apply to ``program`` (called before any slow work starts)."""
 
+    def keeps_architecture(self) -> bool:
+        """Whether the result is still a model transformers can build from a config (needed for --save-hf)."""
+        return True
+
     def apply(self, program: Program, ctx: PassContext) -> tuple[Program, dict]:
         """Rewrite ``program`` and return it with the report's ``changes``."""
         raise NotImplementedError

@@ -19,6 +19,7 @@ from . import __version__
 from .data import calibration_windows, evaluation_windows
 from .errors import UserError
 from .evaluate import program_perplexity
+from .hf_export import save_hf
 from .outdir import check_output_dir, staged_output
 from .passbase import PassContext, peak_rss_mb
 from .program import Program
@@ -49,6 +50,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
     runtime = runtime_cls()
     passes = [get_pass(step.name)(step.config) for step in recipe.passes]
     needs_calibration = any(pass_.needs_calibration for pass_ in passes)
+    if recipe.lowering.save_hf and not all(pass_.keeps_architecture() for pass_ in passes):
+        raise UserError("--save-hf needs passes that keep the architecture; removing attention sublayers does not")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     with staged_output(out_dir, force) as tmp:
@@ -92,6 +95,10 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
         timings["eval_pruned_s"] = time.perf_counter() - t
         log.info("pruned perplexity %.3f", pruned_ppl)
 
+        hf_parity = None
+        if recipe.lowering.save_hf:
+            hf_parity = save_hf(program, tmp / "hf")
+
         t = time.perf_counter()
         artifact = runtime.lower(program, tmp, opset=recipe.lowering.opset, external_data=recipe.lowering.external_data)
         timings["lower_s"] = time.perf_counter() - t
@@ -126,7 +133,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
             "perplexity": {"dataset": f"{ev.source} evaluation, {ev.windows} windows x {ev.seq_len} tokens",
                            "tokens": tokens, "dense": dense_ppl, "pruned": pruned_ppl, "onnx": onnx_ppl,
                            "onnx_vs_pytorch_rel": abs(onnx_ppl - pruned_ppl) / pruned_ppl},
-            "parity": {"max_abs_diff": parity, "inputs": "2 evaluation windows x 128 tokens"},
+            "parity": {"max_abs_diff": parity, "inputs": "2 evaluation windows x 128 tokens",
+                       **({"hf_folder_max_abs_diff": hf_parity} if hf_parity is not None else {})},
             "onnx": {"path": artifact.name, "bytes": runtime.artifact_bytes(artifact), "opset": recipe.lowering.opset,
                      **onnx_info},
             "latency": latency,

@@ -48,6 +48,7 @@ class LoweringSettings:
     opset: int = 18
     external_data: bool = True
     runtime: str = "onnxruntime"
+    save_hf: bool = False  # also write DIR/hf, a Hugging Face folder (passes that keep the architecture)
 
 
 def _settings(cls, data: Any, section: str):

@@ -52,6 +52,8 @@ def render_markdown(report: dict) -> str:
     for p in report["passes"]:
         lines.append(f"| {p['name']} | {p['wall_s']:.2f} | {p['params_before']:,} | {p['params_after']:,} | "
                      f"{p['peak_rss_mb']:.0f} |")
+    for p in report["passes"]:
+        lines += _changes(p)
     lines += [
         "",
         "## ONNX",
@@ -74,6 +76,22 @@ def render_markdown(report: dict) -> str:
     lines += ["", "## Timings", ", ".join(f"{k} {v:.1f}" for k, v in report["timings"].items()),
               f"Peak RSS {report['peak_rss_mb']:.0f} MiB.", ""]
     return "\n".join(lines)
+
+
+def _changes(p: dict) -> list[str]:
+    """What one pass changed: its scalar facts, and block scores as a table when the pass ranked blocks."""
+    changes = p.get("changes", {})
+    lines = ["", f"### {p['name']}"]
+    for key, value in changes.items():
+        if key in ("per_layer", "scores"):
+            continue
+        lines.append(f"- {key}: {value}")
+    if changes.get("scores"):
+        removed = set(changes.get("removed", []))
+        lines += ["", "| block | score | removed |", "|---|---|---|"]
+        for block, score in changes["scores"].items():
+            lines.append(f"| {block} | {score:.5f} | {'yes' if int(block) in removed else ''} |")
+    return lines
 
 
 def _forms(summary: dict) -> str:

@@ -76,6 +76,9 @@ class ShortGPTPass(Pass):
     def needs_calibration(self) -> bool:  # type: ignore[override]
         return self.config.layers is None
 
+    def keeps_architecture(self) -> bool:
+        return self.config.strategy != "attention"
+
     def count(self, program: Program) -> int:
         n = len(program.structure.blocks)
         return self.config.remove if self.config.remove is not None else int(n * (self.config.remove_ratio or 0.0))

@@ -172,3 +172,35 @@ def test_sparsegpt_end_to_end_with_calibration_settings(tmp_path, capsys):
 def test_resume_without_checkpoint_is_an_error(tmp_path, capsys):
     assert prune(tmp_path / "out", "--resume", method="sparsegpt") == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_shortgpt_end_to_end_with_hugging_face_folder(tmp_path, capsys):
+    import transformers
+
+    out = tmp_path / "short"
+    assert prune(out, "--remove", "1", "--strategy", "similarity", "--calib-samples", "4", "--save-hf",
+                 method="shortgpt") == 0
+    report = json.loads((out / "report.json").read_text())
+    (p,) = report["passes"]
+    assert p["changes"]["blocks_before"] == 2 and p["changes"]["blocks_after"] == 1
+    assert len(p["changes"]["removed"]) == 1 and set(p["changes"]["scores"]) == {"0", "1"}
+    assert p["params_after"] < p["params_before"]
+    assert report["onnx"]["summary"]["layers"] == 8  # 7 linears of the remaining block + lm_head
+    assert report["parity"]["hf_folder_max_abs_diff"] < 1e-5
+    assert transformers.AutoConfig.from_pretrained(out / "hf").num_hidden_layers == 1
+    md = (out / "report.md").read_text()
+    assert "| block | score | removed |" in md
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--remove", "2"], "cannot remove 2 of 2 blocks"),
+    (["--remove", "-1"], "0 or more"),
+    (["--layers", "5"], "out of range"),
+    (["--layers", "0,0"], "more than once"),
+    (["--remove", "1", "--strategy", "attention", "--save-hf"], "--save-hf needs passes that keep the architecture"),
+])
+def test_bad_shortgpt_input(tmp_path, capsys, args, message):
+    assert prune(tmp_path / "out", *args, method="shortgpt") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert list(tmp_path.iterdir()) == []
