@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-onnx", help="per-layer sparsity and N:M validity of an ONNX file")
     check.add_argument("onnx", help="path of a .onnx file")
     check.add_argument("--pattern", default="2:4", help="N:M pattern to check (default 2:4; 'none' to skip)")
+    check.add_argument("--tensorrt", action="store_true", help="judge each layer against TensorRT's 2:4 rules")
+    check.add_argument("--strict", action="store_true", help="exit 1 when a targeted layer fails the check")
     check.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
@@ -156,6 +158,8 @@ def _check_onnx(args: argparse.Namespace) -> int:
     from passes.sparsity import parse_pattern
     from runtimes.onnx_check import inspect_onnx, report_rows, summarize
 
+    if args.tensorrt:
+        return _check_tensorrt(args)
     pattern = parse_pattern(args.pattern)
     layers = inspect_onnx(args.onnx, nm=(pattern.n, pattern.m) if pattern else None)
     targets = _report_targets(Path(args.onnx))
@@ -163,7 +167,7 @@ def _check_onnx(args: argparse.Namespace) -> int:
     rows = report_rows(layers, targets)
     if args.json:
         print(json.dumps({"summary": summary, "layers": rows}, indent=2))
-        return 0
+        return 1 if args.strict and pattern and not summary["all_nm_valid"] else 0
     label = str(pattern) if pattern else "N:M"
     print(f"{'layer':<48} {'op':<6} {'k':>6} {'n':>6} {'sparsity':>9} {label + ' valid':>10} {'form':<10} targeted")
     for row in rows:
@@ -177,7 +181,32 @@ def _check_onnx(args: argparse.Namespace) -> int:
         line += (f": all {label}-valid" if summary["all_nm_valid"] else
                  f": {summary['nm_valid_layers']} {label}-valid, not valid: {', '.join(summary['nm_invalid'][:5])}")
     print(line)
-    return 0
+    return 1 if args.strict and pattern and not summary["all_nm_valid"] else 0
+
+
+def _check_tensorrt(args: argparse.Namespace) -> int:
+    from runtimes.tensorrt_check import check_tensorrt, rows_as_dicts, summarize_tensorrt
+
+    rows = check_tensorrt(args.onnx)
+    targets = _report_targets(Path(args.onnx))
+    summary = summarize_tensorrt(rows, targets)
+    failed = args.strict and not summary["targets_all_eligible"]
+    if args.json:
+        print(json.dumps({"summary": summary, "layers": rows_as_dicts(rows)}, indent=2))
+        return 1 if failed else 0
+    print(f"{'layer':<48} {'op':<6} {'K':>6} {'N':>6} {'2:4 groups':>10} {'K%4':>4} {'N%4':>4} {'form':<10} "
+          f"{'eligible':>8} {'>=256':>5}")
+    for r in rows:
+        yes = lambda flag: "yes" if flag else "NO"  # noqa: E731
+        print(f"{r.layer:<48} {r.op:<6} {r.k:>6} {r.n:>6} {yes(r.groups_2_4):>10} {yes(r.k_multiple_of_4):>4} "
+              f"{yes(r.n_multiple_of_4):>4} {r.form:<10} {yes(r.eligible):>8} {'yes' if r.likely_sparse else 'no':>5}")
+    scope = "from report.json" if targets is not None else "all layers"
+    print(f"TensorRT 2:4: {summary['eligible']} of {summary['layers']} layers eligible, {summary['likely_sparse']} of "
+          f"them >= 256 channels; targeted ({scope}): {summary['targeted_eligible']} of {summary['targeted']} eligible"
+          + (f"; not eligible: {', '.join(summary['targeted_ineligible'][:5])}" if summary["targeted_ineligible"] else ""))
+    if not summary["eligible"]:
+        print("no layer is eligible for TensorRT sparse tactics: prune with --pattern 2:4 first")
+    return 1 if failed else 0
 
 
 def _report_targets(onnx_path: Path) -> set[str] | None:

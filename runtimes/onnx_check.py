@@ -62,7 +62,10 @@ def inspect_onnx(path: str | Path, nm: tuple[int, int] | None = (2, 4)) -> list[
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no ONNX file at {path}: lower the model first or pass the path of a .onnx file")
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and friends for anything that is not ONNX
+        raise UserError(f"{path} is not an ONNX model ({type(exc).__name__}); pass the .onnx file of a lowered model") from None
     graph = model.graph
     initializers = {tensor.name: tensor for tensor in graph.initializer}
     producers = {output: node for node in graph.node for output in node.output}
