@@ -55,6 +55,16 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("model", help="zoo name or local HF model folder")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    engine = sub.add_parser("build-engine", help="build a TensorRT engine (FP16, 2:4 sparse weights) from an ONNX file")
+    engine.add_argument("onnx", help="path of a .onnx file (e.g. DIR/model.onnx of a 2:4 run)")
+    engine.add_argument("--int8", action="store_true", help="also allow INT8 kernels")
+    engine.add_argument("--no-fp16", action="store_true", help="FP32 only")
+    engine.add_argument("--no-sparse", action="store_true", help="do not enable 2:4 sparse weights")
+    engine.add_argument("--max-batch", type=int, default=8, help="largest batch of the optimization profile (8)")
+    engine.add_argument("--max-seq", type=int, default=512, help="longest sequence of the optimization profile (512)")
+    engine.add_argument("--timing-cache", help="timing cache file to reuse and update")
+    _output_args(engine)
+
     check = sub.add_parser("check-onnx", help="per-layer sparsity and N:M validity of an ONNX file")
     check.add_argument("onnx", help="path of a .onnx file")
     check.add_argument("--pattern", default="2:4", help="N:M pattern to check (default 2:4; 'none' to skip)")
@@ -79,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     logging.getLogger("torch.onnx").setLevel(max(level, logging.ERROR))  # "torchvision is not installed" notes
     try:
-        return {"prune": _prune, "run": _run, "inspect": _inspect, "check-onnx": _check_onnx}[args.command](args)
+        commands = {"prune": _prune, "run": _run, "inspect": _inspect, "check-onnx": _check_onnx,
+                    "build-engine": _build_engine}
+        return commands[args.command](args)
     except UserError as exc:
         print(f"nexus-export: error: {exc}", file=sys.stderr)
         return 2
@@ -207,6 +219,32 @@ def _check_tensorrt(args: argparse.Namespace) -> int:
     if not summary["eligible"]:
         print("no layer is eligible for TensorRT sparse tactics: prune with --pattern 2:4 first")
     return 1 if failed else 0
+
+
+def _build_engine(args: argparse.Namespace) -> int:
+    from runtimes.tensorrt import Profile, available, build_engine, compare_with_onnxruntime
+
+    from .outdir import staged_output
+    from .report import write_json
+
+    ok, why = available()
+    if not ok:
+        raise UserError(why)
+    if not Path(args.onnx).is_file():
+        raise UserError(f"no ONNX file at {args.onnx}")
+    profile = Profile(batch=(1, max(1, args.max_batch // 2), args.max_batch), sequence=(2, min(128, args.max_seq),
+                                                                                       args.max_seq))
+    with staged_output(Path(args.out), args.force) as tmp:
+        build = build_engine(args.onnx, tmp, profile, fp16=not args.no_fp16, int8=args.int8, sparse=not args.no_sparse,
+                             timing_cache=args.timing_cache)
+        build.engine = "model.engine"
+        parity = compare_with_onnxruntime(tmp / "model.engine", args.onnx)
+        write_json({"build": build.to_dict(), "parity_vs_onnxruntime": parity}, tmp / "report.json")
+    print(f"engine {Path(args.out) / 'model.engine'}: built in {build.build_s:.0f} s; {len(build.eligible_layers)} "
+          f"layers eligible for sparse math, sparse tactics picked for {len(build.sparse_layers)}; "
+          f"max |logits diff| vs onnxruntime {parity['max_abs_diff']:.3g}")
+    print(f"equivalent: {build.trtexec}")
+    return 0
 
 
 def _report_targets(onnx_path: Path) -> set[str] | None:

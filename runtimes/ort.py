@@ -38,8 +38,43 @@ def available() -> tuple[bool, str]:
     return True, f"onnxruntime {onnxruntime.__version__} ({PROVIDER})"
 
 
-def session(path: str | Path, threads: int | None = None) -> InferenceSession:
-    """An ``onnxruntime.InferenceSession`` on CPU with all graph optimizations; ``threads`` None = ORT's default."""
+GPU_PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def provider_chain(device: str = "cpu", cache_dir: str | Path | None = None, fp16: bool = True) -> list:
+    """Execution providers for ``device`` (cpu, cuda, tensorrt), each with its options, ending with the CPU.
+
+    TensorRT gets 2:4 sparse weights (trt_sparsity_enable), fp16 and an engine cache; a provider this onnxruntime
+    build lacks is dropped with the reason logged, so the session falls back to the CPU.
+    """
+    import onnxruntime
+
+    if device not in ("cpu", *GPU_PROVIDERS):
+        raise UserError(f"unknown device {device!r}; use cpu, cuda or tensorrt")
+    chain: list = []
+    have = set(onnxruntime.get_available_providers())
+    if device == "tensorrt":
+        options = {"trt_fp16_enable": fp16, "trt_sparsity_enable": True, "trt_engine_cache_enable": cache_dir is not None,
+                   "trt_timing_cache_enable": cache_dir is not None}
+        if cache_dir is not None:
+            options.update(trt_engine_cache_path=str(cache_dir), trt_timing_cache_path=str(cache_dir))
+        chain.append((GPU_PROVIDERS["tensorrt"], options))
+    if device in ("tensorrt", "cuda"):
+        chain.append((GPU_PROVIDERS["cuda"], {}))
+    kept = [entry for entry in chain if entry[0] in have]
+    for name, _ in chain:
+        if name not in have:
+            log.warning("%s is not available in onnxruntime %s (it has %s); falling back", name,
+                        onnxruntime.__version__, ", ".join(sorted(have)))
+    return [*kept, PROVIDER]
+
+
+def session(path: str | Path, threads: int | None = None, device: str = "cpu",
+            cache_dir: str | Path | None = None) -> InferenceSession:
+    """An ``onnxruntime.InferenceSession`` with all graph optimizations; ``threads`` None = ORT's default.
+
+    ``device`` cpu, cuda or tensorrt (see provider_chain; missing providers fall back to the CPU with a logged reason).
+    """
     import onnxruntime
 
     path = Path(path)
@@ -52,8 +87,10 @@ def session(path: str | Path, threads: int | None = None) -> InferenceSession:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     start = time.perf_counter()
-    sess = onnxruntime.InferenceSession(str(path), sess_options=options, providers=[PROVIDER])
-    log.info("onnxruntime session for %s in %.1f s", path.name, time.perf_counter() - start)
+    sess = onnxruntime.InferenceSession(str(path), sess_options=options,
+                                       providers=provider_chain(device, cache_dir))
+    log.info("onnxruntime session for %s in %.1f s (%s)", path.name, time.perf_counter() - start,
+             ", ".join(sess.get_providers()))
     return sess
 
 
