@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+from common import setup_logging
 from nexus_export.data import calibration_windows, evaluation_windows
 from nexus_export.evaluate import program_perplexity
 from nexus_export.passbase import PassContext
@@ -54,10 +54,7 @@ def main() -> int:
     ap.add_argument("--methods", default="", help="comma-separated subset of magnitude,wanda,sparsegpt")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    for noisy in ("torch", "onnxscript", "onnx_ir", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    setup_logging()
 
     loaded = load_model(args.model)
     tok = loaded.tokenizer

@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 
+from common import setup_logging
 from nexus_export.data import calibration_windows, evaluation_windows
 from nexus_export.evaluate import program_perplexity
 from nexus_export.program import Program
@@ -29,8 +30,7 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=64)
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    logging.getLogger("transformers").setLevel(logging.WARNING)
+    setup_logging()
 
     loaded = load_model(args.model)
     evals = evaluation_windows(loaded.tokenizer, "austen", args.eval_windows, args.seq_len)

@@ -9,7 +9,6 @@ dense, ...) so machine noise hits both alike; the table gives medians and the pr
 from __future__ import annotations
 
 import argparse
-import logging
 import statistics
 import sys
 import tempfile
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common import setup_logging
 from nexus_export.data import calibration_windows
 from nexus_export.passbase import PassContext
 from nexus_export.program import Program
@@ -36,10 +36,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    for noisy in ("transformers", "onnxscript", "onnx_ir", "torch"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    setup_logging()
 
     loaded = load_model(args.model)
     program = Program.from_model(loaded.model, loaded.tokenizer, name=loaded.name)

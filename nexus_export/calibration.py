@@ -27,7 +27,7 @@ from torch import fx
 from .errors import UserError
 from .program import Program
 from .progress import Progress
-from .structure import Linear, block_boundaries, op_name
+from .structure import Linear, ancestors, block_boundaries, op_name
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def cut_blocks(program: Program) -> BlockGraphs:
                 all_sides.append(n)
     # The suffix: what turns the last block's output into logits (final norm, lm_head).
     output_node = next(n for n in order if n.op == "output")
-    before_blocks = _ancestors_of(streams[0]) | {streams[0]}
+    before_blocks = ancestors(streams[0]) | {streams[0]}
     in_blocks = set().union(*members)
     suffix_nodes, todo = set(), [a for a in output_node.all_input_nodes]
     while todo:
@@ -172,15 +172,6 @@ def cut_blocks(program: Program) -> BlockGraphs:
     return BlockGraphs(prefix=prefix, blocks=blocks, side_index=side_index, linear_inputs=linear_inputs,
                        residuals=residuals, suffix=suffix, suffix_side_index=[all_sides.index(n) for n in suffix_sides])
 
-
-def _ancestors_of(node: fx.Node) -> set[fx.Node]:
-    seen, todo = set(), [node]
-    while todo:
-        for inp in todo.pop().all_input_nodes:
-            if inp not in seen:
-                seen.add(inp)
-                todo.append(inp)
-    return seen
 
 
 @dataclass

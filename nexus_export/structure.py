@@ -121,7 +121,8 @@ def _tensor_args(node: Node) -> list[Node]:
     return [a for a in node.args if isinstance(a, Node)]
 
 
-def _ancestors(node: Node, stop: set[Node] | None = None) -> set[Node]:
+def ancestors(node: Node, stop: set[Node] | None = None) -> set[Node]:
+    """Every node ``node`` depends on (not descending past nodes in ``stop``)."""
     seen: set[Node] = set()
     todo = [node]
     while todo:
@@ -181,7 +182,7 @@ def read_structure(exported: torch.export.ExportedProgram) -> Structure:
         raise UnsupportedArchitecture("the logits are not produced by a linear layer (lm_head); unsupported model head")
 
     # 3. Residual stream, walked back from the lm_head.
-    head_ancestors = _ancestors(head)
+    head_ancestors = ancestors(head)
     adds = sorted((n for n in head_ancestors if n.op == "call_function" and op_name(n) == "add"), key=order.get, reverse=True)
     residual: list[tuple[Node, Node, Node]] = []  # (add, stream_in, branch)
 
@@ -190,9 +191,9 @@ def read_structure(exported: torch.export.ExportedProgram) -> Structure:
         if len(args) != 2:
             return None
         a, b = args
-        if a in _ancestors(b):
+        if a in ancestors(b):
             return a, b
-        if b in _ancestors(a):
+        if b in ancestors(a):
             return b, a
         return None
 
@@ -226,13 +227,13 @@ def read_structure(exported: torch.export.ExportedProgram) -> Structure:
             raise UnsupportedArchitecture(f"residual add {add.name} is not inside a repeated decoder block")
         block_lists.add(blk[0])
         block_paths[blk[1]] = f"{blk[0]}.{blk[1]}"
-        stream_anc = _ancestors(stream_in) | {stream_in}
-        region = (_ancestors(branch) | {branch}) - stream_anc
+        stream_anc = ancestors(stream_in) | {stream_in}
+        region = (ancestors(branch) | {branch}) - stream_anc
         lins = [n for n in region if n in raw_linears]
         if not lins:
             raise UnsupportedArchitecture(f"the residual branch ending at {add.name} holds no linear layer")
         lin_set = set(lins)
-        upstream = {n: _ancestors(n, stop=stream_anc) & lin_set for n in lins}
+        upstream = {n: ancestors(n, stop=stream_anc) & lin_set for n in lins}
         readers = [n for n in lins if not upstream[n]]
         writers = [n for n in lins if not any(n in upstream[o] for o in lins if o is not n)]
         middle = [n for n in lins if n not in readers and n not in writers]
@@ -250,7 +251,7 @@ def read_structure(exported: torch.export.ExportedProgram) -> Structure:
                     f"{layer_name(raw_linears[n]['weight'])} both reads and writes the residual stream (a sublayer "
                     "with a single linear, or parallel attention and MLP branches): unsupported architecture")
             roles[n] = (f"{prefix}_out", blk[1])
-        norm_region = set().union(*(_ancestors(n, stop=stream_anc) for n in readers)) - stream_anc
+        norm_region = set().union(*(ancestors(n, stop=stream_anc) for n in readers)) - stream_anc
         sublayers.append(Sublayer(
             kind=kind, block=blk[1],
             readers=tuple(layer_name(raw_linears[n]["weight"]) for n in sorted(readers, key=order.get)),
@@ -278,7 +279,7 @@ def read_structure(exported: torch.export.ExportedProgram) -> Structure:
     missing = [i for i in range(n_blocks) if i not in block_paths]
     if missing:
         raise UnsupportedArchitecture(f"decoder blocks {missing} have no residual connection the tool could follow")
-    final_region = _ancestors(head, stop={residual[-1][0]}) - (_ancestors(residual[-1][0]) | {residual[-1][0]})
+    final_region = ancestors(head, stop={residual[-1][0]}) - (ancestors(residual[-1][0]) | {residual[-1][0]})
     return Structure(
         linears=linears,
         blocks=[layer_name(block_paths[i]) for i in range(n_blocks)],

@@ -18,7 +18,7 @@ from torch.export.graph_signature import ExportGraphSignature, InputKind, InputS
 from .errors import UserError
 from .naming import WRAPPER_PREFIX
 from .program import Program
-from .structure import block_boundaries, read_structure
+from .structure import ancestors, block_boundaries, read_structure
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +72,9 @@ def remove_attention(program: Program, blocks: list[int]) -> Program:
 
 
 def _stream_operand(add: torch.fx.Node) -> torch.fx.Node:
+    """The operand of a residual add that carries the stream (the one the other operand was computed from)."""
     a, b = [x for x in add.args if isinstance(x, torch.fx.Node)]
-    seen, todo = set(), [b]
-    while todo:
-        cur = todo.pop()
-        if cur is a:
-            return a
-        for inp in cur.all_input_nodes:
-            if inp not in seen:
-                seen.add(inp)
-                todo.append(inp)
-    return b
+    return a if a in ancestors(b) else b
 
 
 def _weight_placeholders(exported: ExportedProgram) -> set[str]:
@@ -92,14 +84,7 @@ def _weight_placeholders(exported: ExportedProgram) -> set[str]:
 
 def _live(graph: torch.fx.Graph) -> set[torch.fx.Node]:
     """Every node the graph's output depends on."""
-    output = next(n for n in graph.nodes if n.op == "output")
-    seen, todo = set(), [output]
-    while todo:
-        for inp in todo.pop().all_input_nodes:
-            if inp not in seen:
-                seen.add(inp)
-                todo.append(inp)
-    return seen
+    return ancestors(next(n for n in graph.nodes if n.op == "output"))
 
 
 def _delete_dead(graph: torch.fx.Graph, live_before: set[torch.fx.Node]) -> None:

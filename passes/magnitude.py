@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from nexus_export.errors import UserError
-from nexus_export.passbase import Pass, PassContext
+from nexus_export.passbase import PassContext
 from nexus_export.program import Program
 
-from .masking import MaskConfig, apply_mask, masking_changes
+from .masking import MaskConfig, MaskingPass, apply_mask, masking_changes
 from .sparsity import nm_mask, unstructured_mask
 
 log = logging.getLogger(__name__)
@@ -34,12 +34,9 @@ class MagnitudeConfig(MaskConfig):
             raise UserError("uniform: false applies to unstructured sparsity only; N:M is uniform by construction")
 
 
-class MagnitudePass(Pass):
+class MagnitudePass(MaskingPass):
     name = "magnitude"
     config_class = MagnitudeConfig
-
-    def check(self, program: Program) -> None:
-        self.config.targets(program)
 
     def apply(self, program: Program, ctx: PassContext) -> tuple[Program, dict]:
         cfg: MagnitudeConfig = self.config

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from nexus_export.errors import UserError
-from nexus_export.passbase import PassConfig
+from nexus_export.passbase import Pass, PassConfig
 from nexus_export.program import Program
 
 from .sparsity import NMPattern, Target, check_sparsity, nm_valid, parse_pattern, resolve_targets
@@ -42,6 +42,13 @@ class MaskConfig(PassConfig):
 
     def targets(self, program: Program) -> list[Target]:
         return resolve_targets(program.structure, self.target_sparsity(), self.schedule, self.pattern_obj())
+
+
+class MaskingPass(Pass):
+    """A pass that zeros weights in place: shapes stay, the schedule's targets are checked before any work."""
+
+    def check(self, program: Program) -> None:
+        self.config.targets(program)
 
 
 def apply_mask(weight: torch.Tensor, keep: torch.Tensor) -> None:

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import torch
 
 from nexus_export.errors import UserError
-from nexus_export.passbase import Pass, PassContext
+from nexus_export.passbase import PassContext
 from nexus_export.program import Program
 
 from .calibrated import CalibratedConfig, run_calibrated
+from .masking import MaskingPass
 from .sparsity import NMPattern, Target
 
 log = logging.getLogger(__name__)
@@ -115,13 +116,10 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     return W.to(weight.dtype), {"damping": damp, "reconstruction_error": error}
 
 
-class SparseGPTPass(Pass):
+class SparseGPTPass(MaskingPass):
     name = "sparsegpt"
     config_class = SparseGPTConfig
     needs_calibration = True
-
-    def check(self, program: Program) -> None:
-        self.config.targets(program)
 
     def apply(self, program: Program, ctx: PassContext) -> tuple[Program, dict]:
         cfg: SparseGPTConfig = self.config

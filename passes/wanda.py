@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from nexus_export.passbase import Pass, PassContext
+from nexus_export.passbase import PassContext
 from nexus_export.program import Program
 
 from .calibrated import CalibratedConfig, run_calibrated
-from .masking import apply_mask
+from .masking import MaskingPass, apply_mask
 from .sparsity import NMPattern, Target, nm_mask, unstructured_mask
 
 
@@ -34,13 +34,10 @@ def wanda_mask(weight: torch.Tensor, column_norms: torch.Tensor, sparsity: float
     return unstructured_mask(scores, sparsity, per_row=True)
 
 
-class WandaPass(Pass):
+class WandaPass(MaskingPass):
     name = "wanda"
     config_class = WandaConfig
     needs_calibration = True
-
-    def check(self, program: Program) -> None:
-        self.config.targets(program)
 
     def apply(self, program: Program, ctx: PassContext) -> tuple[Program, dict]:
         cfg: WandaConfig = self.config

@@ -117,7 +117,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, profile: Profile = 
     if not onnx_path.is_file():
         raise UserError(f"no ONNX file at {onnx_path}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    logger = _CapturingLogger(trt)
+    logger = _capturing_logger(trt)
     builder = trt.Builder(logger)
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
@@ -166,21 +166,20 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, profile: Profile = 
                        trtexec=trtexec_command(onnx_path, engine_path, profile, fp16, int8, sparse, cache_path))
 
 
-class _CapturingLogger:
-    """A TensorRT logger that keeps every line (the sparsity report is only in the log) and forwards to logging."""
+def _capturing_logger(trt):
+    """A TensorRT logger that keeps every line (the sparsity report is only in the log) and forwards warnings."""
 
-    def __new__(cls, trt):
-        class Logger(trt.ILogger):
-            def __init__(self):
-                trt.ILogger.__init__(self)
-                self.lines: list[str] = []
+    class Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.lines: list[str] = []
 
-            def log(self, severity, msg):
-                self.lines.append(f"[{severity.name}] {msg}")
-                if severity <= trt.ILogger.Severity.WARNING:
-                    log.warning("TensorRT: %s", msg)
+        def log(self, severity, msg):
+            self.lines.append(f"[{getattr(severity, 'name', severity)}] {msg}")
+            if int(severity) <= int(trt.ILogger.Severity.WARNING):
+                log.warning("TensorRT: %s", msg)
 
-        return Logger()
+    return Logger()
 
 
 def run_engine(engine_path: str | Path, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
@@ -191,7 +190,7 @@ def run_engine(engine_path: str | Path, input_ids: np.ndarray, attention_mask: n
     import tensorrt as trt
     import torch
 
-    logger = _CapturingLogger(trt)
+    logger = _capturing_logger(trt)
     engine = trt.Runtime(logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
     context = engine.create_execution_context()
     ids = torch.as_tensor(np.asarray(input_ids, dtype=np.int64)).cuda()

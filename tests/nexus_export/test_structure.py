@@ -6,7 +6,7 @@ import torch
 from conftest import ARCHS, make_tiny
 from nexus_export.errors import UserError
 from nexus_export.program import Program
-from nexus_export.structure import UnsupportedArchitecture, read_structure
+from nexus_export.structure import UnsupportedArchitecture
 
 EXPECTED = {
     "llama": ("model.layers", {

@@ -5,7 +5,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import make_tiny
 from nexus_export.errors import UserError
 from passes.sparsity import (NMPattern, nm_mask, nm_valid, parse_pattern, resolve_targets, unstructured_mask)
 
