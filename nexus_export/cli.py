@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--layers", help="shortgpt: exactly these blocks, e.g. 20,21,22")
     prune.add_argument("--strategy", help="shortgpt: similarity (default), attention or gradient")
     prune.add_argument("--save-hf", action="store_true", help="also write a Hugging Face folder to DIR/hf")
+    prune.add_argument("--quantize-bits", type=int, help="then quantize the MatMul weights to 4 or 8 bits")
+    prune.add_argument("--block-size", type=int, default=32, help="quantization block size (32)")
+    prune.add_argument("--fp16", action="store_true", help="also write model.fp16.onnx with float16 weights")
     prune.add_argument("--calib-source", default="austen", help="calibration text: austen, a .txt file or folder")
     prune.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default 64)")
     prune.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration window offsets (0)")
@@ -65,6 +68,15 @@ def _parser() -> argparse.ArgumentParser:
     engine.add_argument("--timing-cache", help="timing cache file to reuse and update")
     _output_args(engine)
 
+    package = sub.add_parser("package", help="package a finished run folder as a deployment bundle")
+    package.add_argument("run_dir", help="output folder of prune/run (holds report.json and the ONNX model)")
+    package.add_argument("--out", required=True, help="bundle folder (must not exist or be empty)")
+    package.add_argument("--archive", action="store_true", help="also write BUNDLE.tar.gz")
+    package.add_argument("--force", action="store_true", help="replace a non-empty bundle folder")
+
+    verify = sub.add_parser("verify", help="re-check a bundle's hashes and run one forward pass")
+    verify.add_argument("bundle", help="bundle folder")
+
     check = sub.add_parser("check-onnx", help="per-layer sparsity and N:M validity of an ONNX file")
     check.add_argument("onnx", help="path of a .onnx file")
     check.add_argument("--pattern", default="2:4", help="N:M pattern to check (default 2:4; 'none' to skip)")
@@ -79,6 +91,7 @@ def _output_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace a non-empty output folder when done")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted calibrated run from its last finished block")
+    parser.add_argument("--bundle", help="also package the result as a deployment bundle in this folder")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("torch.onnx").setLevel(max(level, logging.ERROR))  # "torchvision is not installed" notes
     try:
         commands = {"prune": _prune, "run": _run, "inspect": _inspect, "check-onnx": _check_onnx,
-                    "build-engine": _build_engine}
+                    "build-engine": _build_engine, "package": _package, "verify": _verify}
         return commands[args.command](args)
     except UserError as exc:
         print(f"nexus-export: error: {exc}", file=sys.stderr)
@@ -122,7 +135,8 @@ def _prune(args: argparse.Namespace) -> int:
                         "seed": args.calib_seed},
         "evaluation": {"source": args.eval_source, "windows": args.eval_windows, "seq_len": args.seq_len,
                        "latency": not args.no_latency},
-        "lowering": {"save_hf": args.save_hf},
+        "lowering": {"save_hf": args.save_hf, "precision": "fp16" if args.fp16 else "fp32"},
+        **({"quantize": {"bits": args.quantize_bits, "block_size": args.block_size}} if args.quantize_bits else {}),
     })
     return _execute(recipe, args)
 
@@ -137,9 +151,37 @@ def _execute(recipe, args: argparse.Namespace) -> int:
     from .pipeline import run_recipe
     from .report import headline
 
+    if args.bundle:
+        from .outdir import check_output_dir
+
+        check_output_dir(Path(args.bundle), force=False)
     report = run_recipe(recipe, Path(args.out), force=args.force, resume=args.resume)
     print(headline(report))
-    print(f"artifacts: {Path(args.out) / 'model.onnx'}, report.json, report.md")
+    for variant in report["artifacts"]:
+        print(f"  {variant['path']}: {variant['bytes'] / 2**20:.1f} MiB, onnxruntime perplexity {variant['perplexity']:.2f}")
+    print(f"artifacts in {args.out}: report.json, report.md, recipe.yaml, tokenizer/")
+    if args.bundle:
+        from runtimes.bundle import make_bundle
+
+        make_bundle(Path(args.out), Path(args.bundle))
+        print(f"bundle: {args.bundle}")
+    return 0
+
+
+def _package(args: argparse.Namespace) -> int:
+    from runtimes.bundle import make_bundle
+
+    bundle = make_bundle(Path(args.run_dir), Path(args.out), archive=args.archive, force=args.force)
+    print(f"bundle {bundle}" + (f" and {bundle.with_suffix('.tar.gz')}" if args.archive else ""))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from runtimes.bundle import verify_bundle
+
+    result = verify_bundle(Path(args.bundle))
+    print(f"bundle {args.bundle} verified: {result['files']} files ({result['bytes'] / 2**20:.1f} MiB) match the "
+          f"manifest; {result['model']}: {result['forward']}")
     return 0
 
 

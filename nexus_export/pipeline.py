@@ -115,6 +115,17 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
         if ev.latency:
             latency["onnxruntime_cpu_1x128"] = runtime.latency(sess, 1, 128)
         del sess
+        artifacts = [{"name": "fp32", "path": artifact.name, "bytes": runtime.artifact_bytes(artifact),
+                      "perplexity": onnx_ppl}]
+        for variant in runtime.variants(artifact, recipe, set(targeted)):
+            sess = runtime.session(tmp / variant["path"])
+            variant["perplexity"], _ = runtime.perplexity(sess, windows, ev.batch_size,
+                                                          Progress(f"{variant['name']} perplexity", len(windows)))
+            variant["parity_max_abs_diff"] = runtime.parity(program, sess, windows[:2, : min(128, windows.shape[1])])
+            del sess
+            artifacts.append(variant)
+        deploy = artifacts[-1]
+        _save_tokenizer(loaded, tmp / "tokenizer")
 
         per_layer = program.sparsity(targeted)
         total = sum(program.weight(n).numel() for n in targeted)
@@ -138,6 +149,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
             "onnx": {"path": artifact.name, "bytes": runtime.artifact_bytes(artifact), "opset": recipe.lowering.opset,
                      **onnx_info},
             "latency": latency,
+            "artifacts": artifacts,
+            "deploy": {"model": deploy["path"], "variant": deploy["name"]},
             "timings": {k: round(v, 2) for k, v in timings.items()},
             "peak_rss_mb": round(peak_rss_mb(), 1),
         }
@@ -147,6 +160,15 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
     shutil.rmtree(checkpoints, ignore_errors=True)
     log.info("wrote %s", out_dir)
     return report
+
+
+def _save_tokenizer(loaded, folder: Path) -> None:
+    """The tokenizer files and generation config a deployment needs beside the ONNX model."""
+    folder.mkdir(parents=True, exist_ok=True)
+    loaded.tokenizer.save_pretrained(folder)
+    generation = getattr(loaded.model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(folder)
 
 
 def check_context(model, seq_len: int, what: str) -> None:

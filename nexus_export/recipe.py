@@ -49,6 +49,13 @@ class LoweringSettings:
     external_data: bool = True
     runtime: str = "onnxruntime"
     save_hf: bool = False  # also write DIR/hf, a Hugging Face folder (passes that keep the architecture)
+    precision: str = "fp32"  # fp16: also write model.fp16.onnx with float16 weights (half the size)
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    bits: int = 4  # 4 or 8: block-wise weight-only quantization of the MatMul weights (MatMulNBits)
+    block_size: int = 32
 
 
 def _settings(cls, data: Any, section: str):
@@ -84,12 +91,13 @@ class Recipe:
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
     lowering: LoweringSettings = field(default_factory=LoweringSettings)
+    quantize: QuantizeSettings | None = None
 
     @classmethod
     def from_dict(cls, data: Any) -> "Recipe":
         if not isinstance(data, dict):
             raise UserError("a recipe must be a mapping with at least 'model' and 'passes'")
-        valid = {"model", "passes", "calibration", "evaluation", "lowering"}
+        valid = {"model", "passes", "calibration", "evaluation", "lowering", "quantize"}
         unknown = sorted(set(data) - valid)
         if unknown:
             raise UserError(f"unknown recipe key(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
@@ -111,7 +119,8 @@ class Recipe:
             passes=tuple(steps),
             calibration=_settings(CalibrationSettings, data.get("calibration"), "calibration"),
             evaluation=_settings(EvaluationSettings, data.get("evaluation"), "evaluation"),
-            lowering=_settings(LoweringSettings, data.get("lowering"), "lowering"),
+            lowering=_lowering(data.get("lowering")),
+            quantize=_quantize(data.get("quantize")),
         )
 
     @classmethod
@@ -132,10 +141,29 @@ class Recipe:
             "calibration": dataclasses.asdict(self.calibration),
             "evaluation": dataclasses.asdict(self.evaluation),
             "lowering": dataclasses.asdict(self.lowering),
+            **({"quantize": dataclasses.asdict(self.quantize)} if self.quantize else {}),
         }
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _lowering(data: Any) -> LoweringSettings:
+    settings = _settings(LoweringSettings, data, "lowering")
+    if settings.precision not in ("fp32", "fp16"):
+        raise UserError(f"lowering.precision must be fp32 or fp16, got {settings.precision!r}")
+    return settings
+
+
+def _quantize(data: Any) -> QuantizeSettings | None:
+    if data is None or data is False:
+        return None
+    settings = _settings(QuantizeSettings, {} if data is True else data, "quantize")
+    if settings.bits not in (4, 8):
+        raise UserError(f"quantize.bits must be 4 or 8, got {settings.bits}")
+    if settings.block_size < 16 or settings.block_size & (settings.block_size - 1):
+        raise UserError(f"quantize.block_size must be a power of two >= 16 (e.g. 32), got {settings.block_size}")
+    return settings
 
 
 def _clean(options: dict) -> dict:

@@ -49,7 +49,7 @@ def lower_to_onnx(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     model = _export(exported, opset)
     model = cleanup(model)
-    _write_checked(model, out_path, external_data)
+    write_checked(model, out_path, external_data)
     return out_path
 
 
@@ -58,6 +58,8 @@ def _export(exported: torch.export.ExportedProgram, opset: int) -> onnx.ModelPro
     if opset < MIN_OPSET:
         raise UserError(f"opset {opset} is not supported: torch's ONNX exporter needs opset >= {MIN_OPSET}")
     start = time.perf_counter()
+    # The exporter notes once per process that torchvision's ops are not registered: noise for a language model.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         program = torch.onnx.export(
@@ -154,7 +156,7 @@ def _apply(op: str, values: np.ndarray, perm: list[int] | None) -> np.ndarray:
 
 
 
-def _write_checked(model: onnx.ModelProto, out_path: Path, external_data: bool) -> None:
+def write_checked(model: onnx.ModelProto, out_path: Path, external_data: bool) -> None:
     """Save into a temporary folder next to ``out_path``, run the checker, then move the files into place."""
     start = time.perf_counter()
     data_name = out_path.name + ".data"

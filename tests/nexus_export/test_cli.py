@@ -115,9 +115,9 @@ def test_non_empty_output_is_kept(tmp_path, capsys):
 
 def test_unknown_recipe_key(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: tiny-llama\npasses: [magnitude]\nquantize: {bits: 4}\n")
+    recipe.write_text("model: tiny-llama\npasses: [magnitude]\ndistill: {steps: 4}\n")
     assert main(["run", str(recipe), "--out", str(tmp_path / "o")]) == 2
-    assert "unknown recipe key(s) quantize" in capsys.readouterr().err
+    assert "unknown recipe key(s) distill" in capsys.readouterr().err
     recipe.write_text("model: tiny-llama\npasses:\n  - magnitude: {sparsity: 0.5, blocksize: 8}\n")
     assert main(["run", str(recipe), "--out", str(tmp_path / "o")]) == 2
     assert "unknown option(s) blocksize for pass magnitude" in capsys.readouterr().err
