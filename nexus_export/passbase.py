@@ -86,11 +86,9 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """What a pass may use besides the program: calibration settings and data, progress reporting, a seed."""
+    """What a pass may use besides the program: calibration windows and where to checkpoint."""
 
-    calibration: Any = None  # recipe.CalibrationSettings
     calibration_windows: Any = None  # LongTensor [n, seq_len]
-    seed: int = 0
     checkpoint_dir: Any = None  # Path: calibrated passes checkpoint each finished block there
     resume: bool = False  # continue from the checkpoint in checkpoint_dir
 

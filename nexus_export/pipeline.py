@@ -84,8 +84,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
 
         pass_reports = []
         for i, pass_ in enumerate(passes):
-            ctx = PassContext(calibration=cal, calibration_windows=cal_windows, seed=cal.seed,
-                              checkpoint_dir=checkpoints / f"{i}-{pass_.name}", resume=resume)
+            ctx = PassContext(calibration_windows=cal_windows, checkpoint_dir=checkpoints / f"{i}-{pass_.name}",
+                              resume=resume)
             result = pass_.run(program, ctx)
             program = result.program
             pass_reports.append(result.report.to_dict())
