@@ -23,7 +23,7 @@ def test_tiny_llama_two_four_end_to_end(tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert "tiny-llama | magnitude | sparsity 50.0% (2:4)" in stdout
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data", "recipe.yaml", "report.json",
-                                                     "report.md"]
+                                                     "report.md", "tokenizer"]
     report = json.loads((out / "report.json").read_text())
     for key in ("model", "recipe", "passes", "sparsity", "perplexity", "parity", "onnx", "latency"):
         assert key in report
