@@ -23,6 +23,23 @@ log = logging.getLogger(__name__)
 def save_hf(program: Program, folder: str | Path, check_tokens: int = 16) -> float:
     """Save ``program`` as a Hugging Face model folder; return the max |logits diff| of the reloaded model."""
     folder = Path(folder)
+    model = to_hf_model(program)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    if program.tokenizer is not None:
+        program.tokenizer.save_pretrained(folder)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, local_files_only=True,
+                                                                 trust_remote_code=False).eval()
+    vocab = int(getattr(program.config, "vocab_size", 2))
+    ids = torch.randint(0, vocab, (1, check_tokens), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = float((reloaded(input_ids=ids).logits - program.logits(ids)).abs().max())
+    log.info("wrote Hugging Face folder %s (reloaded logits differ by %.2e)", folder, diff)
+    return diff
+
+
+def to_hf_model(program: Program) -> transformers.PreTrainedModel:
+    """A transformers model built from the program's config and holding copies of the program's weights."""
     if program.config is None:
         raise UserError("this program has no Hugging Face config (it was not captured from a transformers model); "
                         "a Hugging Face folder cannot be written")
@@ -39,19 +56,7 @@ def save_hf(program: Program, folder: str | Path, check_tokens: int = 16) -> flo
         raise UserError(f"the program's weights do not fit a {type(model).__name__} built from its config "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]}); the architecture changed")
     model.tie_weights()
-    model.eval()
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
-    if program.tokenizer is not None:
-        program.tokenizer.save_pretrained(folder)
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, local_files_only=True,
-                                                                 trust_remote_code=False).eval()
-    vocab = int(getattr(program.config, "vocab_size", 2))
-    ids = torch.randint(0, vocab, (1, check_tokens), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        diff = float((reloaded(input_ids=ids).logits - program.logits(ids)).abs().max())
-    log.info("wrote Hugging Face folder %s (reloaded logits differ by %.2e)", folder, diff)
-    return diff
+    return model.eval()
 
 
 def _fill_tied(model: torch.nn.Module, state: dict) -> None:

@@ -117,16 +117,28 @@ def wrap_model(
             f"expected a transformers PreTrainedModel, got {type(model).__name__}; "
             "load it with transformers (e.g. AutoModelForCausalLM) or pass a zoo name or a local model folder"
         )
-    source = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or ""
-    if tokenizer is None and source and Path(source).is_dir():
-        try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(
-                source, local_files_only=True, trust_remote_code=False
-            )
-        except (OSError, ValueError) as exc:
-            log.warning("no tokenizer could be read from %s (%s); continuing without one", source, exc)
+    source = _source_folder(model)
+    if tokenizer is None:
+        tokenizer = tokenizer_for(model)
     origin = {"kind": "object", "class": type(model).__name__, "name_or_path": source}
     return _finish(LoadedModel(model, tokenizer, name or source or type(model).__name__, origin))
+
+
+def _source_folder(model: torch.nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return getattr(config, "_name_or_path", "") or getattr(model, "name_or_path", "") or ""
+
+
+def tokenizer_for(model: torch.nn.Module) -> PreTrainedTokenizerBase | None:
+    """The tokenizer of a model loaded from a local folder (read from that folder), else None. No side effects."""
+    source = _source_folder(model)
+    if not source or not Path(source).is_dir():
+        return None
+    try:
+        return transformers.AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        log.warning("no tokenizer could be read from %s (%s); continuing without one", source, exc)
+        return None
 
 
 def cache_root() -> Path:

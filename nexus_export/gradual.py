@@ -1,0 +1,91 @@
+"""Gradual sparsification for users who fine-tune: the cubic schedule of Zhu & Gupta and masks that stay applied.
+
+    scheduler = CubicSparsityScheduler(0.0, 0.5, total_steps=300)
+    masks = apply_sparsity(model, scheduler.sparsity(0))
+    for step in range(300):
+        ...loss.backward(); optimizer.step()        # masked weights are zeroed again before every forward
+        if step % 50 == 0:
+            masks.update(scheduler.sparsity(step))  # raise sparsity: recompute masks from the current weights
+    masks.remove()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UserError
+from .program import Program
+
+
+@dataclass(frozen=True)
+class CubicSparsityScheduler:
+    """s(t) = final + (initial - final) * (1 - t / total_steps)^3, held at ``final`` after ``total_steps``."""
+
+    initial_sparsity: float
+    final_sparsity: float
+    total_steps: int
+
+    def __post_init__(self):
+        if self.total_steps <= 0:
+            raise UserError(f"total_steps must be positive, got {self.total_steps}")
+        if not 0.0 <= self.initial_sparsity <= self.final_sparsity < 1.0:
+            raise UserError(f"need 0 <= initial_sparsity <= final_sparsity < 1, got {self.initial_sparsity} and "
+                            f"{self.final_sparsity}")
+
+    def sparsity(self, step: int) -> float:
+        t = min(max(step, 0), self.total_steps) / self.total_steps
+        return self.final_sparsity + (self.initial_sparsity - self.final_sparsity) * (1.0 - t) ** 3
+
+
+class SparsityMasks:
+    """Keep masks on a model's linears: weights are multiplied by their mask before every forward pass."""
+
+    def __init__(self, model: torch.nn.Module, names: list[str], method: str, pattern: str | None):
+        self.model, self.names, self.method, self.pattern = model, names, method, pattern
+        self.masks: dict[str, torch.Tensor] = {}
+        self._handle = model.register_forward_pre_hook(lambda module, args: self.reapply())
+
+    def _weight(self, name: str) -> torch.Tensor:
+        module = self.model.get_submodule(name)
+        w = module.weight
+        return w.t() if type(module).__name__ == "Conv1D" else w  # [out, in], as every pass sees it
+
+    @torch.no_grad()
+    def update(self, sparsity: float) -> None:
+        """Recompute every mask at ``sparsity`` from the current weights (already-masked weights stay masked)."""
+        from passes.sparsity import check_sparsity, nm_mask, parse_pattern, unstructured_mask
+
+        check_sparsity(sparsity)
+        pattern = parse_pattern(self.pattern)
+        if self.method != "magnitude":
+            raise UserError(f"gradual sparsity supports method 'magnitude', got {self.method!r}")
+        for name in self.names:
+            scores = self._weight(name).detach().abs().float()
+            keep = nm_mask(scores, pattern, name) if pattern else unstructured_mask(scores, sparsity)
+            self.masks[name] = keep
+        self.reapply()
+
+    @torch.no_grad()
+    def reapply(self) -> None:
+        for name, keep in self.masks.items():
+            self._weight(name).mul_(keep.to(self._weight(name).dtype))
+
+    def sparsity(self) -> float:
+        zeros = sum(int((self._weight(n) == 0).sum()) for n in self.names)
+        return zeros / sum(self._weight(n).numel() for n in self.names)
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def apply_sparsity(model: torch.nn.Module, sparsity: float, method: str = "magnitude",
+                   pattern: str | None = None) -> SparsityMasks:
+    """Mask the linears inside the decoder blocks (found from the captured graph) and keep them masked while training."""
+    program = Program.from_model(model)
+    names = [lin.name for lin in program.structure.in_blocks()]
+    del program
+    masks = SparsityMasks(model, names, method, pattern)
+    masks.update(sparsity)
+    return masks

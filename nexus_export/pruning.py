@@ -1,0 +1,253 @@
+"""The Python API users already know: pruner classes over the pass pipeline, for a model in a Python session.
+
+    pruner = SparseGPTPruner(pruning_config=SparseGPTConfig(sparsity=0.5, blocksize=128, percdamp=0.01))
+    metrics = pruner.prune_model(model, calibration_dataloader, nsamples=128)
+
+Each pruner captures the model, runs the same pass the CLI runs, and returns a metrics dict (achieved_sparsity,
+per_layer_sparsity, params_before/after, wall_seconds, report). Masking pruners (magnitude, N:M, Wanda, SparseGPT)
+write the pruned weights into the given model in place (the captured program shares its tensors). Structural pruners
+(ShortGPT) leave the given model untouched and return the new model in ``metrics["model"]``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from .errors import UserError
+from .gradual import CubicSparsityScheduler, apply_sparsity
+from .passbase import PassContext
+from .program import Program
+from .registry import get_pass
+
+__all__ = ["SparseGPTConfig", "SparseGPTPruner", "WandaPruner", "MagnitudePruner", "NMSparsityPruner", "ShortGPTPruner",
+           "export_onnx", "evaluate_perplexity", "CubicSparsityScheduler", "apply_sparsity", "calibration_tensor"]
+
+
+def calibration_tensor(data: Iterable | torch.Tensor | None, nsamples: int | None) -> torch.Tensor | None:
+    """Stack token ids from a DataLoader-like iterable (tensors [L] or [B, L], or dicts with ``input_ids``)."""
+    if data is None:
+        return None
+    rows: list[torch.Tensor] = []
+    items = [data] if isinstance(data, torch.Tensor) else data
+    for item in items:
+        if isinstance(item, dict):
+            if "input_ids" not in item:
+                raise UserError(f"a calibration batch is a dict without 'input_ids' (keys: {sorted(item)})")
+            item = item["input_ids"]
+        elif isinstance(item, (list, tuple)) and item and isinstance(item[0], torch.Tensor):
+            item = item[0]
+        if not isinstance(item, torch.Tensor) or item.is_floating_point() or item.dim() not in (1, 2):
+            what = f"a {item.dtype} tensor of shape {tuple(item.shape)}" if isinstance(item, torch.Tensor) else \
+                type(item).__name__
+            raise UserError(f"calibration data must yield token ids (integer tensors [seq] or [batch, seq], or dicts "
+                            f"with 'input_ids'); it yielded {what}")
+        rows.extend(item.reshape(-1, item.shape[-1]).long())
+        if nsamples is not None and len(rows) >= nsamples:
+            break
+    if not rows:
+        raise UserError("the calibration data yielded no samples")
+    if nsamples is not None and len(rows) < nsamples:
+        raise UserError(f"nsamples={nsamples} but the calibration data provides only {len(rows)} samples")
+    lengths = {len(r) for r in rows}
+    if len(lengths) > 1:
+        raise UserError(f"calibration samples have different lengths {sorted(lengths)[:5]}; chunk or pad them to one "
+                        "length")
+    return torch.stack(rows[:nsamples] if nsamples is not None else rows)
+
+
+def _sparsity_options(sparsity: float | dict, pattern: str | None = None) -> dict:
+    """A sparsity or a per-layer dict in the seed's syntax, as pass options (a dict leaves other layers dense)."""
+    if isinstance(sparsity, dict):
+        return {"schedule": dict(sparsity), **({"pattern": pattern} if pattern else {"sparsity": 0.0})}
+    return {"sparsity": sparsity, **({"pattern": pattern} if pattern else {})}
+
+
+class _Pruner:
+    method = ""
+
+    def options(self) -> dict:
+        raise NotImplementedError
+
+    def prune_model(self, model: torch.nn.Module, calibration_dataloader: Iterable | None = None,
+                    nsamples: int | None = None) -> dict[str, Any]:
+        """Prune ``model`` in place (masking pruners) and return metrics."""
+        windows = calibration_tensor(calibration_dataloader, nsamples)
+        pass_ = get_pass(self.method)(self.options())
+        if pass_.needs_calibration and windows is None:
+            raise UserError(f"{type(self).__name__} needs calibration data: pass a DataLoader of token ids")
+        was_training = model.training
+        start = time.perf_counter()
+        try:
+            program = Program.from_model(model, name=type(model).__name__)
+            pass_.check(program)
+            result = pass_.run(program, PassContext(calibration_windows=windows))
+        finally:
+            model.train(was_training)
+        return _metrics(result, time.perf_counter() - start)
+
+
+def _metrics(result, wall: float) -> dict[str, Any]:
+    report = result.report.to_dict()
+    changes = report["changes"]
+    per_layer = {name: entry["sparsity"] for name, entry in changes.get("per_layer", {}).items()}
+    return {
+        "achieved_sparsity": changes.get("overall_sparsity", 0.0),
+        "per_layer_sparsity": per_layer,
+        "params_before": report["params_before"],
+        "params_after": report["params_after"],
+        "wall_seconds": wall,
+        "report": report,
+        "program": result.program,
+    }
+
+
+@dataclass(frozen=True)
+class SparseGPTConfig:
+    """SparseGPT settings in the seed API's names; ``sparsity`` may be a per-layer dict."""
+
+    sparsity: float | dict = 0.5
+    blocksize: int = 128
+    percdamp: float = 0.01
+    uniform: bool = True
+    pattern: str | None = None
+    true_sequential: bool = False
+
+
+class SparseGPTPruner(_Pruner):
+    """SparseGPT (OBS weight updates) over the ``sparsegpt`` pass; writes the pruned weights into the model."""
+
+    method = "sparsegpt"
+
+    def __init__(self, pruning_config: SparseGPTConfig | None = None, **kwargs):
+        self.config = pruning_config or SparseGPTConfig(**kwargs)
+        if not self.config.uniform:
+            raise UserError("SparseGPT prunes every layer to its own target (uniform=True); use a per-layer dict "
+                            "as sparsity for different targets")
+
+    def options(self) -> dict:
+        c = self.config
+        return {**_sparsity_options(c.sparsity, c.pattern), "blocksize": c.blocksize, "percdamp": c.percdamp,
+                "true_sequential": c.true_sequential}
+
+
+class WandaPruner(_Pruner):
+    """Wanda (|W| * ||X||, per output row) over the ``wanda`` pass; writes the pruned weights into the model."""
+
+    method = "wanda"
+
+    def __init__(self, sparsity: float | dict = 0.5, pattern: str | None = None, true_sequential: bool = False):
+        self._options = {**_sparsity_options(sparsity, pattern), "true_sequential": true_sequential}
+
+    def options(self) -> dict:
+        return self._options
+
+
+class MagnitudePruner(_Pruner):
+    """Magnitude pruning over the ``magnitude`` pass; no calibration data needed."""
+
+    method = "magnitude"
+
+    def __init__(self, sparsity: float | dict = 0.5, pattern: str | None = None):
+        self._options = _sparsity_options(sparsity, pattern)
+
+    def options(self) -> dict:
+        return self._options
+
+
+class NMSparsityPruner(_Pruner):
+    """N:M sparsity (N zeros in every M inputs) with a calibrated method: ``sparsegpt`` (default), ``wanda`` or
+    ``magnitude``."""
+
+    def __init__(self, n: int = 2, m: int = 4, method: str = "sparsegpt"):
+        if not 0 < n < m:
+            raise UserError(f"N:M needs 0 < n < m (n zeros in every m weights), got n={n}, m={m}")
+        if method not in ("sparsegpt", "wanda", "magnitude"):
+            raise UserError(f"method must be sparsegpt, wanda or magnitude, got {method!r}")
+        self.method = method
+        self._options = {"pattern": f"{n}:{m}"}
+
+    def options(self) -> dict:
+        return self._options
+
+
+class ShortGPTPruner(_Pruner):
+    """ShortGPT block removal. Structural: the given model is left untouched; ``metrics["model"]`` is the new
+    Hugging Face model (when the architecture allows it; else None) and ``metrics["program"]`` the pruned program."""
+
+    method = "shortgpt"
+
+    def __init__(self, n_layers_to_remove: int | None = None, removal_strategy: str = "similarity",
+                 remove_ratio: float | None = None, layers: list[int] | None = None):
+        self._options = {"remove": n_layers_to_remove, "remove_ratio": remove_ratio, "layers": layers,
+                         "strategy": removal_strategy}
+        self._options = {k: v for k, v in self._options.items() if v is not None}
+
+    def options(self) -> dict:
+        return self._options
+
+    def prune_model(self, model: torch.nn.Module, calibration_dataloader: Iterable | None = None,
+                    nsamples: int | None = 64, tokenizer=None) -> dict[str, Any]:
+        """Without data, ranks blocks on the built-in Austen calibration windows (needs the model's tokenizer).
+
+        Block removal works on a copy of the captured program, so ``model`` keeps all its blocks."""
+        from .hf_export import to_hf_model
+
+        if calibration_dataloader is None and "layers" not in self._options:
+            calibration_dataloader = _builtin_windows(model, tokenizer, nsamples or 64)
+        metrics = super().prune_model(model, calibration_dataloader, nsamples)
+        program = metrics["program"]
+        metrics["model"] = to_hf_model(program) if not program.origin.get("attention_removed") else None
+        return metrics
+
+
+def _builtin_windows(model, tokenizer, nsamples: int) -> torch.Tensor:
+    from .data import calibration_windows
+    from .zoo import tokenizer_for
+
+    tokenizer = tokenizer or tokenizer_for(model)
+    if tokenizer is None:
+        raise UserError("no calibration data and no tokenizer: pass calibration_dataloader, or tokenizer= so the "
+                        "built-in calibration text can be used")
+    return calibration_windows(tokenizer, "austen", nsamples, 128, 0)
+
+
+def export_onnx(model_or_program: torch.nn.Module | Program, path: str | Path) -> Path:
+    """Lower a model (captured first) or a Program to ONNX at ``path`` (+ external data); returns the path."""
+    from runtimes.onnx_export import lower_to_onnx
+
+    program = model_or_program if isinstance(model_or_program, Program) else Program.from_model(model_or_program)
+    return lower_to_onnx(program.exported, Path(path))
+
+
+def evaluate_perplexity(model: torch.nn.Module | Program, text_or_dataset: str | torch.Tensor = "austen",
+                        tokenizer=None, windows: int = 64, seq_len: int = 512) -> float:
+    """Perplexity on token windows: a tensor [n, seq], or a source for the evaluation split (``austen``, a text file,
+    a folder) tokenized with ``tokenizer`` (by default the model's own, when it came from a local folder)."""
+    from .capture import CausalLM
+    from .data import evaluation_windows
+    from .evaluate import program_perplexity
+    from .metrics import next_token_nll, perplexity
+    from .zoo import tokenizer_for
+
+    if isinstance(text_or_dataset, torch.Tensor):
+        ids = text_or_dataset.long()
+    else:
+        if tokenizer is None:
+            tokenizer = model.tokenizer if isinstance(model, Program) else tokenizer_for(model)
+        if tokenizer is None:
+            raise UserError("evaluating on text needs a tokenizer: pass tokenizer=")
+        ids = evaluation_windows(tokenizer, text_or_dataset, windows, seq_len)
+    if isinstance(model, Program):
+        return program_perplexity(model, ids)[0]
+    module, total, tokens = CausalLM(model), 0.0, 0  # plain forward passes: no capture, the model is left as it is
+    with torch.no_grad():
+        for start in range(0, len(ids), 4):
+            batch = ids[start:start + 4]
+            nll, count = next_token_nll(module(batch, torch.ones_like(batch)), batch)
+            total, tokens = total + nll, tokens + count
+    return perplexity(total, tokens)

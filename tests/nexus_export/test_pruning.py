@@ -1,0 +1,177 @@
+"""The Python API: the pruner classes as users write them, on tiny-llama, against the CLI and the passes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+from nexus_export.data import calibration_windows, evaluation_windows
+from nexus_export.errors import UserError
+from nexus_export.pruning import (CubicSparsityScheduler, NMSparsityPruner, ShortGPTPruner, SparseGPTConfig,
+                                  SparseGPTPruner, WandaPruner, apply_sparsity, calibration_tensor,
+                                  evaluate_perplexity, export_onnx)
+from nexus_export.zoo import load_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture()
+def tiny():
+    loaded = load_model("tiny-llama")
+    return loaded.model, loaded.tokenizer
+
+
+def loader(tokenizer, n=8, seq=64, as_dicts=False):
+    ids = calibration_windows(tokenizer, "austen", n, seq, 0)
+    data = [{"input_ids": row} for row in ids] if as_dicts else ids
+    return DataLoader(data, batch_size=4)
+
+
+def test_the_snippet_runs_as_written(tiny):
+    model, tok = tiny
+    calibration_dataloader = loader(tok)
+    pruner = SparseGPTPruner(pruning_config=SparseGPTConfig(sparsity=0.5, blocksize=128, percdamp=0.01, uniform=True))
+    metrics = pruner.prune_model(model, calibration_dataloader, nsamples=8)
+    assert f"Sparsity: {metrics['achieved_sparsity']:.2%}" == "Sparsity: 50.00%"
+    assert model.model.layers[0].mlp.down_proj.weight.eq(0).float().mean().item() == pytest.approx(0.5)  # in place
+    assert len(metrics["per_layer_sparsity"]) == 14 and metrics["wall_seconds"] > 0
+    assert metrics["params_before"] == metrics["params_after"] and metrics["report"]["name"] == "sparsegpt"
+
+    model, tok = load_model("tiny-llama").model, tok
+    WandaPruner(sparsity=0.5).prune_model(model, loader(tok, as_dicts=True), nsamples=8)
+    assert model.model.layers[1].self_attn.q_proj.weight.eq(0).float().mean().item() == pytest.approx(0.5)
+
+    model = load_model("tiny-llama").model
+    result = ShortGPTPruner(n_layers_to_remove=1, removal_strategy="similarity").prune_model(model, tokenizer=tok)
+    assert len(model.model.layers) == 2  # structural: the given model is untouched
+    assert result["model"].config.num_hidden_layers == 1 and len(result["report"]["changes"]["removed"]) == 1
+
+    model = load_model("tiny-llama").model
+    NMSparsityPruner(n=2, m=4).prune_model(model, loader(tok))
+    w = model.model.layers[0].mlp.up_proj.weight
+    assert bool(((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) >= 2).all())
+
+
+def test_same_masks_as_the_cli(tiny, tmp_path):
+    model, tok = tiny
+    SparseGPTPruner(SparseGPTConfig(sparsity=0.5)).prune_model(model, loader(tok, n=8, seq=64), nsamples=8)
+    out = tmp_path / "cli"
+    exe = Path(sys.executable).parent / "nexus-export"
+    proc = subprocess.run([str(exe), "-q", "prune", "--model", "tiny-llama", "--method", "sparsegpt", "--sparsity",
+                           "0.5", "--calib-samples", "8", "--seq-len", "64", "--eval-windows", "2", "--no-latency",
+                           "--save-hf", "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    cli = load_file(str(out / "hf" / "model.safetensors"))
+    for name, param in model.named_parameters():
+        if name.endswith("proj.weight"):
+            assert torch.equal(cli[name] == 0, param == 0), name
+            assert torch.allclose(cli[name], param, atol=1e-6), name
+
+
+def test_per_layer_dict_is_accepted_as_sparsity(tiny):
+    model, tok = tiny
+    metrics = WandaPruner(sparsity={"layer_0": 0.3, "mlp_out": 0.5}).prune_model(model, loader(tok), nsamples=8)
+    per = metrics["per_layer_sparsity"]
+    assert per["model.layers.0.self_attn.q_proj"] == pytest.approx(0.3, abs=0.01)
+    assert per["model.layers.1.mlp.down_proj"] == pytest.approx(0.5)
+    assert "model.layers.1.self_attn.q_proj" not in per  # not in the dict: left dense
+
+
+def test_export_and_evaluate_in_three_lines(tiny, tmp_path):
+    model, tok = tiny
+    evals = evaluation_windows(tok, "austen", 2, 64)
+    dense = evaluate_perplexity(model, evals)
+    WandaPruner(sparsity=0.5).prune_model(model, loader(tok), nsamples=8)
+    path = export_onnx(model, tmp_path / "model.onnx")
+    pruned = evaluate_perplexity(model, evals)
+    from runtimes import ort
+
+    assert path.is_file() and dense != pruned
+    assert ort.perplexity(ort.session(path), evals)[0] == pytest.approx(pruned, rel=1e-4)
+    model.train()
+    evaluate_perplexity(model, evals)
+    assert model.training
+
+
+@pytest.mark.parametrize("data, nsamples, message", [
+    ([torch.randn(2, 8)], None, "token ids"),
+    (["some text"], None, "yielded str"),
+    ([{"text": "x"}], None, "without 'input_ids'"),
+    ([torch.ones(2, 8, dtype=torch.long)], 5, "provides only 2 samples"),
+    ([torch.ones(2, 8, dtype=torch.long), torch.ones(1, 6, dtype=torch.long)], None, "different lengths"),
+])
+def test_bad_calibration_data(data, nsamples, message):
+    with pytest.raises(UserError, match=message):
+        calibration_tensor(data, nsamples)
+
+
+def test_bad_pruner_settings(tiny):
+    with pytest.raises(UserError, match="0 < n < m"):
+        NMSparsityPruner(n=4, m=4)
+    with pytest.raises(UserError, match="needs calibration data"):
+        WandaPruner(0.5).prune_model(tiny[0])
+    with pytest.raises(UserError, match="torch.export could not capture"):
+        class Untraceable(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.emb = torch.nn.Embedding(10, 4)
+
+            def forward(self, input_ids, attention_mask):
+                h = self.emb(input_ids)
+                return h * 2 if h.sum() > 0 else h
+
+        WandaPruner(0.5).prune_model(Untraceable(), [torch.ones(1, 8, dtype=torch.long)])
+
+
+def test_cubic_schedule():
+    s = CubicSparsityScheduler(0.0, 0.5, total_steps=100)
+    assert s.sparsity(0) == 0.0 and s.sparsity(100) == 0.5 and s.sparsity(1000) == 0.5
+    assert s.sparsity(50) == pytest.approx(0.5 - 0.5 * 0.125)
+    values = [s.sparsity(t) for t in range(0, 101, 10)]
+    assert values == sorted(values)
+    for bad in (dict(total_steps=0), dict(initial_sparsity=0.6)):
+        with pytest.raises(UserError):
+            CubicSparsityScheduler(**{"initial_sparsity": 0.0, "final_sparsity": 0.5, "total_steps": 10, **bad})
+
+
+def test_masks_survive_optimizer_steps(tiny):
+    model, tok = tiny
+    masks = apply_sparsity(model, 0.5)
+    w = model.model.layers[0].mlp.up_proj.weight
+    zeros = (w == 0).clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = calibration_windows(tok, "austen", 2, 32, 0)
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        model(input_ids=ids[:1])  # any forward re-applies the masks
+        assert bool((w[zeros] == 0).all())
+    assert masks.sparsity() == pytest.approx(0.5)
+    masks.remove()
+
+
+def test_gradual_example_runs(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "gradual_pruning.py"), "--model", "tiny-llama",
+                           "--steps", "6", "--every", "3", "--seq-len", "32", "--eval-windows", "2"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert "final: sparsity 50.0%" in proc.stdout and "one-shot magnitude 50%" in proc.stdout
+
+
+def test_readme_python_snippet_runs(tmp_path, monkeypatch):
+    """The README's Python API block, executed as written (in a scratch folder for its out/ path)."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Python API", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert (tmp_path / "out" / "model.onnx").is_file()
+    assert namespace["metrics"]["achieved_sparsity"] == pytest.approx(0.5)
+    assert namespace["short"]["model"].config.num_hidden_layers == 1
