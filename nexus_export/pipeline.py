@@ -106,7 +106,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
         targeted = _targeted_layers(program, pass_reports)
         onnx_info = runtime.inspect(artifact, pattern, set(targeted))
         sess = runtime.session(artifact)
-        parity = runtime.parity(program, sess, windows[:2, : min(128, windows.shape[1])])
+        parity_ids = windows[:2, : min(128, windows.shape[1])]
+        parity = runtime.parity(program, sess, parity_ids)
         t = time.perf_counter()
         onnx_ppl, _ = runtime.perplexity(sess, windows, ev.batch_size,
                                          Progress("onnxruntime perplexity", len(windows), "windows"))
@@ -121,7 +122,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
             sess = runtime.session(tmp / variant["path"])
             variant["perplexity"], _ = runtime.perplexity(sess, windows, ev.batch_size,
                                                           Progress(f"{variant['name']} perplexity", len(windows)))
-            variant["parity_max_abs_diff"] = runtime.parity(program, sess, windows[:2, : min(128, windows.shape[1])])
+            variant["parity_max_abs_diff"] = runtime.parity(program, sess, parity_ids)
             del sess
             artifacts.append(variant)
         deploy = artifacts[-1]
@@ -139,8 +140,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
             "recipe": recipe.to_dict(),
             "calibration": recipe.to_dict()["calibration"] if needs_calibration else None,
             "passes": pass_reports,
-            "sparsity": {"overall": round(overall, 6), "pattern": str(pattern[0]) + ":" + str(pattern[1]) if pattern else
-                         "unstructured", "per_layer": {n: round(v, 6) for n, v in per_layer.items()}},
+            "sparsity": {"overall": round(overall, 6), "pattern": f"{pattern[0]}:{pattern[1]}" if pattern else "unstructured",
+                         "per_layer": {n: round(v, 6) for n, v in per_layer.items()}},
             "perplexity": {"dataset": f"{ev.source} evaluation, {ev.windows} windows x {ev.seq_len} tokens",
                            "tokens": tokens, "dense": dense_ppl, "pruned": pruned_ppl, "onnx": onnx_ppl,
                            "onnx_vs_pytorch_rel": abs(onnx_ppl - pruned_ppl) / pruned_ppl},
