@@ -96,82 +96,84 @@ def _copy(root: fx.GraphModule, nodes: Iterable[fx.Node], inputs: list[fx.Node],
 
 
 def cut_blocks(program: Program) -> BlockGraphs:
-    """Partition the program's graph into a prefix and one graph per decoder block."""
+    """Partition the program's graph into a prefix, one graph per decoder block, and a suffix."""
     gm = program.module()
     order = list(gm.graph.nodes)
     bounds = block_boundaries(order, program.structure, is_weight=lambda n: n.op == "get_attr")
-    members, streams, sides, outputs = bounds.members, bounds.streams, bounds.sides, bounds.outputs
-    weight_to_linear = {lin.weight: lin for lin in program.structure.in_blocks()}
-
     all_sides: list[fx.Node] = []
-    for side in sides:
-        for n in side:
-            if n not in all_sides:
-                all_sides.append(n)
-    # The suffix: what turns the last block's output into logits (final norm, lm_head).
-    output_node = next(n for n in order if n.op == "output")
-    before_blocks = ancestors(streams[0]) | {streams[0]}
-    in_blocks = set().union(*members)
-    suffix_nodes, todo = set(), [a for a in output_node.all_input_nodes]
-    while todo:
-        cur = todo.pop()
-        if cur in suffix_nodes or cur is outputs[-1] or cur in in_blocks or cur in before_blocks or cur.op == "placeholder":
-            continue
-        suffix_nodes.add(cur)
-        todo.extend(cur.all_input_nodes)
-    suffix_sides = []
-    for node in suffix_nodes:
-        for inp in node.all_input_nodes:
-            if inp not in suffix_nodes and inp is not outputs[-1] and inp.op != "get_attr" and inp not in suffix_sides:
-                suffix_sides.append(inp)
-    for n in suffix_sides:
+    for n in (n for side in bounds.sides for n in side):
         if n not in all_sides:
             all_sides.append(n)
+    suffix_nodes, suffix_sides = _suffix_region(order, bounds)
+    all_sides += [n for n in suffix_sides if n not in all_sides]
+    output_node = next(n for n in order if n.op == "output")
     logits = output_node.args[0][0] if isinstance(output_node.args[0], (tuple, list)) else output_node.args[0]
-    suffix = _copy(gm, [n for n in order if n in suffix_nodes], [outputs[-1], *suffix_sides], [logits])
-    wanted = [streams[0], *all_sides]
-    needed = set()
-    todo = list(wanted)
-    while todo:
-        cur = todo.pop()
-        if cur in needed:
-            continue
-        needed.add(cur)
-        todo.extend(cur.all_input_nodes)
+    suffix = _copy(gm, [n for n in order if n in suffix_nodes], [bounds.outputs[-1], *suffix_sides], [logits])
+
+    wanted = [bounds.streams[0], *all_sides]
+    needed = set(wanted).union(*(ancestors(n) for n in wanted))
     placeholders = [n for n in order if n.op == "placeholder"]
     prefix = _copy(gm, [n for n in order if n in needed and n.op != "placeholder"], placeholders, wanted)
 
-    residual_nodes = {n.name: n for n in order}
-    residual_of_block: list[dict[str, fx.Node]] = [{} for _ in members]
+    by_name = {n.name: n for n in order}
+    residual_of_block: list[dict[str, fx.Node]] = [{} for _ in bounds.members]
     for sub, add_name in zip(program.structure.sublayers, program.structure.residual_adds):
-        residual_of_block[sub.block][sub.kind] = residual_nodes[add_name]
-    blocks, side_index, linear_inputs, residuals = [], [], [], []
-    for k, nodes in enumerate(members):
-        body = nodes
-        lin_inputs: dict[str, int] = {}
-        extra: list[fx.Node] = []
-        for node in nodes:
-            op = op_name(node)
-            if op in LINEAR_INPUT_ARG and len(node.args) > 1:
-                weight = node.args[-1] if op in ("addmm", "mm") else node.args[1]
-                lin = weight_to_linear.get(getattr(weight, "target", None)) if isinstance(weight, fx.Node) else None
-                if lin is None:
-                    continue
-                x = node.args[LINEAR_INPUT_ARG[op]]
-                if x not in extra:
-                    extra.append(x)
-                lin_inputs[lin.name] = extra.index(x)
+        residual_of_block[sub.block][sub.kind] = by_name[add_name]
+    weight_to_linear = {lin.weight: lin for lin in program.structure.in_blocks()}
+    graphs = BlockGraphs(prefix=prefix, blocks=[], side_index=[], suffix=suffix,
+                         suffix_side_index=[all_sides.index(n) for n in suffix_sides])
+    for k, nodes in enumerate(bounds.members):
+        extra, lin_inputs = _linear_inputs(nodes, weight_to_linear)
         residual = {}
         for kind, node in residual_of_block[k].items():
             extra.append(node)
             residual[kind] = len(extra)  # index into the block outputs, where 0 is the stream leaving it
-        blocks.append(_copy(gm, body, [streams[k], *sides[k]], [outputs[k], *extra]))
-        side_index.append([all_sides.index(n) for n in sides[k]])
-        linear_inputs.append(lin_inputs)
-        residuals.append(residual)
-    return BlockGraphs(prefix=prefix, blocks=blocks, side_index=side_index, linear_inputs=linear_inputs,
-                       residuals=residuals, suffix=suffix, suffix_side_index=[all_sides.index(n) for n in suffix_sides])
+        graphs.blocks.append(_copy(gm, nodes, [bounds.streams[k], *bounds.sides[k]], [bounds.outputs[k], *extra]))
+        graphs.side_index.append([all_sides.index(n) for n in bounds.sides[k]])
+        graphs.linear_inputs.append(lin_inputs)
+        graphs.residuals.append(residual)
+    return graphs
 
+
+def _suffix_region(order: list[fx.Node], bounds) -> tuple[set[fx.Node], list[fx.Node]]:
+    """The nodes after the last block that produce the logits (final norm, lm_head), and the values they read from
+    before the blocks (besides the last block's output)."""
+    output_node = next(n for n in order if n.op == "output")
+    before_blocks = ancestors(bounds.streams[0]) | {bounds.streams[0]}
+    in_blocks = set().union(*bounds.members)
+    region, todo = set(), list(output_node.all_input_nodes)
+    while todo:
+        cur = todo.pop()
+        if cur in region or cur is bounds.outputs[-1] or cur in in_blocks or cur in before_blocks \
+                or cur.op == "placeholder":
+            continue
+        region.add(cur)
+        todo.extend(cur.all_input_nodes)
+    sides: list[fx.Node] = []
+    for node in region:
+        for inp in node.all_input_nodes:
+            if inp not in region and inp is not bounds.outputs[-1] and inp.op != "get_attr" and inp not in sides:
+                sides.append(inp)
+    return region, sides
+
+
+def _linear_inputs(nodes: list[fx.Node], weight_to_linear: dict) -> tuple[list[fx.Node], dict[str, int]]:
+    """The distinct input activations of a block's linears (q, k and v share one) and each linear's index among them."""
+    extra: list[fx.Node] = []
+    index: dict[str, int] = {}
+    for node in nodes:
+        op = op_name(node)
+        if op not in LINEAR_INPUT_ARG or len(node.args) < 2:
+            continue
+        weight = node.args[-1] if op in ("addmm", "mm") else node.args[1]
+        lin = weight_to_linear.get(getattr(weight, "target", None)) if isinstance(weight, fx.Node) else None
+        if lin is None:
+            continue
+        x = node.args[LINEAR_INPUT_ARG[op]]
+        if x not in extra:
+            extra.append(x)
+        index[lin.name] = extra.index(x)
+    return extra, index
 
 
 @dataclass
