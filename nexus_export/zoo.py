@@ -15,7 +15,6 @@ Every loaded model is a float32 transformers ``PreTrainedModel`` in eval mode. P
 from __future__ import annotations
 
 import copy
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -36,6 +35,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTok
 
 import nexus_export
 from nexus_export.errors import UserError
+from nexus_export.outdir import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +335,7 @@ def _convert_gguf(entry: dict[str, Any], gguf: Path, cached: Path) -> None:
         "package_version": _package_version(entry),
         "gguf_file": gguf.name,
         "gguf_bytes": gguf.stat().st_size,
-        "gguf_sha256": _sha256(gguf),
+        "gguf_sha256": sha256_file(gguf),
     }
     cached.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{cached.name}.partial-", dir=cached.parent))
@@ -376,11 +376,3 @@ def _package_version(entry: dict[str, Any]) -> str | None:
     except importlib.metadata.PackageNotFoundError:
         return None
 
-
-def _sha256(path: Path) -> str:
-    """The SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

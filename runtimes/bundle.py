@@ -8,7 +8,6 @@ re-checks every hash and runs one forward pass in onnxruntime; a changed, trunca
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -19,20 +18,12 @@ import numpy as np
 import onnx
 
 from nexus_export.errors import UserError
-from nexus_export.outdir import staged_output
+from nexus_export.outdir import sha256_file, staged_output
 
 log = logging.getLogger(__name__)
 
 FORMAT = "nexus-export-bundle/1"
 MANIFEST = "manifest.json"
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def signature(model_path: Path) -> dict:
@@ -78,7 +69,7 @@ def make_bundle(run_dir: str | Path, bundle_dir: str | Path, archive: bool = Fal
             "perplexity": report.get("perplexity"),
             "deploy": report.get("deploy"),
             "sizes": {p.relative_to(tmp).as_posix(): p.stat().st_size for p in files},
-            "sha256": {p.relative_to(tmp).as_posix(): sha256(p) for p in files},
+            "sha256": {p.relative_to(tmp).as_posix(): sha256_file(p) for p in files},
             "versions": _versions(report),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -119,7 +110,7 @@ def verify_bundle(bundle_dir: str | Path) -> dict:
         if path.stat().st_size != manifest["sizes"][name]:
             raise UserError(f"bundle file {name} has {path.stat().st_size} bytes, the manifest says "
                             f"{manifest['sizes'][name]} (truncated or changed)")
-        if sha256(path) != expected:
+        if sha256_file(path) != expected:
             raise UserError(f"bundle file {name} does not match its sha256 in the manifest (changed or corrupted)")
     from . import ort
 
