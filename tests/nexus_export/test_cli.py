@@ -204,3 +204,24 @@ def test_bad_shortgpt_input(tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_readme_recipe_is_valid_and_structural_then_masking_runs(tmp_path):
+    import yaml
+
+    from nexus_export.recipe import Recipe
+
+    block = (ROOT / "README.md").read_text().split("## Recipes", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    recipe = Recipe.from_dict(yaml.safe_load(block))
+    assert [s.name for s in recipe.passes] == ["shortgpt", "sparsegpt"] and recipe.quantize.bits == 4
+
+    data = yaml.safe_load(block)
+    data.update(model="tiny-llama", calibration={"samples": 4, "seq_len": 64},
+                evaluation={"windows": 2, "seq_len": 64, "latency": False})
+    data["passes"][0]["shortgpt"]["remove"] = 1
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+    assert main(["-q", "run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")]) == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    short, sparse = report["passes"]
+    assert short["changes"]["blocks_after"] == 1 and sparse["changes"]["targeted_layers"] == 7
+    assert report["onnx"]["summary"]["all_nm_valid"] and report["deploy"]["variant"] == "int4"
