@@ -69,6 +69,14 @@ def render_markdown(report: dict) -> str:
         valid = "-" if row["nm_valid"] is None else ("yes" if row["nm_valid"] else "NO")
         lines.append(f"| {row['layer']} | {row['k']} | {row['n']} | {row['sparsity']:.1%} | {valid} | {row['form']} | "
                      f"{'yes' if row['targeted'] else 'no'} |")
+    if len(report.get("artifacts", [])) > 1:
+        lines += ["", "## Model files", "| variant | file | MiB | onnxruntime perplexity | parity max abs diff |",
+                  "|---|---|---|---|---|"]
+        for a in report["artifacts"]:
+            parity = a.get("parity_max_abs_diff", report["parity"]["max_abs_diff"])
+            lines.append(f"| {a['name']} | {a['path']} | {a['bytes'] / 2**20:.1f} | {a['perplexity']:.3f} | "
+                         f"{parity:.2e} |")
+        lines.append(f"Deployable: {report['deploy']['model']}.")
     if report.get("latency"):
         lines += ["", "## Latency (onnxruntime CPU)", "| shape | median ms | p90 ms | runs |", "|---|---|---|---|"]
         for shape, lat in report["latency"].items():
