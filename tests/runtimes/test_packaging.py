@@ -79,6 +79,8 @@ def test_run_reports_every_variant(run_dir):
     assert int4["pruned_zeros_kept"] and int4["bytes"] < fp32["bytes"] and fp16["bytes"] < fp32["bytes"]
     assert abs(fp16["perplexity"] - fp32["perplexity"]) / fp32["perplexity"] < 1e-3 and fp16["parity_max_abs_diff"] < 1e-2
     assert (run_dir / "tokenizer" / "tokenizer.json").is_file()
+    md = (run_dir / "report.md").read_text()
+    assert "| int4 | model.q4.onnx |" in md and "Deployable: model.q4.onnx." in md
 
 
 def test_bundle_verifies_and_catches_a_changed_byte(run_dir, tmp_path, capsys):
