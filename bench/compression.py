@@ -10,20 +10,14 @@ on disk (ONNX + external data), onnxruntime perplexity on the evaluation windows
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 
-from common import setup_logging
-from nexus_export.data import calibration_windows, evaluation_windows
+from common import interleaved_latency_ms, load_protocol, setup_logging
 from nexus_export.passbase import PassContext
-from nexus_export.program import Program
 from nexus_export.registry import get_pass
-from nexus_export.zoo import load_model
 from runtimes import ort
 from runtimes.onnx_export import lower_to_onnx
 from runtimes.quantize import quantize_onnx
@@ -46,10 +40,7 @@ def main() -> int:
     args = ap.parse_args()
     setup_logging()
 
-    loaded = load_model(args.model)
-    evals = evaluation_windows(loaded.tokenizer, "austen", args.eval_windows, args.seq_len)
-    calib = calibration_windows(loaded.tokenizer, "austen", args.calib_samples, args.seq_len, 0)
-    program = Program.from_model(loaded.model, loaded.tokenizer, name=loaded.name)
+    _, program, evals, calib = load_protocol(args.model, args.eval_windows, args.calib_samples, args.seq_len)
     ctx = PassContext(calibration_windows=calib)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -66,29 +57,14 @@ def main() -> int:
         sessions = {name: ort.session(path, threads=2) for name, path in models.items()}
         ppl = {name: ort.perplexity(sess, evals, batch_size=4)[0] for name, sess in sessions.items()}
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-        latency: dict[str, dict] = {name: {} for name in sessions}
-        rng = np.random.default_rng(0)
-        for batch, seq in shapes:
-            vocab = int(next(iter(sessions.values())).get_outputs()[0].shape[-1])
-            ids = rng.integers(0, min(vocab, 1000), (batch, seq), dtype=np.int64)
-            feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-            runs: dict[str, list[float]] = {name: [] for name in sessions}
-            for sess in sessions.values():
-                sess.run(["logits"], feeds)
-            for _ in range(args.repeats):
-                for name, sess in sessions.items():
-                    start = time.perf_counter()
-                    sess.run(["logits"], feeds)
-                    runs[name].append((time.perf_counter() - start) * 1000)
-            for name in sessions:
-                latency[name][(batch, seq)] = statistics.median(runs[name])
+        latency = {shape: interleaved_latency_ms(sessions, *shape, args.repeats) for shape in shapes}
         print(f"{args.model}, onnxruntime CPU (2 threads); int4 = MatMulNBits block {args.block_size}, symmetric; "
               f"latency median of {args.repeats} interleaved runs\n")
         header = " | ".join(f"{b} x {s} ms" for b, s in shapes)
         print(f"| model | size MiB | perplexity | {header} |")
         print("|---|---|---|" + "---|" * len(shapes))
         for name, path in models.items():
-            cells = " | ".join(f"{latency[name][shape]:.0f}" for shape in shapes)
+            cells = " | ".join(f"{latency[shape][name]:.0f}" for shape in shapes)
             print(f"| {name} | {size(path) / 2**20:.1f} | {ppl[name]:.2f} | {cells} |")
     return 0
 

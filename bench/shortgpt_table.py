@@ -12,12 +12,9 @@ import argparse
 import logging
 import sys
 
-from common import setup_logging
-from nexus_export.data import calibration_windows, evaluation_windows
+from common import load_protocol, setup_logging
 from nexus_export.evaluate import program_perplexity
-from nexus_export.program import Program
 from nexus_export.surgery import remove_attention, remove_blocks
-from nexus_export.zoo import load_model
 from passes.shortgpt import STRATEGIES, score_blocks
 
 
@@ -32,10 +29,7 @@ def main() -> int:
     args = ap.parse_args()
     setup_logging()
 
-    loaded = load_model(args.model)
-    evals = evaluation_windows(loaded.tokenizer, "austen", args.eval_windows, args.seq_len)
-    calib = calibration_windows(loaded.tokenizer, "austen", args.calib_samples, args.seq_len, 0)
-    program = Program.from_model(loaded.model, loaded.tokenizer, name=loaded.name)
+    _, program, evals, calib = load_protocol(args.model, args.eval_windows, args.calib_samples, args.seq_len)
     counts = [int(c) for c in args.counts.split(",")]
     strategies = args.strategies.split(",")
     table: dict[int, dict[str, str]] = {n: {} for n in counts}

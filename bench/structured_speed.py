@@ -9,15 +9,12 @@ dense, ...) so machine noise hits both alike; the table gives medians and the pr
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 
-from common import setup_logging
+from common import interleaved_latency_ms, setup_logging
 from nexus_export.data import calibration_windows
 from nexus_export.passbase import PassContext
 from nexus_export.program import Program
@@ -48,7 +45,6 @@ def main() -> int:
         for label, prog in (("dense", program), ("pruned", pruned)):
             path = lower_to_onnx(prog.exported, Path(tmp) / label / "model.onnx")
             sessions[label] = ort.session(path, threads=args.threads)
-        rng = np.random.default_rng(0)
         print(f"onnxruntime CPU, {args.threads} threads; {args.model} dense ({len(program.structure.blocks)} blocks) "
               f"vs {args.strategy} with {args.remove} removed ({len(pruned.structure.blocks)} blocks); "
               f"median of {args.repeats} interleaved runs\n")
@@ -56,18 +52,8 @@ def main() -> int:
         print("|---|---|---|---|")
         for shape in args.shapes.split(","):
             batch, seq = (int(x) for x in shape.split("x"))
-            vocab = int(sessions["dense"].get_outputs()[0].shape[-1])
-            ids = rng.integers(0, min(vocab, 1000), (batch, seq), dtype=np.int64)
-            feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-            times = {label: [] for label in sessions}
-            for label, sess in sessions.items():  # warm-up
-                sess.run(["logits"], feeds)
-            for _ in range(args.repeats):
-                for label, sess in sessions.items():
-                    start = time.perf_counter()
-                    sess.run(["logits"], feeds)
-                    times[label].append((time.perf_counter() - start) * 1000)
-            dense, short = statistics.median(times["dense"]), statistics.median(times["pruned"])
+            times = interleaved_latency_ms(sessions, batch, seq, args.repeats)
+            dense, short = times["dense"], times["pruned"]
             print(f"| {batch} x {seq} | {dense:.0f} | {short:.0f} | {short / dense:.3f} |", flush=True)
     return 0
 
