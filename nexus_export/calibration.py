@@ -199,7 +199,6 @@ class Calibrator:
                 streams.append(out[0])
                 sides.append(tuple(out[1:]))
         self.state = CalibrationState(streams, sides)
-        self.windows = len(windows)
 
     def block_inputs(self, k: int, i: int, stream: torch.Tensor | None = None) -> tuple:
         """Block k's inputs for batch i: the current stream (or ``stream``) and batch i's side values."""

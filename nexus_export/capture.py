@@ -58,8 +58,7 @@ def capture(model: torch.nn.Module, vocab_size: int | None = None) -> torch.expo
             emb = next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
             vocab_size = emb.num_embeddings if emb is not None else 2
     was_training = model.training
-    if not isinstance(model, torch.fx.GraphModule):  # an unlifted exported program refuses eval(); it is eval already
-        model.eval()
+    model.eval()
     ids, mask = example_inputs(vocab_size)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     seq = torch.export.Dim("sequence", min=2, max=MAX_SEQUENCE)
@@ -71,8 +70,7 @@ def capture(model: torch.nn.Module, vocab_size: int | None = None) -> torch.expo
     except Exception as exc:  # torch.export raises many types; all become one clear message
         raise UserError(f"torch.export could not capture {type(model).__name__}: {describe_export_failure(exc)}") from exc
     finally:
-        if was_training and not isinstance(model, torch.fx.GraphModule):
-            model.train()
+        model.train(was_training)
     log.info("captured %s with torch.export in %.1f s", type(model).__name__, time.perf_counter() - start)
     return exported
 

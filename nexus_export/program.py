@@ -73,9 +73,3 @@ class Program:
     def sparsity(self, names: list[str]) -> dict[str, float]:
         """Fraction of exact zeros in each named linear's weight."""
         return {n: float((self.weight(n) == 0).sum()) / self.weight(n).numel() for n in names}
-
-    def refresh(self) -> "Program":
-        """Re-export after a pass changed shapes, so node metadata and the structure never go stale."""
-        exported = capture(self.module())
-        return Program(exported=exported, structure=read_structure(exported), tokenizer=self.tokenizer,
-                       config=self.config, name=self.name, origin=self.origin)
