@@ -22,6 +22,7 @@ from .errors import UserError
 from .naming import layer_name
 
 ROLES = ("attn_in", "attn_out", "mlp_in", "mlp_out", "lm_head")
+SHORTCUT = "shortcut"  # a matrix on a residual connection (SliceGPT), not a pruning target
 ATTENTION_OPS = {"scaled_dot_product_attention", "_softmax", "softmax", "_safe_softmax"}
 # Ops that pass the residual stream through unchanged in value (dtype casts, views, eval-mode dropout, aliases).
 PASS_THROUGH_OPS = {
@@ -73,8 +74,8 @@ class Structure:
     residual_adds: list[str] = field(default_factory=list)
 
     def in_blocks(self) -> list[Linear]:
-        """Every linear inside a decoder block, in graph order (the default pruning scope)."""
-        return [lin for lin in self.linears.values() if lin.block is not None]
+        """Every linear inside a decoder block, in graph order (the default pruning scope); shortcuts excluded."""
+        return [lin for lin in self.linears.values() if lin.block is not None and lin.role != SHORTCUT]
 
     def by_role(self, role: str) -> list[Linear]:
         return [lin for lin in self.linears.values() if lin.role == role]
@@ -186,6 +187,8 @@ def read_structure(exported: torch.export.ExportedProgram) -> Structure:
     adds = sorted((n for n in head_ancestors if n.op == "call_function" and op_name(n) == "add"), key=order.get, reverse=True)
     residual: list[tuple[Node, Node, Node]] = []  # (add, stream_in, branch)
 
+    shortcuts: dict[Node, Node] = {}  # shortcut linear -> the stream it maps
+
     def split_residual(add: Node) -> tuple[Node, Node] | None:
         args = _tensor_args(add)
         if len(args) != 2:
@@ -195,6 +198,11 @@ def read_structure(exported: torch.export.ExportedProgram) -> Structure:
             return a, b
         if b in ancestors(a):
             return b, a
+        for s, other in ((a, b), (b, a)):  # a shortcut matrix on the connection: linear(stream) + branch(stream)
+            lin = _through(s)
+            if lin in raw_linears and op_name(lin) == "linear" and lin.args[0] in ancestors(other):
+                shortcuts[lin] = lin.args[0]
+                return s, other
         return None
 
     last = None
@@ -212,6 +220,8 @@ def read_structure(exported: torch.export.ExportedProgram) -> Structure:
         stream_in, branch = parts
         residual.append((cur, stream_in, branch))
         cur = _through(stream_in)
+        if cur in shortcuts:
+            cur = _through(shortcuts[cur])
         if not (cur.op == "call_function" and op_name(cur) == "add"):
             break
     residual.reverse()
@@ -261,6 +271,9 @@ def read_structure(exported: torch.export.ExportedProgram) -> Structure:
     if len(block_lists) != 1:
         raise UnsupportedArchitecture(f"decoder blocks found in more than one module list: {sorted(block_lists)}")
     roles[head] = ("lm_head", None)
+    for lin, _stream in shortcuts.items():
+        blk = _block_of(lin)
+        roles[lin] = (SHORTCUT, blk[1] if blk else None)
     outside = [raw_linears[n]["weight"] for n in raw_linears if n not in roles]
     if outside:
         raise UnsupportedArchitecture(f"linears outside the decoder blocks other than the lm_head: {outside[:5]}")
@@ -270,6 +283,8 @@ def read_structure(exported: torch.export.ExportedProgram) -> Structure:
         info = raw_linears[node]
         role, block = roles[node]
         name = layer_name(_module_path(node) + ".weight") if _module_path(node) else layer_name(info["weight"])
+        if role == SHORTCUT:
+            name = layer_name(info["weight"])
         linears[name] = Linear(
             name=name, role=role, block=block, weight=info["weight"], bias=info["bias"],
             in_features=int(info["in_f"]), out_features=int(info["out_f"]), weight_layout=info["layout"], node=node.name,
