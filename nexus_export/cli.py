@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--remove-ratio", type=float, help="shortgpt: fraction of blocks to remove")
     prune.add_argument("--layers", help="shortgpt: exactly these blocks, e.g. 20,21,22")
     prune.add_argument("--strategy", help="shortgpt: similarity (default), attention or gradient")
+    prune.add_argument("--slicing", type=float,
+                       help="slicegpt: fraction of the hidden width to slice off, in [0, 1) (0.25); 0 = rotate only")
+    prune.add_argument("--round-to", type=int, help="slicegpt: round the kept width down to a multiple of this (8)")
     prune.add_argument("--save-hf", action="store_true", help="also write a Hugging Face folder to DIR/hf")
     prune.add_argument("--quantize-bits", type=int, help="then quantize the MatMul weights to 4 or 8 bits")
     prune.add_argument("--block-size", type=int, default=32, help="quantization block size (32)")
@@ -126,7 +129,8 @@ def _prune(args: argparse.Namespace) -> int:
         if getattr(args, flag):
             options[flag] = True
     options.update(blocksize=args.blocksize, percdamp=args.percdamp, remove=args.remove,
-                   remove_ratio=args.remove_ratio, layers=args.layers, strategy=args.strategy)
+                   remove_ratio=args.remove_ratio, layers=args.layers, strategy=args.strategy,
+                   slicing=args.slicing, round_to=args.round_to)
     options = {k: v for k, v in options.items() if v is not None}
     recipe = Recipe.from_dict({
         "model": args.model,

@@ -1,0 +1,194 @@
+"""SliceGPT: rotate the residual stream into its principal components and slice off the weakest directions.
+
+Before -> after: the norms are fused (scale-free RMSNorm over the original width; the lm_head untied), then at every
+point where the stream changes (the stream entering block 0, the output of every residual add) the stream is rotated
+by the eigenvectors of its calibration covariance and cut to the ``d`` strongest directions. Every linear reading the
+stream gets ``d`` input columns, every linear writing to it ``d`` output rows, the embeddings ``d`` columns, and each
+residual connection a [d, d] shortcut matrix. ``d = floor((1 - slicing) * D)`` rounded down to a multiple of
+``round_to``. Invariant: ``slicing=0`` leaves the logits unchanged (to float rounding).
+
+Blocks are processed in order; each principal-component analysis sees the stream produced by the already rotated and
+sliced earlier sublayers (the calibration program carries a projection Q_d Q_d^T at each finished point, which computes
+exactly what the sliced program will).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from nexus_export.calibration import Calibrator
+from nexus_export.errors import UserError
+from nexus_export.passbase import Pass, PassConfig, PassContext
+from nexus_export.program import Program
+from nexus_export.progress import Progress
+from nexus_export.slicing import fuse_norms, rotate_and_slice, with_projections
+
+log = logging.getLogger(__name__)
+
+_BLOCK_KEY = re.compile(r"layer_(\d+)(?:-(\d+))?")
+
+
+@dataclass(frozen=True)
+class SliceGPTConfig(PassConfig):
+    slicing: float = 0.25  # fraction of the hidden width to remove
+    round_to: int = 8  # the kept width is rounded down to a multiple of this
+    damping: float = 0.01  # added to the covariance diagonal, as a fraction of its mean
+    schedule: dict | None = None  # per-block slicing, e.g. {"layer_0-5": 0.1, "layer_20-29": 0.35}
+    batch_size: int = 8  # calibration windows per forward
+
+    def validate(self) -> None:
+        _check_ratio(self.slicing, "slicing")
+        if self.round_to < 1:
+            raise UserError(f"round_to must be a positive integer, got {self.round_to}")
+        if not 0.0 <= self.damping < 1.0:
+            raise UserError(f"damping must be in [0, 1), got {self.damping}")
+        if self.batch_size < 1:
+            raise UserError(f"batch_size must be positive, got {self.batch_size}")
+        for key, value in (self.schedule or {}).items():
+            if not _BLOCK_KEY.fullmatch(str(key)):
+                raise UserError(f"slicegpt schedule key {key!r} is not a block range; use keys like layer_3 or "
+                                "layer_0-5 (the stream is sliced per block, not per role or module)")
+            _check_ratio(value, f"schedule value for {key!r}")
+
+
+def _check_ratio(value, what: str) -> None:
+    if not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise UserError(f"{what} must be a fraction in [0, 1) of the hidden width to remove, got {value!r}")
+
+
+def kept_width(hidden: int, slicing: float, round_to: int) -> int:
+    """d = floor((1 - slicing) * hidden), rounded down to a multiple of ``round_to`` (never above ``hidden``)."""
+    d = math.floor((1.0 - slicing) * hidden + 1e-9)
+    return d if d == hidden else d - d % round_to
+
+
+def pca_basis(xtx: torch.Tensor, damping: float) -> torch.Tensor:
+    """Eigenvectors of the (damped) covariance ``xtx`` [D, D], float64, columns by decreasing eigenvalue."""
+    h = xtx.double().clone()
+    h.diagonal().add_(damping * h.diagonal().mean())
+    values, vectors = torch.linalg.eigh(h)
+    return vectors[:, torch.argsort(values, descending=True)]
+
+
+class _Covariance:
+    def __init__(self, width: int):
+        self.xtx = torch.zeros(width, width, dtype=torch.float64)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        self.xtx += x.t() @ x
+        self.tokens += x.shape[0]
+
+
+class SliceGPTPass(Pass):
+    name = "slicegpt"
+    config_class = SliceGPTConfig
+    needs_calibration = True
+
+    def keeps_architecture(self) -> bool:
+        return False  # shortcut matrices and per-block widths: no Hugging Face class holds this model
+
+    def block_widths(self, program: Program) -> tuple[int, list[int]]:
+        """The width of the stream entering block 0 and of each block's stream, after rounding."""
+        cfg: SliceGPTConfig = self.config
+        hidden = _hidden(program)
+        n = len(program.structure.blocks)
+        ratios = [float(cfg.slicing)] * n
+        for key, value in (cfg.schedule or {}).items():
+            m = _BLOCK_KEY.fullmatch(str(key))
+            lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+            if hi < lo or hi >= n:
+                raise UserError(f"schedule key {key!r} names blocks outside 0-{n - 1} (the model has {n})")
+            for k in range(lo, hi + 1):
+                ratios[k] = float(value)
+        widths = [kept_width(hidden, r, cfg.round_to) for r in ratios]
+        first = kept_width(hidden, float(cfg.slicing), cfg.round_to)
+        if min(widths + [first]) <= 0:
+            raise UserError(f"slicing {max(ratios + [cfg.slicing])} of width {hidden}, rounded down to a multiple of "
+                            f"{cfg.round_to}, leaves no dimension; use a smaller slicing or round_to")
+        return first, widths
+
+    def check(self, program: Program) -> None:
+        self.block_widths(program)
+        if program.origin.get("sliced_widths"):
+            raise UserError("this model was already sliced by slicegpt; slice the original model once instead")
+
+    def apply(self, program: Program, ctx: PassContext) -> tuple[Program, dict]:
+        cfg: SliceGPTConfig = self.config
+        self.check(program)
+        windows = ctx.calibration_windows
+        hidden = _hidden(program)
+        if windows is None or windows.numel() < hidden:
+            have = 0 if windows is None else windows.numel()
+            raise UserError(f"slicegpt needs at least as many calibration tokens as the hidden width ({hidden}) for a "
+                            f"stable PCA, got {have}; use more or longer calibration windows")
+        first, block_widths = self.block_widths(program)
+        fused = fuse_norms(program)
+        projected, projections = with_projections(fused)
+        calibrator = Calibrator(projected, windows, cfg.batch_size)
+        structure = fused.structure
+
+        bases, widths = [], []
+
+        def settle(cov: _Covariance, width: int) -> torch.Tensor:
+            """Fix the basis of the next point; return its projection matrix (already written into the program)."""
+            q = pca_basis(cov.xtx, cfg.damping)
+            bases.append(q)
+            widths.append(width)
+            keep = q[:, :width]
+            projection = projections[len(bases) - 1]
+            projection.copy_((keep @ keep.t()).to(projection.dtype))
+            return projection
+
+        cov = _Covariance(hidden)
+        for stream in calibrator.state.streams:
+            cov.add(stream)
+        p0 = settle(cov, first)
+        calibrator.state.streams = [s @ p0 for s in calibrator.state.streams]
+
+        progress = Progress("slicegpt", len(structure.blocks), "blocks", every_s=10.0)
+        for k in range(len(structure.blocks)):
+            kinds = [sub.kind for sub in structure.sublayers if sub.block == k]
+            for j, kind in enumerate(kinds):
+                index = calibrator.graphs.residuals[k][kind]
+                cov = _Covariance(hidden)
+                last = j == len(kinds) - 1
+                outputs = []
+                with torch.no_grad():
+                    for i in range(len(calibrator.state.streams)):
+                        out = calibrator.graphs.blocks[k](*calibrator.block_inputs(k, i))
+                        cov.add(out[index])
+                        if last:  # the block's output: the same values, in the shape the next block reads
+                            outputs.append(out[0])
+                projection = settle(cov, block_widths[k])
+                if last:
+                    calibrator.state.streams = [o @ projection for o in outputs]
+            progress.update(k + 1)
+
+        sliced = rotate_and_slice(fused, bases, widths)
+        shortcut_params = sum(lin.in_features * lin.out_features for lin in sliced.structure.linears.values()
+                              if lin.role == "shortcut")
+        per_block = {str(k): block_widths[k] for k in range(len(structure.blocks))}
+        changes = {
+            "slicing": cfg.slicing,
+            "hidden_before": hidden,
+            "embedding_width": first,
+            "widths": per_block,
+            "shortcut_parameters": shortcut_params,
+            "head_untied": bool(program.structure.tied_embedding),
+            "calibration_tokens": int(windows.numel()),
+        }
+        log.info("slicegpt: stream width %d -> %s", hidden, sorted(set(block_widths + [first])))
+        return sliced, changes
+
+
+def _hidden(program: Program) -> int:
+    """Width of the residual stream: the input width of the first reader."""
+    first = program.structure.sublayers[0].readers[0]
+    return int(program.linear(first).in_features)
