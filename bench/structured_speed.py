@@ -1,9 +1,11 @@
-"""onnxruntime CPU latency of a dense model versus its structurally pruned version (ShortGPT block removal).
+"""onnxruntime CPU latency of a dense model versus its structurally pruned versions (ShortGPT block removal and
+SliceGPT slicing).
 
-Both ONNX models are built from one capture and timed in the same process, interleaved run by run (dense, pruned,
-dense, ...) so machine noise hits both alike; the table gives medians and the pruned/dense ratio.
+Every ONNX model is built from one capture and timed in the same process, interleaved run by run (dense, shortgpt,
+slicegpt, dense, ...) so machine noise hits all alike; the table gives medians and the ratios to dense.
 
-    .venv/bin/python bench/structured_speed.py --model smollm2-135m --remove 7          # ~6 min on 2 cores
+    .venv/bin/python bench/structured_speed.py --model smollm2-135m --remove 7 --slicing 0.25     # ~15 min on 2 cores
+    .venv/bin/python bench/structured_speed.py --remove 0 --slicing 0.25                          # SliceGPT only
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--remove", type=int, default=7)
     ap.add_argument("--strategy", default="similarity")
+    ap.add_argument("--slicing", type=float, default=0.25, help="SliceGPT slicing ratio (0 = leave SliceGPT out)")
     ap.add_argument("--shapes", default="1x128,8x512")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
@@ -38,23 +41,27 @@ def main() -> int:
     loaded = load_model(args.model)
     program = Program.from_model(loaded.model, loaded.tokenizer, name=loaded.name)
     calib = calibration_windows(loaded.tokenizer, "austen", 64, 512, 0)
-    shortgpt = get_pass("shortgpt")({"remove": args.remove, "strategy": args.strategy})
-    pruned = shortgpt.run(program, PassContext(calibration_windows=calib)).program
+    ctx = PassContext(calibration_windows=calib)
+    models = {"dense": program}
+    if args.remove:
+        shortgpt = get_pass("shortgpt")({"remove": args.remove, "strategy": args.strategy})
+        models[f"shortgpt -{args.remove} blocks"] = shortgpt.run(program, ctx).program
+    if args.slicing:
+        models[f"slicegpt {args.slicing:.0%}"] = get_pass("slicegpt")({"slicing": args.slicing}).run(program, ctx).program
     with tempfile.TemporaryDirectory() as tmp:
         sessions = {}
-        for label, prog in (("dense", program), ("pruned", pruned)):
-            path = lower_to_onnx(prog.exported, Path(tmp) / label / "model.onnx")
+        for i, (label, prog) in enumerate(models.items()):
+            path = lower_to_onnx(prog.exported, Path(tmp) / str(i) / "model.onnx")
             sessions[label] = ort.session(path, threads=args.threads)
-        print(f"onnxruntime CPU, {args.threads} threads; {args.model} dense ({len(program.structure.blocks)} blocks) "
-              f"vs {args.strategy} with {args.remove} removed ({len(pruned.structure.blocks)} blocks); "
-              f"median of {args.repeats} interleaved runs\n")
-        print("| batch x seq | dense ms | pruned ms | pruned / dense |")
-        print("|---|---|---|---|")
+        print(f"onnxruntime CPU, {args.threads} threads; {args.model}; median of {args.repeats} interleaved runs\n")
+        others = [label for label in models if label != "dense"]
+        print("| batch x seq | dense ms | " + " | ".join(f"{o} ms | {o} / dense" for o in others) + " |")
+        print("|---|---|" + "---|---|" * len(others))
         for shape in args.shapes.split(","):
             batch, seq = (int(x) for x in shape.split("x"))
             times = interleaved_latency_ms(sessions, batch, seq, args.repeats)
-            dense, short = times["dense"], times["pruned"]
-            print(f"| {batch} x {seq} | {dense:.0f} | {short:.0f} | {short / dense:.3f} |", flush=True)
+            cells = " | ".join(f"{times[o]:.0f} | {times[o] / times['dense']:.3f}" for o in others)
+            print(f"| {batch} x {seq} | {times['dense']:.0f} | {cells} |", flush=True)
     return 0
 
 

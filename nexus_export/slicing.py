@@ -114,6 +114,12 @@ def _rebuild(exported: ExportedProgram) -> ExportedProgram:
             state[spec.target] = exported.state_dict[spec.target]
         elif spec.target in exported.constants:
             constants[spec.target] = exported.constants[spec.target]
+    fake_mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes if n.op == "placeholder"])
+    targets = {s.arg.name: s.target for s in specs if s.kind in (InputKind.PARAMETER, InputKind.BUFFER)}
+    for node in graph.nodes:  # parameter placeholders carry the shapes the parameters have now
+        value = state.get(targets.get(node.name))
+        if value is not None and tuple(node.meta["val"].shape) != tuple(value.shape):
+            node.meta["val"] = fake_mode.from_tensor(value, static_shapes=True)
     exported.graph_module.recompile()
     edited = ExportedProgram(
         root=exported.graph_module, graph=graph,

@@ -81,8 +81,8 @@ class _Covariance:
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
-        self.xtx += x.t() @ x
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.xtx += (x.t() @ x).double()  # one batch in float32, the running sum in float64
         self.tokens += x.shape[0]
 
 

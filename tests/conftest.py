@@ -35,6 +35,24 @@ def make_tiny(arch: str, layers: int = 2, seed: int = 0) -> transformers.PreTrai
     return model.eval()
 
 
+def with_random_norms(arch: str, layers: int = 2) -> torch.nn.Module:
+    """A tiny model whose norms have non-trivial scales (and biases): fusing them then has something to fold."""
+    model = make_tiny(arch, layers=layers)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for module in model.modules():
+            if "Norm" in type(module).__name__:
+                module.weight.copy_(0.5 + torch.rand(module.weight.shape, generator=g))
+                if getattr(module, "bias", None) is not None:
+                    module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=g))
+    return model
+
+
+def random_bases(n: int, width: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.linalg.qr(torch.randn(width, width, dtype=torch.float64, generator=g))[0] for _ in range(n)]
+
+
 @pytest.fixture(scope="session")
 def tiny_program_factory():
     """Capture each tiny architecture once per session; tests that mutate weights must build their own."""

@@ -1,0 +1,85 @@
+"""Norm fusion, stream projections and rotate-and-slice on every tiny architecture: the function is kept exactly where
+it must be, and the sliced program computes what the projected calibration program computes."""
+
+import pytest
+import torch
+
+from conftest import ARCHS, make_tiny, random_bases, with_random_norms
+from nexus_export.program import Program
+from nexus_export.slicing import NormNotFusable, find_norms, fuse_norms, rotate_and_slice, with_projections
+
+IDS = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fusion_keeps_logits_and_leaves_scale_free_norms(arch):
+    program = Program.from_model(with_random_norms(arch))
+    fused = fuse_norms(program)
+    assert rel(fused.logits(IDS), program.logits(IDS)) < 1e-5
+    sites = find_norms(fused, fused.exported)
+    assert len(sites) == 2 * 2 + 1  # two sublayers per block, plus the final norm
+    assert all(s.kind == "rmsnorm" and s.weight is None and s.bias is None for s in sites.values())
+    assert not fused.structure.tied_embedding
+    head = fused.structure.linears[fused.structure.lm_head].weight
+    assert head not in fused.structure.embeddings.values()
+    if arch in ("opt", "gpt2"):  # LayerNorm models: every write to the stream is zero-mean across features
+        for param in fused.structure.embeddings.values():
+            assert float(fused.parameter(param).double().mean(dim=1).abs().max()) < 1e-6
+        for sub in fused.structure.sublayers:
+            for name in sub.writers:
+                assert float(fused.weight(name).double().mean(dim=0).abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_full_width_rotation_keeps_logits(arch):
+    program = Program.from_model(with_random_norms(arch))
+    fused = fuse_norms(program)
+    projected, matrices = with_projections(fused)
+    assert torch.equal(projected.logits(IDS), fused.logits(IDS))  # identity projections
+    width = matrices[0].shape[0]
+    rotated = rotate_and_slice(fused, random_bases(len(matrices), width), [width] * len(matrices))
+    assert rel(rotated.logits(IDS), program.logits(IDS)) < 1e-5
+    shortcuts = [lin for lin in rotated.structure.linears.values() if lin.role == "shortcut"]
+    assert len(shortcuts) == len(rotated.structure.sublayers)  # the basis changes at every residual add
+    assert len(rotated.structure.in_blocks()) == len(program.structure.in_blocks())  # shortcuts are not targets
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sliced_program_computes_what_the_projected_program_computes(arch):
+    fused = fuse_norms(Program.from_model(with_random_norms(arch)))
+    projected, matrices = with_projections(fused)
+    bases = random_bases(len(matrices), matrices[0].shape[0], seed=1)
+    widths = [40] * len(matrices)
+    for m, q, d in zip(matrices, bases, widths):
+        m.copy_((q[:, :d] @ q[:, :d].t()).float())
+    sliced = rotate_and_slice(fused, bases, widths)
+    assert rel(sliced.logits(IDS), projected.logits(IDS)) < 1e-5
+    assert rel(sliced.logits(IDS), fused.logits(IDS)) > 1e-2  # and slicing did change the function
+    structure = sliced.structure
+    for sub in structure.sublayers:
+        assert all(sliced.linear(n).in_features == 40 for n in sub.readers)
+        assert all(sliced.linear(n).out_features == 40 for n in sub.writers)
+    assert sliced.linear(structure.lm_head).in_features == 40
+    assert all(sliced.parameter(p).shape[1] == 40 for p in structure.embeddings.values())
+    assert sliced.origin["sliced_widths"] == widths
+
+
+def test_same_basis_at_consecutive_points_needs_no_shortcut():
+    fused = fuse_norms(Program.from_model(make_tiny("llama")))
+    _, matrices = with_projections(fused)
+    (q,) = random_bases(1, 64)
+    sliced = rotate_and_slice(fused, [q] * len(matrices), [48] * len(matrices))
+    assert not [lin for lin in sliced.structure.linears.values() if lin.role == "shortcut"]
+
+
+def test_a_norm_of_unknown_form_is_named():
+    model = make_tiny("llama", layers=1)
+    norm = model.model.layers[0].post_attention_layernorm
+    norm.forward = lambda x: x / (x.abs().mean(-1, keepdim=True) + 1e-6) * norm.weight
+    program = Program.from_model(model)
+    with pytest.raises(NormNotFusable, match="in front of model.layers.0.mlp.gate_proj"):
+        fuse_norms(program)
