@@ -12,6 +12,7 @@ X^T X (SparseGPT's Hessian).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -205,6 +206,16 @@ class Calibrator:
         stream = self.state.streams[i] if stream is None else stream
         side = self.state.sides[i]
         return (stream, *(side[j] for j in self.graphs.side_index[k]))
+
+    def block_output(self, k: int, index: int) -> fx.GraphModule:
+        """Block k's graph cut down to what its output ``index`` needs (e.g. the stream after the attention sublayer,
+        without the MLP after it): returns a 1-tuple, called like the whole block."""
+        whole = self.graphs.blocks[k]
+        graph = copy.deepcopy(whole.graph)
+        output = next(n for n in graph.nodes if n.op == "output")
+        output.args = ((output.args[0][index],),)
+        graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
+        return fx.GraphModule(whole, graph)
 
     @torch.no_grad()
     def collect(self, k: int, linears: list[Linear], hessian: bool) -> dict[str, InputStats]:

@@ -6,7 +6,7 @@
 Each pruner captures the model, runs the same pass the CLI runs, and returns a metrics dict (achieved_sparsity,
 per_layer_sparsity, params_before/after, wall_seconds, report). Masking pruners (magnitude, N:M, Wanda, SparseGPT)
 write the pruned weights into the given model in place (the captured program shares its tensors). Structural pruners
-(ShortGPT) leave the given model untouched and return the new model in ``metrics["model"]``.
+(SliceGPT, ShortGPT) leave the given model untouched and return the new model in ``metrics["model"]``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .program import Program
 from .registry import get_pass
 
 __all__ = ["SparseGPTConfig", "SparseGPTPruner", "WandaPruner", "MagnitudePruner", "NMSparsityPruner", "ShortGPTPruner",
-           "export_onnx", "evaluate_perplexity", "CubicSparsityScheduler", "apply_sparsity", "calibration_tensor"]
+           "SliceGPTPruner", "export_onnx", "evaluate_perplexity", "CubicSparsityScheduler", "apply_sparsity", "calibration_tensor"]
 
 
 def calibration_tensor(data: Iterable | torch.Tensor | None, nsamples: int | None) -> torch.Tensor | None:
@@ -202,6 +202,35 @@ class ShortGPTPruner(_Pruner):
         metrics = super().prune_model(model, calibration_dataloader, nsamples)
         program = metrics["program"]
         metrics["model"] = to_hf_model(program) if not program.origin.get("attention_removed") else None
+        return metrics
+
+
+class SliceGPTPruner(_Pruner):
+    """SliceGPT (PCA rotation of the residual stream, then slicing) over the ``slicegpt`` pass. Structural: the given
+    model is left untouched. No Hugging Face class holds the result (shortcut matrices on the residual connections), so
+    ``metrics["model"]`` is a torch module ``(input_ids, attention_mask) -> logits`` and ``metrics["program"]`` the
+    sliced program (for ``export_onnx`` or a masking pass). ``slice_ratio`` may be a dict of block ranges
+    (``{"layer_0-5": 0.1, "layer_6-29": 0.3}``)."""
+
+    method = "slicegpt"
+
+    def __init__(self, slice_ratio: float | dict = 0.25, round_to: int = 8, damping: float = 0.01):
+        if isinstance(slice_ratio, dict):
+            self._options = {"slicing": 0.0, "schedule": dict(slice_ratio)}
+        else:
+            self._options = {"slicing": slice_ratio}
+        self._options.update(round_to=round_to, damping=damping)
+        get_pass(self.method)(self._options)  # bad options fail here, not after capture
+
+    def options(self) -> dict:
+        return self._options
+
+    def prune_model(self, model: torch.nn.Module, calibration_dataloader: Iterable | None = None,
+                    nsamples: int | None = None) -> dict[str, Any]:
+        """Fuses, rotates and slices a copy of the captured program; ``model`` keeps its weights."""
+        metrics = super().prune_model(model, calibration_dataloader, nsamples)
+        metrics["model"] = metrics["program"].module()
+        metrics["widths"] = metrics["report"]["changes"]["widths"]
         return metrics
 
 

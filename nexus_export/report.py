@@ -22,6 +22,10 @@ def headline(report: dict) -> str:
     """One line: model, passes, sparsity, perplexities, parity."""
     ppl = report["perplexity"]
     passes = " + ".join(p["name"] for p in report["passes"]) or "no pass"
+    for p in report["passes"]:
+        widths = p.get("changes", {}).get("widths")
+        if widths:
+            passes += f" (width {p['changes']['hidden_before']} -> {'/'.join(map(str, sorted(set(widths.values()))))})"
     return (f"{report['model']['name']} | {passes} | sparsity {report['sparsity']['overall']:.1%} "
             f"({report['sparsity']['pattern']}) | perplexity dense {ppl['dense']:.2f} -> pruned {ppl['pruned']:.2f} "
             f"(onnxruntime {ppl['onnx']:.2f}) | parity max|diff| {report['parity']['max_abs_diff']:.2e}")
@@ -91,9 +95,16 @@ def _changes(p: dict) -> list[str]:
     changes = p.get("changes", {})
     lines = ["", f"### {p['name']}"]
     for key, value in changes.items():
-        if key in ("per_layer", "scores"):
+        if key in ("per_layer", "scores", "widths"):
             continue
         lines.append(f"- {key}: {value}")
+    if changes.get("widths"):
+        widths = changes["widths"]
+        if len(set(widths.values())) == 1:
+            lines.append(f"- stream width in every block: {next(iter(widths.values()))}")
+        else:
+            lines += ["", "| block | stream width |", "|---|---|"]
+            lines += [f"| {block} | {width} |" for block, width in widths.items()]
     if changes.get("scores"):
         removed = set(changes.get("removed", []))
         lines += ["", "| block | score | removed |", "|---|---|---|"]

@@ -9,10 +9,10 @@ the stream's energy, and the norm must keep its meaning). A tied lm_head is unti
 block 0 and each residual add), identity at first. Setting a point's matrix to Q_d Q_d^T makes the program compute what
 the sliced program will compute, in the original basis: the calibration runs on it.
 
-``rotate_and_slice``: the sliced program itself. Point i's stream is carried as z_i = x_i Q_i[:, :d_i]: embeddings and
-linears writing to point i are rotated into Q_i and cut to d_i rows, linears reading from it get Q_i's first d_i
-columns, and each residual connection gets a shortcut matrix Q_i[:, :d_i]^T Q_j[:, :d_j] (none where the basis does not
-change). Literal widths in views are corrected and the program is re-exported, so every shape is fresh.
+``rotate_and_slice``: the sliced program itself. Point i's stream is carried as z_i = x_i B_i (B_i: [D, d_i], orthonormal
+columns): embeddings and linears writing to point i get B_i^T on their output side (d_i rows), linears reading from it
+B_i on their input side (d_i columns), and each residual connection a shortcut matrix B_i^T B_j (none where it is the
+identity). Literal widths in views are corrected and the program is re-exported, so every shape is fresh.
 """
 
 from __future__ import annotations
@@ -375,20 +375,41 @@ def with_projections(fused: Program) -> tuple[Program, list[torch.Tensor]]:
 
 # ---------------------------------------------------------------------------------------------------- rotate and slice
 
-def rotate_and_slice(fused: Program, bases: list[torch.Tensor], widths: list[int]) -> Program:
-    """The sliced program: point i carried as x_i @ bases[i][:, :widths[i]] (see the module docstring).
+def align_bases(bases: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The same subspaces with each basis turned to be as close as possible to the one before it.
 
-    ``bases`` are orthogonal [D, D] matrices (float64), one per stream point; a basis object repeated at consecutive
-    points with the same width means the rotation does not change there, and no shortcut matrix is inserted.
+    The sliced function depends only on the subspace kept at each point, not on the basis chosen inside it, so each
+    basis B_i = Q_i R_i takes the rotation R_i (orthogonal Procrustes) that brings it nearest to B_{i-1}: shortcut
+    matrices B_{i-1}^T B_i become as close to identity as the subspaces allow, and exactly identity where the subspace
+    does not change (no slicing), so none is inserted there and rotation-only runs carry no extra rounding.
+    """
+    aligned = [bases[0].double()]
+    for q in bases[1:]:
+        q = q.double()
+        prev = aligned[-1]
+        m = q.t() @ prev  # [d_i, d_{i-1}]
+        if m.shape[1] < m.shape[0]:  # a wider point than the one before: only its first columns have a partner
+            m = torch.cat([m, torch.zeros(m.shape[0], m.shape[0] - m.shape[1], dtype=m.dtype)], dim=1)
+        u, _, vh = torch.linalg.svd(m[:, :m.shape[0]])
+        aligned.append(q @ (u @ vh))
+    return aligned
+
+
+def rotate_and_slice(fused: Program, bases: list[torch.Tensor]) -> Program:
+    """The sliced program: point i carried as x_i @ bases[i] (see the module docstring).
+
+    ``bases`` are [D, d_i] matrices with orthonormal columns (float64), one per stream point. Where consecutive bases
+    are the same (the shortcut would be the identity), no shortcut matrix is inserted.
     """
     structure = fused.structure
     exported = copy.deepcopy(fused.exported)
     graph, state = exported.graph, exported.state_dict
     points = stream_points(fused, exported)
-    if len(bases) != len(points) or len(widths) != len(points):
-        raise ValueError(f"expected {len(points)} bases and widths (one per stream point)")
+    if len(bases) != len(points):
+        raise ValueError(f"expected {len(points)} bases (one per stream point), got {len(bases)}")
     nodes = {n.name: n for n in graph.nodes}
-    q = [b.double()[:, :d] for b, d in zip(bases, widths)]
+    q = [b.double() for b in bases]
+    widths = [int(b.shape[1]) for b in bases]
 
     def set_matrix(name: str, w_oi: torch.Tensor) -> None:
         lin = structure.linears[name]
@@ -414,12 +435,13 @@ def rotate_and_slice(fused: Program, bases: list[torch.Tensor], widths: list[int
                 if bias:
                     state[bias] = torch.nn.Parameter((state[bias].double() @ q[i + 1]).to(state[bias].dtype),
                                                      requires_grad=False)
-            if bases[i] is bases[i + 1] and widths[i] == widths[i + 1]:
+            s = q[i].t() @ q[i + 1]  # z_{i+1} = z_i @ S
+            if s.shape[0] == s.shape[1] and bool((s - torch.eye(s.shape[0], dtype=s.dtype)).abs().max() < 1e-9):
                 continue
             add = nodes[structure.residual_adds[i]]
             stream = _stream_operand(add)
             block = structure.blocks[sub.block]
-            shortcut = (q[i].t() @ q[i + 1]).t().float()  # z_{i+1} = z_i @ S, as linear(z, S^T)
+            shortcut = s.t().float()  # as linear(z, S^T)
             param = _add_parameter(exported, f"{WRAPPER_PREFIX}{block}.{sub.kind}_shortcut.weight", shortcut)
             with graph.inserting_before(add):
                 node = _call(graph, aten.linear.default, (stream, param), add)

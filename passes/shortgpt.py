@@ -85,6 +85,9 @@ class ShortGPTPass(Pass):
 
     def check(self, program: Program) -> None:
         n = len(program.structure.blocks)
+        if program.origin.get("sliced_widths"):
+            raise UserError("shortgpt cannot remove blocks of a sliced model (each block's stream has its own rotated "
+                            "basis); put shortgpt before slicegpt in the recipe")
         if self.config.strategy == "attention":
             blocks_with_attention = {s.block for s in program.structure.sublayers if s.kind == "attention"}
             if not blocks_with_attention:

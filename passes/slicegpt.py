@@ -26,7 +26,7 @@ from nexus_export.errors import UserError
 from nexus_export.passbase import Pass, PassConfig, PassContext
 from nexus_export.program import Program
 from nexus_export.progress import Progress
-from nexus_export.slicing import fuse_norms, rotate_and_slice, with_projections
+from nexus_export.slicing import align_bases, fuse_norms, rotate_and_slice, with_projections
 
 log = logging.getLogger(__name__)
 
@@ -134,14 +134,12 @@ class SliceGPTPass(Pass):
         calibrator = Calibrator(projected, windows, cfg.batch_size)
         structure = fused.structure
 
-        bases, widths = [], []
+        bases: list[torch.Tensor] = []  # per stream point: [D, d] (the d strongest principal directions)
 
         def settle(cov: _Covariance, width: int) -> torch.Tensor:
             """Fix the basis of the next point; return its projection matrix (already written into the program)."""
-            q = pca_basis(cov.xtx, cfg.damping)
-            bases.append(q)
-            widths.append(width)
-            keep = q[:, :width]
+            keep = pca_basis(cov.xtx, cfg.damping)[:, :width]
+            bases.append(keep)
             projection = projections[len(bases) - 1]
             projection.copy_((keep @ keep.t()).to(projection.dtype))
             return projection
@@ -157,13 +155,16 @@ class SliceGPTPass(Pass):
             kinds = [sub.kind for sub in structure.sublayers if sub.block == k]
             for j, kind in enumerate(kinds):
                 index = calibrator.graphs.residuals[k][kind]
-                cov = _Covariance(hidden)
                 last = j == len(kinds) - 1
+                # the last sublayer's point needs the whole block (its output moves the stream on); an earlier
+                # point only what leads to it
+                graph = calibrator.graphs.blocks[k] if last else calibrator.block_output(k, index)
+                cov = _Covariance(hidden)
                 outputs = []
                 with torch.no_grad():
                     for i in range(len(calibrator.state.streams)):
-                        out = calibrator.graphs.blocks[k](*calibrator.block_inputs(k, i))
-                        cov.add(out[index])
+                        out = graph(*calibrator.block_inputs(k, i))
+                        cov.add(out[index] if last else out[0])
                         if last:  # the block's output: the same values, in the shape the next block reads
                             outputs.append(out[0])
                 projection = settle(cov, block_widths[k])
@@ -171,7 +172,7 @@ class SliceGPTPass(Pass):
                     calibrator.state.streams = [o @ projection for o in outputs]
             progress.update(k + 1)
 
-        sliced = rotate_and_slice(fused, bases, widths)
+        sliced = rotate_and_slice(fused, align_bases(bases))
         shortcut_params = sum(lin.in_features * lin.out_features for lin in sliced.structure.linears.values()
                               if lin.role == "shortcut")
         per_block = {str(k): block_widths[k] for k in range(len(structure.blocks))}

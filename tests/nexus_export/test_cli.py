@@ -225,3 +225,40 @@ def test_readme_recipe_is_valid_and_structural_then_masking_runs(tmp_path):
     short, sparse = report["passes"]
     assert short["changes"]["blocks_after"] == 1 and sparse["changes"]["targeted_layers"] == 7
     assert report["onnx"]["summary"]["all_nm_valid"] and report["deploy"]["variant"] == "int4"
+
+
+def test_slicegpt_end_to_end(tmp_path, capsys):
+    out = tmp_path / "slice"
+    assert prune(out, "--slicing", "0.25", "--calib-samples", "8", method="slicegpt") == 0
+    assert "tiny-llama | slicegpt (width 64 -> 48) |" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    (p,) = report["passes"]
+    assert p["changes"]["slicing"] == 0.25 and p["changes"]["widths"] == {"0": 48, "1": 48}
+    assert p["params_after"] < p["params_before"]
+    ppl = report["perplexity"]
+    assert abs(ppl["onnx"] - ppl["pruned"]) / ppl["pruned"] < 1e-3
+    assert report["onnx"]["summary"]["layers"] == 2 * 7 + 1 + 4  # the linears, the lm_head, 4 shortcut matrices
+    assert "stream width in every block: 48" in (out / "report.md").read_text()
+
+
+def test_slicegpt_then_sparsegpt_recipe(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tiny-llama\npasses:\n  - slicegpt: {slicing: 0.25}\n  - sparsegpt: {pattern: '2:4'}\n"
+                      "calibration: {samples: 8, seq_len: 64}\nevaluation: {windows: 2, seq_len: 64, latency: false}\n")
+    assert main(["-q", "run", str(recipe), "--out", str(tmp_path / "o")]) == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    sliced, sparse = report["passes"]
+    assert sparse["changes"]["targeted_layers"] == 14  # the shortcut matrices are not pruning targets
+    assert report["onnx"]["summary"]["all_nm_valid"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--slicing", "1.0"], "slicing must be a fraction in [0, 1)"),
+    (["--slicing", "0.95"], "leaves no dimension"),
+    (["--slicing", "0.25", "--save-hf"], "--save-hf needs passes that keep the architecture"),
+])
+def test_bad_slicegpt_input(tmp_path, capsys, args, message):
+    assert prune(tmp_path / "out", *args, method="slicegpt") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert list(tmp_path.iterdir()) == []

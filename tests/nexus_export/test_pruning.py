@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from nexus_export.data import calibration_windows, evaluation_windows
 from nexus_export.errors import UserError
 from nexus_export.pruning import (CubicSparsityScheduler, NMSparsityPruner, ShortGPTPruner, SparseGPTConfig,
-                                  SparseGPTPruner, WandaPruner, apply_sparsity, calibration_tensor,
+                                  SliceGPTPruner, SparseGPTPruner, WandaPruner, apply_sparsity, calibration_tensor,
                                   evaluate_perplexity, export_onnx)
 from nexus_export.zoo import load_model
 
@@ -50,6 +50,18 @@ def test_the_snippet_runs_as_written(tiny):
     result = ShortGPTPruner(n_layers_to_remove=1, removal_strategy="similarity").prune_model(model, tokenizer=tok)
     assert len(model.model.layers) == 2  # structural: the given model is untouched
     assert result["model"].config.num_hidden_layers == 1 and len(result["report"]["changes"]["removed"]) == 1
+
+    model = load_model("tiny-llama").model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = calibration_windows(tok, "austen", 2, 32, 1)
+    dense_logits = model(ids).logits
+    result = SliceGPTPruner(slice_ratio=0.25).prune_model(model, loader(tok))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # structural: input untouched
+    assert set(result["widths"].values()) == {48} and result["params_after"] < result["params_before"]
+    sliced_logits = result["model"](ids, torch.ones_like(ids))
+    assert sliced_logits.shape == dense_logits.shape
+    rotated = SliceGPTPruner(slice_ratio=0.0).prune_model(model, loader(tok))["model"]
+    assert float((rotated(ids, torch.ones_like(ids)) - dense_logits).abs().max()) < 1e-4
 
     model = load_model("tiny-llama").model
     NMSparsityPruner(n=2, m=4).prune_model(model, loader(tok))
@@ -175,3 +187,4 @@ def test_readme_python_snippet_runs(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "model.onnx").is_file()
     assert namespace["metrics"]["achieved_sparsity"] == pytest.approx(0.5)
     assert namespace["short"]["model"].config.num_hidden_layers == 1
+    assert set(namespace["sliced"]["widths"].values()) == {48}

@@ -30,6 +30,7 @@ def test_rotation_only_keeps_logits(arch):
     result = SliceGPTPass({"slicing": 0.0}).run(program, ctx())
     assert float((result.program.logits(IDS) - program.logits(IDS)).abs().max()) < 1e-4
     assert result.report.changes["widths"] == {"0": 64, "1": 64}
+    assert result.report.changes["shortcut_parameters"] == 0  # nothing sliced: one basis, no shortcut
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -39,7 +40,7 @@ def test_quarter_slicing_on_every_architecture(arch):
     sliced, changes = result.program, result.report.changes
     assert changes["hidden_before"] == 64 and changes["embedding_width"] == 48
     assert changes["widths"] == {"0": 48, "1": 48}
-    assert changes["shortcut_parameters"] == 4 * 48 * 48
+    assert changes["shortcut_parameters"] == 4 * 48 * 48  # the stream's subspace changes at every residual add
     assert changes["head_untied"] == (arch in ("opt", "gpt2"))
     assert all(sliced.linear(n).in_features == 48 for s in sliced.structure.sublayers for n in s.readers)
     # the report counts what the program holds: shortcuts in, the norm scales folded away
@@ -54,7 +55,7 @@ def test_pca_beats_a_random_basis_on_the_calibration_text():
     pca = SliceGPTPass({"slicing": 0.5}).run(program, ctx(windows)).program
     fused = fuse_norms(program)
     _, matrices = with_projections(fused)
-    random = rotate_and_slice(fused, random_bases(len(matrices), 64), [32] * len(matrices))
+    random = rotate_and_slice(fused, [q[:, :32] for q in random_bases(len(matrices), 64)])
 
     dense = program.logits(windows)
 
@@ -134,3 +135,11 @@ def test_bad_input_for_the_model():
     sliced = SliceGPTPass({"slicing": 0.25}).run(program, ctx()).program
     with pytest.raises(UserError, match="already sliced"):
         SliceGPTPass({"slicing": 0.25}).run(sliced, ctx())
+
+
+def test_shortgpt_after_slicing_is_refused():
+    from passes.shortgpt import ShortGPTPass
+
+    sliced = SliceGPTPass({"slicing": 0.25}).run(Program.from_model(make_tiny("llama")), ctx()).program
+    with pytest.raises(UserError, match="put shortgpt before slicegpt"):
+        ShortGPTPass({"remove": 1}).run(sliced, ctx())
