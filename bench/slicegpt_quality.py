@@ -48,20 +48,36 @@ def main() -> int:
     if not args.skip_invariance:
         probe = evals[:2]
         dense_logits = program.logits(probe)
-        rotated = get_pass("slicegpt")({"slicing": 0.0}).run(program, ctx).program
-        torch_diff = float((rotated.logits(probe) - dense_logits).abs().max())
+        rotated = get_pass("slicegpt")({"slicing": 0.0}).run(program, ctx)
+        torch_diff = float((rotated.program.logits(probe) - dense_logits).abs().max())
         with tempfile.TemporaryDirectory() as tmp:
-            sess = ort.session(lower_to_onnx(rotated.exported, Path(tmp) / "model.onnx"))
-            onnx_diff = float((torch.from_numpy(ort.logits(sess, probe)) - dense_logits).abs().max())
-        print(f"Rotation only (slicing 0), {args.model}, {probe.shape[0]} x {probe.shape[1]} evaluation tokens:\n")
-        print("| runtime | max abs logits diff from dense | max abs dense logit |\n|---|---|---|")
-        print(f"| PyTorch | {torch_diff:.2e} | {float(dense_logits.abs().max()):.1f} |")
-        print(f"| onnxruntime | {onnx_diff:.2e} | {float(dense_logits.abs().max()):.1f} |\n", flush=True)
+            onnx = {}
+            for label, prog in (("dense", program), ("rotated", rotated.program)):
+                sess = ort.session(lower_to_onnx(prog.exported, Path(tmp) / label / "model.onnx"))
+                onnx[label] = torch.from_numpy(ort.logits(sess, probe))
+        with torch.no_grad():  # the exact reference: the dense model in float64
+            exact = loaded.model.double()(probe).logits
+            loaded.model.float()
+
+        def diff(a: torch.Tensor, b: torch.Tensor) -> str:
+            return f"{float((a.double() - b.double()).abs().max()):.2e}"
+
+        print(f"Rotation only (slicing 0), {args.model}, {probe.shape[0]} x {probe.shape[1]} evaluation tokens; "
+              f"{rotated.report.changes['shortcut_parameters']} shortcut parameters; largest |dense logit| "
+              f"{float(dense_logits.abs().max()):.1f}. Max abs logits difference:\n")
+        print("| runtime | rotated vs dense, same runtime | rotated vs dense float64 | dense vs dense float64 |\n"
+              "|---|---|---|---|")
+        print(f"| PyTorch float32 | {torch_diff:.2e} | {diff(rotated.program.logits(probe), exact)} | "
+              f"{diff(dense_logits, exact)} |")
+        print(f"| onnxruntime float32 | {diff(onnx['rotated'], onnx['dense'])} | {diff(onnx['rotated'], exact)} | "
+              f"{diff(onnx['dense'], exact)} |\n", flush=True)
         del rotated
 
+    if not args.slicings:
+        return 0
     rows = [measure("dense", program, evals, ood, None)]
     print_table(rows)
-    for ratio in (float(x) for x in args.slicings.split(",")):
+    for ratio in (float(x) for x in args.slicings.split(",") if x):
         report_ = get_pass("slicegpt")({"slicing": ratio}).run(program, ctx)
         widths = sorted(set(report_.report.changes["widths"].values()))
         rows.append(measure(f"slicegpt {ratio:.0%} (width {'/'.join(map(str, widths))})", report_.program, evals, ood,

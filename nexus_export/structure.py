@@ -8,6 +8,8 @@ How roles are found (topology first, names never):
   attention (or a softmax), otherwise an MLP. Its linears with no linear before them *read* the stream (``attn_in`` /
   ``mlp_in``); those with no linear after them *write* to it (``attn_out`` / ``mlp_out``).
 - Blocks are the entries of the repeated module list seen in ``nn_module_stack`` (the path component that is an index).
+- A residual connection may carry a matrix (SliceGPT's shortcut: ``add(linear(stream), branch(stream))``); such a
+  linear has the role ``shortcut`` and is not a pruning target.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ residual connection a [d, d] shortcut matrix. ``d = floor((1 - slicing) * D)`` r
 
 Blocks are processed in order; each principal-component analysis sees the stream produced by the already rotated and
 sliced earlier sublayers (the calibration program carries a projection Q_d Q_d^T at each finished point, which computes
-exactly what the sliced program will).
+exactly what the sliced program will). The kept bases are then aligned (see ``nexus_export.slicing.align_bases``), so
+shortcut matrices are as near identity as the subspaces allow and absent where nothing is sliced.
 """
 
 from __future__ import annotations
