@@ -3,7 +3,7 @@
     scheduler = CubicSparsityScheduler(0.0, 0.5, total_steps=300)
     masks = apply_sparsity(model, scheduler.sparsity(0))
     for step in range(300):
-        ...loss.backward(); optimizer.step()        # masked weights are zeroed again before every forward
+        ...loss.backward(); optimizer.step()        # masked weights stay at zero through every step
         if step % 50 == 0:
             masks.update(scheduler.sparsity(step))  # raise sparsity: recompute masks from the current weights
     masks.remove()
@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .errors import UserError
 from .program import Program
@@ -40,17 +41,37 @@ class CubicSparsityScheduler:
 
 
 class SparsityMasks:
-    """Keep masks on a model's linears: weights are multiplied by their mask before every forward pass."""
+    """Keep masks on a model's linears: masked weights get zero gradients, are zeroed again after every step of an
+    optimizer that updates them (momentum would otherwise move them), and before every forward pass."""
 
     def __init__(self, model: torch.nn.Module, names: list[str], method: str, pattern: str | None):
         self.model, self.names, self.method, self.pattern = model, names, method, pattern
         self.masks: dict[str, torch.Tensor] = {}
-        self._handle = model.register_forward_pre_hook(lambda module, args: self.reapply())
+        watched = {id(model.get_submodule(name).weight) for name in names}
+
+        def after_step(optimizer, args, kwargs) -> None:
+            if any(id(p) in watched for group in optimizer.param_groups for p in group["params"]):
+                self.reapply()
+
+        self._handles = [model.register_forward_pre_hook(lambda module, args: self.reapply()),
+                         register_optimizer_step_post_hook(after_step)]
+        for name in names:
+            self._handles.append(self.model.get_submodule(name).weight.register_hook(
+                lambda grad, name=name: grad * self._stored_mask(name, grad)))
+
+    def _transposed(self, name: str) -> bool:
+        return type(self.model.get_submodule(name)).__name__ == "Conv1D"
 
     def _weight(self, name: str) -> torch.Tensor:
-        module = self.model.get_submodule(name)
-        w = module.weight
-        return w.t() if type(module).__name__ == "Conv1D" else w  # [out, in], as every pass sees it
+        w = self.model.get_submodule(name).weight
+        return w.t() if self._transposed(name) else w  # [out, in], as every pass sees it
+
+    def _stored_mask(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The mask of ``name`` in the parameter's own layout (ones before the first update)."""
+        keep = self.masks.get(name)
+        if keep is None:
+            return torch.ones_like(like)
+        return (keep.t() if self._transposed(name) else keep).to(like.dtype)
 
     @torch.no_grad()
     def update(self, sparsity: float) -> None:
@@ -77,7 +98,8 @@ class SparsityMasks:
         return zeros / sum(self._weight(n).numel() for n in self.names)
 
     def remove(self) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
 
 
 def apply_sparsity(model: torch.nn.Module, sparsity: float, method: str = "magnitude",

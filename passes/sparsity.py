@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from nexus_export.errors import UserError
-from nexus_export.structure import ROLES, Structure
+from nexus_export.structure import ROLES, SHORTCUT, Structure
 
 SCHEDULE_ROLES = ROLES + ("embed",)
 
@@ -117,7 +117,7 @@ def resolve_targets(structure: Structure, sparsity: float, schedule: dict | None
     """
     sparsity = check_sparsity(sparsity)
     schedule = dict(schedule or {})
-    candidates = {lin.name: (lin.role, lin.block) for lin in structure.linears.values()}
+    candidates = {lin.name: (lin.role, lin.block) for lin in structure.linears.values() if lin.role != SHORTCUT}
     for emb in structure.embeddings:
         if structure.tied_embedding and structure.lm_head and structure.embeddings[emb] == structure.linears[structure.lm_head].weight:
             continue  # a tied embedding is the lm_head's matrix: the lm_head key governs it
