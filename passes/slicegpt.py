@@ -28,6 +28,7 @@ from nexus_export.passbase import Pass, PassConfig, PassContext
 from nexus_export.program import Program
 from nexus_export.progress import Progress
 from nexus_export.slicing import align_bases, fuse_norms, rotate_and_slice, with_projections
+from nexus_export.structure import SHORTCUT
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ class SliceGPTPass(Pass):
 
         sliced = rotate_and_slice(fused, align_bases(bases))
         shortcut_params = sum(lin.in_features * lin.out_features for lin in sliced.structure.linears.values()
-                              if lin.role == "shortcut")
+                              if lin.role == SHORTCUT)
         per_block = {str(k): block_widths[k] for k in range(len(structure.blocks))}
         changes = {
             "slicing": cfg.slicing,

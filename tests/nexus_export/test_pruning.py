@@ -54,7 +54,8 @@ def test_the_snippet_runs_as_written(tiny):
     model = load_model("tiny-llama").model
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ids = calibration_windows(tok, "austen", 2, 32, 1)
-    dense_logits = model(ids).logits
+    with torch.no_grad():
+        dense_logits = model(ids).logits
     result = SliceGPTPruner(slice_ratio=0.25).prune_model(model, loader(tok))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # structural: input untouched
     assert set(result["widths"].values()) == {48} and result["params_after"] < result["params_before"]
