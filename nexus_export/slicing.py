@@ -30,8 +30,8 @@ from torch.export.graph_signature import ExportGraphSignature, InputKind, InputS
 from .errors import UserError
 from .naming import WRAPPER_PREFIX
 from .program import Program
-from .structure import _through, block_boundaries, op_name, read_structure
-from .surgery import _stream_operand
+from .structure import through, block_boundaries, op_name, read_structure
+from .surgery import stream_operand
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,10 @@ def _add_parameter(exported: ExportedProgram, target: str, value: torch.Tensor) 
     anchor = next(n for n in graph.nodes if n.op == "placeholder" and n.name == specs[last].arg.name)
     taken = {n.name for n in graph.nodes}
     name = base = "p_" + target.replace(".", "_")
+    suffix = 0
     while name in taken:
-        name = f"{base}_{len(taken)}"
+        suffix += 1
+        name = f"{base}_{suffix}"
     with graph.inserting_after(anchor):
         node = graph.placeholder(name)
     fake_mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes if n.op == "placeholder"])
@@ -176,7 +178,7 @@ def find_norms(program: Program, exported: ExportedProgram) -> dict[str, NormSit
         lin = program.linear(readers[0])
         node = nodes[lin.node]
         x = node.args[1] if op_name(node) == "addmm" else node.args[0]
-        sites[readers[0]] = _norm_site(exported, _through(x), readers[0])
+        sites[readers[0]] = _norm_site(exported, through(x), readers[0])
     return sites
 
 
@@ -192,7 +194,7 @@ def _norm_site(exported: ExportedProgram, node: fx.Node, reader: str) -> NormSit
         a, b = node.args
         weight, other = (a, b) if _param_of(exported, a) else (b, a)
         if _param_of(exported, weight):
-            inner = _through(other)
+            inner = through(other)
             site = _rms_core(inner)
             if site is not None:
                 x, mean, eps = site
@@ -218,7 +220,7 @@ def _rms_core(node: fx.Node) -> tuple[fx.Node, fx.Node, float] | None:
             mean = add.args[0]
             if op_name(mean) in ("mean", "mul") and isinstance(mean.args[0], fx.Node):
                 pw = mean.args[0] if op_name(mean) == "mean" else mean.args[0].args[0]
-                if op_name(pw) == "pow" and _through(pw.args[0]) is _through(x):
+                if op_name(pw) == "pow" and through(pw.args[0]) is through(x):
                     return x, mean, float(add.args[1])
     return None
 
@@ -439,7 +441,7 @@ def rotate_and_slice(fused: Program, bases: list[torch.Tensor]) -> Program:
             if s.shape[0] == s.shape[1] and bool((s - torch.eye(s.shape[0], dtype=s.dtype)).abs().max() < 1e-9):
                 continue
             add = nodes[structure.residual_adds[i]]
-            stream = _stream_operand(add)
+            stream = stream_operand(add)
             block = structure.blocks[sub.block]
             shortcut = s.t().float()  # as linear(z, S^T)
             param = _add_parameter(exported, f"{WRAPPER_PREFIX}{block}.{sub.kind}_shortcut.weight", shortcut)

@@ -138,7 +138,7 @@ def ancestors(node: Node, stop: set[Node] | None = None) -> set[Node]:
     return seen
 
 
-def _through(node: Node) -> Node:
+def through(node: Node) -> Node:
     """Follow pass-through ops back to the node that produced the value."""
     while node.op == "call_function" and op_name(node) in PASS_THROUGH_OPS and _tensor_args(node):
         node = _tensor_args(node)[0]
@@ -179,7 +179,7 @@ def read_structure(exported: torch.export.ExportedProgram) -> Structure:
 
     # 2. lm_head: the linear whose output reaches the graph output through pass-through ops only.
     output_node = next(n for n in graph.nodes if n.op == "output")
-    logits = _through(output_node.args[0][0] if isinstance(output_node.args[0], (tuple, list)) else output_node.args[0])
+    logits = through(output_node.args[0][0] if isinstance(output_node.args[0], (tuple, list)) else output_node.args[0])
     head = logits if logits in raw_linears else None
     if head is None:
         raise UnsupportedArchitecture("the logits are not produced by a linear layer (lm_head); unsupported model head")
@@ -201,7 +201,7 @@ def read_structure(exported: torch.export.ExportedProgram) -> Structure:
         if b in ancestors(a):
             return b, a
         for s, other in ((a, b), (b, a)):  # a shortcut matrix on the connection: linear(stream) + branch(stream)
-            lin = _through(s)
+            lin = through(s)
             if lin in raw_linears and op_name(lin) == "linear" and lin.args[0] in ancestors(other):
                 shortcuts[lin] = lin.args[0]
                 return s, other
@@ -221,9 +221,9 @@ def read_structure(exported: torch.export.ExportedProgram) -> Structure:
             break
         stream_in, branch = parts
         residual.append((cur, stream_in, branch))
-        cur = _through(stream_in)
+        cur = through(stream_in)
         if cur in shortcuts:
-            cur = _through(shortcuts[cur])
+            cur = through(shortcuts[cur])
         if not (cur.op == "call_function" and op_name(cur) == "add"):
             break
     residual.reverse()

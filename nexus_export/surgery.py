@@ -59,7 +59,7 @@ def remove_attention(program: Program, blocks: list[int]) -> Program:
     for sub, add_name in zip(program.structure.sublayers, program.structure.residual_adds):
         if sub.kind == "attention" and sub.block in drop:
             add = nodes[add_name]
-            stream = _stream_operand(add)
+            stream = stream_operand(add)
             add.replace_all_uses_with(stream)
             found.add(sub.block)
     missing = sorted(set(drop) - found)
@@ -71,7 +71,7 @@ def remove_attention(program: Program, blocks: list[int]) -> Program:
     return _replace(program, exported, program.config, attention_removed=drop)
 
 
-def _stream_operand(add: torch.fx.Node) -> torch.fx.Node:
+def stream_operand(add: torch.fx.Node) -> torch.fx.Node:
     """The operand of a residual add that carries the stream (the one the other operand was computed from)."""
     a, b = [x for x in add.args if isinstance(x, torch.fx.Node)]
     return a if a in ancestors(b) else b
