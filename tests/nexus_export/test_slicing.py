@@ -32,7 +32,7 @@ def test_fusion_keeps_logits_and_leaves_scale_free_norms(arch):
             assert float(fused.parameter(param).detach().double().mean(dim=1).abs().max()) < 1e-6
         for sub in fused.structure.sublayers:
             for name in sub.writers:
-                assert float(fused.weight(name).double().mean(dim=0).abs().max()) < 1e-6
+                assert float(fused.weight(name).detach().double().mean(dim=0).abs().max()) < 1e-6
 
 
 @pytest.mark.parametrize("arch", ARCHS)
