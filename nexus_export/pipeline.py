@@ -140,7 +140,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
             "recipe": recipe.to_dict(),
             "calibration": recipe.to_dict()["calibration"] if needs_calibration else None,
             "passes": pass_reports,
-            "sparsity": {"overall": round(overall, 6), "pattern": f"{pattern[0]}:{pattern[1]}" if pattern else "unstructured",
+            "sparsity": {"overall": round(overall, 6), "pattern": _pattern_label(pattern, pass_reports),
                          "per_layer": {n: round(v, 6) for n, v in per_layer.items()}},
             "perplexity": {"dataset": f"{ev.source} evaluation, {ev.windows} windows x {ev.seq_len} tokens",
                            "tokens": tokens, "dense": dense_ppl, "pruned": pruned_ppl, "onnx": onnx_ppl,
@@ -188,6 +188,14 @@ def _last_pattern(pass_reports: list[dict]) -> tuple[int, int] | None:
             n, m = pattern.split(":")
             return int(n), int(m)
     return None
+
+
+def _pattern_label(pattern: tuple[int, int] | None, pass_reports: list[dict]) -> str:
+    """"N:M", "unstructured", or "none" when no masking pass ran (structural passes only)."""
+    if pattern:
+        return f"{pattern[0]}:{pattern[1]}"
+    masked = any(rep.get("changes", {}).get("per_layer") for rep in pass_reports)
+    return "unstructured" if masked else "none"
 
 
 def _targeted_layers(program: Program, pass_reports: list[dict]) -> list[str]:

@@ -230,7 +230,7 @@ def test_readme_recipe_is_valid_and_structural_then_masking_runs(tmp_path):
 def test_slicegpt_end_to_end(tmp_path, capsys):
     out = tmp_path / "slice"
     assert prune(out, "--slicing", "0.25", "--calib-samples", "8", method="slicegpt") == 0
-    assert "tiny-llama | slicegpt (width 64 -> 48) |" in capsys.readouterr().out
+    assert "tiny-llama | slicegpt (width 64 -> 48) | sparsity 0.0% (none) |" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     (p,) = report["passes"]
     assert p["changes"]["slicing"] == 0.25 and p["changes"]["widths"] == {"0": 48, "1": 48}
