@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
+import tempfile
+from pathlib import Path
+
+LICENSES = Path("/usr/share/common-licenses")
 
 
 def setup_logging() -> None:
@@ -46,3 +51,52 @@ def load_protocol(model: str, eval_windows: int, calib_samples: int, seq_len: in
     calib = calibration_windows(loaded.tokenizer, "austen", calib_samples, seq_len, 0)
     program = Program.from_model(loaded.model, loaded.tokenizer, name=loaded.name)
     return loaded, program, evals, calib
+
+
+def protocol_parser(description: str, other_text: bool = False) -> argparse.ArgumentParser:
+    """An argument parser with the default protocol's options (and, when asked, the other-text windows)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=64)
+    if other_text:
+        ap.add_argument("--ood-windows", type=int, default=32, help="windows of the license texts (0 = skip)")
+    return ap
+
+
+def other_text_windows(tokenizer, windows: int, seq_len: int):
+    """Windows of text the calibration never saw: the license texts in /usr/share/common-licenses joined into one
+    file (regular files only: the symlinks repeat them); None when there are none or ``windows`` is 0."""
+    from nexus_export.data import evaluation_windows
+
+    if not windows or not LICENSES.is_dir():
+        return None
+    files = sorted(p for p in LICENSES.iterdir() if p.is_file() and not p.is_symlink())
+    out = Path(tempfile.mkdtemp()) / "licenses.txt"
+    out.write_text("\n\n".join(p.read_text(errors="replace") for p in files))
+    return evaluation_windows(tokenizer, out, windows, seq_len)
+
+
+def quality(program, evals, other, label: str) -> dict:
+    """Perplexity of ``program`` on the evaluation windows in PyTorch and in onnxruntime, and on the other text."""
+    from nexus_export.evaluate import program_perplexity
+    from runtimes import ort
+    from runtimes.onnx_export import lower_to_onnx
+
+    ppl, _ = program_perplexity(program, evals, 4, label)
+    ppl_other = program_perplexity(program, other, 4, f"{label} (other text)")[0] if other is not None else None
+    with tempfile.TemporaryDirectory() as tmp:
+        sess = ort.session(lower_to_onnx(program.exported, Path(tmp) / "model.onnx"))
+        ppl_onnx, _ = ort.perplexity(sess, evals, 4)
+    return dict(ppl=ppl, ppl_onnx=ppl_onnx, ppl_other=ppl_other)
+
+
+def cell(value, fmt: str) -> str:
+    """``value`` formatted, or "-" when there is none."""
+    return "-" if value is None else format(value, fmt)
+
+
+def other_cell(value, dense) -> str:
+    """Other-text perplexity with its ratio to the dense model's."""
+    return "-" if value is None else f"{value:.2f} ({value / dense:.2f}x)"

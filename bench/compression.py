@@ -9,13 +9,12 @@ on disk (ONNX + external data), onnxruntime perplexity on the evaluation windows
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 
 
-from common import interleaved_latency_ms, load_protocol, setup_logging
+from common import interleaved_latency_ms, load_protocol, protocol_parser, setup_logging
 from nexus_export.passbase import PassContext
 from nexus_export.registry import get_pass
 from runtimes import ort
@@ -28,11 +27,7 @@ def size(path: Path) -> int:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--eval-windows", type=int, default=64)
-    ap.add_argument("--calib-samples", type=int, default=64)
-    ap.add_argument("--seq-len", type=int, default=512)
+    ap = protocol_parser(__doc__.splitlines()[0])
     ap.add_argument("--remove", type=int, default=7)
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--shapes", default="1x128,8x512")

@@ -8,24 +8,19 @@ lowest-scoring ones from the dense program and measures perplexity on the evalua
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
-from common import load_protocol, setup_logging
+from common import load_protocol, protocol_parser, setup_logging
 from nexus_export.evaluate import program_perplexity
 from nexus_export.surgery import remove_attention, remove_blocks
 from passes.shortgpt import STRATEGIES, score_blocks
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
+    ap = protocol_parser(__doc__.splitlines()[0])
     ap.add_argument("--counts", default="0,2,4,7,10")
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
-    ap.add_argument("--calib-samples", type=int, default=64)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--eval-windows", type=int, default=64)
     args = ap.parse_args()
     setup_logging()
 

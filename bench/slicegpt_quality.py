@@ -5,44 +5,34 @@ from the dense model on evaluation windows, in PyTorch and in onnxruntime. The s
 the evaluation windows (PyTorch and onnxruntime), on text the calibration never saw (the license texts, when present),
 parameters (shortcut matrices counted), pruning seconds and peak RSS. All runs start from one capture of the dense model.
 
-    .venv/bin/python bench/slicegpt_quality.py --model smollm2-135m                     # default protocol, ~20 min
+    .venv/bin/python bench/slicegpt_quality.py --model smollm2-135m                     # default protocol, ~14 min
     .venv/bin/python bench/slicegpt_quality.py --model tiny-llama --eval-windows 4 --seq-len 64 --calib-samples 8
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from common import load_protocol, setup_logging
-from nexus_export.data import evaluation_windows
-from nexus_export.evaluate import program_perplexity
+from common import cell, load_protocol, other_cell, other_text_windows, protocol_parser, quality, setup_logging
 from nexus_export.passbase import PassContext
 from nexus_export.registry import get_pass
-from prune_quality import LICENSES, other_text
 from runtimes import ort
 from runtimes.onnx_export import lower_to_onnx
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--calib-samples", type=int, default=64)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--eval-windows", type=int, default=64)
-    ap.add_argument("--ood-windows", type=int, default=32, help="windows of the license texts (0 = skip)")
+    ap = protocol_parser(__doc__.splitlines()[0], other_text=True)
     ap.add_argument("--slicings", default="0.25", help="comma-separated slicing ratios")
     ap.add_argument("--skip-invariance", action="store_true", help="leave out the slicing-0 check")
     args = ap.parse_args()
     setup_logging()
 
     loaded, program, evals, calib = load_protocol(args.model, args.eval_windows, args.calib_samples, args.seq_len)
-    ood_path = other_text(LICENSES) if args.ood_windows else None
-    ood = evaluation_windows(loaded.tokenizer, ood_path, args.ood_windows, args.seq_len) if ood_path else None
+    ood = other_text_windows(loaded.tokenizer, args.ood_windows, args.seq_len)
     ctx = PassContext(calibration_windows=calib)
 
     if not args.skip_invariance:
@@ -87,25 +77,17 @@ def main() -> int:
 
 
 def measure(label: str, program, evals, ood, report) -> dict:
-    ppl, _ = program_perplexity(program, evals, 4, label)
-    ood_ppl = program_perplexity(program, ood, 4, f"{label} (other text)")[0] if ood is not None else None
-    with tempfile.TemporaryDirectory() as tmp:
-        sess = ort.session(lower_to_onnx(program.exported, Path(tmp) / "model.onnx"))
-        ort_ppl, _ = ort.perplexity(sess, evals, 4)
-    return dict(label=label, ppl=ppl, ppl_onnx=ort_ppl, ppl_other=ood_ppl, params=program.num_parameters(),
+    return dict(label=label, **quality(program, evals, ood, label), params=program.num_parameters(),
                 prune_s=report.wall_s if report else None, peak_rss_mb=report.peak_rss_mb if report else None)
 
 
 def print_table(rows: list[dict]) -> None:
-    dense = rows[0]
     lines = ["| model | ppl PyTorch | ppl onnxruntime | ppl other text (x dense) | parameters | prune s | peak RSS MiB |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        other = "-" if r["ppl_other"] is None else f"{r['ppl_other']:.2f} ({r['ppl_other'] / dense['ppl_other']:.2f}x)"
-        seconds = "-" if r["prune_s"] is None else f"{r['prune_s']:.0f}"
-        rss = "-" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f}"
-        lines.append(f"| {r['label']} | {r['ppl']:.2f} | {r['ppl_onnx']:.2f} | {other} | {r['params'] / 1e6:.1f}M | "
-                     f"{seconds} | {rss} |")
+        lines.append(f"| {r['label']} | {r['ppl']:.2f} | {r['ppl_onnx']:.2f} | "
+                     f"{other_cell(r['ppl_other'], rows[0]['ppl_other'])} | {r['params'] / 1e6:.1f}M | "
+                     f"{cell(r['prune_s'], '.0f')} | {cell(r['peak_rss_mb'], '.0f')} |")
     print("\n".join(lines) + "\n", flush=True)
 
 

@@ -4,7 +4,7 @@ SliceGPT slicing).
 Every ONNX model is built from one capture and timed in the same process, interleaved run by run (dense, shortgpt,
 slicegpt, dense, ...) so machine noise hits all alike; the table gives medians and the ratios to dense.
 
-    .venv/bin/python bench/structured_speed.py --model smollm2-135m --remove 7 --slicing 0.25     # ~15 min on 2 cores
+    .venv/bin/python bench/structured_speed.py --model smollm2-135m --remove 7 --slicing 0.25     # ~8 min on 2 cores
     .venv/bin/python bench/structured_speed.py --remove 0 --slicing 0.25                          # SliceGPT only
 """
 

@@ -169,6 +169,11 @@ def _fix_widths(exported: ExportedProgram) -> None:
 
 # ---------------------------------------------------------------------------------------------------- norm fusion
 
+def stream_width(program: Program) -> int:
+    """Width of the residual stream: the input width of the first linear that reads it."""
+    return int(program.linear(program.structure.sublayers[0].readers[0]).in_features)
+
+
 def find_norms(program: Program, exported: ExportedProgram) -> dict[str, NormSite]:
     """The norm in front of each sublayer's readers and the lm_head, keyed by the first reader's linear name."""
     nodes = {n.name: n for n in exported.graph.nodes}
@@ -232,7 +237,7 @@ def fuse_norms(program: Program) -> Program:
     structure = program.structure
     sites = find_norms(program, exported)
     nodes = {n.name: n for n in graph.nodes}
-    width = int(program.weight(structure.sublayers[0].readers[0]).shape[1])
+    width = stream_width(program)
 
     if structure.tied_embedding:  # separate copies before anything is folded into the head
         _untie(structure, exported, nodes)

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
-from nexus_export.calibration import Calibrator
+from nexus_export.calibration import Calibrator, InputStats
 from nexus_export.errors import UserError
 from nexus_export.passbase import Pass, PassConfig, PassContext
 from nexus_export.program import Program
 from nexus_export.progress import Progress
-from nexus_export.slicing import align_bases, fuse_norms, rotate_and_slice, with_projections
+from nexus_export.slicing import align_bases, fuse_norms, rotate_and_slice, stream_width, with_projections
 from nexus_export.structure import SHORTCUT
 
 log = logging.getLogger(__name__)
@@ -77,17 +77,6 @@ def pca_basis(xtx: torch.Tensor, damping: float) -> torch.Tensor:
     return vectors[:, torch.argsort(values, descending=True)]
 
 
-class _Covariance:
-    def __init__(self, width: int):
-        self.xtx = torch.zeros(width, width, dtype=torch.float64)
-        self.tokens = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.xtx += (x.t() @ x).double()  # one batch in float32, the running sum in float64
-        self.tokens += x.shape[0]
-
-
 class SliceGPTPass(Pass):
     name = "slicegpt"
     config_class = SliceGPTConfig
@@ -99,7 +88,7 @@ class SliceGPTPass(Pass):
     def block_widths(self, program: Program) -> tuple[int, list[int]]:
         """The width of the stream entering block 0 and of each block's stream, after rounding."""
         cfg: SliceGPTConfig = self.config
-        hidden = _hidden(program)
+        hidden = stream_width(program)
         n = len(program.structure.blocks)
         ratios = [float(cfg.slicing)] * n
         for key, value in (cfg.schedule or {}).items():
@@ -125,7 +114,7 @@ class SliceGPTPass(Pass):
         cfg: SliceGPTConfig = self.config
         self.check(program)
         windows = ctx.calibration_windows
-        hidden = _hidden(program)
+        hidden = stream_width(program)
         if windows is None or windows.numel() < hidden:
             have = 0 if windows is None else windows.numel()
             raise UserError(f"slicegpt needs at least as many calibration tokens as the hidden width ({hidden}) for a "
@@ -138,7 +127,7 @@ class SliceGPTPass(Pass):
 
         bases: list[torch.Tensor] = []  # per stream point: [D, d] (the d strongest principal directions)
 
-        def settle(cov: _Covariance, width: int) -> torch.Tensor:
+        def settle(cov: InputStats, width: int) -> torch.Tensor:
             """Fix the basis of the next point; return its projection matrix (already written into the program)."""
             keep = pca_basis(cov.xtx, cfg.damping)[:, :width]
             bases.append(keep)
@@ -146,7 +135,7 @@ class SliceGPTPass(Pass):
             projection.copy_((keep @ keep.t()).to(projection.dtype))
             return projection
 
-        cov = _Covariance(hidden)
+        cov = InputStats(hidden, hessian=True)
         for stream in calibrator.state.streams:
             cov.add(stream)
         p0 = settle(cov, first)
@@ -161,7 +150,7 @@ class SliceGPTPass(Pass):
                 # the last sublayer's point needs the whole block (its output moves the stream on); an earlier
                 # point only what leads to it
                 graph = calibrator.graphs.blocks[k] if last else calibrator.block_output(k, index)
-                cov = _Covariance(hidden)
+                cov = InputStats(hidden, hessian=True)
                 outputs = []
                 with torch.no_grad():
                     for i in range(len(calibrator.state.streams)):
@@ -190,8 +179,3 @@ class SliceGPTPass(Pass):
         log.info("slicegpt: stream width %d -> %s", hidden, sorted(set(block_widths + [first])))
         return sliced, changes
 
-
-def _hidden(program: Program) -> int:
-    """Width of the residual stream: the input width of the first reader."""
-    first = program.structure.sublayers[0].readers[0]
-    return int(program.linear(first).in_features)
