@@ -1,8 +1,13 @@
-"""Capture: a causal LM (transformers model or plain nn.Module) -> torch.export.ExportedProgram.
+"""Capture: a causal LM (transformers model or plain nn.Module) -> torch.export.ExportedProgram without weights.
 
 The model is wrapped so the captured function is ``(input_ids, attention_mask) -> logits``, with the batch and sequence
 dimensions dynamic. The wrapper's single attribute is ``lm`` (see naming.py), so parameter names are the model's own
 names behind a fixed prefix.
+
+Capture never touches weights: a model built on the meta device is captured as it is, and a model with real weights
+has its parameters (and persistent buffers) swapped for float32 meta tensors while it is traced and put back after.
+So the graph computes in float32 whatever the checkpoint's dtype, its state_dict holds shapes only, and the weights
+stay where they are (a checkpoint on disk, or the caller's model) for the weight store to hand out.
 """
 
 from __future__ import annotations
@@ -10,10 +15,13 @@ from __future__ import annotations
 import logging
 import re
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
 from .errors import UserError
+from .graph_edit import rebuild
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +58,58 @@ def example_inputs(vocab_size: int, batch: int = 2, seq: int = 16) -> tuple[torc
     return ids, torch.ones_like(ids)
 
 
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Models built inside get every parameter on the meta device (no memory, no initialization); buffers computed
+    from the config (rotary tables) stay real."""
+    original = torch.nn.Module.register_parameter
+
+    def register(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    torch.nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original
+
+
+@contextmanager
+def meta_weights(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, every parameter and persistent floating buffer of ``model`` is a float32 meta tensor (tied
+    parameters stay tied); the real ones are put back on exit, whatever happens."""
+    swapped: list[tuple[dict, str, torch.Tensor]] = []
+    metas: dict[int, torch.Tensor] = {}
+
+    def meta_of(t: torch.Tensor, parameter: bool) -> torch.Tensor:
+        if id(t) not in metas:
+            m = torch.empty(t.shape, dtype=torch.float32 if t.is_floating_point() else t.dtype, device="meta")
+            metas[id(t)] = torch.nn.Parameter(m, requires_grad=False) if parameter else m
+        return metas[id(t)]
+
+    try:
+        for module in model.modules():
+            for key, p in list(module._parameters.items()):
+                if p is not None and p.device.type != "meta":
+                    swapped.append((module._parameters, key, p))
+                    module._parameters[key] = meta_of(p, True)
+            persistent = [k for k in module._buffers if k not in module._non_persistent_buffers_set]
+            for key in persistent:
+                b = module._buffers[key]
+                if b is not None and b.is_floating_point() and b.device.type != "meta":
+                    swapped.append((module._buffers, key, b))
+                    module._buffers[key] = meta_of(b, False)
+        yield
+    finally:
+        for table, key, original in reversed(swapped):
+            table[key] = original
+
+
 def capture(model: torch.nn.Module, vocab_size: int | None = None) -> torch.export.ExportedProgram:
-    """Export ``model`` with dynamic batch and sequence length; a failure names the construct torch.export rejected."""
+    """Export ``model`` with dynamic batch and sequence length and meta weights (see the module docstring); a failure
+    names the construct torch.export rejected."""
     if vocab_size is None:
         vocab_size = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
         if not vocab_size:
@@ -65,14 +123,14 @@ def capture(model: torch.nn.Module, vocab_size: int | None = None) -> torch.expo
     dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
     start = time.perf_counter()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), meta_weights(model):
             exported = torch.export.export(CausalLM(model), (ids, mask), dynamic_shapes=dynamic, strict=False)
     except Exception as exc:  # torch.export raises many types; all become one clear message
         raise UserError(f"torch.export could not capture {type(model).__name__}: {describe_export_failure(exc)}") from exc
     finally:
         model.train(was_training)
     log.info("captured %s with torch.export in %.1f s", type(model).__name__, time.perf_counter() - start)
-    return exported
+    return rebuild(exported, None)  # one input per tensor: a tied weight's unused second placeholder goes
 
 
 def describe_export_failure(exc: Exception) -> str:

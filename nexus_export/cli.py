@@ -51,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--eval-windows", type=int, default=64, help="evaluation windows (default 64)")
     prune.add_argument("--seq-len", type=int, default=512, help="tokens per calibration/evaluation window (512)")
     prune.add_argument("--no-latency", action="store_true", help="skip the onnxruntime latency measurement")
+    prune.add_argument("--onnx-eval", choices=("auto", "on", "off"), default="auto",
+                       help="evaluate the ONNX model in onnxruntime (auto: when it fits the memory budget)")
+    prune.add_argument("--device", default="auto", help="where blocks run: auto (CUDA when present), cpu, cuda, cuda:N")
+    prune.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                       help="dtype of the weights in every output (auto: the checkpoint's)")
+    prune.add_argument("--memory-budget", default="2GiB",
+                       help="weights the run keeps in memory, e.g. 8GiB (edits past it spill to a scratch file)")
     _output_args(prune)
 
     run = sub.add_parser("run", help="run a recipe (YAML)")
@@ -138,7 +145,8 @@ def _prune(args: argparse.Namespace) -> int:
         "calibration": {"source": args.calib_source, "samples": args.calib_samples, "seq_len": args.seq_len,
                         "seed": args.calib_seed},
         "evaluation": {"source": args.eval_source, "windows": args.eval_windows, "seq_len": args.seq_len,
-                       "latency": not args.no_latency},
+                       "latency": not args.no_latency, "onnx": args.onnx_eval},
+        "execution": {"device": args.device, "dtype": args.dtype, "memory_budget": args.memory_budget},
         "lowering": {"save_hf": args.save_hf, "precision": "fp16" if args.fp16 else "fp32"},
         **({"quantize": {"bits": args.quantize_bits, "block_size": args.block_size}} if args.quantize_bits else {}),
     })
@@ -162,7 +170,9 @@ def _execute(recipe, args: argparse.Namespace) -> int:
     report = run_recipe(recipe, Path(args.out), force=args.force, resume=args.resume)
     print(headline(report))
     for variant in report["artifacts"]:
-        print(f"  {variant['path']}: {variant['bytes'] / 2**20:.1f} MiB, onnxruntime perplexity {variant['perplexity']:.2f}")
+        ppl = variant["perplexity"]
+        print(f"  {variant['path']}: {variant['bytes'] / 2**20:.1f} MiB, onnxruntime perplexity "
+              + (f"{ppl:.2f}" if ppl is not None else report["perplexity"]["onnx_eval"]))
     print(f"artifacts in {args.out}: report.json, report.md, recipe.yaml, tokenizer/")
     if args.bundle:
         from runtimes.bundle import make_bundle
@@ -191,10 +201,10 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from .program import Program
-    from .zoo import load_model
+    from .zoo import open_model
 
-    loaded = load_model(args.model)
-    program = Program.from_model(loaded.model, loaded.tokenizer, name=loaded.name)
+    loaded = open_model(args.model)
+    program = Program.from_loaded(loaded)
     s = program.structure
     if args.json:
         rows = [dict(name=l.name, role=l.role, block=l.block, in_features=l.in_features, out_features=l.out_features)

@@ -1,24 +1,24 @@
-"""Evaluation in PyTorch: perplexity of a Program on token windows (the onnxruntime twin lives in runtimes/)."""
+"""Evaluation in PyTorch: perplexity of a Program on token windows (the onnxruntime twin lives in runtimes/).
+
+The windows walk the program block by block (one block's weights loaded at a time), then the suffix scores them a
+window at a time, so evaluation needs the memory of one block and the windows' activations, never the whole model.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from .metrics import next_token_nll, perplexity
+from .metrics import perplexity
 from .program import Program
 from .progress import Progress
+from .runner import BlockRunner
 
 
 @torch.no_grad()
 def program_perplexity(program: Program, windows: torch.Tensor, batch_size: int = 4,
                        what: str = "perplexity") -> tuple[float, int]:
     """exp(mean next-token NLL) over ``windows`` [n, seq_len], and the number of predicted tokens."""
-    module = program.module()
-    progress = Progress(what, len(windows), "windows")
-    total_nll, tokens = 0.0, 0
-    for start in range(0, len(windows), batch_size):
-        ids = windows[start:start + batch_size]
-        nll, count = next_token_nll(module(ids, torch.ones_like(ids)), ids)
-        total_nll, tokens = total_nll + nll, tokens + count
-        progress.update(min(start + batch_size, len(windows)))
+    runner = BlockRunner(program, windows, batch_size)
+    runner.run_blocks(Progress(what, len(program.structure.blocks), "blocks"))
+    total_nll, tokens = runner.nll()
     return perplexity(total_nll, tokens), tokens

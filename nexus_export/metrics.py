@@ -8,18 +8,31 @@ import numpy as np
 import torch
 
 
+CHUNK = 128  # positions scored at a time: a log-softmax over the vocabulary for this many tokens is held at once
+
+
 def next_token_nll(logits: torch.Tensor | np.ndarray, input_ids: torch.Tensor | np.ndarray) -> tuple[float, int]:
     """Sum of next-token NLL over a [batch, seq, vocab] logits tensor, and the number of predicted tokens.
 
-    Per-token losses come from a float32 log-softmax (exact to ~1e-6 relative); their sum is taken in float64.
-    Promoting the whole logits tensor to float64 would double a multi-hundred-MB allocation per batch.
+    Scored ``CHUNK`` positions of one sequence at a time (``token_nll``), so no copy of the whole logits tensor is
+    made: at a 50k vocabulary one 512-token window's logits are already 100 MB.
     """
     logits_t = torch.as_tensor(logits)
-    ids = torch.as_tensor(input_ids)
-    shift_logits = logits_t[:, :-1, :].reshape(-1, logits_t.shape[-1]).float()
-    shift_labels = ids[:, 1:].reshape(-1)
-    nll = torch.nn.functional.cross_entropy(shift_logits, shift_labels, reduction="none")
-    return float(nll.double().sum()), int(shift_labels.numel())
+    ids = torch.as_tensor(input_ids).to(logits_t.device)
+    batch, seq = ids.shape
+    total = 0.0
+    for r in range(batch):
+        for t0 in range(0, seq - 1, CHUNK):
+            t1 = min(t0 + CHUNK, seq - 1)  # positions t0..t1-1 predict tokens t0+1..t1
+            total += token_nll(logits_t[r, t0:t1], ids[r, t0 + 1:t1 + 1])
+    return total, batch * max(seq - 1, 0)
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Summed NLL of ``targets`` [n] under ``logits`` [n, vocab]: a float32 log-softmax (exact to ~1e-6 relative),
+    summed in float64."""
+    losses = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    return float(losses.double().sum())
 
 
 def perplexity(total_nll: float, tokens: int) -> float:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import resource
-import threading
 import time
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 from .errors import UserError
+from .memory import RssSampler
 from .program import Program
 
 log = logging.getLogger(__name__)
@@ -91,45 +89,6 @@ class PassContext:
     calibration_windows: Any = None  # LongTensor [n, seq_len]
     checkpoint_dir: Any = None  # Path: calibrated passes checkpoint each finished block there
     resume: bool = False  # continue from the checkpoint in checkpoint_dir
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def current_rss_mb() -> float:
-    """Resident set size now, in MiB (Linux /proc; falls back to the process peak elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return peak_rss_mb()
-
-
-class RssSampler:
-    """Highest RSS seen while the ``with`` block runs, sampled every ``interval_s`` by a background thread."""
-
-    def __init__(self, interval_s: float = 0.05):
-        self.interval_s = interval_s
-        self.peak_mb = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, current_rss_mb())
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> "RssSampler":
-        self.peak_mb = current_rss_mb()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak_mb = max(self.peak_mb, current_rss_mb())
 
 
 class Pass:

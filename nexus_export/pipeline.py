@@ -1,17 +1,24 @@
 """Pipeline: run a validated recipe end to end and write the artifacts and the report.
 
-load -> capture -> dense perplexity -> passes -> pruned perplexity -> lower to ONNX -> check the ONNX (zeros, N:M) ->
-parity and onnxruntime perplexity -> latency -> report.json / report.md / recipe.yaml. Everything is written to a
-temporary folder renamed into place only when complete.
+open (config + shard headers; weights stay on disk) -> capture (meta) -> dense perplexity -> passes -> pruned
+perplexity (and the logits parity compares with) -> Hugging Face folder -> lower to ONNX (weights streamed from the
+store) -> check the ONNX (zeros, N:M) -> onnxruntime perplexity, parity, latency -> report.json / report.md /
+recipe.yaml. Every stage runs block by block through the weight store, so memory is one block's weights and the
+activations, whatever the model's size; the store's edits stay in memory within the budget and spill to a scratch
+file beside the output past it. Everything is written to a temporary folder renamed into place only when complete.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import platform
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -20,16 +27,39 @@ from .data import calibration_windows, evaluation_windows
 from .errors import UserError
 from .evaluate import program_perplexity
 from .hf_export import save_hf
+from .memory import RssSampler, current_rss_mb, peak_rss_mb, release
 from .outdir import check_output_dir, staged_output
-from .passbase import PassContext, peak_rss_mb
-from .program import Program
+from .passbase import PassContext
+from .program import COMPUTE_DTYPE, Program
 from .progress import Progress
-from .recipe import Recipe
+from .recipe import Recipe, output_dtype
 from .registry import get_pass, get_runtime
 from .report import render_markdown, write_json
-from .zoo import load_model
+from .runner import resolve_device
+from .store import parse_bytes
+from .zoo import LoadedModel, open_model
 
 log = logging.getLogger(__name__)
+
+PARITY_WINDOWS, PARITY_TOKENS = 2, 128
+
+
+class Stages:
+    """Wall time and peak resident memory of each stage of a run, logged as it ends and kept for the report."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        with RssSampler() as rss:
+            yield
+            release()
+        row = {"stage": name, "wall_s": round(time.perf_counter() - start, 2), "peak_rss_mb": round(rss.peak_mb, 1)}
+        self.rows.append(row)
+        log.info("stage %s: %.1f s, peak RSS %.0f MiB (%.0f MiB after)", name, row["wall_s"], row["peak_rss_mb"],
+                 current_rss_mb())
 
 
 def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume: bool = False) -> dict:
@@ -40,6 +70,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
     """
     out_dir = Path(out_dir).resolve()
     checkpoints = out_dir.parent / f".{out_dir.name}.checkpoint"
+    scratch = out_dir.parent / f".{out_dir.name}.scratch-{os.getpid()}"
     if resume and not checkpoints.is_dir():
         raise UserError(f"--resume: no checkpoint at {checkpoints}; run without --resume")
     check_output_dir(out_dir, force)
@@ -52,118 +83,167 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
     needs_calibration = any(pass_.needs_calibration for pass_ in passes)
     if recipe.lowering.save_hf and not all(pass_.keeps_architecture() for pass_ in passes):
         raise UserError("--save-hf needs passes that keep the architecture; removing attention sublayers does not")
-    timings: dict[str, float] = {}
+    ex = recipe.execution
+    device = resolve_device(ex.device)
+    dtype = output_dtype(ex.dtype)
+    budget = parse_bytes(ex.memory_budget)
+    stage = Stages()
     t0 = time.perf_counter()
-    with staged_output(out_dir, force) as tmp:
-        loaded = load_model(recipe.model)
-        if loaded.tokenizer is None:
-            raise UserError(f"model {recipe.model} has no tokenizer; evaluation needs one")
-        ev = recipe.evaluation
-        cal = recipe.calibration
-        check_context(loaded.model, ev.seq_len, "evaluation")
-        if needs_calibration:
-            check_context(loaded.model, cal.seq_len, "calibration")
-        windows = evaluation_windows(loaded.tokenizer, ev.source, ev.windows, ev.seq_len)
-        cal_windows = calibration_windows(loaded.tokenizer, cal.source, cal.samples, cal.seq_len, cal.seed) \
-            if needs_calibration else None
-        timings["load_s"] = time.perf_counter() - t0
+    try:
+        with staged_output(out_dir, force) as tmp:
+            with stage("load"):
+                loaded = open_model(recipe.model)
+                if loaded.tokenizer is None:
+                    raise UserError(f"model {recipe.model} has no tokenizer; evaluation needs one")
+                ev, cal = recipe.evaluation, recipe.calibration
+                check_context(loaded.model, ev.seq_len, "evaluation")
+                if needs_calibration:
+                    check_context(loaded.model, cal.seq_len, "calibration")
+                windows = evaluation_windows(loaded.tokenizer, ev.source, ev.windows, ev.seq_len)
+                cal_windows = calibration_windows(loaded.tokenizer, cal.source, cal.samples, cal.seq_len, cal.seed) \
+                    if needs_calibration else None
+            with stage("capture"):
+                program = Program.from_loaded(loaded, store_dtype=dtype, budget=budget, scratch=scratch)
+                program.device = str(device)
+                for pass_ in passes:
+                    pass_.check(program)
+                onnx_eval, onnx_eval_why = _plan(program, budget, ev.onnx)
+            checkpoint_bytes = program.store.total_bytes()
+            params_dense = program.num_parameters()
+            out_dtype = dtype or program.main_dtype()
+            log.info("model %s: %d blocks, %d linears, %.1fM parameters, %.2f GiB of %s weights; running on %s",
+                     loaded.name, len(program.structure.blocks), len(program.structure.linears), params_dense / 1e6,
+                     checkpoint_bytes / 2**30, _dtype_name(out_dtype), device)
 
-        t = time.perf_counter()
-        program = Program.from_model(loaded.model, loaded.tokenizer, name=loaded.name, origin=loaded.origin)
-        timings["capture_s"] = time.perf_counter() - t
-        for pass_ in passes:
-            pass_.check(program)
-        params_dense = program.num_parameters()
-        log.info("model %s: %d blocks, %d linears, %.1fM parameters", loaded.name, len(program.structure.blocks),
-                 len(program.structure.linears), params_dense / 1e6)
+            with stage("eval_dense"):
+                dense_ppl, tokens = program_perplexity(program, windows, ev.batch_size, "dense perplexity")
+            log.info("dense perplexity %.3f on %d tokens", dense_ppl, tokens)
 
-        t = time.perf_counter()
-        dense_ppl, tokens = program_perplexity(program, windows, ev.batch_size, "dense perplexity")
-        timings["eval_dense_s"] = time.perf_counter() - t
-        log.info("dense perplexity %.3f on %d tokens", dense_ppl, tokens)
+            pass_reports = []
+            for i, pass_ in enumerate(passes):
+                ctx = PassContext(calibration_windows=cal_windows, checkpoint_dir=checkpoints / f"{i}-{pass_.name}",
+                                  resume=resume)
+                with stage(f"pass:{pass_.name}"):
+                    result = pass_.run(program, ctx)
+                program = result.program
+                pass_reports.append(result.report.to_dict())
 
-        pass_reports = []
-        for i, pass_ in enumerate(passes):
-            ctx = PassContext(calibration_windows=cal_windows, checkpoint_dir=checkpoints / f"{i}-{pass_.name}",
-                              resume=resume)
-            result = pass_.run(program, ctx)
-            program = result.program
-            pass_reports.append(result.report.to_dict())
+            parity_ids = windows[:PARITY_WINDOWS, : min(PARITY_TOKENS, windows.shape[1])]
+            with stage("eval_pruned"):
+                pruned_ppl, _ = program_perplexity(program, windows, ev.batch_size, "pruned perplexity")
+                expected = program.logits(parity_ids) if onnx_eval else None
+            log.info("pruned perplexity %.3f", pruned_ppl)
 
-        t = time.perf_counter()
-        pruned_ppl, _ = program_perplexity(program, windows, ev.batch_size, "pruned perplexity")
-        timings["eval_pruned_s"] = time.perf_counter() - t
-        log.info("pruned perplexity %.3f", pruned_ppl)
+            hf_parity = None
+            if recipe.lowering.save_hf:
+                with stage("save_hf"):
+                    hf_parity = save_hf(program, tmp / "hf", dtype, check=params_dense * 4 <= budget)
 
-        hf_parity = None
-        if recipe.lowering.save_hf:
-            hf_parity = save_hf(program, tmp / "hf")
+            with stage("lower"):
+                artifact = runtime.lower(program, tmp, opset=recipe.lowering.opset,
+                                         external_data=recipe.lowering.external_data, dtype=out_dtype)
+            pattern = _last_pattern(pass_reports)
+            targeted = _targeted_layers(program, pass_reports)
+            per_layer = program.sparsity(targeted)
+            sizes = {n: math.prod(program.weight(n).shape) for n in targeted}
+            total = sum(sizes.values())
+            overall = sum(per_layer[n] * sizes[n] for n in targeted) / total if total else 0.0
+            model_report = {"name": loaded.name, "origin": loaded.origin, "structure": program.structure.summary(),
+                            "params_dense": params_dense, "params_pruned": program.num_parameters()}
+            del program, result  # the store's edits are in the ONNX file now: free them before onnxruntime
+            release()
+            with stage("check_onnx"):
+                onnx_info = runtime.inspect(artifact, pattern, set(targeted))
 
-        t = time.perf_counter()
-        artifact = runtime.lower(program, tmp, opset=recipe.lowering.opset, external_data=recipe.lowering.external_data)
-        timings["lower_s"] = time.perf_counter() - t
-        pattern = _last_pattern(pass_reports)
-        targeted = _targeted_layers(program, pass_reports)
-        onnx_info = runtime.inspect(artifact, pattern, set(targeted))
-        sess = runtime.session(artifact)
-        parity_ids = windows[:2, : min(128, windows.shape[1])]
-        parity = runtime.parity(program, sess, parity_ids)
-        t = time.perf_counter()
-        onnx_ppl, _ = runtime.perplexity(sess, windows, ev.batch_size,
-                                         Progress("onnxruntime perplexity", len(windows), "windows"))
-        timings["eval_onnx_s"] = time.perf_counter() - t
-        latency = {}
-        if ev.latency:
-            latency["onnxruntime_cpu_1x128"] = runtime.latency(sess, 1, 128)
-        del sess
-        artifacts = [{"name": "fp32", "path": artifact.name, "bytes": runtime.artifact_bytes(artifact),
-                      "perplexity": onnx_ppl}]
-        for variant in runtime.variants(artifact, recipe, set(targeted)):
-            sess = runtime.session(tmp / variant["path"])
-            variant["perplexity"], _ = runtime.perplexity(sess, windows, ev.batch_size,
-                                                          Progress(f"{variant['name']} perplexity", len(windows)))
-            variant["parity_max_abs_diff"] = runtime.parity(program, sess, parity_ids)
-            del sess
-            artifacts.append(variant)
-        deploy = artifacts[-1]
-        _save_tokenizer(loaded, tmp / "tokenizer")
+            onnx_ppl, parity, latency = None, None, {}
+            artifacts = [{"name": _dtype_name(out_dtype), "path": artifact.name,
+                          "bytes": runtime.artifact_bytes(artifact), "perplexity": None}]
+            if onnx_eval:
+                with stage("onnxruntime"):
+                    sess = runtime.session(artifact)
+                    parity = runtime.parity(expected, sess, parity_ids)
+                    onnx_ppl, _ = runtime.perplexity(sess, windows, 1,
+                                                     Progress("onnxruntime perplexity", len(windows), "windows"))
+                    if ev.latency:
+                        latency["onnxruntime_cpu_1x128"] = runtime.latency(sess, 1, 128)
+                    del sess
+                artifacts[0]["perplexity"] = onnx_ppl
+                for variant in runtime.variants(artifact, recipe, set(targeted)):
+                    with stage(f"variant:{variant['name']}"):
+                        sess = runtime.session(tmp / variant["path"])
+                        variant["perplexity"], _ = runtime.perplexity(
+                            sess, windows, 1, Progress(f"{variant['name']} perplexity", len(windows)))
+                        variant["parity_max_abs_diff"] = runtime.parity(expected, sess, parity_ids)
+                        del sess
+                    artifacts.append(variant)
+            deploy = artifacts[-1]
+            _save_tokenizer(loaded, tmp / "tokenizer")
 
-        per_layer = program.sparsity(targeted)
-        total = sum(program.weight(n).numel() for n in targeted)
-        overall = sum(per_layer[n] * program.weight(n).numel() for n in targeted) / total if total else 0.0
-        timings["total_s"] = time.perf_counter() - t0
-        report = {
-            "tool": {"name": "nexus-export", "version": __version__, "torch": torch.__version__,
-                     "python": platform.python_version()},
-            "model": {"name": loaded.name, "origin": loaded.origin, "structure": program.structure.summary(),
-                      "params_dense": params_dense, "params_pruned": program.num_parameters()},
-            "recipe": recipe.to_dict(),
-            "calibration": recipe.to_dict()["calibration"] if needs_calibration else None,
-            "passes": pass_reports,
-            "sparsity": {"overall": round(overall, 6), "pattern": _pattern_label(pattern, pass_reports),
-                         "per_layer": {n: round(v, 6) for n, v in per_layer.items()}},
-            "perplexity": {"dataset": f"{ev.source} evaluation, {ev.windows} windows x {ev.seq_len} tokens",
-                           "tokens": tokens, "dense": dense_ppl, "pruned": pruned_ppl, "onnx": onnx_ppl,
-                           "onnx_vs_pytorch_rel": abs(onnx_ppl - pruned_ppl) / pruned_ppl},
-            "parity": {"max_abs_diff": parity, "inputs": "2 evaluation windows x 128 tokens",
-                       **({"hf_folder_max_abs_diff": hf_parity} if hf_parity is not None else {})},
-            "onnx": {"path": artifact.name, "bytes": runtime.artifact_bytes(artifact), "opset": recipe.lowering.opset,
-                     **onnx_info},
-            "latency": latency,
-            "artifacts": artifacts,
-            "deploy": {"model": deploy["path"], "variant": deploy["name"]},
-            "timings": {k: round(v, 2) for k, v in timings.items()},
-            "peak_rss_mb": round(peak_rss_mb(), 1),
-        }
-        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
-        write_json(report, tmp / "report.json")
-        (tmp / "report.md").write_text(render_markdown(report))
+            report = {
+                "tool": {"name": "nexus-export", "version": __version__, "torch": torch.__version__,
+                         "python": platform.python_version()},
+                "model": {**model_report, "checkpoint_bytes": checkpoint_bytes},
+                "execution": {"device": str(device), "dtype": _dtype_name(out_dtype),
+                              "compute_dtype": _dtype_name(COMPUTE_DTYPE), "memory_budget_bytes": budget},
+                "recipe": recipe.to_dict(),
+                "calibration": recipe.to_dict()["calibration"] if needs_calibration else None,
+                "passes": pass_reports,
+                "sparsity": {"overall": round(overall, 6), "pattern": _pattern_label(pattern, pass_reports),
+                             "per_layer": {n: round(v, 6) for n, v in per_layer.items()}},
+                "perplexity": {"dataset": f"{ev.source} evaluation, {ev.windows} windows x {ev.seq_len} tokens",
+                               "tokens": tokens, "dense": dense_ppl, "pruned": pruned_ppl, "onnx": onnx_ppl,
+                               "onnx_vs_pytorch_rel": abs(onnx_ppl - pruned_ppl) / pruned_ppl if onnx_eval else None,
+                               "onnx_eval": "run" if onnx_eval else f"skipped: {onnx_eval_why}"},
+                "parity": {"max_abs_diff": parity, "inputs": f"{PARITY_WINDOWS} evaluation windows x "
+                                                             f"{parity_ids.shape[1]} tokens",
+                           **({"hf_folder_max_abs_diff": hf_parity} if recipe.lowering.save_hf else {})},
+                "onnx": {"path": artifact.name, "bytes": runtime.artifact_bytes(artifact),
+                         "opset": recipe.lowering.opset, **onnx_info},
+                "latency": latency,
+                "artifacts": artifacts,
+                "deploy": {"model": deploy["path"], "variant": deploy["name"]},
+                "stages": stage.rows,
+                "timings": {**{f"{row['stage']}_s": row["wall_s"] for row in stage.rows},
+                            "total_s": round(time.perf_counter() - t0, 2)},
+                "peak_rss_mb": round(peak_rss_mb(), 1),
+            }
+            (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+            write_json(report, tmp / "report.json")
+            (tmp / "report.md").write_text(render_markdown(report))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     shutil.rmtree(checkpoints, ignore_errors=True)
     log.info("wrote %s", out_dir)
     return report
 
 
-def _save_tokenizer(loaded, folder: Path) -> None:
+def _plan(program: Program, budget: int, onnx_eval: str) -> tuple[bool, str]:
+    """Check the budget holds one block; say whether to evaluate the ONNX model in onnxruntime, and why not (its
+    session holds every weight in float32)."""
+    block = program.block_bytes()
+    if block > budget:
+        raise UserError(f"--memory-budget {budget / 2**20:.0f}MiB is smaller than one decoder block of this model in "
+                        f"float32 ({block / 2**20:.0f} MiB); use --memory-budget {math.ceil(block / 2**20)}MiB or more")
+    need = program.num_parameters() * 4
+    fits = need <= budget
+    why = (f"onnxruntime would hold {need / 2**30:.2f} GiB of float32 weights, more than the memory budget of "
+           f"{budget / 2**30:.2f} GiB")
+    if onnx_eval == "on" and not fits:
+        raise UserError(f"--onnx-eval on: {why}; pass --onnx-eval auto (or off) to skip it, or --memory-budget "
+                        f"{math.ceil(need / 2**30)}GiB or more")
+    if onnx_eval == "off":
+        return False, "--onnx-eval off"
+    if not fits:
+        log.warning("onnxruntime evaluation skipped: %s (--onnx-eval on with a larger --memory-budget runs it)", why)
+        return False, why
+    return True, ""
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+
+
+def _save_tokenizer(loaded: LoadedModel, folder: Path) -> None:
     """The tokenizer files and generation config a deployment needs beside the ONNX model."""
     folder.mkdir(parents=True, exist_ok=True)
     loaded.tokenizer.save_pretrained(folder)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
+from .memory import current_rss_mb
+
 log = logging.getLogger("nexus_export.progress")
 
 
@@ -28,4 +30,5 @@ class Progress:
         elapsed = now - self.start
         eta = elapsed / done * (total - done) if done else 0.0
         unit = f" {self.unit}" if self.unit else ""
-        log.info("%s: %d/%d%s (%.0f s, ~%.0f s left)", self.what, done, total, unit, elapsed, eta)
+        log.info("%s: %d/%d%s (%.0f s, ~%.0f s left, RSS %.0f MiB)", self.what, done, total, unit, elapsed, eta,
+                 current_rss_mb())

@@ -69,6 +69,7 @@ def _sparsity_options(sparsity: float | dict, pattern: str | None = None) -> dic
 
 class _Pruner:
     method = ""
+    structural = False  # True: the given model is left untouched and the result is a new model
 
     def options(self) -> dict:
         raise NotImplementedError
@@ -83,7 +84,7 @@ class _Pruner:
         was_training = model.training
         start = time.perf_counter()
         try:
-            program = Program.from_model(model, name=type(model).__name__)
+            program = Program.from_model(model, name=type(model).__name__, write_through=not self.structural)
             pass_.check(program)
             result = pass_.run(program, PassContext(calibration_windows=windows))
         finally:
@@ -180,6 +181,7 @@ class ShortGPTPruner(_Pruner):
     Hugging Face model (when the architecture allows it; else None) and ``metrics["program"]`` the pruned program."""
 
     method = "shortgpt"
+    structural = True
 
     def __init__(self, n_layers_to_remove: int | None = None, removal_strategy: str = "similarity",
                  remove_ratio: float | None = None, layers: list[int] | None = None):
@@ -213,6 +215,7 @@ class SliceGPTPruner(_Pruner):
     (``{"layer_0-5": 0.1, "layer_6-29": 0.3}``)."""
 
     method = "slicegpt"
+    structural = True
 
     def __init__(self, slice_ratio: float | dict = 0.25, round_to: int = 8, damping: float = 0.01):
         if isinstance(slice_ratio, dict):
@@ -250,7 +253,7 @@ def export_onnx(model_or_program: torch.nn.Module | Program, path: str | Path) -
     from runtimes.onnx_export import lower_to_onnx
 
     program = model_or_program if isinstance(model_or_program, Program) else Program.from_model(model_or_program)
-    return lower_to_onnx(program.exported, Path(path))
+    return lower_to_onnx(program, Path(path))
 
 
 def evaluate_perplexity(model: torch.nn.Module | Program, text_or_dataset: str | torch.Tensor = "austen",

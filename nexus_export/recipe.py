@@ -6,8 +6,9 @@ YAML form::
     passes:
       - magnitude: {sparsity: 0.5, pattern: "2:4"}
     calibration: {source: austen, samples: 64, seq_len: 512, seed: 0}
-    evaluation: {source: austen, windows: 64, seq_len: 512}
+    evaluation: {source: austen, windows: 64, seq_len: 512, onnx: auto}
     lowering: {opset: 18, external_data: true}
+    execution: {device: auto, dtype: auto, memory_budget: 2GiB}
 
 Everything is validated (pass names, pass options, settings) before any work starts.
 """
@@ -15,15 +16,18 @@ Everything is validated (pass names, pass options, settings) before any work sta
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from .errors import UserError
 from .passbase import PassConfig, _coerce
 from .registry import get_pass
+from .store import parse_bytes
 
 
 @dataclass(frozen=True)
@@ -39,8 +43,9 @@ class EvaluationSettings:
     source: str = "austen"
     windows: int = 64
     seq_len: int = 512
-    batch_size: int = 4
+    batch_size: int = 2  # windows per forward pass (memory grows with it; speed hardly does)
     latency: bool = True  # measure onnxruntime latency (median of repeated runs)
+    onnx: str = "auto"  # evaluate the ONNX model in onnxruntime: on, off, auto (off when it would not fit the budget)
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,26 @@ class LoweringSettings:
     runtime: str = "onnxruntime"
     save_hf: bool = False  # also write DIR/hf, a Hugging Face folder (passes that keep the architecture)
     precision: str = "fp32"  # fp16: also write model.fp16.onnx with float16 weights (half the size)
+
+
+@dataclass(frozen=True)
+class ExecutionSettings:
+    device: str = "auto"  # where blocks run: auto (CUDA when present), cpu, cuda, cuda:N
+    dtype: str = "auto"  # the weights' dtype in every output: auto (the checkpoint's), fp32, fp16, bf16
+    memory_budget: str = "2GiB"  # what the weight store keeps resident (and what onnxruntime evaluation may hold)
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def output_dtype(name: str) -> torch.dtype | None:
+    """``fp32``/``fp16``/``bf16`` -> the torch dtype; ``auto`` -> None (the checkpoint's own)."""
+    if name == "auto":
+        return None
+    if name not in DTYPES:
+        raise UserError(f"dtype {name!r} is not one of auto, fp32, fp16, bf16")
+    return DTYPES[name]
 
 
 @dataclass(frozen=True)
@@ -92,12 +117,13 @@ class Recipe:
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
     lowering: LoweringSettings = field(default_factory=LoweringSettings)
     quantize: QuantizeSettings | None = None
+    execution: ExecutionSettings = field(default_factory=ExecutionSettings)
 
     @classmethod
     def from_dict(cls, data: Any) -> "Recipe":
         if not isinstance(data, dict):
             raise UserError("a recipe must be a mapping with at least 'model' and 'passes'")
-        valid = {"model", "passes", "calibration", "evaluation", "lowering", "quantize"}
+        valid = {"model", "passes", "calibration", "evaluation", "lowering", "quantize", "execution"}
         unknown = sorted(set(data) - valid)
         if unknown:
             raise UserError(f"unknown recipe key(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
@@ -118,9 +144,10 @@ class Recipe:
             model=str(data["model"]),
             passes=tuple(steps),
             calibration=_settings(CalibrationSettings, data.get("calibration"), "calibration"),
-            evaluation=_settings(EvaluationSettings, data.get("evaluation"), "evaluation"),
+            evaluation=_evaluation(data.get("evaluation")),
             lowering=_lowering(data.get("lowering")),
             quantize=_quantize(data.get("quantize")),
+            execution=_execution(data.get("execution")),
         )
 
     @classmethod
@@ -142,10 +169,28 @@ class Recipe:
             "evaluation": dataclasses.asdict(self.evaluation),
             "lowering": dataclasses.asdict(self.lowering),
             **({"quantize": dataclasses.asdict(self.quantize)} if self.quantize else {}),
+            "execution": dataclasses.asdict(self.execution),
         }
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _evaluation(data: Any) -> EvaluationSettings:
+    settings = _settings(EvaluationSettings, data, "evaluation")
+    if settings.onnx not in ("auto", "on", "off"):
+        raise UserError(f"evaluation.onnx (--onnx-eval) must be auto, on or off, got {settings.onnx!r}")
+    return settings
+
+
+def _execution(data: Any) -> ExecutionSettings:
+    settings = _settings(ExecutionSettings, data, "execution")
+    output_dtype(settings.dtype)
+    parse_bytes(settings.memory_budget)
+    device = str(settings.device)
+    if device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise UserError(f"execution.device (--device) must be auto, cpu, cuda or cuda:N, got {device!r}")
+    return settings
 
 
 def _lowering(data: Any) -> LoweringSettings:

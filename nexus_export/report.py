@@ -26,9 +26,11 @@ def headline(report: dict) -> str:
         widths = p.get("changes", {}).get("widths")
         if widths:
             passes += f" (width {p['changes']['hidden_before']} -> {'/'.join(map(str, sorted(set(widths.values()))))})"
+    onnx = f"onnxruntime {ppl['onnx']:.2f}" if ppl.get("onnx") is not None else "onnxruntime not run"
+    parity = report["parity"]["max_abs_diff"]
     return (f"{report['model']['name']} | {passes} | sparsity {report['sparsity']['overall']:.1%} "
             f"({report['sparsity']['pattern']}) | perplexity dense {ppl['dense']:.2f} -> pruned {ppl['pruned']:.2f} "
-            f"(onnxruntime {ppl['onnx']:.2f}) | parity max|diff| {report['parity']['max_abs_diff']:.2e}")
+            f"({onnx}) | parity max|diff| " + (f"{parity:.2e}" if parity is not None else "-"))
 
 
 def render_markdown(report: dict) -> str:
@@ -47,7 +49,7 @@ def render_markdown(report: dict) -> str:
         "|---|---|",
         f"| dense (PyTorch) | {ppl['dense']:.3f} |",
         f"| pruned (PyTorch) | {ppl['pruned']:.3f} |",
-        f"| pruned (onnxruntime) | {ppl['onnx']:.3f} |",
+        f"| pruned (onnxruntime) | {_num(ppl['onnx'], '.3f', ppl.get('onnx_eval', ''))} |",
         "",
         "## Passes",
         "| pass | wall s | params before | params after | peak RSS MiB |",
@@ -64,7 +66,7 @@ def render_markdown(report: dict) -> str:
         f"`{onnx['path']}`: {onnx['bytes'] / 2**20:.1f} MiB, opset {onnx['opset']}; {summary['layers']} MatMul/Gemm "
         f"layers with a weight ({_forms(summary)}); weight sparsity {summary['sparsity']:.1%}; "
         f"{summary['targeted_layers']} targeted, {summary['nm_valid_layers']} of them N:M-valid. "
-        f"Parity with PyTorch: max |logits diff| {report['parity']['max_abs_diff']:.2e}.",
+        f"Parity with PyTorch: max |logits diff| {_num(report['parity']['max_abs_diff'], '.2e', 'not measured')}.",
         "",
         "| layer | k | n | sparsity | N:M valid | form | targeted |",
         "|---|---|---|---|---|---|---|",
@@ -78,16 +80,28 @@ def render_markdown(report: dict) -> str:
                   "|---|---|---|---|---|"]
         for a in report["artifacts"]:
             parity = a.get("parity_max_abs_diff", report["parity"]["max_abs_diff"])
-            lines.append(f"| {a['name']} | {a['path']} | {a['bytes'] / 2**20:.1f} | {a['perplexity']:.3f} | "
-                         f"{parity:.2e} |")
+            lines.append(f"| {a['name']} | {a['path']} | {a['bytes'] / 2**20:.1f} | {_num(a['perplexity'], '.3f')} | "
+                         f"{_num(parity, '.2e')} |")
         lines.append(f"Deployable: {report['deploy']['model']}.")
     if report.get("latency"):
         lines += ["", "## Latency (onnxruntime CPU)", "| shape | median ms | p90 ms | runs |", "|---|---|---|---|"]
         for shape, lat in report["latency"].items():
             lines.append(f"| {shape} | {lat['median_ms']:.1f} | {lat['p90_ms']:.1f} | {lat['runs']} |")
-    lines += ["", "## Timings", ", ".join(f"{k} {v:.1f}" for k, v in report["timings"].items()),
-              f"Peak RSS {report['peak_rss_mb']:.0f} MiB.", ""]
+    ex = report.get("execution", {})
+    lines += ["", "## Time and memory",
+              f"Device {ex.get('device', 'cpu')}, weights in {ex.get('dtype', 'fp32')} (computed in "
+              f"{ex.get('compute_dtype', 'fp32')}), checkpoint {report['model'].get('checkpoint_bytes', 0) / 2**20:.1f} "
+              f"MiB, memory budget {ex.get('memory_budget_bytes', 0) / 2**30:.2f} GiB.", "",
+              "| stage | wall s | peak RSS MiB |", "|---|---|---|"]
+    lines += [f"| {row['stage']} | {row['wall_s']:.1f} | {row['peak_rss_mb']:.0f} |" for row in report.get("stages", [])]
+    lines += ["", f"Total {report['timings'].get('total_s', 0):.1f} s; peak RSS of the process "
+                  f"{report['peak_rss_mb']:.0f} MiB.", ""]
     return "\n".join(lines)
+
+
+def _num(value, fmt: str, missing: str = "-") -> str:
+    """A number formatted, or ``missing`` when it was not measured."""
+    return format(value, fmt) if value is not None else (missing or "-")
 
 
 def _changes(p: dict) -> list[str]:

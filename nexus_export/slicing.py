@@ -13,24 +13,29 @@ the sliced program will compute, in the original basis: the calibration runs on 
 columns): embeddings and linears writing to point i get B_i^T on their output side (d_i rows), linears reading from it
 B_i on their input side (d_i columns), and each residual connection a shortcut matrix B_i^T B_j (none where it is the
 identity). Literal widths in views are corrected and the program is re-exported, so every shape is fresh.
+
+Each rewrite works on a copy of the graph and a fork of the store, one matrix at a time (read in float64, written
+back in the store's dtype): the program it started from keeps its weights, and no model is copied.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import logging
 from dataclasses import dataclass
 
 import torch
 from torch import fx
-from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import ExportedProgram
-from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec
+from torch.export.graph_signature import InputKind
 
 from .errors import UserError
+from .graph_edit import add_parameter, call, copy_program, meta_like, param_of, rebuild
 from .naming import WRAPPER_PREFIX
 from .program import Program
-from .structure import through, block_boundaries, op_name, read_structure
+from .store import WeightStore
+from .structure import through, block_boundaries, op_name
 from .surgery import stream_operand
 
 log = logging.getLogger(__name__)
@@ -59,92 +64,6 @@ class NormSite:
 
 # ---------------------------------------------------------------------------------------------------- graph helpers
 
-def _params(exported: ExportedProgram) -> dict[str, str]:
-    """Placeholder name -> parameter/buffer name."""
-    sig = exported.graph_signature
-    return {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
-
-
-def _param_of(exported: ExportedProgram, arg) -> str | None:
-    if isinstance(arg, fx.Node) and arg.op == "placeholder":
-        return _params(exported).get(arg.name)
-    return None
-
-
-def _add_parameter(exported: ExportedProgram, target: str, value: torch.Tensor) -> fx.Node:
-    """A new parameter placeholder (after the existing ones) with its signature entry and state."""
-    graph = exported.graph
-    specs = exported.graph_signature.input_specs
-    last = max(i for i, s in enumerate(specs) if s.kind == InputKind.PARAMETER)
-    anchor = next(n for n in graph.nodes if n.op == "placeholder" and n.name == specs[last].arg.name)
-    taken = {n.name for n in graph.nodes}
-    name = base = "p_" + target.replace(".", "_")
-    suffix = 0
-    while name in taken:
-        suffix += 1
-        name = f"{base}_{suffix}"
-    with graph.inserting_after(anchor):
-        node = graph.placeholder(name)
-    fake_mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes if n.op == "placeholder"])
-    node.meta["val"] = fake_mode.from_tensor(value, static_shapes=True) if fake_mode is not None else value
-    specs.insert(last + 1, InputSpec(kind=InputKind.PARAMETER, arg=type(specs[last].arg)(name=node.name),
-                                     target=target, persistent=None))
-    exported.state_dict[target] = torch.nn.Parameter(value.detach().clone(), requires_grad=False)
-    return node
-
-
-def _call(graph: fx.Graph, target, args: tuple, like: fx.Node) -> fx.Node:
-    node = graph.call_function(target, args)
-    for key in ("val", "nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn"):  # val: refreshed by _rebuild
-        if key in like.meta:
-            node.meta[key] = like.meta[key]
-    return node
-
-
-def _rebuild(exported: ExportedProgram) -> ExportedProgram:
-    """A fresh ExportedProgram after graph edits: unused parameters dropped, every node re-traced (fresh shapes)."""
-    graph = exported.graph
-    graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
-    used = {n.name for n in graph.nodes if n.op == "placeholder" and n.users}
-    specs, state, constants = [], {}, {}
-    for spec in exported.graph_signature.input_specs:
-        if spec.kind != InputKind.USER_INPUT and spec.arg.name not in used:
-            graph.erase_node(next(n for n in graph.nodes if n.op == "placeholder" and n.name == spec.arg.name))
-            continue
-        specs.append(spec)
-        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER) and spec.target in exported.state_dict:
-            state[spec.target] = exported.state_dict[spec.target]
-        elif spec.target in exported.constants:
-            constants[spec.target] = exported.constants[spec.target]
-    fake_mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes if n.op == "placeholder"])
-    targets = {s.arg.name: s.target for s in specs if s.kind in (InputKind.PARAMETER, InputKind.BUFFER)}
-    for node in graph.nodes:  # parameter placeholders carry the shapes the parameters have now
-        value = state.get(targets.get(node.name))
-        if value is not None and tuple(node.meta["val"].shape) != tuple(value.shape):
-            node.meta["val"] = fake_mode.from_tensor(value, static_shapes=True)
-    exported.graph_module.recompile()
-    edited = ExportedProgram(
-        root=exported.graph_module, graph=graph,
-        graph_signature=ExportGraphSignature(input_specs=specs, output_specs=exported.graph_signature.output_specs),
-        state_dict=state, range_constraints=exported.range_constraints, module_call_graph=exported.module_call_graph,
-        example_inputs=exported.example_inputs, constants=constants, verifiers=exported.verifiers,
-    )
-    return edited.run_decompositions({})
-
-
-def _flat_inputs(exported: ExportedProgram, user: tuple) -> list:
-    """The lifted graph's arguments: parameters, buffers and constants from the program, then ``user``."""
-    values, it = [], iter(user)
-    for spec in exported.graph_signature.input_specs:
-        if spec.kind == InputKind.USER_INPUT:
-            values.append(next(it))
-        elif spec.target in exported.state_dict:
-            values.append(exported.state_dict[spec.target])
-        else:
-            values.append(exported.constants[spec.target])
-    return values
-
-
 class _WidthFixer(fx.Interpreter):
     """Runs the edited graph on a small real input; a view whose literal last size was the stream's old width, applied
     to a tensor whose last dimension has changed, gets the new width."""
@@ -162,9 +81,19 @@ class _WidthFixer(fx.Interpreter):
 
 
 def _fix_widths(exported: ExportedProgram) -> None:
-    ids = torch.zeros(1, 4, dtype=torch.long)
-    with torch.no_grad():
-        _WidthFixer(exported.graph_module).run(*_flat_inputs(exported, (ids, torch.ones_like(ids))))
+    """Run the edited graph on fake tensors of the weights' new shapes (no memory, no arithmetic) to fix views."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    values = []
+    for spec in exported.graph_signature.input_specs:
+        if spec.kind == InputKind.USER_INPUT:
+            values.append(mode.from_tensor(torch.zeros(1, 4, dtype=torch.long)))
+        elif spec.target in exported.state_dict:
+            values.append(mode.from_tensor(exported.state_dict[spec.target]))
+        else:
+            values.append(mode.from_tensor(exported.constants[spec.target]))
+    exported.graph_module.recompile()
+    with mode, torch.no_grad():
+        _WidthFixer(exported.graph_module).run(*values)
 
 
 # ---------------------------------------------------------------------------------------------------- norm fusion
@@ -191,19 +120,19 @@ def _norm_site(exported: ExportedProgram, node: fx.Node, reader: str) -> NormSit
     op = op_name(node)
     if op == "layer_norm":
         x, _shape, w, b, eps = (list(node.args) + [None, None, 1e-5])[:5]
-        return NormSite("layernorm", node, x, _param_of(exported, w), _param_of(exported, b), float(eps))
+        return NormSite("layernorm", node, x, param_of(exported, w), param_of(exported, b), float(eps))
     if op == "getitem" and op_name(node.args[0]) == "native_layer_norm":
         x, _shape, w, b, eps = node.args[0].args
-        return NormSite("layernorm", node, x, _param_of(exported, w), _param_of(exported, b), float(eps))
+        return NormSite("layernorm", node, x, param_of(exported, w), param_of(exported, b), float(eps))
     if op == "mul":
         a, b = node.args
-        weight, other = (a, b) if _param_of(exported, a) else (b, a)
-        if _param_of(exported, weight):
+        weight, other = (a, b) if param_of(exported, a) else (b, a)
+        if param_of(exported, weight):
             inner = through(other)
             site = _rms_core(inner)
             if site is not None:
                 x, mean, eps = site
-                return NormSite("rmsnorm", node, x, _param_of(exported, weight), None, eps, mean=mean,
+                return NormSite("rmsnorm", node, x, param_of(exported, weight), None, eps, mean=mean,
                                 normalized=other)
     if op == "mul" and _rms_core(node) is not None:  # already scale-free
         x, mean, eps = _rms_core(node)
@@ -232,91 +161,88 @@ def _rms_core(node: fx.Node) -> tuple[fx.Node, fx.Node, float] | None:
 
 def fuse_norms(program: Program) -> Program:
     """A new program whose norms are scale-free RMSNorms over the original width; the function is unchanged."""
-    exported = copy.deepcopy(program.exported)
-    graph, state = exported.graph, exported.state_dict
+    exported = copy_program(program.exported)
+    store = program.store.fork()
+    graph = exported.graph
     structure = program.structure
     sites = find_norms(program, exported)
     nodes = {n.name: n for n in graph.nodes}
     width = stream_width(program)
 
-    if structure.tied_embedding:  # separate copies before anything is folded into the head
-        _untie(structure, exported, nodes)
-
-    def matrix(name: str) -> tuple[torch.Tensor, str, str | None, fx.Node]:
-        lin = structure.linears[name]
-        node = nodes[lin.node]
-        weight = _param_of(exported, node.args[-1] if op_name(node) in ("addmm", "mm") else node.args[1])
-        bias = lin.bias
-        return state[weight], lin.weight_layout, bias, node
+    if structure.tied_embedding:  # separate parameters before anything is folded into the head
+        _untie(structure, exported, store, nodes)
 
     with torch.no_grad():
         groups = {sub.readers[0]: sub.readers for sub in structure.sublayers}
         groups[structure.lm_head] = (structure.lm_head,)
         for first, site in sites.items():
-            gamma = state[site.weight].double() if site.weight else None
-            beta = state[site.bias].double() if site.bias else None
+            gamma = store.get(site.weight, torch.float64) if site.weight else None
+            beta = store.get(site.bias, torch.float64) if site.bias else None
             for name in groups[first]:
-                w, layout, bias, node = matrix(name)
-                w_oi = (w.t() if layout == "in_out" else w).double()
+                lin = structure.linears[name]
+                node = nodes[lin.node]
+                param = param_of(exported, node.args[-1] if op_name(node) in ("addmm", "mm") else node.args[1])
+                w_oi = _oriented(store.get(param, torch.float64), lin.weight_layout)
                 if beta is not None and bool(beta.abs().max() > 0):
                     shift = w_oi @ beta
-                    if bias is None:
+                    if lin.bias is None:
                         if op_name(node) != "linear":
                             raise NormNotFusable(f"cannot fold the norm bias into {name}: it has no bias to add to")
-                        new = _add_parameter(exported, WRAPPER_PREFIX + name + ".bias", shift.float())
+                        new = add_parameter(exported, store, WRAPPER_PREFIX + name + ".bias", shift)
                         node.args = (node.args[0], node.args[1], new)
                     else:
-                        state[bias].copy_((state[bias].double() + shift).to(state[bias].dtype))
+                        store.set(lin.bias, store.get(lin.bias, torch.float64) + shift)
                 if gamma is not None:
-                    w_oi = w_oi * gamma[None, :]
-                    w.copy_((w_oi.t() if layout == "in_out" else w_oi).to(w.dtype))
+                    store.set(param, _oriented(w_oi * gamma[None, :], lin.weight_layout))
         if any(site.kind == "layernorm" for site in sites.values()):
-            _center_writers(program, exported)
+            _center_writers(program, exported, store)
         for site in sites.values():
             _make_scale_free(graph, site, width)
-    fused = _rebuild(exported)
+    fused = rebuild(exported, store, retrace=True)
     log.info("fused %d norms (%s)", len(sites), ", ".join(sorted({s.kind for s in sites.values()})))
-    return Program(exported=fused, structure=read_structure(fused), tokenizer=program.tokenizer,
-                   config=program.config, name=program.name, origin=dict(program.origin))
+    return program.derive(fused, store)
 
 
-def _untie(structure, exported: ExportedProgram, nodes: dict[str, fx.Node]) -> None:
-    """Give the lm_head and the embedding it shares its matrix with one parameter each, each under its own name."""
+def _oriented(matrix: torch.Tensor, layout: str) -> torch.Tensor:
+    """[out, in] from a stored weight, or back (GPT-2's Conv1D stores [in, out]); the map is its own inverse."""
+    return matrix.t() if layout == "in_out" else matrix
+
+
+def _untie(structure, exported: ExportedProgram, store: WeightStore, nodes: dict[str, fx.Node]) -> None:
+    """Give the lm_head and the embedding it shares its matrix with one parameter each, each under its own name (the
+    new one starts as the same tensor in the store; they part when one is rewritten)."""
     head = structure.linears[structure.lm_head]
     shared = head.weight
     head_target = WRAPPER_PREFIX + structure.lm_head + ".weight"
-    placeholder = next(n for n in exported.graph.nodes if n.op == "placeholder" and _param_of(exported, n) == shared)
+    placeholder = next(n for n in exported.graph.nodes if n.op == "placeholder" and param_of(exported, n) == shared)
     if shared != head_target:
         users = [nodes[head.node]]
-        new = _add_parameter(exported, head_target, exported.state_dict[shared])
+        new = add_parameter(exported, store, head_target, shared)
     else:
         embed = next(name for name, param in structure.embeddings.items() if param == shared)
         users = [u for u in placeholder.users if u is not nodes[head.node]]
-        new = _add_parameter(exported, WRAPPER_PREFIX + embed + ".weight", exported.state_dict[shared])
+        new = add_parameter(exported, store, WRAPPER_PREFIX + embed + ".weight", shared)
     for user in users:
         user.replace_input_with(placeholder, new)
     log.info("untied the lm_head from the embedding (the two ends of the stream get different rotations)")
 
 
-def _center_writers(program: Program, exported: ExportedProgram) -> None:
+def _center_writers(program: Program, exported: ExportedProgram, store: WeightStore) -> None:
     """Make every contribution to the stream zero-mean across features, so a LayerNorm's mean subtraction is a no-op."""
-    state = exported.state_dict
     structure = program.structure
-    embeddings = {_param_of(exported, n.args[0]) for n in exported.graph.nodes
+    embeddings = {param_of(exported, n.args[0]) for n in exported.graph.nodes
                   if n.op == "call_function" and op_name(n) == "embedding"}
     for param in sorted(p for p in embeddings if p):
-        e = state[param]
-        e.copy_((e.double() - e.double().mean(dim=1, keepdim=True)).to(e.dtype))
+        e = store.get(param, torch.float64)
+        store.set(param, e - e.mean(dim=1, keepdim=True))
     for sub in structure.sublayers:
         for name in sub.writers:
             lin = structure.linears[name]
-            w = state[lin.weight]
-            w_oi = (w.t() if lin.weight_layout == "in_out" else w).double()
-            w_oi = w_oi - w_oi.mean(dim=0, keepdim=True)
-            w.copy_((w_oi.t() if lin.weight_layout == "in_out" else w_oi).to(w.dtype))
+            w_oi = _oriented(store.get(lin.weight, torch.float64), lin.weight_layout)
+            store.set(lin.weight, _oriented(w_oi - w_oi.mean(dim=0, keepdim=True), lin.weight_layout))
             if lin.bias:
-                b = state[lin.bias]
-                b.copy_((b.double() - b.double().mean()).to(b.dtype))
+                b = store.get(lin.bias, torch.float64)
+                store.set(lin.bias, b - b.mean())
 
 
 def _make_scale_free(graph: fx.Graph, site: NormSite, width: int) -> None:
@@ -325,25 +251,25 @@ def _make_scale_free(graph: fx.Graph, site: NormSite, width: int) -> None:
         mean = site.mean
         with graph.inserting_before(mean):
             pw = mean.args[0] if op_name(mean) == "mean" else mean.args[0].args[0]
-            total = _call(graph, aten.sum.dim_IntList, (pw, [-1], True), mean)
-            scaled = _call(graph, aten.mul.Tensor, (total, 1.0 / width), mean)
+            total = call(graph, aten.sum.dim_IntList, (pw, [-1], True), mean)
+            scaled = call(graph, aten.mul.Tensor, (total, 1.0 / width), mean)
         mean.replace_all_uses_with(scaled)
         if site.normalized is not site.output:
             site.output.replace_all_uses_with(site.normalized)
         return
     out = site.output
     with graph.inserting_after(out):
-        pw = _call(graph, aten.pow.Tensor_Scalar, (site.stream, 2), out)
+        pw = call(graph, aten.pow.Tensor_Scalar, (site.stream, 2), out)
     with graph.inserting_after(pw):
-        total = _call(graph, aten.sum.dim_IntList, (pw, [-1], True), out)
+        total = call(graph, aten.sum.dim_IntList, (pw, [-1], True), out)
     with graph.inserting_after(total):
-        scaled = _call(graph, aten.mul.Tensor, (total, 1.0 / width), out)
+        scaled = call(graph, aten.mul.Tensor, (total, 1.0 / width), out)
     with graph.inserting_after(scaled):
-        shifted = _call(graph, aten.add.Tensor, (scaled, site.eps), out)
+        shifted = call(graph, aten.add.Tensor, (scaled, site.eps), out)
     with graph.inserting_after(shifted):
-        inv = _call(graph, aten.rsqrt.default, (shifted,), out)
+        inv = call(graph, aten.rsqrt.default, (shifted,), out)
     with graph.inserting_after(inv):
-        normed = _call(graph, aten.mul.Tensor, (site.stream, inv), out)
+        normed = call(graph, aten.mul.Tensor, (site.stream, inv), out)
     out.replace_all_uses_with(normed)
 
 
@@ -353,31 +279,32 @@ def stream_points(program: Program, exported: ExportedProgram) -> list[fx.Node]:
     """The stream entering block 0, then the output of every residual add, in order (sublayer i reads point i and
     writes point i + 1)."""
     nodes = {n.name: n for n in exported.graph.nodes}
-    weights = set(_params(exported)) | set(exported.graph_signature.inputs_to_lifted_tensor_constants)
+    weights = {s.arg.name for s in exported.graph_signature.input_specs if s.target is not None}
     bounds = block_boundaries(list(exported.graph.nodes), program.structure, is_weight=lambda n: n.name in weights)
     return [bounds.streams[0]] + [nodes[name] for name in program.structure.residual_adds]
 
 
-def with_projections(fused: Program) -> tuple[Program, list[torch.Tensor]]:
-    """A copy of ``fused`` with a [D, D] matrix (identity) applied at each stream point; the matrices are returned
-    in point order and are shared with the program, so setting one changes what the program computes."""
-    exported = copy.deepcopy(fused.exported)
+def with_projections(fused: Program) -> tuple[Program, list[str]]:
+    """``fused`` with a [D, D] matrix (identity, float32) applied at each stream point, and the matrices' store names
+    in point order: setting one (``set_parameter``) changes what the program computes from then on. The program keeps
+    ``fused``'s structure (the projections are not layers of the model)."""
+    exported = copy_program(fused.exported)
+    store = fused.store.fork()
     graph = exported.graph
     points = stream_points(fused, exported)
     width = int(points[0].meta["val"].shape[-1])
-    matrices = []
+    names = []
     for i, point in enumerate(points):
-        node = _add_parameter(exported, f"{WRAPPER_PREFIX}stream_projection_{i}", torch.eye(width))
-        matrices.append(exported.state_dict[f"{WRAPPER_PREFIX}stream_projection_{i}"])
+        name = f"{WRAPPER_PREFIX}stream_projection_{i}"
+        node = add_parameter(exported, store, name, torch.eye(width), dtype=torch.float32)
+        names.append(name)
         users = [u for u in point.users if op_name(u) != "_assert_tensor_metadata"]
         with graph.inserting_after(point):
-            proj = _call(graph, aten.linear.default, (point, node), point)
+            proj = call(graph, aten.linear.default, (point, node), point)
         for user in users:
             user.replace_input_with(point, proj)
     exported.graph_module.recompile()
-    program = Program(exported=exported, structure=fused.structure, tokenizer=fused.tokenizer, config=fused.config,
-                      name=fused.name, origin=dict(fused.origin))
-    return program, matrices
+    return dataclasses.replace(fused, exported=exported, store=store), names
 
 
 # ---------------------------------------------------------------------------------------------------- rotate and slice
@@ -409,8 +336,9 @@ def rotate_and_slice(fused: Program, bases: list[torch.Tensor]) -> Program:
     are the same (the shortcut would be the identity), no shortcut matrix is inserted.
     """
     structure = fused.structure
-    exported = copy.deepcopy(fused.exported)
-    graph, state = exported.graph, exported.state_dict
+    exported = copy_program(fused.exported)
+    store = fused.store.fork()
+    graph = exported.graph
     points = stream_points(fused, exported)
     if len(bases) != len(points):
         raise ValueError(f"expected {len(points)} bases (one per stream point), got {len(bases)}")
@@ -418,21 +346,22 @@ def rotate_and_slice(fused: Program, bases: list[torch.Tensor]) -> Program:
     q = [b.double() for b in bases]
     widths = [int(b.shape[1]) for b in bases]
 
-    def set_matrix(name: str, w_oi: torch.Tensor) -> None:
-        lin = structure.linears[name]
-        old = state[lin.weight]
-        new = (w_oi.t() if lin.weight_layout == "in_out" else w_oi).contiguous().to(old.dtype)
-        state[lin.weight] = torch.nn.Parameter(new, requires_grad=False)
+    def put(param: str, value: torch.Tensor) -> None:
+        store.set(param, value.contiguous())
+        exported.state_dict[param] = meta_like(value)
 
     def matrix(name: str) -> torch.Tensor:
         lin = structure.linears[name]
-        w = state[lin.weight]
-        return (w.t() if lin.weight_layout == "in_out" else w).double()
+        return _oriented(store.get(lin.weight, torch.float64), lin.weight_layout)
+
+    def set_matrix(name: str, w_oi: torch.Tensor) -> None:
+        lin = structure.linears[name]
+        put(lin.weight, _oriented(w_oi, lin.weight_layout))
 
     shortcuts = 0
     with torch.no_grad():
         for param in structure.embeddings.values():
-            state[param] = torch.nn.Parameter((state[param].double() @ q[0]).to(state[param].dtype), requires_grad=False)
+            put(param, store.get(param, torch.float64) @ q[0])
         for i, sub in enumerate(structure.sublayers):
             for name in sub.readers:
                 set_matrix(name, matrix(name) @ q[i])
@@ -440,26 +369,23 @@ def rotate_and_slice(fused: Program, bases: list[torch.Tensor]) -> Program:
                 set_matrix(name, q[i + 1].t() @ matrix(name))
                 bias = structure.linears[name].bias
                 if bias:
-                    state[bias] = torch.nn.Parameter((state[bias].double() @ q[i + 1]).to(state[bias].dtype),
-                                                     requires_grad=False)
+                    put(bias, store.get(bias, torch.float64) @ q[i + 1])
             s = q[i].t() @ q[i + 1]  # z_{i+1} = z_i @ S
             if s.shape[0] == s.shape[1] and bool((s - torch.eye(s.shape[0], dtype=s.dtype)).abs().max() < 1e-9):
                 continue
             add = nodes[structure.residual_adds[i]]
             stream = stream_operand(add)
             block = structure.blocks[sub.block]
-            shortcut = s.t().float()  # as linear(z, S^T)
-            param = _add_parameter(exported, f"{WRAPPER_PREFIX}{block}.{sub.kind}_shortcut.weight", shortcut)
+            param = add_parameter(exported, store, f"{WRAPPER_PREFIX}{block}.{sub.kind}_shortcut.weight", s.t())
             with graph.inserting_before(add):
-                node = _call(graph, aten.linear.default, (stream, param), add)
+                node = call(graph, aten.linear.default, (stream, param), add)
             add.replace_input_with(stream, node)
             shortcuts += 1
         head = structure.lm_head
         set_matrix(head, matrix(head) @ q[-1])
     _fix_widths(exported)
-    sliced = _rebuild(exported)
+    sliced = rebuild(exported, store, retrace=True)
     origin = dict(fused.origin)
     origin["sliced_widths"] = list(widths)
     log.info("rotated and sliced the stream to widths %s with %d shortcut matrices", sorted(set(widths)), shortcuts)
-    return Program(exported=sliced, structure=read_structure(sliced), tokenizer=fused.tokenizer, config=fused.config,
-                   name=fused.name, origin=origin)
+    return fused.derive(sliced, store, origin=origin)

@@ -1,8 +1,9 @@
 """Graph surgery on a captured program: remove decoder blocks or attention sublayers from the graph itself.
 
-The residual stream is rewired around what is removed, dead nodes and their weights are deleted, and the remaining
-blocks are renumbered (parameter names, node metadata, config), so the result is the program of a shallower model:
-its ONNX has fewer nodes and fewer weights, nothing is multiplied by zero. The input program is left untouched.
+The residual stream is rewired around what is removed, dead nodes and their weights are deleted (from the graph and
+from a fork of the store), and the remaining blocks are renumbered (parameter names, node metadata, config), so the
+result is the program of a shallower model: its ONNX has fewer nodes and fewer weights, nothing is multiplied by zero.
+The input program is left untouched; no weight is copied.
 """
 
 from __future__ import annotations
@@ -12,13 +13,12 @@ import logging
 import re
 
 import torch
-from torch.export import ExportedProgram
-from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec
 
 from .errors import UserError
+from .graph_edit import copy_program, rebuild
 from .naming import WRAPPER_PREFIX
 from .program import Program
-from .structure import ancestors, block_boundaries, read_structure
+from .structure import ancestors, block_boundaries
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +31,9 @@ def remove_blocks(program: Program, blocks: list[int]) -> Program:
         return program
     if len(drop) >= n_blocks:
         raise UserError(f"cannot remove all {n_blocks} blocks; keep at least one")
-    exported = copy.deepcopy(program.exported)
+    exported = copy_program(program.exported)
     graph = exported.graph
-    weights = _weight_placeholders(exported)
+    weights = {s.arg.name for s in exported.graph_signature.input_specs if s.target is not None}
     bounds = block_boundaries(list(graph.nodes), program.structure, is_weight=lambda n: n.name in weights)
     live = _live(graph)
     for k in reversed(drop):  # from the last, so each block's entering stream is still in place
@@ -41,10 +41,15 @@ def remove_blocks(program: Program, blocks: list[int]) -> Program:
     _delete_dead(graph, live)
     keep = [k for k in range(n_blocks) if k not in drop]
     renumber = {old: new for new, old in enumerate(keep)}
-    exported = _rebuild(exported, program.structure.block_list, renumber)
-    config = _shallower_config(program.config, keep)
+    rename = _renamer(program.structure.block_list, renumber)
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {key: (rename(path), typ) for key, (path, typ) in stack.items()}
+    store = program.store.fork()
+    exported = rebuild(exported, store, rename)
     log.info("removed blocks %s; %d blocks remain", drop, len(keep))
-    return _replace(program, exported, config)
+    return program.derive(exported, store, config=_shallower_config(program.config, keep))
 
 
 def remove_attention(program: Program, blocks: list[int]) -> Program:
@@ -52,23 +57,25 @@ def remove_attention(program: Program, blocks: list[int]) -> Program:
     drop = sorted(set(blocks))
     if not drop:
         return program
-    exported = copy.deepcopy(program.exported)
+    exported = copy_program(program.exported)
     nodes = {n.name: n for n in exported.graph.nodes}
     live = _live(exported.graph)
     found = set()
     for sub, add_name in zip(program.structure.sublayers, program.structure.residual_adds):
         if sub.kind == "attention" and sub.block in drop:
             add = nodes[add_name]
-            stream = stream_operand(add)
-            add.replace_all_uses_with(stream)
+            add.replace_all_uses_with(stream_operand(add))
             found.add(sub.block)
     missing = sorted(set(drop) - found)
     if missing:
         raise UserError(f"blocks {missing} have no attention sublayer to remove")
     _delete_dead(exported.graph, live)
-    exported = _rebuild(exported, program.structure.block_list, {})
+    store = program.store.fork()
+    exported = rebuild(exported, store)
     log.info("removed the attention sublayers of blocks %s", drop)
-    return _replace(program, exported, program.config, attention_removed=drop)
+    origin = dict(program.origin)
+    origin["attention_removed"] = sorted(set(origin.get("attention_removed", [])) | set(drop))
+    return program.derive(exported, store, origin=origin)
 
 
 def stream_operand(add: torch.fx.Node) -> torch.fx.Node:
@@ -77,9 +84,17 @@ def stream_operand(add: torch.fx.Node) -> torch.fx.Node:
     return a if a in ancestors(b) else b
 
 
-def _weight_placeholders(exported: ExportedProgram) -> set[str]:
-    sig = exported.graph_signature
-    return set(sig.inputs_to_parameters) | set(sig.inputs_to_buffers) | set(sig.inputs_to_lifted_tensor_constants)
+def _renamer(block_list: str, renumber: dict[int, int]):
+    """Maps a parameter name or module path inside block ``old`` to the same inside block ``renumber[old]``."""
+    pattern = re.compile(rf"^((?:{re.escape(WRAPPER_PREFIX)})?{re.escape(block_list)}\.)(\d+)(\.|$)")
+
+    def rename(name: str) -> str:
+        m = pattern.match(name)
+        if not m or int(m.group(2)) not in renumber:
+            return name
+        return f"{m.group(1)}{renumber[int(m.group(2))]}{m.group(3)}{name[m.end():]}"
+
+    return rename
 
 
 def _live(graph: torch.fx.Graph) -> set[torch.fx.Node]:
@@ -89,7 +104,7 @@ def _live(graph: torch.fx.Graph) -> set[torch.fx.Node]:
 
 def _delete_dead(graph: torch.fx.Graph, live_before: set[torch.fx.Node]) -> None:
     """Erase what the rewiring cut off: nodes the output used to need and no longer does, and the checks hanging on
-    them (dtype asserts). Other side-effect nodes of the graph are left alone. Placeholders are handled by _rebuild."""
+    them (dtype asserts). Other side-effect nodes of the graph are left alone. Placeholders are handled by rebuild."""
     live_after = _live(graph)
     dead = {n for n in live_before - live_after if n.op != "placeholder"}
     for node in graph.nodes:
@@ -100,51 +115,11 @@ def _delete_dead(graph: torch.fx.Graph, live_before: set[torch.fx.Node]) -> None
             graph.erase_node(node)
 
 
-def _rebuild(exported: ExportedProgram, block_list: str, renumber: dict[int, int]) -> ExportedProgram:
-    """A fresh ExportedProgram from an edited graph: unused weight inputs dropped, block indices renumbered."""
-    graph = exported.graph
-    used = {n.name for n in graph.nodes if n.op == "placeholder" and n.users}
-    user_inputs = {s.arg.name for s in exported.graph_signature.input_specs if s.kind == InputKind.USER_INPUT}
-    for node in list(graph.nodes):
-        if node.op == "placeholder" and node.name not in used and node.name not in user_inputs:
-            graph.erase_node(node)
-    pattern = re.compile(rf"^({re.escape(WRAPPER_PREFIX + block_list)}\.)(\d+)(\.|$)")
-
-    def rename(name: str) -> str:
-        m = pattern.match(name)
-        if not m or int(m.group(2)) not in renumber:
-            return name
-        return f"{m.group(1)}{renumber[int(m.group(2))]}{m.group(3)}{name[m.end():]}"
-
-    specs, state, constants = [], {}, {}
-    for spec in exported.graph_signature.input_specs:
-        if spec.kind != InputKind.USER_INPUT and spec.arg.name not in used:
-            continue
-        target = rename(spec.target) if spec.target else spec.target
-        specs.append(InputSpec(kind=spec.kind, arg=spec.arg, target=target, persistent=spec.persistent))
-        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER) and spec.target in exported.state_dict:
-            state[target] = exported.state_dict[spec.target]
-        elif spec.target in exported.constants:
-            constants[target] = exported.constants[spec.target]
-    if renumber:
-        for node in graph.nodes:
-            stack = node.meta.get("nn_module_stack")
-            if stack:
-                node.meta["nn_module_stack"] = {key: (rename(path), typ) for key, (path, typ) in stack.items()}
-    exported.graph_module.recompile()
-    return ExportedProgram(
-        root=exported.graph_module, graph=graph,
-        graph_signature=ExportGraphSignature(input_specs=specs, output_specs=exported.graph_signature.output_specs),
-        state_dict=state, range_constraints=exported.range_constraints, module_call_graph=exported.module_call_graph,
-        example_inputs=exported.example_inputs, constants=constants, verifiers=exported.verifiers,
-    )
-
-
 def _shallower_config(config, keep: list[int]):
     """A copy of a Hugging Face config for the kept blocks (layer count and any per-layer lists)."""
     if config is None:
         return None
-    config = copy.deepcopy(config)
+    config = copy.copy(config)
     for attr in ("num_hidden_layers", "n_layer", "num_layers"):
         if hasattr(config, attr) and isinstance(getattr(config, attr), int):
             old = getattr(config, attr)
@@ -154,11 +129,3 @@ def _shallower_config(config, keep: list[int]):
                     setattr(config, key, [value[k] for k in keep])
             break
     return config
-
-
-def _replace(program: Program, exported: ExportedProgram, config, attention_removed: list[int] | None = None) -> Program:
-    origin = dict(program.origin)
-    if attention_removed:
-        origin["attention_removed"] = sorted(set(origin.get("attention_removed", [])) | set(attention_removed))
-    return Program(exported=exported, structure=read_structure(exported), tokenizer=program.tokenizer, config=config,
-                   name=program.name, origin=origin)

@@ -9,7 +9,10 @@ Zoo entries are data: one YAML file per model in the repository's ``models/`` fo
   it with transformers (slow) and caches float32 safetensors under ``$NEXUS_EXPORT_CACHE/models/<name>``
   (default ``~/.cache/nexus-export``); later loads read the cache, never the network.
 
-Every loaded model is a float32 transformers ``PreTrainedModel`` in eval mode. Pickled checkpoints are never loaded.
+Two ways in: ``open_model`` (the pipeline) builds a folder's model on the meta device from its config and leaves the
+weights in the safetensors shards, whose headers are read and checked (``LoadedModel.files``): nothing of the size of
+the model is read. ``load_model`` (Python users) gives a float32 transformers model with its weights in memory, in
+eval mode. Pickled checkpoints are never loaded.
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 import nexus_export
+from nexus_export.capture import parameters_on_meta
 from nexus_export.errors import UserError
 from nexus_export.outdir import sha256_file
+from nexus_export.shards import checkpoint_files, index_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +51,17 @@ _ORIGIN_FILE = "nexus-origin.json"
 
 @dataclass
 class LoadedModel:
-    """A model ready for capture: float32, eval mode, with its tokenizer and a record of where its weights came from."""
+    """A model ready for capture, in eval mode, with its tokenizer and a record of where its weights came from.
+
+    ``files`` is empty when the model holds its weights in memory; otherwise the model was built on the meta device and
+    ``files`` are its safetensors shards (``index``: every tensor in them by key, headers checked)."""
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase | None
     name: str
     origin: dict[str, Any] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+    index: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------------- zoo entries
@@ -86,13 +96,18 @@ def zoo_names() -> list[str]:
 # ---------------------------------------------------------------------------------------------------- public API
 
 
-def load_model(name_or_path: str | os.PathLike) -> LoadedModel:
-    """Load a zoo model by name, or a local Hugging Face folder (config.json + safetensors weights + tokenizer)."""
+def open_model(name_or_path: str | os.PathLike) -> LoadedModel:
+    """A zoo model or local Hugging Face folder, ready for capture without reading its weights: a folder's model is
+    built on the meta device and its shards' headers are checked (a truncated or missing shard is a UserError naming
+    it); a random zoo model is built in memory."""
     name = os.fspath(name_or_path)
     entries = zoo_entries()
     if name in entries:
         entry = entries[name]
-        loaded = _build_random(entry) if entry["kind"] == "random" else _load_gguf(entry)
+        if entry["kind"] == "random":
+            return _finish(_build_random(entry))
+        cached, origin = _gguf_cache(entry)
+        loaded = _open_folder(cached, entry["name"], origin)
     else:
         path = Path(name).expanduser()
         if not path.exists():
@@ -100,7 +115,25 @@ def load_model(name_or_path: str | os.PathLike) -> LoadedModel:
                 f"unknown model {name!r}: expected a zoo name ({', '.join(sorted(entries))}) "
                 "or the path of a local Hugging Face model folder (config.json + *.safetensors + tokenizer files)"
             )
-        loaded = _load_local(path)
+        loaded = _open_folder(path, path.resolve().name, {"kind": "local", "path": str(path.resolve())})
+    loaded.model.eval()
+    return loaded
+
+
+def load_model(name_or_path: str | os.PathLike) -> LoadedModel:
+    """Load a zoo model by name, or a local Hugging Face folder, with its weights in memory (float32, eval mode)."""
+    loaded = open_model(name_or_path)
+    if loaded.files:
+        folder = loaded.files[0].parent
+        start = time.perf_counter()
+        try:
+            loaded.model = transformers.AutoModelForCausalLM.from_pretrained(
+                folder, use_safetensors=True, local_files_only=True, trust_remote_code=False, dtype=torch.float32
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            raise UserError(f"could not load a causal language model from {folder}: {exc}") from exc
+        loaded.files, loaded.index = [], {}
+        log.info("loaded %s from %s in %.1f s", loaded.name, folder, time.perf_counter() - start)
     return _finish(loaded)
 
 
@@ -232,35 +265,44 @@ def _build_random(entry: dict[str, Any]) -> LoadedModel:
     return LoadedModel(model, tokenizer, entry["name"], origin)
 
 
-def _load_local(folder: Path) -> LoadedModel:
-    """A Hugging Face folder with safetensors weights and its tokenizer; no network, no remote code, no pickles."""
+def _open_folder(folder: Path, name: str, origin: dict[str, Any]) -> LoadedModel:
+    """A Hugging Face folder: the model built on the meta device from config.json, its shards indexed and checked,
+    and its tokenizer; no network, no remote code, no pickles."""
     if not folder.is_dir():
         raise UserError(f"{folder} is a file; expected a Hugging Face model folder (config.json + *.safetensors)")
     if not (folder / "config.json").is_file():
         raise UserError(
             f"{folder} has no config.json, so it is not a Hugging Face model folder; save one with save_pretrained"
         )
-    if not any(folder.glob("*.safetensors")):
+    files = checkpoint_files(folder)
+    if not files:
         pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         found = f"only pickled weights ({', '.join(pickled)}), which are never loaded" if pickled else "no weights"
         raise UserError(
             f"{folder} has {found}; expected *.safetensors: "
             "re-save the model with save_pretrained(..., safe_serialization=True)"
         )
+    index = index_checkpoint(files)
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, use_safetensors=True, local_files_only=True, trust_remote_code=False, dtype=torch.float32
-        )
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        with parameters_on_meta():
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                                  trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"could not load a causal language model from {folder}: {exc}") from exc
+        raise UserError(f"could not build a causal language model from {folder / 'config.json'}: {exc}") from exc
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(
             f"could not load a tokenizer from {folder} ({exc}); save the tokenizer into the folder with save_pretrained"
         ) from exc
-    origin = {"kind": "local", "path": str(folder.resolve())}
-    return LoadedModel(model, tokenizer, folder.resolve().name, origin)
+    generation = folder / "generation_config.json"
+    if generation.is_file():
+        try:
+            model.generation_config = transformers.GenerationConfig.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError):
+            log.warning("ignoring the unreadable %s", generation)
+    return LoadedModel(model, tokenizer, name, origin, files=files, index=index)
 
 
 # ---------------------------------------------------------------------------------------------------- gguf
@@ -282,24 +324,17 @@ def _gguf_path(entry: dict[str, Any]) -> Path:
     )
 
 
-def _load_gguf(entry: dict[str, Any]) -> LoadedModel:
-    """A GGUF model: from the cache when it matches the installed file, else dequantized once and cached."""
+def _gguf_cache(entry: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """The safetensors cache folder of a GGUF model (converted now if missing or outdated) and its origin record."""
     gguf = _gguf_path(entry)
     cached = cache_root() / "models" / entry["name"]
     origin = _cached_origin(cached)
+    from_cache = True
     if origin is None or origin.get("gguf_bytes") != gguf.stat().st_size:
         _convert_gguf(entry, gguf, cached)
         origin = _cached_origin(cached)
         from_cache = False
-    else:
-        from_cache = True
-    start = time.perf_counter()
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        cached, use_safetensors=True, local_files_only=True, trust_remote_code=False, dtype=torch.float32
-    )
-    tokenizer = transformers.AutoTokenizer.from_pretrained(cached, local_files_only=True, trust_remote_code=False)
-    log.info("loaded %s from %s in %.1f s", entry["name"], cached, time.perf_counter() - start)
-    return LoadedModel(model, tokenizer, entry["name"], {**origin, "cache": str(cached), "from_cache": from_cache})
+    return cached, {**origin, "cache": str(cached), "from_cache": from_cache}
 
 
 def _cached_origin(cached: Path) -> dict[str, Any] | None:
@@ -359,7 +394,7 @@ def _without_quantization_marker(model: PreTrainedModel) -> PreTrainedModel:
     GGUF-quantized, and refuses to save a model so marked; a fresh model built from the config without the mark
     can be saved.
     """
-    config = copy.deepcopy(model.config)
+    config = copy.copy(model.config)  # the attribute below is deleted from this copy only
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     with torch.random.fork_rng(devices=[]):  # the throwaway initialization must not move the global RNG

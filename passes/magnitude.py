@@ -47,25 +47,40 @@ class MagnitudePass(MaskingPass):
             threshold = _global_threshold(program, targets)
         with torch.no_grad():
             for i, target in enumerate(targets):
-                weight = program.weight(target.name)
-                scores = weight.detach().abs().float()
+                scores = program.weight(target.name, torch.float32).abs()
                 if pattern is not None:
                     keep = nm_mask(scores, pattern, target.name)
                 elif threshold is not None:
                     keep = scores > threshold
                 else:
                     keep = unstructured_mask(scores, target.sparsity, per_row=cfg.per_row)
-                apply_mask(weight, keep)
+                apply_mask(program, target.name, keep)
                 log.debug("magnitude: %d/%d %s", i + 1, len(targets), target.name)
         return program, masking_changes(program, targets, pattern)
 
 
 def _global_threshold(program: Program, targets) -> float:
-    """The |w| below which the requested share of all targeted weights falls (weights weighted equally)."""
-    total = sum(program.weight(t.name).numel() for t in targets)
+    """The |w| below which the requested share of all targeted weights falls (weights weighted equally).
+
+    Exact, one matrix in memory at a time: |w| as float32 bit patterns orders like the values, so the k-th smallest is
+    found by a histogram of the high 16 bits over every matrix, then of the low 16 bits inside the chosen bucket.
+    """
     wanted = int(sum(program.weight(t.name).numel() * t.sparsity for t in targets))
     if wanted == 0:
         return -1.0
-    values = torch.cat([program.weight(t.name).detach().abs().float().reshape(-1) for t in targets])
-    assert values.numel() == total
-    return float(torch.kthvalue(values, wanted).values)
+
+    def bits(name: str) -> torch.Tensor:
+        return program.weight(name, torch.float32).abs().contiguous().view(torch.int32).reshape(-1).long()
+
+    high = torch.zeros(1 << 16, dtype=torch.long)
+    for t in targets:
+        high += torch.bincount(bits(t.name) >> 16, minlength=1 << 16)
+    below = torch.cumsum(high, 0)
+    bucket = int(torch.searchsorted(below, wanted))  # first bucket whose cumulative count reaches ``wanted``
+    rank = wanted - (int(below[bucket - 1]) if bucket else 0)
+    low = torch.zeros(1 << 16, dtype=torch.long)
+    for t in targets:
+        b = bits(t.name)
+        low += torch.bincount(b[(b >> 16) == bucket] & 0xFFFF, minlength=1 << 16)
+    value = (bucket << 16) | int(torch.searchsorted(torch.cumsum(low, 0), rank))
+    return float(torch.tensor([value], dtype=torch.int32).view(torch.float32))

@@ -51,9 +51,10 @@ class MaskingPass(Pass):
         self.config.targets(program)
 
 
-def apply_mask(weight: torch.Tensor, keep: torch.Tensor) -> None:
-    """Zero the weights where ``keep`` is False, in place (through views, so Conv1D layouts work too)."""
-    weight.mul_(keep.to(weight.dtype))
+def apply_mask(program: Program, name: str, keep: torch.Tensor) -> None:
+    """Zero linear ``name``'s weights where ``keep`` ([out, in]) is False, in the weight's stored dtype."""
+    weight = program.weight(name)
+    program.set_weight(name, weight * keep.to(device=weight.device, dtype=weight.dtype))
 
 
 def masking_changes(program: Program, targets: list[Target], pattern: NMPattern | None) -> dict:

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from nexus_export.calibration import Calibrator
 from nexus_export.errors import UserError
 from nexus_export.passbase import Pass, PassConfig, PassContext
 from nexus_export.program import Program
 from nexus_export.progress import Progress
+from nexus_export.runner import BlockRunner
 from nexus_export.surgery import remove_attention, remove_blocks
 
 log = logging.getLogger(__name__)
@@ -140,48 +140,58 @@ def score_blocks(program: Program, windows: torch.Tensor, strategy: str, batch_s
     """Importance of each block (or attention sublayer) on the calibration windows; lower = removed first."""
     if strategy == "gradient":
         return _taylor_scores(program, windows, max(1, min(batch_size, 2)))
-    calibrator = Calibrator(program, windows, batch_size)
+    runner = BlockRunner(program, windows, batch_size)
     sums: dict[int, float] = {}
     tokens: dict[int, int] = {}
     progress = Progress(f"shortgpt {strategy}", len(program.structure.blocks), "blocks", every_s=10.0)
     for k in range(len(program.structure.blocks)):
-        has_attention = "attention" in calibrator.graphs.residuals[k]
+        has_attention = "attention" in runner.graphs.residuals[k]
 
         def visit(h_in: torch.Tensor, out: tuple, k=k, has_attention=has_attention) -> None:
             if strategy == "attention":
                 if not has_attention:
                     return
-                h_out = out[calibrator.graphs.residuals[k]["attention"]]
+                h_out = out[runner.graphs.residuals[k]["attention"]]
             else:
                 h_out = out[0]
             cos = torch.nn.functional.cosine_similarity(h_in.double(), h_out.double(), dim=-1)
             sums[k] = sums.get(k, 0.0) + float((1.0 - cos).sum())
             tokens[k] = tokens.get(k, 0) + cos.numel()
 
-        calibrator.step(k, visit)
+        runner.step(k, visit, [0, *runner.graphs.residuals[k].values()])
         progress.update(k + 1)
     return {k: sums[k] / tokens[k] for k in sums}
 
 
 def _taylor_scores(program: Program, windows: torch.Tensor, batch_size: int) -> dict[int, float]:
-    """|sum (h_out - h_in) . dL/dh_out| per block, summed over the calibration windows."""
-    calibrator = Calibrator(program, windows, batch_size)
+    """|sum (h_out - h_in) . dL/dh_out| per block, summed over the calibration windows.
+
+    Micro-batch by micro-batch: a forward pass keeps the stream at every block boundary, then the gradient is carried back block
+    by block (each block re-run with autograd on its saved input), so one block's weights are loaded at a time."""
+    runner = BlockRunner(program, windows, batch_size)
     n = len(program.structure.blocks)
     totals = torch.zeros(n, dtype=torch.float64)
-    progress = Progress("shortgpt gradient", len(calibrator.state.streams), "batches", every_s=10.0)
-    for i, stream in enumerate(calibrator.state.streams):
-        h = stream.detach()
-        ins, outs = [], []
-        with torch.enable_grad():
+    progress = Progress("shortgpt gradient", runner.batches, "batches", every_s=10.0)
+    suffix = runner.load(runner.graphs.suffix)
+    for i in range(runner.batches):
+        h = runner.inputs(0, i)[0]
+        boundary = [h]
+        with torch.no_grad():
             for k in range(n):
-                ins.append(h)
-                h = calibrator.graphs.blocks[k](*calibrator.block_inputs(k, i, h))[0]
-                outs.append(h)
-            logits = calibrator.logits(h, i)
-            ids = windows[i * batch_size:(i + 1) * batch_size]
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-            grads = torch.autograd.grad(loss, outs)
-        for k in range(n):
-            totals[k] += float(((outs[k] - ins[k]).detach().double() * grads[k].double()).sum())
+                h = runner.graphs.blocks[k](runner.load(runner.graphs.blocks[k]), *runner.inputs(k, i, h))[0]
+                boundary.append(h)
+        ids = windows[i * runner.micro:(i + 1) * runner.micro].to(runner.device)
+        with torch.enable_grad():
+            last = boundary[-1].detach().requires_grad_(True)
+            logits = runner.logits(i, last, suffix)
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                     ids[:, 1:].reshape(-1))
+            grad, = torch.autograd.grad(loss, last)
+            for k in reversed(range(n)):
+                totals[k] += float(((boundary[k + 1] - boundary[k]).double() * grad.double()).sum())
+                if k:
+                    h_in = boundary[k].detach().requires_grad_(True)
+                    out = runner.graphs.blocks[k](runner.load(runner.graphs.blocks[k]), *runner.inputs(k, i, h_in))[0]
+                    grad, = torch.autograd.grad(out, h_in, grad)
         progress.update(i + 1)
     return {k: float(abs(totals[k])) for k in range(n)}

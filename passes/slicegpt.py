@@ -22,11 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
-from nexus_export.calibration import Calibrator, InputStats
+from nexus_export.calibration import InputStats
 from nexus_export.errors import UserError
 from nexus_export.passbase import Pass, PassConfig, PassContext
 from nexus_export.program import Program
 from nexus_export.progress import Progress
+from nexus_export.runner import BlockRunner
 from nexus_export.slicing import align_bases, fuse_norms, rotate_and_slice, stream_width, with_projections
 from nexus_export.structure import SHORTCUT
 
@@ -122,45 +123,49 @@ class SliceGPTPass(Pass):
         first, block_widths = self.block_widths(program)
         fused = fuse_norms(program)
         projected, projections = with_projections(fused)
-        calibrator = Calibrator(projected, windows, cfg.batch_size)
+        runner = BlockRunner(projected, windows, cfg.batch_size)
         structure = fused.structure
 
         bases: list[torch.Tensor] = []  # per stream point: [D, d] (the d strongest principal directions)
 
         def settle(cov: InputStats, width: int) -> torch.Tensor:
-            """Fix the basis of the next point; return its projection matrix (already written into the program)."""
-            keep = pca_basis(cov.xtx, cfg.damping)[:, :width]
+            """Fix the basis of the next point; return its projection matrix (also written into the program)."""
+            keep = pca_basis(cov.xtx, cfg.damping)[:, :width].cpu()
             bases.append(keep)
-            projection = projections[len(bases) - 1]
-            projection.copy_((keep @ keep.t()).to(projection.dtype))
-            return projection
+            projection = (keep @ keep.t()).float()
+            projected.set_parameter(projections[len(bases) - 1], projection, dtype=torch.float32)
+            return projection.to(runner.device)
 
-        cov = InputStats(hidden, hessian=True)
-        for stream in calibrator.state.streams:
+        cov = InputStats(hidden, hessian=True, device=runner.device)
+        for stream in runner.streams():
             cov.add(stream)
         p0 = settle(cov, first)
-        calibrator.state.streams = [s @ p0 for s in calibrator.state.streams]
+        runner.set_streams([s.to(runner.device) @ p0 for s in runner.streams()])
 
         progress = Progress("slicegpt", len(structure.blocks), "blocks", every_s=10.0)
         for k in range(len(structure.blocks)):
             kinds = [sub.kind for sub in structure.sublayers if sub.block == k]
             for j, kind in enumerate(kinds):
-                index = calibrator.graphs.residuals[k][kind]
+                index = runner.graphs.residuals[k][kind]
                 last = j == len(kinds) - 1
-                # the last sublayer's point needs the whole block (its output moves the stream on); an earlier
-                # point only what leads to it
-                graph = calibrator.graphs.blocks[k] if last else calibrator.block_output(k, index)
-                cov = InputStats(hidden, hessian=True)
-                outputs = []
-                with torch.no_grad():
-                    for i in range(len(calibrator.state.streams)):
-                        out = graph(*calibrator.block_inputs(k, i))
-                        cov.add(out[index] if last else out[0])
-                        if last:  # the block's output: the same values, in the shape the next block reads
-                            outputs.append(out[0])
+                cov = InputStats(hidden, hessian=True, device=runner.device)
+                outputs: list[torch.Tensor] = []
+
+                def visit(i: int, stream_in: torch.Tensor, out: tuple, last=last, index=index, cov=cov,
+                          outputs=outputs) -> None:
+                    cov.add(out[index] if last else out[0])
+                    if last:  # the block's output: the same values, in the shape the next block reads
+                        outputs.append(out[0])
+
+                # the last sublayer's point needs the whole block (its output moves the stream on); an earlier point
+                # only what leads to it
+                if last:
+                    runner.run(k, visit, [index, 0])
+                else:
+                    runner.run(k, visit, [0], part=runner.output_only(k, index))
                 projection = settle(cov, block_widths[k])
                 if last:
-                    calibrator.state.streams = [o @ projection for o in outputs]
+                    runner.set_streams([o @ projection for o in outputs])
             progress.update(k + 1)
 
         sliced = rotate_and_slice(fused, align_bases(bases))

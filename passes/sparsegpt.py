@@ -53,7 +53,7 @@ class SparseGPTConfig(CalibratedConfig):
 def upper_inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + damp I)^-1 in float64; damping grows tenfold on failure. Returns (factor, damp%)."""
     diag_mean = float(torch.diag(hessian).mean())
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype)
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     damp = percdamp
     for attempt in range(MAX_DAMPING_RETRIES):
         try:
@@ -91,7 +91,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         if pattern is None:
             scores = W1 ** 2 / d.reshape(1, -1) ** 2
             k = int(scores.numel() * sparsity)
-            prune_mask = torch.zeros(scores.numel(), dtype=torch.bool)
+            prune_mask = torch.zeros(scores.numel(), dtype=torch.bool, device=W.device)
             if k:
                 prune_mask[torch.topk(scores.reshape(-1), k, largest=False).indices] = True
             prune_mask = prune_mask.view_as(scores)
@@ -127,9 +127,10 @@ class SparseGPTPass(MaskingPass):
         retried: list[str] = []
 
         def prune(target: Target, stats) -> dict:
-            weight = program.weight(target.name)
-            new, facts = sparsegpt_prune(weight, stats.hessian(), target.sparsity, pattern, cfg.blocksize, cfg.percdamp)
-            weight.copy_(new)
+            hessian = stats.hessian()
+            weight = program.weight(target.name, device=hessian.device)
+            new, facts = sparsegpt_prune(weight, hessian, target.sparsity, pattern, cfg.blocksize, cfg.percdamp)
+            program.set_weight(target.name, new)
             if facts["damping"] != cfg.percdamp:
                 retried.append(target.name)
             return {k: round(v, 6) for k, v in facts.items()}

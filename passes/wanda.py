@@ -44,8 +44,9 @@ class WandaPass(MaskingPass):
         pattern = cfg.pattern_obj()
 
         def prune(target: Target, stats) -> dict:
-            weight = program.weight(target.name)
-            apply_mask(weight, wanda_mask(weight, stats.column_norms(), target.sparsity, pattern, target.name))
+            norms = stats.column_norms()
+            weight = program.weight(target.name, device=norms.device)
+            apply_mask(program, target.name, wanda_mask(weight, norms, target.sparsity, pattern, target.name))
             return {}
 
         return program, run_calibrated(program, ctx, cfg, prune, hessian=False, what="wanda")

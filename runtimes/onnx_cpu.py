@@ -25,8 +25,10 @@ class OnnxRuntimeCPU:
     def available() -> tuple[bool, str]:
         return ort.available()
 
-    def lower(self, program: Program, out_dir: Path, opset: int = 18, external_data: bool = True) -> Path:
-        return lower_to_onnx(program.exported, Path(out_dir) / "model.onnx", opset=opset, external_data=external_data)
+    def lower(self, program: Program, out_dir: Path, opset: int = 18, external_data: bool = True,
+              dtype: torch.dtype | None = None) -> Path:
+        return lower_to_onnx(program, Path(out_dir) / "model.onnx", opset=opset, external_data=external_data,
+                             dtype=dtype)
 
     def session(self, artifact: Path):
         return ort.session(artifact)
@@ -34,8 +36,9 @@ class OnnxRuntimeCPU:
     def perplexity(self, sess, windows: torch.Tensor, batch_size: int = 4, progress=None) -> tuple[float, int]:
         return ort.perplexity(sess, windows, batch_size=batch_size, progress=progress)
 
-    def parity(self, program: Program, sess, input_ids: torch.Tensor) -> float:
-        return parity.max_abs_diff(program.exported, sess, input_ids, torch.ones_like(input_ids))
+    def parity(self, expected: torch.Tensor, sess, input_ids: torch.Tensor) -> float:
+        """max |expected - onnxruntime logits| on ``input_ids`` (``expected``: the program's logits on them)."""
+        return parity.max_abs_diff(expected, sess, input_ids, torch.ones_like(input_ids))
 
     def inspect(self, artifact: Path, nm: tuple[int, int] | None, targets: set[str] | None = None) -> dict:
         layers = onnx_check.inspect_onnx(artifact, nm=nm)

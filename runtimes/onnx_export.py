@@ -1,17 +1,25 @@
-"""Lower a captured program to ONNX: export, graph cleanup, checker, atomic write.
+"""Lower a program to ONNX without holding its weights: export the graph, fold weight transposes, stream the weights.
 
-``torch.onnx.export(..., dynamo=True, optimize=False)`` keeps every parameter under its program name
-(``lm.model.layers.0.mlp.down_proj.weight``) but puts a ``Transpose`` between a ``nn.Linear`` weight and its
-``MatMul``. (With ``optimize=True`` the onnxscript optimizer folds those Transposes itself, but only for small
-weights, and renames the folded constants ``val_<n>``, so weights could no longer be traced to layers.)
-The cleanup here folds such ops into the initializer and keeps the parameter's name, so every MatMul/Gemm has a
-constant weight directly on it, named after its layer: what TensorRT needs for 2:4 sparse tactics and what
-``onnx_check`` needs to map weights back to layers.
+``torch.onnx.export(..., dynamo=True, optimize=False)`` runs on the program's graph, whose weights are meta tensors,
+and gives an onnx_ir model whose initializers are named after the program's parameters
+(``lm.model.layers.0.mlp.down_proj.weight``) and hold no data. Each initializer is then bound to a lazy tensor that
+reads the weight from the program's store when the file is written, so the external data file is written one tensor
+at a time and no full in-memory model (ModelProto or otherwise) ever exists.
+
+On the way, a ``Transpose`` (or ``Identity``) whose only input is a weight read by nothing else is folded into that
+weight, which keeps its name: every linear's MatMul/Gemm then has a constant weight directly on it, named after its
+layer, which is what TensorRT needs for 2:4 sparse tactics and what ``onnx_check`` needs to map weights to layers. A
+tied embedding read by two nodes keeps its Transpose, so the matrix is stored once.
+
+Weights are written in the output dtype (by default the checkpoint's). The graph computes in float32 everywhere, so a
+weight stored in float16 or bfloat16 is followed by a ``Cast`` to float32 (onnxruntime's CPU kernels are float32;
+TensorRT folds the cast into its own precision choice).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -19,42 +27,51 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
+import ml_dtypes
 import onnx
-import onnx_graphsurgeon as gs
+import onnx_ir as ir
+from onnx_ir.passes import common
 import torch
 
 from nexus_export.errors import UserError
+from nexus_export.program import Program
 
 log = logging.getLogger(__name__)
 
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "logits"
 DYNAMIC_AXES = ("batch", "sequence")
-# Ops on a constant weight that cleanup folds into the initializer itself.
-FOLDABLE_OPS = ("Transpose", "Identity")
+FOLDABLE_OPS = ("Transpose", "Identity")  # ops on a constant weight folded into the initializer itself
 PROTOBUF_LIMIT = 2**31 - 1
 MIN_OPSET = 18  # the lowest opset torchlib implements; lower requests come back as 18 anyway
+MIN_CAST_ELEMENTS = 1024  # smaller float tensors (norm scales, biases) stay float32
+ONNX_DTYPES = {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FLOAT16,
+               torch.bfloat16: ir.DataType.BFLOAT16}
 
 
-def lower_to_onnx(
-    exported: torch.export.ExportedProgram, out_path: Path, opset: int = 18, external_data: bool = True
-) -> Path:
-    """Export ``exported`` to ONNX at ``out_path`` (plus ``<name>.data`` when ``external_data``) and return the path.
+def lower_to_onnx(program: Program, out_path: Path, opset: int = 18, external_data: bool = True,
+                  dtype: torch.dtype | None = None) -> Path:
+    """Export ``program`` to ONNX at ``out_path`` (plus ``<name>.data`` when ``external_data``) and return the path.
 
     Inputs are ``input_ids`` and ``attention_mask``, the output is ``logits``, with symbolic ``batch`` and
-    ``sequence`` dims. Files appear at ``out_path`` only once complete and checked.
+    ``sequence`` dims. Large float weights are stored in ``dtype`` (None: each as the store holds it). Files appear at
+    ``out_path`` only once complete and checked.
     """
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    model = _export(exported, opset)
-    model = cleanup(model)
+    model = export_graph(program.exported, opset)
+    folded = bind_weights(model, program, dtype)
+    # the exporter's per-node metadata (stack traces, module paths) would be most of the file of a small model
+    common.ClearMetadataAndDocStringPass()(model)
+    common.RemoveUnusedNodesPass()(model)
+    log.info("onnx: folded %d transposes into weights; %d nodes", folded, len(model.graph))
     write_checked(model, out_path, external_data)
     return out_path
 
 
-def _export(exported: torch.export.ExportedProgram, opset: int) -> onnx.ModelProto:
-    """torch.onnx.export of the ExportedProgram, with axes renamed to batch/sequence."""
+def export_graph(exported: torch.export.ExportedProgram, opset: int) -> ir.Model:
+    """torch.onnx.export of the program's graph (its weights are meta: nothing is computed or copied), with the
+    dynamic axes named batch/sequence."""
     if opset < MIN_OPSET:
         raise UserError(f"opset {opset} is not supported: torch's ONNX exporter needs opset >= {MIN_OPSET}")
     start = time.perf_counter()
@@ -62,22 +79,14 @@ def _export(exported: torch.export.ExportedProgram, opset: int) -> onnx.ModelPro
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        program = torch.onnx.export(
-            exported,
-            args=(),
-            dynamo=True,
-            input_names=list(INPUT_NAMES),
-            output_names=[OUTPUT_NAME],
-            opset_version=opset,
-            optimize=False,
-            verbose=False,
-        )
+        program = torch.onnx.export(exported, args=(), dynamo=True, input_names=list(INPUT_NAMES),
+                                    output_names=[OUTPUT_NAME], opset_version=opset, optimize=False, verbose=False)
     _name_dynamic_axes(program)
-    model = program.model_proto
-    actual = {entry.domain: entry.version for entry in model.opset_import}.get("", None)
+    model = program.model
+    actual = model.opset_imports.get("")
     if actual != opset:
         raise UserError(f"the exporter produced opset {actual}, not the requested {opset}: lower with opset {actual}")
-    log.info("onnx export: %d nodes, opset %d in %.1f s", len(model.graph.node), opset, time.perf_counter() - start)
+    log.info("onnx export: %d nodes, opset %d in %.1f s", len(model.graph), opset, time.perf_counter() - start)
     return model
 
 
@@ -101,78 +110,92 @@ def _name_dynamic_axes(program: torch.onnx.ONNXProgram) -> None:
     program.rename_axes(mapping)
 
 
-def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Fold ops on constant weights into initializers (names kept), remove dead nodes, sort topologically."""
-    start = time.perf_counter()
-    graph = gs.import_onnx(model)
-    graph.toposort()
-    folded = fold_weight_ops(graph)
-    graph.cleanup().toposort()
-    cleaned = gs.export_onnx(graph)
-    log.info(
-        "cleanup: folded %d ops on weights, %d nodes left in %.1f s",
-        folded,
-        len(cleaned.graph.node),
-        time.perf_counter() - start,
-    )
-    return cleaned
-
-
-def fold_weight_ops(graph: gs.Graph) -> int:
-    """Replace ``Transpose``/``Identity`` of an initializer by the initializer holding the result; return the count.
-
-    The folded initializer keeps the parameter's name (the usual ``nn.Linear`` case: the Transpose was its only
-    reader). A Transpose of a weight that other nodes also read (a tied embedding: Gather reads [vocab, hidden], the
-    lm_head reads it transposed) is kept, so the matrix is stored once; onnx_check reports that layer as "transposed".
-    ``graph`` must be topologically sorted so that chains fold in one sweep.
-    """
-    count = 0
-    for node in list(graph.nodes):
-        if node.op not in FOLDABLE_OPS or len(node.inputs) != 1 or len(node.outputs) != 1:
+def bind_weights(model: ir.Model, program: Program, dtype: torch.dtype | None) -> int:
+    """Fold single-use Transpose/Identity of weights into them, then bind every initializer the store holds to a lazy
+    read in its output dtype (with a Cast to float32 after a non-float32 weight). Returns the number of folds."""
+    graph = model.graph
+    store = program.store
+    perms: dict[str, list[int]] = {}
+    folded = 0
+    for node in list(graph):
+        if node.op_type not in FOLDABLE_OPS or len(node.inputs) != 1 or len(node.outputs) != 1:
             continue
         source, result = node.inputs[0], node.outputs[0]
-        if not isinstance(source, gs.Constant) or result in graph.outputs:
+        if source is None or not source.is_initializer() or result.is_graph_output() or len(source.uses()) != 1:
             continue
-        if node.op == "Transpose" and len(source.outputs) > 1:
+        if node.op_type == "Transpose":
+            perm = list(node.attributes["perm"].as_ints()) if "perm" in node.attributes else None
+            perm = perm or list(reversed(range(len(source.shape))))
+            base = perms.get(source.name, list(range(len(source.shape))))
+            perms[source.name] = [base[p] for p in perm]
+            source.shape = ir.Shape([source.shape[p] for p in perm])
+        ir.convenience.replace_all_uses_with(result, source)
+        graph.remove(node, safe=True)
+        folded += 1
+    casts = []
+    for name, value in list(graph.initializers.items()):
+        if name not in store:
             continue
-        if node.op == "Transpose":
-            source.values = _apply(node.op, source.values, node.attrs.get("perm"))
-        replacement = source
-        for consumer in list(result.outputs):
-            for index, tensor in enumerate(consumer.inputs):
-                if tensor is result:
-                    consumer.inputs[index] = replacement
-        node.inputs.clear()
-        node.outputs.clear()
-        count += 1
-    return count
+        stored = store.stored_dtype(name)
+        target = dtype if dtype is not None and stored.is_floating_point else stored
+        if target.is_floating_point and (target == torch.float64 or math.prod(store.shape(name)) < MIN_CAST_ELEMENTS):
+            target = torch.float32  # small tensors (norm scales, biases) stay in the graph's dtype
+        value.const_value = _lazy(store, name, target, perms.get(name), value.shape)
+        if target.is_floating_point and target != torch.float32:
+            value.dtype = ONNX_DTYPES[target]
+            casts.append(value)
+    for value in casts:
+        uses = list(value.uses())
+        cast = ir.node("Cast", inputs=[value], attributes={"to": ir.DataType.FLOAT}, name=f"cast_{value.name}")
+        cast.outputs[0].name = f"{value.name}.float"
+        cast.outputs[0].dtype = ir.DataType.FLOAT
+        cast.outputs[0].shape = value.shape
+        for use in uses:
+            use.node.replace_input_with(use.idx, cast.outputs[0])
+        graph.insert_before(graph.node(0), cast)
+    return folded
 
 
-def _apply(op: str, values: np.ndarray, perm: list[int] | None) -> np.ndarray:
-    """The value of a foldable op on a constant."""
-    if op == "Transpose":
-        return np.ascontiguousarray(np.transpose(values, perm))
-    return values
+def _lazy(store, name: str, dtype: torch.dtype, perm: list[int] | None, shape: ir.Shape) -> ir.LazyTensor:
+    """The weight ``name`` read from the store only when the file is written (permuted by ``perm``)."""
+    def load() -> ir.Tensor:
+        tensor = store.get(name, dtype)
+        if perm is not None:
+            tensor = tensor.permute(perm)
+        return to_ir(tensor.contiguous(), name)
+
+    onnx_dtype = ONNX_DTYPES.get(dtype) or ir.DataType.from_numpy(torch.empty((), dtype=dtype).numpy().dtype)
+    return ir.LazyTensor(load, dtype=onnx_dtype, shape=ir.Shape(list(shape)), name=name)
 
 
+def to_ir(tensor: torch.Tensor, name: str) -> ir.Tensor:
+    """An onnx_ir tensor sharing the torch tensor's memory (bfloat16 through ml_dtypes)."""
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        return ir.Tensor(tensor.view(torch.uint16).numpy().view(ml_dtypes.bfloat16), name=name)
+    return ir.Tensor(tensor.numpy(), name=name)
 
-def write_checked(model: onnx.ModelProto, out_path: Path, external_data: bool) -> None:
-    """Save into a temporary folder next to ``out_path``, run the checker, then move the files into place."""
+
+def write_checked(model: ir.Model | onnx.ModelProto, out_path: Path, external_data: bool) -> None:
+    """Save into a temporary folder next to ``out_path`` (external data one tensor at a time), run the checker, then
+    move the files into place; files are readable like any other output (0644 under the usual umask)."""
     start = time.perf_counter()
     data_name = out_path.name + ".data"
-    if not external_data and model.ByteSize() > PROTOBUF_LIMIT:
-        raise UserError(f"{out_path.name} would exceed protobuf's 2 GB limit: lower it with external_data=True")
+    if isinstance(model, onnx.ModelProto):
+        model = ir.serde.deserialize_model(model)
+    if not external_data:
+        size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+        if size > PROTOBUF_LIMIT:
+            raise UserError(f"{out_path.name} would exceed protobuf's 2 GB limit: lower it with external_data=True")
     tmp_dir = Path(tempfile.mkdtemp(prefix=".lower-", dir=out_path.parent))
     try:
         tmp_model = tmp_dir / out_path.name
-        if external_data:
-            onnx.save_model(
-                model, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name
-            )
-        else:
-            onnx.save_model(model, tmp_model)
+        ir.save(model, tmp_model, external_data=data_name if external_data else None)
         saved = time.perf_counter()
         onnx.checker.check_model(str(tmp_model))
+        mode = 0o666 & ~_umask()
+        for path in tmp_dir.iterdir():
+            os.chmod(path, mode)
         if external_data:
             os.replace(tmp_dir / data_name, out_path.parent / data_name)
         elif (out_path.parent / data_name).exists():
@@ -180,10 +203,11 @@ def write_checked(model: onnx.ModelProto, out_path: Path, external_data: bool) -
         os.replace(tmp_model, out_path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    log.info(
-        "saved %s%s: write %.1f s, checker %.1f s",
-        out_path,
-        f" (+ {data_name})" if external_data else "",
-        saved - start,
-        time.perf_counter() - saved,
-    )
+    log.info("saved %s%s: write %.1f s, checker %.1f s", out_path, f" (+ {data_name})" if external_data else "",
+             saved - start, time.perf_counter() - saved)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

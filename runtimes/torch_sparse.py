@@ -58,10 +58,5 @@ def to_semi_structured(program: Program, dtype: torch.dtype = torch.float16) -> 
 
 
 def dense_module(program: Program, dtype: torch.dtype = torch.float16) -> torch.nn.Module:
-    """A CUDA copy of the program's module with floating parameters in ``dtype`` (buffers keep their dtype)."""
-    module = program.module()
-    for p in module.parameters():
-        p.data = p.data.to("cuda", dtype if p.is_floating_point() else p.dtype)
-    for b in module.buffers():
-        b.data = b.data.to("cuda")
-    return module
+    """The program as one CUDA module with floating weights in ``dtype`` (the whole model in GPU memory)."""
+    return program.materialize(dtype, "cuda")

@@ -1,29 +1,16 @@
-"""The calibration engine: the cut graph reproduces the model, and its statistics equal a plain forward pass."""
+"""The calibration engine: its statistics equal a plain forward pass; stages; checkpoints and resume."""
 
 import pytest
 import torch
 
 from conftest import make_tiny
-from nexus_export.calibration import Calibrator, cut_blocks, stages
+from nexus_export.calibration import collect, stages
 from nexus_export.program import Program
+from nexus_export.runner import BlockRunner
 
 
 def windows(n=3, seq=12, seed=0):
     return torch.randint(0, 300, (n, seq), generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
-def test_blocks_reproduce_hidden_states(arch):
-    model = make_tiny(arch, layers=3)
-    program = Program.from_model(model)
-    ids = windows()
-    calibrator = Calibrator(program, ids, batch_size=2)
-    with torch.no_grad():
-        hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True).hidden_states
-    assert torch.allclose(torch.cat(calibrator.state.streams), hidden[0], atol=1e-5)
-    for k in range(2):  # the last hidden state is reported after the final norm
-        calibrator.advance(k)
-        assert torch.allclose(torch.cat(calibrator.state.streams), hidden[k + 1], atol=1e-5)
 
 
 def test_statistics_equal_a_plain_forward_pass():
@@ -44,10 +31,10 @@ def test_statistics_equal_a_plain_forward_pass():
     for h in handles:
         h.remove()
 
-    calibrator = Calibrator(program, ids, batch_size=3)
-    calibrator.advance(0)
+    runner = BlockRunner(program, ids, batch_size=3)
+    runner.step(0)
     lins = [program.linear(n) for n in names] + [program.linear("model.layers.1.self_attn.k_proj")]
-    stats = calibrator.collect(1, lins, hessian=True)
+    stats = collect(runner, 1, lins, hessian=True)
     for name in names:
         x = torch.cat(seen[name])
         assert stats[name].tokens == 64
@@ -64,16 +51,8 @@ def test_true_sequential_stages_follow_the_sublayers(tiny_program_factory):
     assert len(stages(program, 0, False)) == 1
 
 
-def test_prefix_and_blocks_are_separate_graphs(tiny_program_factory):
-    graphs = cut_blocks(tiny_program_factory("llama"))
-    assert len(graphs.blocks) == 2
-    prefix_ops = {str(n.target) for n in graphs.prefix.graph.nodes if n.op == "call_function"}
-    assert not any("linear" in op for op in prefix_ops)  # no block work in the prefix
-    assert all(sum("linear" in str(n.target) for n in b.graph.nodes) == 7 for b in graphs.blocks)
-
-
 def test_resume_after_interruption_gives_the_same_result(tmp_path, monkeypatch):
-    from nexus_export.calibration import Calibrator as Engine
+    from nexus_export import calibration
     from nexus_export.passbase import PassContext
     from passes.sparsegpt import SparseGPTPass
 
@@ -86,23 +65,23 @@ def test_resume_after_interruption_gives_the_same_result(tmp_path, monkeypatch):
 
     reference, ref_report = run(PassContext(calibration_windows=ids))
 
-    real_advance = Engine.advance
+    real_step = BlockRunner.step
 
-    def interrupted(self, k):
+    def interrupted(self, k, visit=None):
         if k == 2:
             raise KeyboardInterrupt
-        real_advance(self, k)
+        real_step(self, k, visit)
 
-    monkeypatch.setattr(Engine, "advance", interrupted)
+    monkeypatch.setattr(BlockRunner, "step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(PassContext(calibration_windows=ids, checkpoint_dir=tmp_path))
-    monkeypatch.setattr(Engine, "advance", real_advance)
+    monkeypatch.setattr(BlockRunner, "step", real_step)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["block_0.safetensors", "block_1.safetensors", "state.json",
                                                          "streams.safetensors"]
 
     calls = []
-    real_collect = Engine.collect
-    monkeypatch.setattr(Engine, "collect", lambda self, k, *a, **kw: calls.append(k) or real_collect(self, k, *a, **kw))
+    real_collect = calibration.collect
+    monkeypatch.setattr(calibration, "collect", lambda runner, k, *a, **kw: calls.append(k) or real_collect(runner, k, *a, **kw))
     resumed, report = run(PassContext(calibration_windows=ids, checkpoint_dir=tmp_path, resume=True))
     assert calls == [2]  # only the unfinished block is calibrated again
     for name in reference.structure.linears:
@@ -111,19 +90,3 @@ def test_resume_after_interruption_gives_the_same_result(tmp_path, monkeypatch):
 
     with pytest.raises(Exception, match="different model, pass or calibration set"):
         run(PassContext(calibration_windows=windows(n=4, seq=16, seed=9), checkpoint_dir=tmp_path, resume=True))
-
-
-
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_suffix_completes_the_model(arch):
-    model = make_tiny(arch)
-    program = Program.from_model(model)
-    ids = windows(n=2)
-    calibrator = Calibrator(program, ids, batch_size=2)
-    after_attention = []
-    calibrator.step(0, lambda h_in, out: after_attention.append(out[calibrator.graphs.residuals[0]["attention"]]))
-    assert after_attention[0].shape == calibrator.state.streams[0].shape
-    calibrator.step(1)
-    with torch.no_grad():
-        expected = model(input_ids=ids).logits
-        assert torch.allclose(calibrator.logits(calibrator.state.streams[0], 0), expected, atol=1e-5)

@@ -1,17 +1,35 @@
-"""Capture: dynamic batch and sequence, and a clear error naming what torch.export rejected."""
+"""Capture: without weights, dynamic batch and sequence, and a clear error naming what torch.export rejected."""
 
 import pytest
 import torch
 
 from conftest import make_tiny
-from nexus_export.capture import capture
+from nexus_export.capture import capture, parameters_on_meta
 from nexus_export.errors import UserError
+from nexus_export.program import Program
+
+
+def test_capture_holds_no_weights_and_leaves_the_model_as_it_was():
+    model = make_tiny("llama").to(torch.bfloat16)
+    before = {n: (p.data_ptr(), p.dtype) for n, p in model.named_parameters()}
+    exported = capture(model)
+    assert {t.device.type for t in exported.state_dict.values()} == {"meta"}
+    assert {t.dtype for t in exported.state_dict.values()} == {torch.float32}  # the graph computes in float32
+    assert {n: (p.data_ptr(), p.dtype) for n, p in model.named_parameters()} == before
+
+
+def test_a_model_built_on_meta_captures_and_keeps_real_rotary_buffers():
+    with parameters_on_meta():
+        model = type(make_tiny("llama"))(make_tiny("llama").config)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert all(b.device.type == "cpu" for b in model.buffers())
+    exported = capture(model)
+    assert len(exported.state_dict) == len(list(model.parameters()))
 
 
 def test_captured_program_matches_eager_at_several_shapes():
     model = make_tiny("llama")
-    exported = capture(model)
-    module = exported.module()
+    module = Program.from_model(model).module()
     for batch, seq in ((1, 5), (3, 33)):
         ids = torch.randint(0, 300, (batch, seq), generator=torch.Generator().manual_seed(seq))
         mask = torch.ones_like(ids)
@@ -23,8 +41,7 @@ def test_captured_program_matches_eager_at_several_shapes():
 
 
 def test_attention_mask_is_an_input_that_matters():
-    exported = capture(make_tiny("llama"))
-    module = exported.module()
+    module = Program.from_model(make_tiny("llama")).module()
     ids = torch.randint(0, 300, (1, 8), generator=torch.Generator().manual_seed(1))
     full = module(ids, torch.ones_like(ids))
     left_padded = module(ids, torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1]]))

@@ -41,7 +41,7 @@ def test_full_width_rotation_keeps_logits(arch):
     fused = fuse_norms(program)
     projected, matrices = with_projections(fused)
     assert torch.equal(projected.logits(IDS), fused.logits(IDS))  # identity projections
-    width = matrices[0].shape[0]
+    width = projected.store.shape(matrices[0])[0]
     rotated = rotate_and_slice(fused, random_bases(len(matrices), width))
     assert rel(rotated.logits(IDS), program.logits(IDS)) < 1e-5
     shortcuts = [lin for lin in rotated.structure.linears.values() if lin.role == "shortcut"]
@@ -53,10 +53,10 @@ def test_full_width_rotation_keeps_logits(arch):
 def test_sliced_program_computes_what_the_projected_program_computes(arch):
     fused = fuse_norms(Program.from_model(with_random_norms(arch)))
     projected, matrices = with_projections(fused)
-    bases = random_bases(len(matrices), matrices[0].shape[0], seed=1)
+    bases = random_bases(len(matrices), projected.store.shape(matrices[0])[0], seed=1)
     widths = [40] * len(matrices)
     for m, q, d in zip(matrices, bases, widths):
-        m.copy_((q[:, :d] @ q[:, :d].t()).float())
+        projected.set_parameter(m, (q[:, :d] @ q[:, :d].t()).float(), dtype=torch.float32)
     sliced = rotate_and_slice(fused, [q[:, :d] for q, d in zip(bases, widths)])
     assert rel(sliced.logits(IDS), projected.logits(IDS)) < 1e-5
     assert rel(sliced.logits(IDS), fused.logits(IDS)) > 1e-2  # and slicing did change the function

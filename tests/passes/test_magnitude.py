@@ -35,10 +35,10 @@ def test_two_four_on_every_architecture(arch):
 
 def test_zero_sparsity_is_identity():
     program = fresh()
-    before = {k: v.clone() for k, v in program.exported.state_dict.items()}
+    before = {k: program.parameter(k).clone() for k in program.weight_names()}
     report = MagnitudePass({"sparsity": 0.0}).run(program).report
     assert report.changes["targeted_layers"] == 0
-    assert all(torch.equal(before[k], v) for k, v in program.exported.state_dict.items())
+    assert all(torch.equal(before[k], program.parameter(k)) for k in program.weight_names())
 
 
 def test_unstructured_exact_count_and_values():

@@ -94,7 +94,7 @@ def test_pca_basis_orders_by_variance():
 def test_sliced_onnx_runs_in_onnxruntime(arch, tmp_path):
     program = Program.from_model(with_random_norms(arch))
     sliced = SliceGPTPass({"slicing": 0.25}).run(program, ctx()).program
-    path = lower_to_onnx(sliced.exported, tmp_path / "model.onnx")
+    path = lower_to_onnx(sliced, tmp_path / "model.onnx")
     windows = torch.randint(0, 300, (3, 24), generator=torch.Generator().manual_seed(8))
     torch_ppl = perplexity(*next_token_nll(sliced.logits(windows), windows))
     onnx_ppl, _ = ort.perplexity(ort.session(path), windows)

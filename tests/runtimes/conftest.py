@@ -1,4 +1,4 @@
-"""Tiny random causal LMs captured with torch.export and lowered to ONNX once per test session."""
+"""Tiny random causal LMs captured (nexus_export.Program) and lowered to ONNX once per test session."""
 
 from __future__ import annotations
 
@@ -9,34 +9,12 @@ import pytest
 import torch
 import transformers
 
+from nexus_export.program import Program
 from runtimes.onnx_export import lower_to_onnx
 
 VOCAB = 300
 # Decoder linear that gets only 1 zero per group of 4 (so it must fail the 2:4 check); all others get 2:4.
 ONE_OF_FOUR_LAYER = "model.layers.1.mlp.down_proj"
-
-
-class CausalLM(torch.nn.Module):
-    """forward(input_ids, attention_mask) -> logits, as the core captures a transformers causal LM."""
-
-    def __init__(self, lm: torch.nn.Module):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids, attention_mask):
-        return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-
-def capture(model: torch.nn.Module) -> torch.export.ExportedProgram:
-    """Export with dynamic batch and sequence; example inputs need batch >= 2 and seq >= 2 or the dims specialize."""
-    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    batch = torch.export.Dim("batch", max=64)
-    sequence = torch.export.Dim("sequence", min=2, max=4096)
-    dims = {0: batch, 1: sequence}
-    return torch.export.export(
-        CausalLM(model).eval(), (ids, mask), dynamic_shapes={"input_ids": dims, "attention_mask": dims}
-    )
 
 
 def keep_largest(weight: torch.Tensor, keep: int, group: int) -> torch.Tensor:
@@ -51,7 +29,7 @@ def keep_largest(weight: torch.Tensor, keep: int, group: int) -> torch.Tensor:
 @dataclass
 class Lowered:
     model: torch.nn.Module
-    exported: torch.export.ExportedProgram
+    program: Program
     onnx_path: Path
 
 
@@ -74,9 +52,9 @@ def tiny_llama(tmp_path_factory) -> Lowered:
             if isinstance(module, torch.nn.Linear) and ".layers." in name:
                 keep = 3 if name == ONE_OF_FOUR_LAYER else 2
                 module.weight.copy_(keep_largest(module.weight, keep, 4))
-    exported = capture(model)
-    path = lower_to_onnx(exported, tmp_path_factory.mktemp("llama") / "model.onnx")
-    return Lowered(model, exported, path)
+    program = Program.from_model(model)
+    path = lower_to_onnx(program, tmp_path_factory.mktemp("llama") / "model.onnx")
+    return Lowered(model, program, path)
 
 
 @pytest.fixture(scope="session")
@@ -87,6 +65,6 @@ def tiny_gpt2(tmp_path_factory) -> Lowered:
         n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=256, bos_token_id=0, eos_token_id=0
     )
     model = transformers.GPT2LMHeadModel(config).eval()
-    exported = capture(model)
-    path = lower_to_onnx(exported, tmp_path_factory.mktemp("gpt2") / "model.onnx")
-    return Lowered(model, exported, path)
+    program = Program.from_model(model)
+    path = lower_to_onnx(program, tmp_path_factory.mktemp("gpt2") / "model.onnx")
+    return Lowered(model, program, path)

@@ -22,7 +22,7 @@ SPARSE_OK, SPARSE_WHY = torch_sparse.available()
 def pruned(tmp_path_factory):
     program = Program.from_model(make_tiny("llama"))
     MagnitudePass({"pattern": "2:4"}).run(program)
-    path = lower_to_onnx(program.exported, tmp_path_factory.mktemp("gpu") / "model.onnx")
+    path = lower_to_onnx(program, tmp_path_factory.mktemp("gpu") / "model.onnx")
     return program, path
 
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 import pytest
 import torch
 
+from conftest import make_tiny
 from nexus_export.errors import UserError
+from nexus_export.program import Program
 from runtimes import ort, parity
-from runtimes.onnx_export import cleanup, lower_to_onnx
+from runtimes.onnx_export import export_graph, lower_to_onnx
 
 
 def _dims(value: onnx.ValueInfoProto) -> list:
@@ -36,13 +40,13 @@ def test_llama_runs_at_two_shapes_with_parity(tiny_llama, shape):
     mask = torch.ones_like(ids)
     mask[-1, -2:] = 0  # right padding on the last row
     assert ort.logits(sess, ids, mask).shape == (*shape, 300)
-    assert parity.max_abs_diff(tiny_llama.exported, sess, ids, mask) < 1e-4
+    assert parity.max_abs_diff(tiny_llama.program.logits(ids, mask), sess, ids, mask) < 1e-4
 
 
 def test_gpt2_lowers_with_parity(tiny_gpt2):
     sess = ort.session(tiny_gpt2.onnx_path, threads=1)
     ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(3))
-    assert parity.max_abs_diff(tiny_gpt2.exported, sess, ids, torch.ones_like(ids)) < 1e-4
+    assert parity.max_abs_diff(tiny_gpt2.program.logits(ids), sess, ids, torch.ones_like(ids)) < 1e-4
 
 
 def test_no_transpose_left_on_weights_but_a_tied_head(tiny_llama, tiny_gpt2):
@@ -52,33 +56,43 @@ def test_no_transpose_left_on_weights_but_a_tied_head(tiny_llama, tiny_gpt2):
         assert [n.input[0] for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in names] == kept
 
 
-def _linear_model(tied: bool) -> onnx.ModelProto:
-    """X[2, 8] @ Transpose(W[4, 8]); when tied, W is also read by a Gather (like a tied embedding)."""
-    h = onnx.helper
-    weight = onnx.numpy_helper.from_array(np.arange(32, dtype=np.float32).reshape(4, 8), "lm.w.weight")
-    nodes = [
-        h.make_node("Transpose", ["lm.w.weight"], ["wt"], perm=[1, 0]),
-        h.make_node("MatMul", ["x", "wt"], ["y"]),
-    ]
-    outputs = [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4])]
-    inputs = [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 8])]
-    if tied:
-        nodes.append(h.make_node("Gather", ["lm.w.weight", "ids"], ["e"]))
-        inputs.append(h.make_tensor_value_info("ids", onnx.TensorProto.INT64, [3]))
-        outputs.append(h.make_tensor_value_info("e", onnx.TensorProto.FLOAT, [3, 8]))
-    graph = h.make_graph(nodes, "g", inputs, outputs, [weight])
-    return h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
+def test_folded_weights_keep_their_names_and_values(tiny_llama, tiny_gpt2):
+    for lowered in (tiny_llama, tiny_gpt2):
+        model = onnx.load(str(lowered.onnx_path))
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+        for lin in lowered.program.structure.in_blocks():
+            kn = lowered.program.weight(lin.name).numpy().T  # [K, N]: the MatMul's layout
+            assert np.array_equal(inits[lin.weight], kn), lin.name
 
 
-def test_fold_keeps_name_and_never_stores_a_shared_weight_twice():
-    plain = cleanup(_linear_model(tied=False))
-    assert [n.op_type for n in plain.graph.node] == ["MatMul"]
-    assert [(t.name, list(t.dims)) for t in plain.graph.initializer] == [("lm.w.weight", [8, 4])]
+def test_weights_are_streamed_from_the_store_one_read_each(tmp_path):
+    program = Program.from_model(make_tiny("llama"))
+    reads = []
+    real_get = program.store.get
+    program.store.get = lambda name, *a, **kw: reads.append(name) or real_get(name, *a, **kw)
+    lower_to_onnx(program, tmp_path / "model.onnx")
+    assert sorted(reads) == sorted(set(reads)) and set(reads) == set(program.store.names())
 
-    tied = cleanup(_linear_model(tied=True))
-    shapes = {t.name: list(t.dims) for t in tied.graph.initializer}
-    assert shapes == {"lm.w.weight": [4, 8]}
-    assert sorted(n.op_type for n in tied.graph.node) == ["Gather", "MatMul", "Transpose"]
+
+def test_bf16_weights_are_stored_in_bf16_and_cast_for_onnxruntime(tmp_path):
+    program = Program.from_model(make_tiny("llama"))
+    path = lower_to_onnx(program, tmp_path / "model.onnx", dtype=torch.bfloat16)
+    model = onnx.load(str(path), load_external_data=False)
+    dtypes = {t.name: t.data_type for t in model.graph.initializer}
+    big = [lin.weight for lin in program.structure.linears.values()]
+    assert all(dtypes[w] == onnx.TensorProto.BFLOAT16 for w in big)
+    assert dtypes["lm.model.norm.weight"] == onnx.TensorProto.FLOAT  # small tensors stay float32
+    casts = [n.input[0] for n in model.graph.node if n.op_type == "Cast" and n.name.startswith("cast_")]
+    assert sorted(casts) == sorted(big + ["lm.model.embed_tokens.weight"])
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    rounded = program.store.fork()
+    for name in program.weight_names():
+        if math.prod(rounded.shape(name)) >= 1024:
+            rounded.set(name, rounded.get(name).to(torch.bfloat16), dtype=torch.bfloat16)
+    expected = program.derive(program.exported, rounded).logits(ids)
+    assert parity.max_abs_diff(expected, ort.session(path), ids, torch.ones_like(ids)) < 1e-4
+    data = (tmp_path / "model.onnx.data").stat().st_size
+    assert data < 0.6 * sum(program.store.nbytes(n) for n in program.store.names())  # half the float32 bytes
 
 
 def test_fixed_shape_program_is_a_user_error_and_writes_nothing(tmp_path):
@@ -93,7 +107,7 @@ def test_fixed_shape_program_is_a_user_error_and_writes_nothing(tmp_path):
     ids = torch.zeros(2, 3, dtype=torch.long)
     exported = torch.export.export(Tiny(), (ids, torch.ones_like(ids)))
     with pytest.raises(UserError, match="symbolic"):
-        lower_to_onnx(exported, tmp_path / "model.onnx")
+        export_graph(exported, 18)
     with pytest.raises(UserError, match="opset >= 18"):
-        lower_to_onnx(exported, tmp_path / "model.onnx", opset=17)
+        export_graph(exported, 17)
     assert list(tmp_path.iterdir()) == []

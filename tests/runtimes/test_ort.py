@@ -18,8 +18,7 @@ def test_available():
 @pytest.mark.parametrize("batch_size", [1, 2])
 def test_perplexity_matches_pytorch(tiny_llama, batch_size):
     windows = torch.randint(0, 300, (3, 24), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        logits = tiny_llama.exported.module()(windows, torch.ones_like(windows))
+    logits = tiny_llama.program.logits(windows)
     expected = metrics.perplexity(*metrics.next_token_nll(logits, windows))
     calls = []
     ppl, tokens = ort.perplexity(

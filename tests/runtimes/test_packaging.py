@@ -25,7 +25,7 @@ FAST = ["--eval-windows", "2", "--seq-len", "64", "--no-latency"]
 def pruned_onnx(tmp_path_factory):
     program = Program.from_model(make_tiny("llama"))
     MagnitudePass({"pattern": "2:4"}).run(program)
-    return program, lower_to_onnx(program.exported, tmp_path_factory.mktemp("pack") / "model.onnx")
+    return program, lower_to_onnx(program, tmp_path_factory.mktemp("pack") / "model.onnx")
 
 
 @pytest.mark.parametrize("bits, tolerance", [(4, 0.3), (8, 0.02)])

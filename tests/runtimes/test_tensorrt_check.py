@@ -21,7 +21,7 @@ def lowered(tmp_path_factory):
     with torch.no_grad():
         program.weight("model.layers.1.mlp.up_proj").copy_(one_zero_in_four(program))
     folder = tmp_path_factory.mktemp("trt")
-    return lower_to_onnx(program.exported, folder / "model.onnx"), program
+    return lower_to_onnx(program, folder / "model.onnx"), program
 
 
 def one_zero_in_four(program):
@@ -57,7 +57,7 @@ def test_cli_table_and_strict(lowered, capsys):
 
 
 def test_dense_model_has_no_eligible_layer(tmp_path, capsys):
-    path = lower_to_onnx(Program.from_model(make_tiny("llama")).exported, tmp_path / "model.onnx")
+    path = lower_to_onnx(Program.from_model(make_tiny("llama")), tmp_path / "model.onnx")
     assert main(["check-onnx", str(path), "--tensorrt", "--strict"]) == 1
     assert "no layer is eligible" in capsys.readouterr().out
 

@@ -1,0 +1,236 @@
+"""The weight store: every tensor of a program by name, wherever it lives, handed out one at a time.
+
+A captured program holds no weights (its state_dict has meta tensors: shapes and dtypes only). The store knows where
+each tensor is: a range of bytes in a checkpoint shard, a tensor in memory (a model's own parameter, or one a pass
+produced), or a range in a scratch file it spilled to. ``get`` reads one tensor in the dtype and on the device the
+computation asks for; ``set`` keeps what a pass produced, in the store's output dtype. Produced tensors stay in memory
+while they fit the budget; past it they are written to a scratch safetensors file and read back from there, so a run
+never needs to hold the whole model.
+
+Structural passes work on a ``fork``: a second store that shares every unchanged tensor with the first and keeps its
+own changes, so the program a pass started from keeps its weights and nothing is copied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .errors import UserError
+from .shards import TensorLocation, read_header, read_tensor
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUDGET = 2 * 2**30
+
+
+@dataclass
+class _Entry:
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # the dtype it is held in
+    location: TensorLocation | None = None  # on disk (checkpoint shard or spill file)
+    tensor: torch.Tensor | None = None  # in memory
+    owned: bool = False  # produced by a pass: counts against the budget and may be spilled
+
+
+class _Scratch:
+    """A folder for spill files: the one given, or a temporary one removed when the last store using it is gone."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = Path(folder) if folder is not None else None
+        self._made: Path | None = None
+
+    def path(self) -> Path:
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            return self.folder
+        if self._made is None:
+            self._made = Path(tempfile.mkdtemp(prefix="nexus-export-spill-"))
+            weakref.finalize(self, shutil.rmtree, self._made, True)
+        return self._made
+
+
+def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    count = 1
+    for d in shape:
+        count *= int(d)
+    return count * torch.empty((), dtype=dtype).element_size()
+
+
+def parse_bytes(text: str | int) -> int:
+    """``8GiB``, ``512MiB``, ``2G``, ``1e9`` or a plain integer -> bytes; a UserError says what is accepted."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        s = str(text).strip().lower().replace(" ", "")
+        units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+                 "tb": 10**12, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "b": 1}
+        factor = 1
+        for unit, f in units.items():
+            if s.endswith(unit):
+                s, factor = s[: -len(unit)], f
+                break
+        try:
+            value = int(float(s) * factor)
+        except ValueError:
+            value = -1
+    if value <= 0:
+        raise UserError(f"memory size {text!r} is not a positive size; use e.g. 8GiB, 512MiB or a byte count")
+    return value
+
+
+class WeightStore:
+    """Tensors by name (the program's parameter, buffer and constant names); see the module docstring.
+
+    ``dtype``: the floating dtype produced tensors are kept in (the output dtype; None keeps each tensor's own).
+    ``write_through``: a produced tensor of unchanged shape is copied into the memory it replaces when that memory
+    belongs to a caller's model (the Python API's in-place pruning), instead of being kept beside it.
+    """
+
+    def __init__(self, budget: int = DEFAULT_BUDGET, scratch: Path | None = None, dtype: torch.dtype | None = None,
+                 write_through: bool = False):
+        self.budget = int(budget)
+        self.dtype = dtype
+        self.write_through = write_through
+        self._entries: dict[str, _Entry] = {}
+        self._scratch = scratch if isinstance(scratch, _Scratch) else _Scratch(scratch)
+        self.spilled_bytes = 0
+
+    # ------------------------------------------------------------------------------------------------ filling
+
+    def add_location(self, name: str, loc: TensorLocation) -> None:
+        """``name`` is read from ``loc`` (a checkpoint shard) whenever it is asked for."""
+        self._entries[name] = _Entry(loc.shape, loc.dtype, location=loc)
+
+    def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        """``name`` is ``tensor``, held by the caller (a model's parameter): read, never freed or counted."""
+        tensor = tensor.detach()
+        self._entries[name] = _Entry(tuple(tensor.shape), tensor.dtype, tensor=tensor)
+
+    # ------------------------------------------------------------------------------------------------ reading
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name).shape
+
+    def stored_dtype(self, name: str) -> torch.dtype:
+        return self._entry(name).dtype
+
+    def nbytes(self, name: str, dtype: torch.dtype | None = None) -> int:
+        entry = self._entry(name)
+        return nbytes(entry.shape, dtype if dtype is not None and entry.dtype.is_floating_point else entry.dtype)
+
+    def get(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+        """The tensor ``name`` (floating tensors converted to ``dtype``), on ``device``. Treat it as read-only: it
+        may be the memory the store holds; change it with ``set``."""
+        entry = self._entry(name)
+        tensor = entry.tensor if entry.tensor is not None else read_tensor(entry.location)
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        if device is not None and tensor.device != torch.device(device):
+            tensor = tensor.to(device, non_blocking=False)
+        return tensor
+
+    def identity(self, name: str) -> str:
+        """A cheap signature of a tensor's contents: where it lies on disk (file, offset, size, modification time),
+        or a hash of its first values when in memory."""
+        entry = self._entry(name)
+        if entry.tensor is None:
+            loc = entry.location
+            return f"{loc.path}:{loc.start}:{loc.nbytes}:{loc.path.stat().st_mtime_ns}"
+        head = entry.tensor.reshape(-1)[:64].float().cpu().numpy().tobytes()
+        return f"{entry.shape}:{entry.dtype}:{hashlib.sha256(head).hexdigest()[:16]}"
+
+    def _entry(self, name: str) -> _Entry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise KeyError(f"the weight store has no tensor {name!r}") from None
+
+    # ------------------------------------------------------------------------------------------------ writing
+
+    def set(self, name: str, value: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        """Keep ``value`` as the new ``name`` (any shape): in ``dtype`` if given, else the store's output dtype for a
+        floating tensor, else the dtype the tensor had. Spills produced tensors past the budget."""
+        value = value.detach()
+        old = self._entries.get(name)
+        if dtype is None and value.is_floating_point():
+            fresh = torch.float32 if value.dtype == torch.float64 else value.dtype  # float64 is for the math only
+            dtype = self.dtype or (old.dtype if old is not None and old.dtype.is_floating_point else fresh)
+        dtype = dtype or value.dtype
+        if (self.write_through and old is not None and old.tensor is not None and not old.owned
+                and tuple(old.shape) == tuple(value.shape)):
+            old.tensor.copy_(value)
+            return
+        kept = value.to(device="cpu", dtype=dtype)
+        if kept.data_ptr() == value.data_ptr() or not kept.is_contiguous():
+            kept = kept.contiguous().clone()  # the store's own memory, never a caller's
+        self._entries[name] = _Entry(tuple(kept.shape), kept.dtype, tensor=kept, owned=True)
+        if self.resident_bytes() > self.budget:
+            self.spill()
+
+    def alias(self, name: str, existing: str) -> None:
+        """``name`` starts as the same tensor as ``existing`` (no copy); a later ``set`` of either parts them."""
+        e = self._entry(existing)
+        self._entries[name] = _Entry(e.shape, e.dtype, e.location, e.tensor, owned=False)  # counted once
+
+    def drop(self, name: str) -> None:
+        self._entries.pop(name, None)
+
+    def rename(self, mapping: dict[str, str]) -> None:
+        """Rename several tensors at once (old -> new); names not in ``mapping`` stay."""
+        self._entries = {mapping.get(name, name): entry for name, entry in self._entries.items()}
+
+    def fork(self) -> "WeightStore":
+        """A store that starts with this one's tensors (shared, not copied) and keeps its own changes."""
+        other = WeightStore(self.budget, self._scratch, self.dtype, write_through=False)
+        other._entries = {name: _Entry(e.shape, e.dtype, e.location, e.tensor, e.owned)
+                          for name, e in self._entries.items()}
+        return other
+
+    # ------------------------------------------------------------------------------------------------ memory
+
+    def resident_bytes(self) -> int:
+        """Bytes of produced tensors held in memory (what the budget caps)."""
+        return sum(nbytes(e.shape, e.dtype) for e in self._entries.values() if e.owned and e.tensor is not None)
+
+    def total_bytes(self) -> int:
+        """Bytes of every tensor as stored."""
+        return sum(nbytes(e.shape, e.dtype) for e in self._entries.values())
+
+    def spill(self) -> None:
+        """Write every produced tensor held in memory to a new scratch file and free it."""
+        held = {name: e.tensor for name, e in self._entries.items() if e.owned and e.tensor is not None}
+        if not held:
+            return
+        path = self._scratch.path() / f"spill-{uuid.uuid4().hex[:12]}.safetensors"
+        tmp = path.with_name("." + path.name + ".tmp")
+        try:
+            save_file(held, str(tmp))
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"cannot spill weights to {path.parent} ({exc.strerror or exc}); free disk space there or "
+                            "raise --memory-budget") from None
+        locations = read_header(path)
+        for name in held:
+            self._entries[name].location = locations[name]
+            self._entries[name].tensor = None
+        size = sum(loc.nbytes for loc in locations.values())
+        self.spilled_bytes += size
+        log.info("weight store: spilled %d tensors (%.0f MiB) to %s", len(held), size / 2**20, path.name)

@@ -1,0 +1,86 @@
+"""The weight store: tensors from shards by offset, produced tensors within a budget, forks that share."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from nexus_export.errors import UserError
+from nexus_export.shards import index_checkpoint
+from nexus_export.store import WeightStore, parse_bytes
+
+
+@pytest.fixture
+def shard(tmp_path):
+    tensors = {"a": torch.arange(12, dtype=torch.float32).reshape(3, 4), "b": torch.ones(5, dtype=torch.bfloat16)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    return tmp_path / "model.safetensors", tensors
+
+
+def store_of(path, **kw) -> WeightStore:
+    store = WeightStore(**kw)
+    for key, loc in index_checkpoint([path]).items():
+        store.add_location(key, loc)
+    return store
+
+
+def test_reads_by_offset_in_the_asked_dtype(shard):
+    path, tensors = shard
+    store = store_of(path)
+    assert torch.equal(store.get("a"), tensors["a"])
+    assert store.get("b").dtype == torch.bfloat16
+    assert store.get("b", torch.float32).dtype == torch.float32
+    assert store.shape("a") == (3, 4) and store.stored_dtype("b") == torch.bfloat16
+    assert store.total_bytes() == 12 * 4 + 5 * 2
+
+
+def test_set_keeps_the_store_dtype_and_the_checkpoint_is_untouched(shard):
+    path, tensors = shard
+    store = store_of(path, dtype=torch.bfloat16)
+    store.set("a", torch.zeros(3, 4))
+    assert store.get("a").dtype == torch.bfloat16 and float(store.get("a").abs().sum()) == 0
+    assert torch.equal(store_of(path).get("a"), tensors["a"])
+
+
+def test_past_the_budget_produced_tensors_spill_to_scratch(shard, tmp_path):
+    path, _ = shard
+    store = store_of(path, budget=100, scratch=tmp_path / "scratch")
+    store.set("x", torch.full((10,), 2.0))  # 40 bytes: kept in memory
+    assert store.resident_bytes() == 40 and not (tmp_path / "scratch").exists()
+    store.set("y", torch.full((20,), 3.0))  # 120 bytes in all: both spilled
+    assert store.resident_bytes() == 0 and store.spilled_bytes == 120
+    assert len(list((tmp_path / "scratch").glob("spill-*.safetensors"))) == 1
+    assert torch.equal(store.get("y"), torch.full((20,), 3.0)) and torch.equal(store.get("x"), torch.full((10,), 2.0))
+
+
+def test_a_fork_shares_tensors_and_keeps_its_own_changes(shard):
+    path, tensors = shard
+    store = store_of(path)
+    store.set("c", torch.ones(2))
+    fork = store.fork()
+    fork.set("a", torch.zeros(3, 4))
+    fork.drop("b")
+    fork.rename({"c": "d"})
+    assert torch.equal(store.get("a"), tensors["a"]) and "b" in store and "c" in store
+    assert float(fork.get("a").sum()) == 0 and "b" not in fork and torch.equal(fork.get("d"), torch.ones(2))
+    fork.alias("e", "d")
+    assert torch.equal(fork.get("e"), fork.get("d")) and fork.resident_bytes() == 48 + 8  # an alias: no copy
+
+
+def test_write_through_changes_the_callers_tensor_in_place():
+    weight = torch.ones(2, 2)
+    store = WeightStore(write_through=True)
+    store.add_tensor("w", weight)
+    store.set("w", torch.zeros(2, 2))
+    assert float(weight.sum()) == 0 and store.resident_bytes() == 0
+    other = WeightStore()
+    other.add_tensor("w", weight)
+    other.set("w", torch.full((2, 2), 5.0))
+    assert float(weight.sum()) == 0  # without write-through the caller's tensor is never changed
+
+
+def test_memory_sizes():
+    assert parse_bytes("8GiB") == 8 * 2**30 and parse_bytes("512MiB") == 512 * 2**20 and parse_bytes("2G") == 2 * 2**30
+    assert parse_bytes("1e9") == 10**9 and parse_bytes(4096) == 4096
+    for bad in ("lots", "-1GiB", "0", ""):
+        with pytest.raises(UserError, match="not a positive size"):
+            parse_bytes(bad)
