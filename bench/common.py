@@ -41,15 +41,16 @@ def interleaved_latency_ms(sessions: dict, batch: int, seq: int, repeats: int, s
 
 
 def load_protocol(model: str, eval_windows: int, calib_samples: int, seq_len: int):
-    """The model, its captured program, and the default protocol's evaluation and calibration windows."""
+    """The model (its weights left on disk), its captured program, and the default protocol's evaluation and
+    calibration windows."""
     from nexus_export.data import calibration_windows, evaluation_windows
     from nexus_export.program import Program
-    from nexus_export.zoo import load_model
+    from nexus_export.zoo import open_model
 
-    loaded = load_model(model)
+    loaded = open_model(model)
     evals = evaluation_windows(loaded.tokenizer, "austen", eval_windows, seq_len)
     calib = calibration_windows(loaded.tokenizer, "austen", calib_samples, seq_len, 0)
-    program = Program.from_model(loaded.model, loaded.tokenizer, name=loaded.name)
+    program = Program.from_loaded(loaded)
     return loaded, program, evals, calib
 
 
@@ -84,11 +85,11 @@ def quality(program, evals, other, label: str) -> dict:
     from runtimes import ort
     from runtimes.onnx_export import lower_to_onnx
 
-    ppl, _ = program_perplexity(program, evals, 4, label)
-    ppl_other = program_perplexity(program, other, 4, f"{label} (other text)")[0] if other is not None else None
+    ppl, _ = program_perplexity(program, evals, 2, label)
+    ppl_other = program_perplexity(program, other, 2, f"{label} (other text)")[0] if other is not None else None
     with tempfile.TemporaryDirectory() as tmp:
-        sess = ort.session(lower_to_onnx(program.exported, Path(tmp) / "model.onnx"))
-        ppl_onnx, _ = ort.perplexity(sess, evals, 4)
+        sess = ort.session(lower_to_onnx(program, Path(tmp) / "model.onnx"))
+        ppl_onnx, _ = ort.perplexity(sess, evals, 1)
     return dict(ppl=ppl, ppl_onnx=ppl_onnx, ppl_other=ppl_other)
 
 

@@ -39,12 +39,12 @@ def main() -> int:
     ctx = PassContext(calibration_windows=calib)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        models = {"dense fp32": lower_to_onnx(program.exported, tmp / "dense" / "model.onnx")}
+        models = {"dense fp32": lower_to_onnx(program, tmp / "dense" / "model.onnx")}
         short = get_pass("shortgpt")({"remove": args.remove}).run(program, ctx).program
-        short_fp32 = lower_to_onnx(short.exported, tmp / "short" / "model.onnx")
+        short_fp32 = lower_to_onnx(short, tmp / "short" / "model.onnx")
         del short
         get_pass("sparsegpt")({"pattern": "2:4"}).run(program, ctx)
-        models["2:4 fp32"] = lower_to_onnx(program.exported, tmp / "sparse" / "model.onnx")
+        models["2:4 fp32"] = lower_to_onnx(program, tmp / "sparse" / "model.onnx")
         models["dense int4"] = quantize_onnx(models["dense fp32"], tmp / "dense" / "model.q4.onnx", 4, args.block_size)
         models["2:4 int4"] = quantize_onnx(models["2:4 fp32"], tmp / "sparse" / "model.q4.onnx", 4, args.block_size)
         models[f"ShortGPT -{args.remove} blocks int4"] = quantize_onnx(short_fp32, tmp / "short" / "model.q4.onnx", 4,

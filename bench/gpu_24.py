@@ -59,12 +59,12 @@ def matmul_rows(sizes: list[int], tokens: int, repeats: int) -> list[str]:
 
 def model_rows(model: str, shapes: list[tuple[int, int]], repeats: int) -> list[str]:
     from nexus_export.program import Program
-    from nexus_export.zoo import load_model
+    from nexus_export.zoo import open_model
     from passes.magnitude import MagnitudePass
     from runtimes.torch_sparse import dense_module, to_semi_structured
 
-    loaded = load_model(model)
-    program = Program.from_model(loaded.model, loaded.tokenizer, name=loaded.name)
+    loaded = open_model(model)
+    program = Program.from_loaded(loaded)
     MagnitudePass({"pattern": "2:4"}).run(program)  # the mask does not change the speed; any 2:4 will do
     dense = dense_module(program)
     sparse, names = to_semi_structured(program)

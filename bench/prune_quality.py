@@ -14,8 +14,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from common import cell, load_protocol, other_cell, other_text_windows, protocol_parser, quality, setup_logging
 from nexus_export.passbase import PassContext
 from nexus_export.registry import get_pass
@@ -37,26 +35,23 @@ def main() -> int:
     loaded, program, evals, calib = load_protocol(args.model, args.eval_windows, args.calib_samples, args.seq_len)
     ood = other_text_windows(loaded.tokenizer, args.ood_windows, args.seq_len)
     targets = [lin.name for lin in program.structure.in_blocks()]
-    dense = {n: program.weight(n).detach().clone() for n in targets}
     wanted = set(filter(None, args.methods.split(",")))
     rows = []
 
-    def measure(label: str, pattern: str, wall, rss) -> None:
-        zeros = sum(int((program.weight(n) == 0).sum()) for n in targets)
-        total = sum(program.weight(n).numel() for n in targets)
-        rows.append(dict(method=label, pattern=pattern, **quality(program, evals, ood, f"{label} {pattern}"),
+    def measure(pruned, label: str, pattern: str, wall, rss) -> None:
+        zeros = sum(int((pruned.weight(n) == 0).sum()) for n in targets)
+        total = sum(pruned.weight(n).numel() for n in targets)
+        rows.append(dict(method=label, pattern=pattern, **quality(pruned, evals, ood, f"{label} {pattern}"),
                          sparsity=zeros / total, prune_s=wall, peak_rss_mb=rss))
         print_table(rows, flush=True)
 
-    measure("dense", "-", None, None)
+    measure(program, "dense", "-", None, None)
     for name, options in ROWS:
         if wanted and name not in wanted:
             continue
-        with torch.no_grad():
-            for n, w in dense.items():
-                program.weight(n).copy_(w)
-        report = get_pass(name)(options).run(program, PassContext(calibration_windows=calib)).report
-        measure(name, options.get("pattern", "50% unstructured"), report.wall_s, report.peak_rss_mb)
+        pruned = program.fork()  # every row starts from the dense weights
+        report = get_pass(name)(options).run(pruned, PassContext(calibration_windows=calib)).report
+        measure(pruned, name, options.get("pattern", "50% unstructured"), report.wall_s, report.peak_rss_mb)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0

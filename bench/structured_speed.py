@@ -21,7 +21,7 @@ from nexus_export.data import calibration_windows
 from nexus_export.passbase import PassContext
 from nexus_export.program import Program
 from nexus_export.registry import get_pass
-from nexus_export.zoo import load_model
+from nexus_export.zoo import open_model
 from runtimes import ort
 from runtimes.onnx_export import lower_to_onnx
 
@@ -38,8 +38,8 @@ def main() -> int:
     args = ap.parse_args()
     setup_logging()
 
-    loaded = load_model(args.model)
-    program = Program.from_model(loaded.model, loaded.tokenizer, name=loaded.name)
+    loaded = open_model(args.model)
+    program = Program.from_loaded(loaded)
     calib = calibration_windows(loaded.tokenizer, "austen", 64, 512, 0)
     ctx = PassContext(calibration_windows=calib)
     models = {"dense": program}
@@ -51,7 +51,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         sessions = {}
         for i, (label, prog) in enumerate(models.items()):
-            path = lower_to_onnx(prog.exported, Path(tmp) / str(i) / "model.onnx")
+            path = lower_to_onnx(prog, Path(tmp) / str(i) / "model.onnx")
             sessions[label] = ort.session(path, threads=args.threads)
         print(f"onnxruntime CPU, {args.threads} threads; {args.model}; median of {args.repeats} interleaved runs\n")
         others = [label for label in models if label != "dense"]

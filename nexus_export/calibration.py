@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
+from .memory import release
 from .program import Program
 from .progress import Progress
 from .runner import BlockRunner
@@ -161,5 +162,6 @@ def calibrate_blocks(program: Program, windows: torch.Tensor,
         runner.step(k)
         if checkpoint is not None:
             checkpoint.save(k, program, block_linears, runner.streams(), notes)
+        release()  # the block's statistics and temporaries are gone: give their pages back while edits accumulate
         progress.update(k + 1)
     return notes

@@ -108,7 +108,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
                 for pass_ in passes:
                     pass_.check(program)
                 onnx_eval, onnx_eval_why = _plan(program, budget, ev.onnx)
-            checkpoint_bytes = program.store.total_bytes()
+            checkpoint_bytes = program.weight_bytes()
             params_dense = program.num_parameters()
             out_dtype = dtype or program.main_dtype()
             log.info("model %s: %d blocks, %d linears, %.1fM parameters, %.2f GiB of %s weights; running on %s",

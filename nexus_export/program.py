@@ -128,6 +128,11 @@ class Program:
         return replace(self, exported=exported, structure=read_structure(exported), store=store,
                        origin=dict(changes.pop("origin", self.origin)), **changes)
 
+    def fork(self) -> "Program":
+        """The same graph with a fork of the store: a pass run on the fork leaves this program's weights as they are
+        (no weight is copied until the fork changes it)."""
+        return replace(self, store=self.store.fork(), origin=dict(self.origin))
+
     # ------------------------------------------------------------------------------------------------ weights
 
     def linear(self, name: str) -> Linear:
@@ -182,6 +187,10 @@ class Program:
         for lin in self.structure.in_blocks():
             sizes[lin.block] = sizes.get(lin.block, 0) + self.store.nbytes(lin.weight, dtype)
         return max(sizes.values(), default=0)
+
+    def weight_bytes(self) -> int:
+        """Bytes of every parameter and persistent buffer as stored (a checkpoint's size on disk, near enough)."""
+        return sum(self.store.nbytes(name) for name in self.weight_names())
 
     def num_parameters(self) -> int:
         total = 0

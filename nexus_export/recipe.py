@@ -16,7 +16,6 @@ Everything is validated (pass names, pass options, settings) before any work sta
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import yaml
 from .errors import UserError
 from .passbase import PassConfig, _coerce
 from .registry import get_pass
+from .runner import parse_device
 from .store import parse_bytes
 
 
@@ -187,9 +187,7 @@ def _execution(data: Any) -> ExecutionSettings:
     settings = _settings(ExecutionSettings, data, "execution")
     output_dtype(settings.dtype)
     parse_bytes(settings.memory_budget)
-    device = str(settings.device)
-    if device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise UserError(f"execution.device (--device) must be auto, cpu, cuda or cuda:N, got {device!r}")
+    parse_device(settings.device)
     return settings
 
 

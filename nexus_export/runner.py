@@ -13,6 +13,7 @@ more than half of the free device memory.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,17 +27,22 @@ from .program import COMPUTE_DTYPE, Program
 log = logging.getLogger(__name__)
 
 
+def parse_device(device: str | torch.device | None) -> torch.device | None:
+    """``auto`` (None), ``cpu``, ``cuda`` or ``cuda:N``; anything else is a UserError (checked without a device)."""
+    text = str(device or "auto")
+    if text == "auto":
+        return None
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise UserError(f"unknown device {text!r}; use auto, cpu, cuda or cuda:N")
+    return torch.device(text)
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``; a device this machine lacks is a UserError."""
     text = str(device or "auto")
-    if text == "auto":
+    dev = parse_device(text)
+    if dev is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(text)
-    except RuntimeError:
-        raise UserError(f"unknown device {text!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise UserError(f"device {text!r} is not supported; use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {text}: torch {torch.__version__} sees no CUDA GPU on this machine; use "
@@ -129,48 +135,46 @@ class BlockRunner:
     # ------------------------------------------------------------------------------------------------ running
 
     @torch.no_grad()
-    def run(self, k: int, visit: Callable[[int, torch.Tensor, tuple], None], outputs: list[int],
-            part: Part | None = None, moved: list[torch.Tensor] | None = None) -> None:
+    def run(self, k: int, visit: Callable[[int, torch.Tensor, tuple], None] | None, outputs: list[int],
+            part: Part | None = None, advance: bool = False) -> None:
         """Run block k (or ``part``, a piece of it) on every batch and call ``visit(i, stream_in, out)`` where
         ``out[j]`` holds output j over the batch's windows for each j in ``outputs`` (None for the others). With
-        ``moved`` the stream leaving each micro-batch is appended there."""
+        ``advance`` each micro-batch's stream is replaced by the one leaving the block as soon as it is computed."""
         part = part or self.graphs.blocks[k]
         weights = self.load(part)
         group = self.batch_size // self.micro
         for g in range(0, self.batches, group):
             members = range(g, min(g + group, self.batches))
+            stream_in = torch.cat([self._use(self.state.streams[m]) for m in members]) if visit is not None else None
             pieces: dict[int, list[torch.Tensor]] = {j: [] for j in outputs}
             for m in members:
                 out = part(weights, *self.inputs(k, m))
                 for j in outputs:
                     pieces[j].append(out[j])
-                if moved is not None:
-                    moved.append(self._keep(out[0]))
+                if advance:
+                    if not torch.isfinite(out[0]).all():
+                        raise UserError(f"NaN or Inf in the output of block {k} ({self.program.structure.blocks[k]});"
+                                        " the weights of that block (or the pruning of it) broke the model")
+                    self.state.streams[m] = self._keep(out[0])
                 del out
-            joined = [None] * len(part.module.graph.output_node().args[0])
-            for j, parts in pieces.items():
-                joined[j] = parts[0] if len(parts) == 1 else torch.cat(parts)
-            stream_in = torch.cat([self._use(self.state.streams[m]) for m in members])
-            visit(g // group, stream_in, tuple(joined))
+            if visit is not None:
+                joined = [None] * len(part.module.graph.output_node().args[0])
+                for j in outputs:
+                    parts = pieces.pop(j)
+                    joined[j] = parts[0] if len(parts) == 1 else torch.cat(parts)
+                    del parts
+                visit(g // group, stream_in, tuple(joined))
+                del joined, stream_in
 
-    @torch.no_grad()
     def step(self, k: int, visit: Callable[[torch.Tensor, tuple], None] | None = None,
              outputs: list[int] | None = None) -> None:
         """Run block k on every batch, call ``visit(stream_in, out)`` with the ``outputs`` it asks for (output 0 is
         the stream leaving the block; ``graphs.residuals[k]`` indexes the stream after each sublayer), and move the
-        stream on."""
-        new: list[torch.Tensor] = []
+        stream on. NaN or Inf leaving the block is a UserError naming it."""
         if visit is None:
-            part = self.graphs.blocks[k]
-            weights = self.load(part)
-            for m in range(self.batches):
-                new.append(self._keep(part(weights, *self.inputs(k, m))[0]))
+            self.run(k, None, [], advance=True)
         else:
-            self.run(k, lambda i, stream_in, out: visit(stream_in, out), outputs or [0], moved=new)
-        if not all(torch.isfinite(s).all() for s in new):
-            raise UserError(f"NaN or Inf in the output of block {k} ({self.program.structure.blocks[k]}); the weights "
-                            "of that block (or the pruning of it) broke the model")
-        self.state.streams = new
+            self.run(k, lambda i, stream_in, out: visit(stream_in, out), outputs or [0], advance=True)
 
     def run_blocks(self, progress: Callable[[int], None] | None = None) -> None:
         """Every block in order (the stream ends after the last block)."""

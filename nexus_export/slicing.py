@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -182,9 +183,9 @@ def fuse_norms(program: Program) -> Program:
                 lin = structure.linears[name]
                 node = nodes[lin.node]
                 param = param_of(exported, node.args[-1] if op_name(node) in ("addmm", "mm") else node.args[1])
-                w_oi = _oriented(store.get(param, torch.float64), lin.weight_layout)
+                w_oi = _oriented(store.get(param), lin.weight_layout)
                 if beta is not None and bool(beta.abs().max() > 0):
-                    shift = w_oi @ beta
+                    shift = _by_rows(w_oi, lambda w: w @ beta, torch.float64)
                     if lin.bias is None:
                         if op_name(node) != "linear":
                             raise NormNotFusable(f"cannot fold the norm bias into {name}: it has no bias to add to")
@@ -193,7 +194,8 @@ def fuse_norms(program: Program) -> Program:
                     else:
                         store.set(lin.bias, store.get(lin.bias, torch.float64) + shift)
                 if gamma is not None:
-                    store.set(param, _oriented(w_oi * gamma[None, :], lin.weight_layout))
+                    scaled = _by_rows(w_oi, lambda w: w * gamma[None, :], store.dtype_for(param, torch.float32))
+                    store.set(param, _oriented(scaled, lin.weight_layout))
         if any(site.kind == "layernorm" for site in sites.values()):
             _center_writers(program, exported, store)
         for site in sites.values():
@@ -201,6 +203,20 @@ def fuse_norms(program: Program) -> Program:
     fused = rebuild(exported, store, retrace=True)
     log.info("fused %d norms (%s)", len(sites), ", ".join(sorted({s.kind for s in sites.values()})))
     return program.derive(fused, store)
+
+
+ROWS = 4096  # rows per float64 chunk: a vocabulary-sized matrix never exists whole in float64
+
+
+def _by_rows(matrix: torch.Tensor, fn, dtype: torch.dtype) -> torch.Tensor:
+    """``fn`` applied to float64 chunks of ``ROWS`` rows of ``matrix``, the results stacked in ``dtype``."""
+    out = None
+    for start in range(0, matrix.shape[0], ROWS):
+        part = fn(matrix[start:start + ROWS].double())
+        if out is None:
+            out = torch.empty((matrix.shape[0], *part.shape[1:]), dtype=dtype)
+        out[start:start + part.shape[0]] = part
+    return out
 
 
 def _oriented(matrix: torch.Tensor, layout: str) -> torch.Tensor:
@@ -233,8 +249,9 @@ def _center_writers(program: Program, exported: ExportedProgram, store: WeightSt
     embeddings = {param_of(exported, n.args[0]) for n in exported.graph.nodes
                   if n.op == "call_function" and op_name(n) == "embedding"}
     for param in sorted(p for p in embeddings if p):
-        e = store.get(param, torch.float64)
-        store.set(param, e - e.mean(dim=1, keepdim=True))
+        centered = _by_rows(store.get(param), lambda e: e - e.mean(dim=1, keepdim=True),
+                            store.dtype_for(param, torch.float32))
+        store.set(param, centered)
     for sub in structure.sublayers:
         for name in sub.writers:
             lin = structure.linears[name]
@@ -296,7 +313,8 @@ def with_projections(fused: Program) -> tuple[Program, list[str]]:
     names = []
     for i, point in enumerate(points):
         name = f"{WRAPPER_PREFIX}stream_projection_{i}"
-        node = add_parameter(exported, store, name, torch.eye(width), dtype=torch.float32)
+        identity = torch.eye(width) if not names else names[0]  # one identity in memory, aliased until set
+        node = add_parameter(exported, store, name, identity, dtype=torch.float32)
         names.append(name)
         users = [u for u in point.users if op_name(u) != "_assert_tensor_metadata"]
         with graph.inserting_after(point):
@@ -309,7 +327,7 @@ def with_projections(fused: Program) -> tuple[Program, list[str]]:
 
 # ---------------------------------------------------------------------------------------------------- rotate and slice
 
-def align_bases(bases: list[torch.Tensor]) -> list[torch.Tensor]:
+def align_bases(bases: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The same subspaces with each basis turned to be as close as possible to the one before it.
 
     The sliced function depends only on the subspace kept at each point, not on the basis chosen inside it, so each
@@ -318,22 +336,56 @@ def align_bases(bases: list[torch.Tensor]) -> list[torch.Tensor]:
     does not change (no slicing), so none is inserted there and rotation-only runs carry no extra rounding.
     """
     aligned = [bases[0].double()]
-    for q in bases[1:]:
-        q = q.double()
-        prev = aligned[-1]
-        m = q.t() @ prev  # [d_i, d_{i-1}]
-        if m.shape[1] < m.shape[0]:  # a wider point than the one before: only its first columns have a partner
-            m = torch.cat([m, torch.zeros(m.shape[0], m.shape[0] - m.shape[1], dtype=m.dtype)], dim=1)
-        u, _, vh = torch.linalg.svd(m[:, :m.shape[0]])
-        aligned.append(q @ (u @ vh))
+    for q in list(bases)[1:]:
+        aligned.append(align_to(q, aligned[-1]))
     return aligned
+
+
+def align_to(q: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """Basis ``q`` [D, d] turned (orthogonal Procrustes) to be nearest ``prev`` [D, d'] (see align_bases)."""
+    q = q.double()
+    m = q.t() @ prev.double()  # [d_i, d_{i-1}]
+    if m.shape[1] < m.shape[0]:  # a wider point than the one before: only its first columns have a partner
+        m = torch.cat([m, torch.zeros(m.shape[0], m.shape[0] - m.shape[1], dtype=m.dtype)], dim=1)
+    u, _, vh = torch.linalg.svd(m[:, :m.shape[0]])
+    return q @ (u @ vh)
+
+
+class StoredBases(Sequence):
+    """The bases of a run's stream points kept in a weight store (float64; spilled past the store's budget like any
+    tensor) and read one at a time: a deep model's bases would otherwise grow with its depth."""
+
+    def __init__(self, store: WeightStore, prefix: str = "__slicegpt_basis_"):
+        self.store, self.prefix, self.names = store, prefix, []
+
+    def append(self, basis: torch.Tensor) -> None:
+        name = f"{self.prefix}{len(self.names)}"
+        self.store.set(name, basis, dtype=torch.float64)
+        self.names.append(name)
+
+    def align(self) -> None:
+        """Turn every basis after the first to be nearest the one before it, in place (see align_bases)."""
+        prev = self[0]
+        for i in range(1, len(self)):
+            prev = align_to(self[i], prev)
+            self.store.set(self.names[i], prev, dtype=torch.float64)
+
+    def width(self, i: int) -> int:
+        return int(self.store.shape(self.names[i])[1])
+
+    def __getitem__(self, i):
+        return self.store.get(self.names[i])
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def rotate_and_slice(fused: Program, bases: list[torch.Tensor]) -> Program:
     """The sliced program: point i carried as x_i @ bases[i] (see the module docstring).
 
-    ``bases`` are [D, d_i] matrices with orthonormal columns (float64), one per stream point. Where consecutive bases
-    are the same (the shortcut would be the identity), no shortcut matrix is inserted.
+    ``bases`` are [D, d_i] matrices with orthonormal columns (float64), one per stream point (a list, or StoredBases
+    read one at a time). Where consecutive bases are the same (the shortcut would be the identity), no shortcut matrix
+    is inserted.
     """
     structure = fused.structure
     exported = copy_program(fused.exported)
@@ -343,8 +395,16 @@ def rotate_and_slice(fused: Program, bases: list[torch.Tensor]) -> Program:
     if len(bases) != len(points):
         raise ValueError(f"expected {len(points)} bases (one per stream point), got {len(bases)}")
     nodes = {n.name: n for n in graph.nodes}
-    q = [b.double() for b in bases]
-    widths = [int(b.shape[1]) for b in bases]
+    widths = [bases.width(i) if isinstance(bases, StoredBases) else int(bases[i].shape[1]) for i in range(len(bases))]
+    cache: dict[int, torch.Tensor] = {}
+
+    def basis(i: int) -> torch.Tensor:
+        """Basis i in float64, read once (the sublayer loop needs two consecutive ones at a time)."""
+        if i not in cache:
+            if len(cache) > 1:
+                cache.pop(min(cache))
+            cache[i] = bases[i].double()
+        return cache[i]
 
     def put(param: str, value: torch.Tensor) -> None:
         store.set(param, value.contiguous())
@@ -361,16 +421,16 @@ def rotate_and_slice(fused: Program, bases: list[torch.Tensor]) -> Program:
     shortcuts = 0
     with torch.no_grad():
         for param in structure.embeddings.values():
-            put(param, store.get(param, torch.float64) @ q[0])
+            put(param, _by_rows(store.get(param), lambda e: e @ basis(0), store.dtype_for(param, torch.float32)))
         for i, sub in enumerate(structure.sublayers):
             for name in sub.readers:
-                set_matrix(name, matrix(name) @ q[i])
+                set_matrix(name, matrix(name) @ basis(i))
             for name in sub.writers:
-                set_matrix(name, q[i + 1].t() @ matrix(name))
+                set_matrix(name, basis(i + 1).t() @ matrix(name))
                 bias = structure.linears[name].bias
                 if bias:
-                    put(bias, store.get(bias, torch.float64) @ q[i + 1])
-            s = q[i].t() @ q[i + 1]  # z_{i+1} = z_i @ S
+                    put(bias, store.get(bias, torch.float64) @ basis(i + 1))
+            s = basis(i).t() @ basis(i + 1)  # z_{i+1} = z_i @ S
             if s.shape[0] == s.shape[1] and bool((s - torch.eye(s.shape[0], dtype=s.dtype)).abs().max() < 1e-9):
                 continue
             add = nodes[structure.residual_adds[i]]
@@ -381,8 +441,10 @@ def rotate_and_slice(fused: Program, bases: list[torch.Tensor]) -> Program:
                 node = call(graph, aten.linear.default, (stream, param), add)
             add.replace_input_with(stream, node)
             shortcuts += 1
-        head = structure.lm_head
-        set_matrix(head, matrix(head) @ q[-1])
+        head = structure.linears[structure.lm_head]
+        rotated = _by_rows(_oriented(store.get(head.weight), head.weight_layout), lambda w: w @ basis(len(bases) - 1),
+                           store.dtype_for(head.weight, torch.float32))
+        put(head.weight, _oriented(rotated, head.weight_layout))
     _fix_widths(exported)
     sliced = rebuild(exported, store, retrace=True)
     origin = dict(fused.origin)

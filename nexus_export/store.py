@@ -165,21 +165,17 @@ class WeightStore:
     # ------------------------------------------------------------------------------------------------ writing
 
     def set(self, name: str, value: torch.Tensor, dtype: torch.dtype | None = None) -> None:
-        """Keep ``value`` as the new ``name`` (any shape): in ``dtype`` if given, else the store's output dtype for a
-        floating tensor, else the dtype the tensor had. Spills produced tensors past the budget."""
+        """Keep ``value`` as the new ``name`` (any shape): in ``dtype`` if given, else as ``dtype_for`` says. The
+        store takes ``value`` over (it may keep that very tensor): do not change it afterwards. Spills produced
+        tensors past the budget."""
         value = value.detach()
         old = self._entries.get(name)
-        if dtype is None and value.is_floating_point():
-            fresh = torch.float32 if value.dtype == torch.float64 else value.dtype  # float64 is for the math only
-            dtype = self.dtype or (old.dtype if old is not None and old.dtype.is_floating_point else fresh)
-        dtype = dtype or value.dtype
+        dtype = dtype or self.dtype_for(name, value.dtype)
         if (self.write_through and old is not None and old.tensor is not None and not old.owned
                 and tuple(old.shape) == tuple(value.shape)):
             old.tensor.copy_(value)
             return
-        kept = value.to(device="cpu", dtype=dtype)
-        if kept.data_ptr() == value.data_ptr() or not kept.is_contiguous():
-            kept = kept.contiguous().clone()  # the store's own memory, never a caller's
+        kept = value.to(device="cpu", dtype=dtype).contiguous()  # the store may keep ``value`` itself
         self._entries[name] = _Entry(tuple(kept.shape), kept.dtype, tensor=kept, owned=True)
         if self.resident_bytes() > self.budget:
             self.spill()
@@ -188,6 +184,18 @@ class WeightStore:
         """``name`` starts as the same tensor as ``existing`` (no copy); a later ``set`` of either parts them."""
         e = self._entry(existing)
         self._entries[name] = _Entry(e.shape, e.dtype, e.location, e.tensor, owned=False)  # counted once
+
+    def dtype_for(self, name: str, dtype: torch.dtype) -> torch.dtype:
+        """The dtype ``set`` keeps a tensor of ``dtype`` in under ``name``: the store's output dtype for a floating
+        tensor, else the dtype ``name`` has now, else float32 for float64 (which is for the math only)."""
+        if not dtype.is_floating_point:
+            return dtype
+        old = self._entries.get(name)
+        if self.dtype is not None:
+            return self.dtype
+        if old is not None and old.dtype.is_floating_point:
+            return old.dtype
+        return torch.float32 if dtype == torch.float64 else dtype
 
     def drop(self, name: str) -> None:
         self._entries.pop(name, None)

@@ -9,8 +9,9 @@ residual connection a [d, d] shortcut matrix. ``d = floor((1 - slicing) * D)`` r
 
 Blocks are processed in order; each principal-component analysis sees the stream produced by the already rotated and
 sliced earlier sublayers (the calibration program carries a projection Q_d Q_d^T at each finished point, which computes
-exactly what the sliced program will). The kept bases are then aligned (see ``nexus_export.slicing.align_bases``), so
-shortcut matrices are as near identity as the subspaces allow and absent where nothing is sliced.
+exactly what the sliced program will). The kept bases wait in the weight store (spilled past its budget: a deep
+model's bases would fill the memory) and are then aligned (see ``nexus_export.slicing.align_bases``), so shortcut
+matrices are as near identity as the subspaces allow and absent where nothing is sliced.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from nexus_export.passbase import Pass, PassConfig, PassContext
 from nexus_export.program import Program
 from nexus_export.progress import Progress
 from nexus_export.runner import BlockRunner
-from nexus_export.slicing import align_bases, fuse_norms, rotate_and_slice, stream_width, with_projections
+from nexus_export.slicing import StoredBases, fuse_norms, rotate_and_slice, stream_width, with_projections
 from nexus_export.structure import SHORTCUT
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ class SliceGPTPass(Pass):
         runner = BlockRunner(projected, windows, cfg.batch_size)
         structure = fused.structure
 
-        bases: list[torch.Tensor] = []  # per stream point: [D, d] (the d strongest principal directions)
+        bases = StoredBases(projected.store)  # per stream point: [D, d] (the d strongest principal directions)
 
         def settle(cov: InputStats, width: int) -> torch.Tensor:
             """Fix the basis of the next point; return its projection matrix (also written into the program)."""
@@ -168,7 +169,8 @@ class SliceGPTPass(Pass):
                     runner.set_streams([o @ projection for o in outputs])
             progress.update(k + 1)
 
-        sliced = rotate_and_slice(fused, align_bases(bases))
+        bases.align()
+        sliced = rotate_and_slice(fused, bases)
         shortcut_params = sum(lin.in_features * lin.out_features for lin in sliced.structure.linears.values()
                               if lin.role == SHORTCUT)
         per_block = {str(k): block_widths[k] for k in range(len(structure.blocks))}

@@ -1,0 +1,115 @@
+"""The pipeline at any scale: checkpoints in their own dtype, the memory budget, spilling, onnxruntime evaluation
+when it fits, and the time and memory of every stage in the report."""
+
+import json
+
+import onnx
+import pytest
+import torch
+
+from conftest import make_tiny
+from nexus_export.cli import main
+
+FAST = ["--eval-windows", "2", "--seq-len", "64", "--no-latency"]
+
+
+@pytest.fixture(scope="module")
+def bf16_folder(tmp_path_factory):
+    """tiny-llama's shape saved as a bf16 Hugging Face folder with the byte-level tokenizer."""
+    from nexus_export.zoo import byte_level_tokenizer
+
+    folder = tmp_path_factory.mktemp("bf16")
+    model = make_tiny("llama")
+    model.config.vocab_size = 300
+    model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
+    byte_level_tokenizer(512).save_pretrained(folder)
+    return folder
+
+
+def prune(out, model, *extra, method="magnitude"):
+    return main(["-q", "prune", "--model", str(model), "--method", method, "--pattern", "2:4", *FAST, *extra,
+                 "--out", str(out)])
+
+
+def report_of(out):
+    return json.loads((out / "report.json").read_text())
+
+
+def test_a_bf16_checkpoint_stays_bf16_and_every_stage_is_reported(tmp_path, bf16_folder):
+    out = tmp_path / "run"
+    assert prune(out, bf16_folder) == 0
+    report = report_of(out)
+    assert report["execution"] == {"device": "cpu", "dtype": "bf16", "compute_dtype": "fp32",
+                                   "memory_budget_bytes": 2 * 2**30}
+    assert report["model"]["checkpoint_bytes"] == report["model"]["params_dense"] * 2
+    stages = [row["stage"] for row in report["stages"]]
+    assert stages == ["load", "capture", "eval_dense", "pass:magnitude", "eval_pruned", "lower", "check_onnx",
+                      "onnxruntime"]
+    assert all(row["peak_rss_mb"] > 0 and row["wall_s"] >= 0 for row in report["stages"])
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    dtypes = {t.name: t.data_type for t in model.graph.initializer}
+    assert dtypes["lm.model.layers.0.mlp.down_proj.weight"] == onnx.TensorProto.BFLOAT16
+    ppl = report["perplexity"]
+    assert abs(ppl["onnx"] - ppl["pruned"]) / ppl["pruned"] < 1e-3  # the same bf16 weights on both sides
+    assert "| pass:magnitude |" in (out / "report.md").read_text()
+
+
+def test_dtype_flag_changes_the_output_dtype(tmp_path, bf16_folder):
+    out = tmp_path / "run"
+    assert prune(out, bf16_folder, "--dtype", "fp32") == 0
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert {t.data_type for t in model.graph.initializer if t.name.endswith("proj.weight")} == {onnx.TensorProto.FLOAT}
+    assert report_of(out)["execution"]["dtype"] == "fp32"
+
+
+def test_a_budget_below_the_model_spills_and_changes_nothing(tmp_path, bf16_folder):
+    assert prune(tmp_path / "a", bf16_folder) == 0
+    assert prune(tmp_path / "b", bf16_folder, "--memory-budget", "160KiB", "--onnx-eval", "off") == 0
+    a, b = report_of(tmp_path / "a"), report_of(tmp_path / "b")
+    assert a["perplexity"]["pruned"] == b["perplexity"]["pruned"]
+    assert (tmp_path / "a" / "model.onnx.data").read_bytes() == (tmp_path / "b" / "model.onnx.data").read_bytes()
+    assert b["perplexity"]["onnx"] is None and b["perplexity"]["onnx_eval"] == "skipped: --onnx-eval off"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no scratch folder left
+
+
+def test_onnxruntime_evaluation_is_skipped_when_it_would_not_fit(tmp_path, bf16_folder, capsys):
+    out = tmp_path / "run"
+    assert prune(out, bf16_folder, "--memory-budget", "200KiB") == 0
+    ppl = report_of(out)["perplexity"]
+    assert ppl["onnx"] is None and "more than the memory budget" in ppl["onnx_eval"]
+    assert "onnxruntime not run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--memory-budget", "1KiB"], "smaller than one decoder block of this model in float32 (0 MiB); use "
+                                  "--memory-budget 1MiB or more"),
+    (["--memory-budget", "200KiB", "--onnx-eval", "on"], "onnxruntime would hold 0.00 GiB of float32 weights, more "
+                                                         "than the memory budget"),
+    (["--memory-budget", "lots"], "not a positive size"),
+    (["--device", "tpu"], "unknown device"),
+    (["--dtype", "fp8"], "invalid choice"),
+])
+def test_bad_scale_input(tmp_path, bf16_folder, capsys, args, message):
+    assert prune(tmp_path / "out", bf16_folder, *args) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_a_gpu_is_refused(tmp_path, capsys):
+    assert prune(tmp_path / "out", "tiny-llama", "--device", "cuda") == 2
+    assert "sees no CUDA GPU" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_truncated_shard_is_named_before_any_work(tmp_path, bf16_folder, capsys):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for f in bf16_folder.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    assert prune(tmp_path / "out", folder) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors is truncated" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
