@@ -49,7 +49,7 @@ METHODS = {
     "shortgpt": ["--method", "shortgpt", "--remove-ratio", "0.25"],
     "slicegpt": ["--method", "slicegpt", "--slicing", "0.25"],
 }
-PROTOCOL = ["--calib-samples", "8", "--seq-len", "256", "--eval-windows", "4", "--no-latency"]
+PROTOCOL = ["--calib-samples", "8", "--seq-len", "256", "--eval-windows", "4", "--no-latency", "--onnx-eval", "off"]
 SHARD_BYTES = 2**30
 
 

@@ -9,10 +9,12 @@ Every finished block is checkpointed, so an interrupted run resumes where it sto
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -91,11 +93,22 @@ def stages(program: Program, k: int, true_sequential: bool) -> list[list[Linear]
     return out
 
 
-class Checkpoint:
-    """After each finished block: that block's weights, the stream entering the next block, and per-layer notes.
+@dataclass
+class Resumed:
+    """What a checkpoint holds: the next unit to do, the notes so far, every saved tensor, the stream (if saved)."""
 
-    Files are replaced atomically and ``state.json`` is written last, so an interrupted run always leaves a consistent
-    checkpoint. ``fingerprint`` ties it to one model, pass, options and calibration set.
+    next: int
+    notes: dict
+    tensors: dict[str, torch.Tensor]
+    streams: list[torch.Tensor]
+
+
+class Checkpoint:
+    """After each finished unit of a long pass (a block, a batch): the tensors that unit produced, the stream entering
+    the next one, and the notes so far.
+
+    Files are replaced atomically and ``state.json`` is written last, so a run killed at any moment leaves a
+    consistent checkpoint. ``fingerprint`` ties it to one model, pass, options and calibration set.
     """
 
     def __init__(self, folder: Path, fingerprint: str):
@@ -104,54 +117,84 @@ class Checkpoint:
 
     def _write(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         tmp = self.folder / f".{name}.tmp"
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp))
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, self.folder / name)
 
-    def save(self, k: int, program: Program, linears: list[Linear], streams: list[torch.Tensor], notes: dict) -> None:
+    def save(self, k: int, tensors: dict[str, torch.Tensor], streams: list[torch.Tensor] | None, notes: dict) -> None:
+        """Unit ``k`` is done: keep its ``tensors``, the ``streams`` (None: none to keep) and the ``notes``."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._write(f"block_{k}.safetensors", {lin.weight: program.parameter(lin.weight) for lin in linears})
-        self._write("streams.safetensors", {str(i): t.cpu() for i, t in enumerate(streams)})
+        self._write(f"block_{k}.safetensors", tensors)
+        if streams is not None:
+            self._write("streams.safetensors", {str(i): t for i, t in enumerate(streams)})
         state = {"fingerprint": self.fingerprint, "done": k, "notes": notes}
         tmp = self.folder / ".state.json.tmp"
         tmp.write_text(json.dumps(state))
         os.replace(tmp, self.folder / "state.json")
 
-    def restore(self, program: Program, runner: BlockRunner) -> tuple[int, dict]:
-        """Load the finished blocks' weights and the saved stream; return (next block, notes). (0, {}) if none."""
+    def load(self) -> Resumed | None:
+        """The saved progress, or None when there is none; a checkpoint of another run is a UserError."""
         path = self.folder / "state.json"
         if not path.is_file():
-            log.info("no checkpoint in %s; starting from block 0", self.folder)
-            return 0, {}
-        state = json.loads(path.read_text())
+            log.info("no checkpoint in %s; starting from the beginning", self.folder)
+            return None
+        try:
+            state = json.loads(path.read_text())
+        except ValueError:
+            raise UserError(f"the checkpoint in {self.folder} is damaged; run without --resume to start over") from None
         if state.get("fingerprint") != self.fingerprint:
             raise UserError(f"the checkpoint in {self.folder} is from a different model, pass or calibration set; "
                             "run without --resume to start over")
+        tensors: dict[str, torch.Tensor] = {}
         for k in range(state["done"] + 1):
-            for name, tensor in load_file(str(self.folder / f"block_{k}.safetensors")).items():
-                program.set_parameter(name, tensor)
-        streams = load_file(str(self.folder / "streams.safetensors"))
-        runner.set_streams([streams[str(i)].to(runner.device) for i in range(len(streams))])
-        log.info("resumed from %s: blocks 0-%d already done", self.folder, state["done"])
-        return state["done"] + 1, state.get("notes", {})
+            tensors.update(load_file(str(self.folder / f"block_{k}.safetensors")))
+        saved = self.folder / "streams.safetensors"
+        streams = load_file(str(saved)) if saved.is_file() else {}
+        log.info("resuming from %s: units 0-%d already done", self.folder, state["done"])
+        return Resumed(state["done"] + 1, state.get("notes", {}), tensors,
+                       [streams[str(i)] for i in range(len(streams))])
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def open_checkpoint(ctx, program: Program, what: str, options: dict, windows: torch.Tensor
+                    ) -> tuple[Checkpoint | None, Resumed | None]:
+    """The pass's checkpoint (None when the context gives no folder) and, with ``ctx.resume``, what it holds; without
+    ``resume`` an old checkpoint is cleared."""
+    if ctx is None or ctx.checkpoint_dir is None:
+        return None, None
+    checkpoint = Checkpoint(ctx.checkpoint_dir, fingerprint(program, what, options, windows))
+    if ctx.resume:
+        return checkpoint, checkpoint.load()
+    checkpoint.clear()
+    return checkpoint, None
+
+
+def fingerprint(program: Program, what: str, options: dict, windows: torch.Tensor) -> str:
+    """Identity of a calibrated run for checkpoints: model, pass, options, calibration windows, starting weights."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([program.name, what, options], sort_keys=True, default=str).encode())
+    digest.update(windows.numpy().tobytes())
+    for lin in program.structure.in_blocks():  # a cheap signature of the weights the pass starts from
+        digest.update(program.store.identity(lin.weight).encode())
+    return digest.hexdigest()[:32]
+
+
 def calibrate_blocks(program: Program, windows: torch.Tensor,
                      prune_stage: Callable[[int, list[Linear], dict[str, InputStats]], dict],
                      hessian: bool, true_sequential: bool = False, batch_size: int = 8, what: str = "calibration",
-                     checkpoint: Checkpoint | None = None, resume: bool = False) -> dict:
+                     checkpoint: Checkpoint | None = None, resumed: Resumed | None = None) -> dict:
     """For each block in order: collect statistics of each stage's inputs, let ``prune_stage`` prune it (it returns
-    per-layer notes for the report), then move on with the pruned block's outputs. Returns the notes of every layer."""
+    per-layer notes for the report), then move on with the pruned block's outputs. Returns the notes of every layer.
+    Each finished block goes into ``checkpoint``; ``resumed`` continues after the blocks it holds."""
     runner = BlockRunner(program, windows, batch_size)
     n_blocks = len(program.structure.blocks)
     start, notes = 0, {}
-    if checkpoint is not None:
-        if resume:
-            start, notes = checkpoint.restore(program, runner)
-        else:
-            checkpoint.clear()
+    if resumed is not None:
+        for name, tensor in resumed.tensors.items():
+            program.set_parameter(name, tensor)
+        runner.set_streams([s.to(runner.device) for s in resumed.streams])
+        start, notes = resumed.next, resumed.notes
     progress = Progress(what, n_blocks, "blocks", every_s=10.0)
     for k in range(start, n_blocks):
         block_linears = []
@@ -161,7 +204,8 @@ def calibrate_blocks(program: Program, windows: torch.Tensor,
                 block_linears.extend(stage)
         runner.step(k)
         if checkpoint is not None:
-            checkpoint.save(k, program, block_linears, runner.streams(), notes)
+            weights = {lin.weight: program.parameter(lin.weight) for lin in block_linears}
+            checkpoint.save(k, weights, runner.streams(), notes)
         release()  # the block's statistics and temporaries are gone: give their pages back while edits accumulate
         progress.update(k + 1)
     return notes

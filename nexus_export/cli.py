@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import traceback
 from pathlib import Path
 
 from .errors import UserError
@@ -115,23 +117,46 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
     except UserError as exc:
-        print(f"nexus-export: error: {exc}", file=sys.stderr)
+        print(f"nexus-export: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     for noisy in ("torch", "onnxscript", "onnx_ir", "transformers", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     logging.getLogger("torch.onnx").setLevel(max(level, logging.ERROR))  # "torchvision is not installed" notes
+    previous = signal.signal(signal.SIGTERM, _terminate)  # SIGTERM unwinds like Ctrl-C: partial output is removed
     try:
         commands = {"prune": _prune, "run": _run, "inspect": _inspect, "check-onnx": _check_onnx,
                     "build-engine": _build_engine, "package": _package, "verify": _verify}
         return commands[args.command](args)
     except UserError as exc:
-        print(f"nexus-export: error: {exc}", file=sys.stderr)
+        print(f"nexus-export: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("nexus-export: interrupted; no output written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, _Terminated)
+        print(f"nexus-export: {'terminated' if terminated else 'interrupted'}; no output written", file=sys.stderr)
+        return 143 if terminated else 130
+    except Exception as exc:  # the last line of defence: a bug, said in one line (the traceback with -v)
+        if args.verbose:
+            traceback.print_exc()
+        print(f"nexus-export: internal error: {type(exc).__name__}: {_one_line(exc)} (run with -v for the "
+              "traceback)", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is so that everything unwinds (and cleans up) as for Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:500] if text else type(exc).__name__
 
 
 def _prune(args: argparse.Namespace) -> int:
@@ -174,11 +199,12 @@ def _execute(recipe, args: argparse.Namespace) -> int:
     from .pipeline import run_recipe
     from .report import headline
 
-    if args.bundle:
-        from .outdir import check_output_dir
+    if args.bundle is not None:
+        from .outdir import check_distinct, check_output_dir
 
-        check_output_dir(Path(args.bundle), force=False)
-    report = run_recipe(recipe, Path(args.out), force=args.force, resume=args.resume)
+        bundle = check_output_dir(args.bundle, False, "--bundle")
+        check_distinct(check_output_dir(args.out, args.force), bundle, ("--out", "--bundle"))
+    report = run_recipe(recipe, args.out, force=args.force, resume=args.resume)
     print(headline(report))
     for variant in report["artifacts"]:
         ppl = variant["perplexity"]
@@ -301,7 +327,7 @@ def _build_engine(args: argparse.Namespace) -> int:
         raise UserError(f"no ONNX file at {args.onnx}")
     profile = Profile(batch=(1, max(1, args.max_batch // 2), args.max_batch), sequence=(2, min(128, args.max_seq),
                                                                                        args.max_seq))
-    with staged_output(Path(args.out), args.force) as tmp:
+    with staged_output(args.out, args.force) as tmp:
         build = build_engine(args.onnx, tmp, profile, fp16=not args.no_fp16, int8=args.int8, sparse=not args.no_sparse,
                              timing_cache=args.timing_cache)
         build.engine = "model.engine"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 from contextlib import contextmanager
@@ -11,21 +12,73 @@ from typing import Iterator
 
 from .errors import UserError
 
+log = logging.getLogger(__name__)
 
-def check_output_dir(out: Path, force: bool) -> None:
-    """An existing, non-empty DIR is refused unless ``force`` (then it is replaced only after success)."""
+
+def check_output_dir(out: str | Path, force: bool, flag: str = "--out") -> Path:
+    """The resolved output folder, after checking it can be written: a name is given, no parent is a regular file,
+    the nearest existing parent is writable, and an existing non-empty folder is refused unless ``force`` (it is then
+    replaced only after success). ``flag`` names the option in messages."""
+    if not str(out).strip():
+        raise UserError(f"{flag} is empty; give the folder to write, e.g. {flag} out/run")
+    out = Path(out).expanduser().resolve()
     if out.exists() and not out.is_dir():
-        raise UserError(f"output {out} exists and is not a folder; choose another --out")
+        raise UserError(f"{flag} {out} exists and is not a folder; choose another {flag}")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserError(f"output folder {out} exists and is not empty; choose another --out or pass --force")
+        raise UserError(f"{flag} folder {out} exists and is not empty; choose another {flag} or pass --force")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {out} lies under {parent}, which is a file, not a folder; choose another {flag}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {out}: cannot write in {parent} (permission denied); choose another {flag}")
+    return out
+
+
+def check_distinct(first: Path, second: Path, names: tuple[str, str]) -> None:
+    """Two output folders that must not be one another or lie inside one another."""
+    if first == second or first in second.parents or second in first.parents:
+        raise UserError(f"{names[0]} {first} and {names[1]} {second} overlap; give {names[1]} a folder of its own")
+
+
+STAGING = ("partial", "scratch", "old")  # hidden siblings a run makes beside its output, named .OUT.<kind>-<pid>
+
+
+def remove_stale(out: Path) -> list[Path]:
+    """Remove the hidden staging folders beside ``out`` left by runs whose process is gone (killed, crashed); a live
+    process's folders are never touched. Returns what was removed."""
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for path in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = path.name[len(out.name) + 2:].rpartition("-")
+        if kind in STAGING and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 @contextmanager
 def staged_output(out: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces ``out``, on any error it is removed and ``out`` is untouched."""
-    out = Path(out).resolve()
-    check_output_dir(out, force)
+    """Yield a temporary folder; on success it replaces ``out``, on any error it is removed and ``out`` is untouched.
+    Staging folders of dead earlier runs beside ``out`` are removed first."""
+    out = check_output_dir(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for path in remove_stale(out):
+        log.info("removed %s, left by an interrupted run", path)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -22,7 +22,11 @@ class PassConfig:
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None, pass_name: str = "") -> "PassConfig":
-        """Build and validate from a mapping; an unknown option is an error naming the valid ones."""
+        """Build and validate from a mapping; an unknown option is an error naming the valid ones, a value of the wrong
+        type one saying what is expected."""
+        if options is not None and not isinstance(options, Mapping):
+            raise UserError(f"options of pass {pass_name or cls.__name__} must be a mapping like {{sparsity: 0.5}}, "
+                            f"got {type(options).__name__} {options!r}")
         options = dict(options or {})
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - set(fields))
@@ -30,7 +34,7 @@ class PassConfig:
             raise UserError(f"unknown option(s) {', '.join(unknown)} for pass {pass_name or cls.__name__}; "
                             f"valid options: {', '.join(fields) or 'none'}")
         hints = typing.get_type_hints(cls)
-        values = {k: _coerce(v, hints.get(k), k, pass_name) for k, v in options.items()}
+        values = {k: check_type(v, hints.get(k), k, f"pass {pass_name or cls.__name__}") for k, v in options.items()}
         config = cls(**values)
         config.validate()
         return config
@@ -42,22 +46,34 @@ class PassConfig:
         return dataclasses.asdict(self)
 
 
-def _coerce(value: Any, hint: Any, key: str, pass_name: str) -> Any:
-    """Light type coercion for values from YAML or the command line (e.g. "0.5" -> 0.5 for a float field)."""
+def check_type(value: Any, hint: Any, key: str, where: str) -> Any:
+    """``value`` when its type is one ``hint`` allows (an int where a float is wanted becomes a float); otherwise a
+    UserError saying what was expected. Strings are never read as numbers: ``sparsity: "0.5"`` is refused in a recipe
+    and in the Python API alike (the command line parses its own flags)."""
     if value is None or hint is None:
         return value
-    base = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
-    target = base[0]
+    allowed = [typing.get_origin(t) or t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+    for t in allowed:
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t in (bool, str, dict, list) and isinstance(value, t):
+            return value
+    names = {float: "a number", int: "a whole number", bool: "true or false", str: "a string",
+             dict: "a mapping", list: "a list"}
+    expected = " or ".join(names.get(t, getattr(t, "__name__", str(t))) for t in allowed)
+    hint_text = " (write it without quotes)" if isinstance(value, str) and float in allowed + [int] and \
+        _is_number(value) else ""
+    raise UserError(f"{key} of {where} must be {expected}, got {type(value).__name__} {value!r}{hint_text}")
+
+
+def _is_number(text: str) -> bool:
     try:
-        if target is bool and isinstance(value, str):
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(value)
-            return value.lower() in ("true", "1", "yes")
-        if target in (int, float) and not isinstance(value, bool):
-            return target(value)
-    except (TypeError, ValueError):
-        raise UserError(f"option {key}={value!r} of pass {pass_name} should be a {target.__name__}") from None
-    return value
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass
@@ -97,6 +113,8 @@ class Pass:
     name: ClassVar[str] = ""
     config_class: ClassVar[type[PassConfig]] = PassConfig
     needs_calibration: ClassVar[bool] = False
+    not_after: ClassVar[tuple[str, ...]] = ()  # passes this one cannot follow in a recipe (checked before any work)
+    not_after_why: ClassVar[str] = ""
 
     def __init__(self, config: PassConfig | Mapping[str, Any] | None = None):
         if not isinstance(config, PassConfig):
@@ -106,9 +124,10 @@ class Pass:
     def check(self, program: Program) -> None:
         """Raise UserError if this pass cannot apply to ``program`` (called before any slow work starts)."""
 
-    def keeps_architecture(self) -> bool:
-        """Whether the result is still a model transformers can build from a config (needed for --save-hf)."""
-        return True
+    def hf_refusal(self) -> str | None:
+        """Why the result could not be saved as a Hugging Face folder (--save-hf), or None when transformers can
+        still build it from a config."""
+        return None
 
     def apply(self, program: Program, ctx: PassContext) -> tuple[Program, dict]:
         """Rewrite ``program`` and return it with the report's ``changes``."""

@@ -68,12 +68,11 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
     Calibrated passes checkpoint every finished block in a hidden folder beside ``out_dir``; with ``resume`` an
     interrupted run continues from there. The checkpoint is removed once the run completes.
     """
-    out_dir = Path(out_dir).resolve()
+    out_dir = check_output_dir(out_dir, force)
     checkpoints = out_dir.parent / f".{out_dir.name}.checkpoint"
     scratch = out_dir.parent / f".{out_dir.name}.scratch-{os.getpid()}"
     if resume and not checkpoints.is_dir():
         raise UserError(f"--resume: no checkpoint at {checkpoints}; run without --resume")
-    check_output_dir(out_dir, force)
     runtime_cls = get_runtime(recipe.lowering.runtime)
     ok, why = runtime_cls.available()
     if not ok:
@@ -81,8 +80,9 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
     runtime = runtime_cls()
     passes = [get_pass(step.name)(step.config) for step in recipe.passes]
     needs_calibration = any(pass_.needs_calibration for pass_ in passes)
-    if recipe.lowering.save_hf and not all(pass_.keeps_architecture() for pass_ in passes):
-        raise UserError("--save-hf needs passes that keep the architecture; removing attention sublayers does not")
+    refusals = [f"{pass_.name}: {pass_.hf_refusal()}" for pass_ in passes if pass_.hf_refusal()]
+    if recipe.lowering.save_hf and refusals:
+        raise UserError(f"--save-hf is not possible: {'; '.join(refusals)} (the ONNX model is written without it)")
     ex = recipe.execution
     device = resolve_device(ex.device)
     dtype = output_dtype(ex.dtype)
@@ -107,6 +107,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
                 program.device = str(device)
                 for pass_ in passes:
                     pass_.check(program)
+                _check_variants(recipe, program, passes, dtype)
                 onnx_eval, onnx_eval_why = _plan(program, budget, ev.onnx)
             checkpoint_bytes = program.weight_bytes()
             params_dense = program.num_parameters()
@@ -215,6 +216,27 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
     shutil.rmtree(checkpoints, ignore_errors=True)
     log.info("wrote %s", out_dir)
     return report
+
+
+def _check_variants(recipe: Recipe, program: Program, passes: list, dtype: torch.dtype | None) -> None:
+    """Quantized and fp16 variants start from float32 weights, and block-wise quantization needs a block size that
+    divides every layer's input width (a sliced model's widths included): refused now, not after the work."""
+    if (recipe.quantize is not None or recipe.lowering.precision == "fp16") and \
+            (dtype or program.main_dtype()) != torch.float32:
+        raise UserError(f"--quantize-bits and --fp16 start from float32 weights, and this run writes "
+                        f"{_dtype_name(dtype or program.main_dtype())}; add --dtype fp32")
+    if recipe.quantize is None:
+        return
+    block = recipe.quantize.block_size
+    widths = [(lin.in_features, lin.name) for lin in program.structure.linears.values()]
+    for pass_ in passes:
+        if hasattr(pass_, "block_widths"):  # slicegpt: the widths it will leave
+            first, kept = pass_.block_widths(program)
+            widths += [(w, f"the stream slicegpt leaves ({w} wide)") for w in sorted({first, *kept})]
+    for width, what in widths:
+        if width % block:
+            raise UserError(f"quantize block_size {block} does not divide the input width {width} of {what}; choose "
+                            "a block size that divides every layer's input width (e.g. 16 or 32)")
 
 
 def _plan(program: Program, budget: int, onnx_eval: str) -> tuple[bool, str]:

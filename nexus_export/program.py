@@ -28,6 +28,12 @@ log = logging.getLogger(__name__)
 COMPUTE_DTYPE = torch.float32  # the dtype every graph computes in (float64 where the math needs it)
 
 
+def require_module(model: Any) -> None:
+    """Refuse anything but a torch module where one is needed (a string model name, say), in the API's words."""
+    if not isinstance(model, torch.nn.Module):
+        raise UserError(f"expected a torch.nn.Module (e.g. a transformers causal LM), got {type(model).__name__}")
+
+
 @dataclass
 class Program:
     """The unit every pass takes and returns."""
@@ -52,8 +58,7 @@ class Program:
         ``write_through``: passes that keep shapes write their results into the model's tensors (in-place pruning
         for the Python API); otherwise the model is never changed.
         """
-        if not isinstance(model, torch.nn.Module):
-            raise UserError(f"expected a torch.nn.Module (e.g. a transformers causal LM), got {type(model).__name__}")
+        require_module(model)
         tensors = dict(model.named_parameters(remove_duplicate=False))
         tensors.update(model.named_buffers(remove_duplicate=False))
         exported = capture(model)

@@ -21,7 +21,7 @@ import torch
 from .errors import UserError
 from .gradual import CubicSparsityScheduler, apply_sparsity
 from .passbase import PassContext
-from .program import Program
+from .program import Program, require_module
 from .registry import get_pass
 
 __all__ = ["SparseGPTConfig", "SparseGPTPruner", "WandaPruner", "MagnitudePruner", "NMSparsityPruner", "ShortGPTPruner",
@@ -32,6 +32,8 @@ def calibration_tensor(data: Iterable | torch.Tensor | None, nsamples: int | Non
     """Stack token ids from a DataLoader-like iterable (tensors [L] or [B, L], or dicts with ``input_ids``)."""
     if data is None:
         return None
+    if nsamples is not None and (isinstance(nsamples, bool) or not isinstance(nsamples, int) or nsamples < 1):
+        raise UserError(f"nsamples must be a positive whole number (or None for all the data), got {nsamples!r}")
     rows: list[torch.Tensor] = []
     items = [data] if isinstance(data, torch.Tensor) else data
     for item in items:
@@ -74,9 +76,14 @@ class _Pruner:
     def options(self) -> dict:
         raise NotImplementedError
 
+    def _check(self) -> None:
+        """Validate the options now, as the pass will (the same messages as the CLI and recipes)."""
+        get_pass(self.method)(self.options())
+
     def prune_model(self, model: torch.nn.Module, calibration_dataloader: Iterable | None = None,
                     nsamples: int | None = None) -> dict[str, Any]:
         """Prune ``model`` in place (masking pruners) and return metrics."""
+        require_module(model)
         windows = calibration_tensor(calibration_dataloader, nsamples)
         pass_ = get_pass(self.method)(self.options())
         if pass_.needs_calibration and windows is None:
@@ -129,6 +136,7 @@ class SparseGPTPruner(_Pruner):
         if not self.config.uniform:
             raise UserError("SparseGPT prunes every layer to its own target (uniform=True); use a per-layer dict "
                             "as sparsity for different targets")
+        self._check()
 
     def options(self) -> dict:
         c = self.config
@@ -143,6 +151,7 @@ class WandaPruner(_Pruner):
 
     def __init__(self, sparsity: float | dict = 0.5, pattern: str | None = None, true_sequential: bool = False):
         self._options = {**_sparsity_options(sparsity, pattern), "true_sequential": true_sequential}
+        self._check()
 
     def options(self) -> dict:
         return self._options
@@ -155,6 +164,7 @@ class MagnitudePruner(_Pruner):
 
     def __init__(self, sparsity: float | dict = 0.5, pattern: str | None = None):
         self._options = _sparsity_options(sparsity, pattern)
+        self._check()
 
     def options(self) -> dict:
         return self._options
@@ -165,12 +175,15 @@ class NMSparsityPruner(_Pruner):
     ``magnitude``."""
 
     def __init__(self, n: int = 2, m: int = 4, method: str = "sparsegpt"):
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in (n, m)):
+            raise UserError(f"n and m must be whole numbers (n zeros in every m weights), got n={n!r}, m={m!r}")
         if not 0 < n < m:
             raise UserError(f"N:M needs 0 < n < m (n zeros in every m weights), got n={n}, m={m}")
         if method not in ("sparsegpt", "wanda", "magnitude"):
             raise UserError(f"method must be sparsegpt, wanda or magnitude, got {method!r}")
         self.method = method
         self._options = {"pattern": f"{n}:{m}"}
+        self._check()
 
     def options(self) -> dict:
         return self._options
@@ -188,17 +201,18 @@ class ShortGPTPruner(_Pruner):
         self._options = {"remove": n_layers_to_remove, "remove_ratio": remove_ratio, "layers": layers,
                          "strategy": removal_strategy}
         self._options = {k: v for k, v in self._options.items() if v is not None}
+        self._check()
 
     def options(self) -> dict:
         return self._options
 
     def prune_model(self, model: torch.nn.Module, calibration_dataloader: Iterable | None = None,
-                    nsamples: int | None = 64, tokenizer=None) -> dict[str, Any]:
-        """Without data, ranks blocks on the built-in Austen calibration windows (needs the model's tokenizer).
-
-        Block removal works on a copy of the captured program, so ``model`` keeps all its blocks."""
+                    nsamples: int | None = None, tokenizer=None) -> dict[str, Any]:
+        """Ranks blocks on the calibration data (all of it unless ``nsamples`` says how much), or without data on
+        64 built-in Austen windows (needs the model's tokenizer). The given model keeps all its blocks."""
         from .hf_export import to_hf_model
 
+        require_module(model)
         if calibration_dataloader is None and "layers" not in self._options:
             calibration_dataloader = _builtin_windows(model, tokenizer, nsamples or 64)
         metrics = super().prune_model(model, calibration_dataloader, nsamples)
@@ -223,7 +237,7 @@ class SliceGPTPruner(_Pruner):
         else:
             self._options = {"slicing": slice_ratio}
         self._options.update(round_to=round_to, damping=damping)
-        get_pass(self.method)(self._options)  # bad options fail here, not after capture
+        self._check()  # bad options fail here, not after capture
 
     def options(self) -> dict:
         return self._options

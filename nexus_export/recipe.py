@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from .errors import UserError
-from .passbase import PassConfig, _coerce
+from .passbase import PassConfig, check_type
 from .registry import get_pass
 from .runner import parse_device
 from .store import parse_bytes
@@ -61,7 +61,7 @@ class LoweringSettings:
 class ExecutionSettings:
     device: str = "auto"  # where blocks run: auto (CUDA when present), cpu, cuda, cuda:N
     dtype: str = "auto"  # the weights' dtype in every output: auto (the checkpoint's), fp32, fp16, bf16
-    memory_budget: str = "2GiB"  # what the weight store keeps resident (and what onnxruntime evaluation may hold)
+    memory_budget: str | int = "2GiB"  # what the weight store keeps resident (and what onnxruntime evaluation may hold)
 
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -94,7 +94,7 @@ def _settings(cls, data: Any, section: str):
         raise UserError(f"unknown key(s) {', '.join(unknown)} in recipe section {section!r}; valid: {', '.join(sorted(names))}")
     import typing
     hints = typing.get_type_hints(cls)
-    values = {k: _coerce(v, hints[k], k, section) for k, v in data.items()}
+    values = {k: check_type(v, hints[k], k, f"recipe section {section!r}") for k, v in data.items()}
     settings = cls(**values)
     for f in dataclasses.fields(cls):
         v = getattr(settings, f.name)
@@ -127,18 +127,26 @@ class Recipe:
         unknown = sorted(set(data) - valid)
         if unknown:
             raise UserError(f"unknown recipe key(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
-        if not data.get("model"):
-            raise UserError("the recipe names no model; add e.g. 'model: tiny-llama'")
+        if not data.get("model") or not isinstance(data["model"], (str, Path)):
+            raise UserError("the recipe names no model; add e.g. 'model: tiny-llama' (a zoo name or a folder)")
+        passes = data.get("passes") or []
+        if not isinstance(passes, list):
+            raise UserError(f"passes must be a list like '- magnitude: {{sparsity: 0.5}}', got "
+                            f"{type(passes).__name__} {passes!r}")
         steps = []
-        for i, entry in enumerate(data.get("passes") or []):
+        for i, entry in enumerate(passes):
             if isinstance(entry, str):
                 entry = {entry: {}}
             if not isinstance(entry, dict) or len(entry) != 1:
                 raise UserError(f"passes[{i}] must be a single-key mapping like '- magnitude: {{sparsity: 0.5}}'")
             (name, options), = entry.items()
+            if not isinstance(name, str):
+                raise UserError(f"passes[{i}] names pass {name!r}; pass names are words like magnitude or sparsegpt")
             pass_cls = get_pass(name)
-            if options is not None and not isinstance(options, dict):
-                raise UserError(f"options of pass {name!r} must be a mapping")
+            for earlier in steps:
+                if earlier.name in pass_cls.not_after:
+                    raise UserError(f"{name} cannot run after {earlier.name} (passes[{i}]); "
+                                    f"{pass_cls.not_after_why}")
             steps.append(PassStep(name=name, config=pass_cls.config_class.from_options(options, name)))
         return cls(
             model=str(data["model"]),
@@ -153,10 +161,17 @@ class Recipe:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Recipe":
         path = Path(path)
+        if path.is_dir():
+            raise UserError(f"{path} is a folder; give the recipe's YAML file (a run folder keeps its recipe in "
+                            f"{path / 'recipe.yaml'})")
         if not path.is_file():
             raise UserError(f"recipe file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise UserError(f"recipe {path} is not UTF-8 text; save it as UTF-8 YAML") from None
+        except OSError as exc:
+            raise UserError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
         except yaml.YAMLError as exc:
             raise UserError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
         return cls.from_dict(data)
@@ -191,8 +206,14 @@ def _execution(data: Any) -> ExecutionSettings:
     return settings
 
 
+MIN_OPSET = 18  # the lowest opset torch's ONNX exporter (torchlib) implements
+
+
 def _lowering(data: Any) -> LoweringSettings:
     settings = _settings(LoweringSettings, data, "lowering")
+    if settings.opset < MIN_OPSET:
+        raise UserError(f"lowering.opset {settings.opset} is not supported: torch's ONNX exporter needs opset >= "
+                        f"{MIN_OPSET}")
     if settings.precision not in ("fp32", "fp16"):
         raise UserError(f"lowering.precision must be fp32 or fp16, got {settings.precision!r}")
     return settings

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from nexus_export.calibration import Checkpoint, InputStats, calibrate_blocks
+from nexus_export.calibration import InputStats, calibrate_blocks, open_checkpoint
 from nexus_export.errors import UserError
 from nexus_export.passbase import PassContext
 from nexus_export.program import Program
@@ -50,25 +48,13 @@ def run_calibrated(program: Program, ctx: PassContext, cfg: CalibratedConfig,
     def prune_stage(block: int, linears, stats: dict[str, InputStats]) -> dict:
         return {lin.name: prune(targets[lin.name], stats[lin.name]) or {} for lin in linears if lin.name in targets}
 
-    checkpoint = None
-    if ctx.checkpoint_dir is not None:
-        checkpoint = Checkpoint(ctx.checkpoint_dir, fingerprint(program, what, cfg, windows))
+    checkpoint, resumed = open_checkpoint(ctx, program, what, cfg.to_dict(), windows)
     with torch.no_grad():
         extras = calibrate_blocks(program, windows, prune_stage, hessian=hessian, true_sequential=cfg.true_sequential,
-                                  batch_size=cfg.batch_size, what=what, checkpoint=checkpoint, resume=ctx.resume)
+                                  batch_size=cfg.batch_size, what=what, checkpoint=checkpoint, resumed=resumed)
     changes = masking_changes(program, list(targets.values()), cfg.pattern_obj())
     for name, extra in extras.items():
         changes["per_layer"][name].update(extra)
     changes["calibration"] = {"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
                               "true_sequential": cfg.true_sequential}
     return changes
-
-
-def fingerprint(program: Program, what: str, cfg: CalibratedConfig, windows: torch.Tensor) -> str:
-    """Identity of a calibrated run for checkpoints: model, pass, options, calibration windows, starting weights."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps([program.name, what, cfg.to_dict()], sort_keys=True, default=str).encode())
-    digest.update(windows.numpy().tobytes())
-    for lin in program.structure.in_blocks():  # a cheap signature of the weights the pass starts from
-        digest.update(program.store.identity(lin.weight).encode())
-    return digest.hexdigest()[:32]

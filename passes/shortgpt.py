@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nexus_export.calibration import Checkpoint, Resumed, open_checkpoint
 from nexus_export.errors import UserError
 from nexus_export.passbase import Pass, PassConfig, PassContext
 from nexus_export.program import Program
@@ -59,6 +60,8 @@ class ShortGPTConfig(PassConfig):
 
     def layer_list(self) -> list[int]:
         items = self.layers.split(",") if isinstance(self.layers, str) else list(self.layers)
+        if any(isinstance(x, (bool, float)) for x in items):
+            raise UserError(f"layers must be block indices like 20,21,22; got {self.layers!r}")
         try:
             values = [int(str(x).strip()) for x in items if str(x).strip()]
         except ValueError:
@@ -71,13 +74,19 @@ class ShortGPTConfig(PassConfig):
 class ShortGPTPass(Pass):
     name = "shortgpt"
     config_class = ShortGPTConfig
+    not_after = ("slicegpt",)
+    not_after_why = ("each block of a sliced model has its own rotated basis, so blocks cannot be dropped from it; "
+                     "put shortgpt before slicegpt")
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
         return self.config.layers is None
 
-    def keeps_architecture(self) -> bool:
-        return self.config.strategy != "attention"
+    def hf_refusal(self) -> str | None:
+        if self.config.strategy == "attention":
+            return ("strategy attention removes attention sublayers and leaves blocks without one, which no "
+                    "transformers class holds")
+        return None
 
     def count(self, program: Program) -> int:
         n = len(program.structure.blocks)
@@ -116,7 +125,8 @@ class ShortGPTPass(Pass):
             windows = ctx.calibration_windows
             if windows is None or len(windows) == 0:
                 raise UserError("shortgpt needs calibration data to rank blocks, or an explicit list of layers")
-            scores = score_blocks(program, windows, cfg.strategy, cfg.batch_size)
+            checkpoint, resumed = open_checkpoint(ctx, program, self.name, cfg.to_dict(), windows)
+            scores = score_blocks(program, windows, cfg.strategy, cfg.batch_size, checkpoint, resumed)
             ranked = sorted(scores, key=lambda k: scores[k])
             chosen = sorted(ranked[: self.count(program)])
         n_before = len(program.structure.blocks)
@@ -136,15 +146,23 @@ class ShortGPTPass(Pass):
         return new, changes
 
 
-def score_blocks(program: Program, windows: torch.Tensor, strategy: str, batch_size: int = 8) -> dict[int, float]:
-    """Importance of each block (or attention sublayer) on the calibration windows; lower = removed first."""
+def score_blocks(program: Program, windows: torch.Tensor, strategy: str, batch_size: int = 8,
+                 checkpoint: Checkpoint | None = None, resumed: Resumed | None = None) -> dict[int, float]:
+    """Importance of each block (or attention sublayer) on the calibration windows; lower = removed first. Each block
+    (gradient: each batch) done goes into ``checkpoint``; ``resumed`` continues after what it holds."""
     if strategy == "gradient":
-        return _taylor_scores(program, windows, max(1, min(batch_size, 2)))
+        return _taylor_scores(program, windows, max(1, min(batch_size, 2)), checkpoint, resumed)
     runner = BlockRunner(program, windows, batch_size)
     sums: dict[int, float] = {}
     tokens: dict[int, int] = {}
+    start = 0
+    if resumed is not None:
+        runner.set_streams([s.to(runner.device) for s in resumed.streams])
+        sums = {int(k): v for k, v in resumed.notes["sums"].items()}
+        tokens = {int(k): v for k, v in resumed.notes["tokens"].items()}
+        start = resumed.next
     progress = Progress(f"shortgpt {strategy}", len(program.structure.blocks), "blocks", every_s=10.0)
-    for k in range(len(program.structure.blocks)):
+    for k in range(start, len(program.structure.blocks)):
         has_attention = "attention" in runner.graphs.residuals[k]
 
         def visit(h_in: torch.Tensor, out: tuple, k=k, has_attention=has_attention) -> None:
@@ -159,11 +177,14 @@ def score_blocks(program: Program, windows: torch.Tensor, strategy: str, batch_s
             tokens[k] = tokens.get(k, 0) + cos.numel()
 
         runner.step(k, visit, [0, *runner.graphs.residuals[k].values()])
+        if checkpoint is not None:
+            checkpoint.save(k, {}, runner.streams(), {"sums": sums, "tokens": tokens})
         progress.update(k + 1)
     return {k: sums[k] / tokens[k] for k in sums}
 
 
-def _taylor_scores(program: Program, windows: torch.Tensor, batch_size: int) -> dict[int, float]:
+def _taylor_scores(program: Program, windows: torch.Tensor, batch_size: int, checkpoint: Checkpoint | None,
+                   resumed: Resumed | None) -> dict[int, float]:
     """|sum (h_out - h_in) . dL/dh_out| per block, summed over the calibration windows.
 
     Micro-batch by micro-batch: a forward pass keeps the stream at every block boundary, then the gradient is carried back block
@@ -171,9 +192,13 @@ def _taylor_scores(program: Program, windows: torch.Tensor, batch_size: int) -> 
     runner = BlockRunner(program, windows, batch_size)
     n = len(program.structure.blocks)
     totals = torch.zeros(n, dtype=torch.float64)
+    start = 0
+    if resumed is not None:
+        totals = torch.tensor(resumed.notes["totals"], dtype=torch.float64)
+        start = resumed.next
     progress = Progress("shortgpt gradient", runner.batches, "batches", every_s=10.0)
     suffix = runner.load(runner.graphs.suffix)
-    for i in range(runner.batches):
+    for i in range(start, runner.batches):
         h = runner.inputs(0, i)[0]
         boundary = [h]
         with torch.no_grad():
@@ -193,5 +218,7 @@ def _taylor_scores(program: Program, windows: torch.Tensor, batch_size: int) -> 
                     h_in = boundary[k].detach().requires_grad_(True)
                     out = runner.graphs.blocks[k](runner.load(runner.graphs.blocks[k]), *runner.inputs(k, i, h_in))[0]
                     grad, = torch.autograd.grad(out, h_in, grad)
+        if checkpoint is not None:
+            checkpoint.save(i, {}, None, {"totals": totals.tolist()})
         progress.update(i + 1)
     return {k: float(abs(totals[k])) for k in range(n)}

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nexus_export.calibration import InputStats
+from nexus_export.calibration import InputStats, open_checkpoint
 from nexus_export.errors import UserError
 from nexus_export.passbase import Pass, PassConfig, PassContext
 from nexus_export.program import Program
@@ -83,9 +83,11 @@ class SliceGPTPass(Pass):
     name = "slicegpt"
     config_class = SliceGPTConfig
     needs_calibration = True
+    not_after = ("slicegpt",)
+    not_after_why = "slice the original model once, with the slicing you want"
 
-    def keeps_architecture(self) -> bool:
-        return False  # shortcut matrices and per-block widths: no Hugging Face class holds this model
+    def hf_refusal(self) -> str | None:
+        return "a sliced model has shortcut matrices and per-block widths, which no transformers class holds"
 
     def block_widths(self, program: Program) -> tuple[int, list[int]]:
         """The width of the stream entering block 0 and of each block's stream, after rounding."""
@@ -129,22 +131,33 @@ class SliceGPTPass(Pass):
 
         bases = StoredBases(projected.store)  # per stream point: [D, d] (the d strongest principal directions)
 
-        def settle(cov: InputStats, width: int) -> torch.Tensor:
+        def place(keep: torch.Tensor) -> torch.Tensor:
             """Fix the basis of the next point; return its projection matrix (also written into the program)."""
-            keep = pca_basis(cov.xtx, cfg.damping)[:, :width].cpu()
             bases.append(keep)
             projection = (keep @ keep.t()).float()
             projected.set_parameter(projections[len(bases) - 1], projection, dtype=torch.float32)
             return projection.to(runner.device)
 
-        cov = InputStats(hidden, hessian=True, device=runner.device)
-        for stream in runner.streams():
-            cov.add(stream)
-        p0 = settle(cov, first)
-        runner.set_streams([s.to(runner.device) @ p0 for s in runner.streams()])
+        def settle(cov: InputStats, width: int) -> torch.Tensor:
+            return place(pca_basis(cov.xtx, cfg.damping)[:, :width].cpu())
+
+        checkpoint, resumed = open_checkpoint(ctx, program, self.name, cfg.to_dict(), windows)
+        start = 0
+        if resumed is None:
+            cov = InputStats(hidden, hessian=True, device=runner.device)
+            for stream in runner.streams():
+                cov.add(stream)
+            p0 = settle(cov, first)
+            runner.set_streams([s.to(runner.device) @ p0 for s in runner.streams()])
+        else:
+            for name in sorted(resumed.tensors):
+                place(resumed.tensors[name])
+            runner.set_streams([s.to(runner.device) for s in resumed.streams])
+            start = resumed.next
 
         progress = Progress("slicegpt", len(structure.blocks), "blocks", every_s=10.0)
-        for k in range(len(structure.blocks)):
+        for k in range(start, len(structure.blocks)):
+            settled = len(bases)
             kinds = [sub.kind for sub in structure.sublayers if sub.block == k]
             for j, kind in enumerate(kinds):
                 index = runner.graphs.residuals[k][kind]
@@ -167,6 +180,9 @@ class SliceGPTPass(Pass):
                 projection = settle(cov, block_widths[k])
                 if last:
                     runner.set_streams([o @ projection for o in outputs])
+            if checkpoint is not None:  # the bases this block settled (block 0's also the stream entering it)
+                done = range(0 if k == 0 else settled, len(bases))
+                checkpoint.save(k, {f"basis_{j:05d}": bases[j] for j in done}, runner.streams(), {})
             progress.update(k + 1)
 
         bases.align()

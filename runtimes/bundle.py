@@ -20,6 +20,8 @@ import onnx
 from nexus_export.errors import UserError
 from nexus_export.outdir import sha256_file, staged_output
 
+from .onnx_check import open_onnx
+
 log = logging.getLogger(__name__)
 
 FORMAT = "nexus-export-bundle/1"
@@ -46,11 +48,15 @@ def make_bundle(run_dir: str | Path, bundle_dir: str | Path, archive: bool = Fal
     report_path = run_dir / "report.json"
     if not report_path.is_file():
         raise UserError(f"{run_dir} holds no report.json: pass the output folder of `nexus-export prune` or `run`")
-    report = json.loads(report_path.read_text())
+    try:
+        report = json.loads(report_path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{report_path} is not valid JSON: the run folder is damaged; run the pruning again") from None
     model_name = report.get("deploy", {}).get("model", "model.onnx")
     model_path = run_dir / model_name
     if not model_path.is_file():
         raise UserError(f"{run_dir} holds no {model_name}: the run did not finish, or files were moved")
+    open_onnx(model_path)  # its external data there and whole, before anything is copied
     with staged_output(bundle_dir, force) as tmp:
         for path in sorted(run_dir.glob(model_name + "*")):
             shutil.copy2(path, tmp / path.name)
@@ -103,11 +109,14 @@ def verify_bundle(bundle_dir: str | Path) -> dict:
         raise UserError(f"{manifest_path} is not valid JSON: the bundle is damaged") from None
     if manifest.get("format") != FORMAT:
         raise UserError(f"{manifest_path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(manifest.get("sha256"), dict) or not isinstance(manifest.get("sizes"), dict) \
+            or not isinstance(manifest.get("model"), str):
+        raise UserError(f"{manifest_path} lacks the model name, sizes or sha256 of the files: the bundle is damaged")
     for name, expected in manifest["sha256"].items():
         path = bundle_dir / name
         if not path.is_file():
             raise UserError(f"bundle file {name} is missing")
-        if path.stat().st_size != manifest["sizes"][name]:
+        if path.stat().st_size != manifest["sizes"].get(name):
             raise UserError(f"bundle file {name} has {path.stat().st_size} bytes, the manifest says "
                             f"{manifest['sizes'][name]} (truncated or changed)")
         if sha256_file(path) != expected:

@@ -57,15 +57,45 @@ def nm_groups_valid(weight_kn: np.ndarray, n: int, m: int) -> bool:
     return bool((zeros >= n).all())
 
 
-def inspect_onnx(path: str | Path, nm: tuple[int, int] | None = (2, 4)) -> list[OnnxLayer]:
-    """Every MatMul/Gemm of the ONNX file at ``path`` whose B input is a (possibly transformed) initializer."""
+def open_onnx(path: str | Path) -> onnx.ModelProto:
+    """The ONNX model at ``path`` without its weights' data, after checking that it is an ONNX model with a graph and
+    that every external data file it names is there and long enough; a UserError names what is wrong."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no ONNX file at {path}: lower the model first or pass the path of a .onnx file")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path} is empty (0 bytes), not an ONNX model; lower the model again")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError and friends for anything that is not ONNX
-        raise UserError(f"{path} is not an ONNX model ({type(exc).__name__}); pass the .onnx file of a lowered model") from None
+        raise UserError(f"{path} is not an ONNX model ({type(exc).__name__}); pass the .onnx file of a lowered "
+                        "model") from None
+    if not model.graph.node or not model.opset_import:
+        raise UserError(f"{path} is not an ONNX model (it parses, but holds no graph); pass the .onnx file of a "
+                        "lowered model")
+    sizes: dict[str, int] = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        name = info.get("location", "")
+        data = path.parent / name
+        if name not in sizes:
+            if not data.is_file():
+                raise UserError(f"{path.name} keeps its weights in {name}, which is missing next to it; copy it "
+                                "there or lower the model again")
+            sizes[name] = data.stat().st_size
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        if end > sizes[name]:
+            raise UserError(f"{data} is truncated: {tensor.name} needs bytes up to {end}, the file has "
+                            f"{sizes[name]}; copy it again or lower the model again")
+    return model
+
+
+def inspect_onnx(path: str | Path, nm: tuple[int, int] | None = (2, 4)) -> list[OnnxLayer]:
+    """Every MatMul/Gemm of the ONNX file at ``path`` whose B input is a (possibly transformed) initializer."""
+    path = Path(path)
+    model = open_onnx(path)
     graph = model.graph
     initializers = {tensor.name: tensor for tensor in graph.initializer}
     producers = {output: node for node in graph.node for output in node.output}
@@ -112,8 +142,8 @@ def _apply_chain(values: np.ndarray, chain: list[onnx.NodeProto]) -> np.ndarray:
 
 
 def _form(chain: list[onnx.NodeProto]) -> str:
-    if not chain:
-        return "constant"
+    if all(node.op_type == "Cast" for node in chain):
+        return "constant"  # a weight stored in fp16/bf16 and cast: a constant every runtime folds
     if all(node.op_type in ("Transpose", "Identity") for node in chain):
         return "transposed"
     return "other"

@@ -35,6 +35,7 @@ import torch
 
 from nexus_export.errors import UserError
 from nexus_export.program import Program
+from nexus_export.recipe import MIN_OPSET
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,6 @@ OUTPUT_NAME = "logits"
 DYNAMIC_AXES = ("batch", "sequence")
 FOLDABLE_OPS = ("Transpose", "Identity")  # ops on a constant weight folded into the initializer itself
 PROTOBUF_LIMIT = 2**31 - 1
-MIN_OPSET = 18  # the lowest opset torchlib implements; lower requests come back as 18 anyway
 MIN_CAST_ELEMENTS = 1024  # smaller float tensors (norm scales, biases) stay float32
 ONNX_DTYPES = {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FLOAT16,
                torch.bfloat16: ir.DataType.BFLOAT16}
@@ -58,7 +58,13 @@ def lower_to_onnx(program: Program, out_path: Path, opset: int = 18, external_da
     ``out_path`` only once complete and checked.
     """
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot write {out_path}: {exc.strerror or exc} ({out_path.parent}); choose another path") \
+            from None
+    if out_path.is_dir():
+        raise UserError(f"{out_path} is a folder; give the path of the .onnx file to write")
     model = export_graph(program.exported, opset)
     folded = bind_weights(model, program, dtype)
     # the exporter's per-node metadata (stack traces, module paths) would be most of the file of a small model

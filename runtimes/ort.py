@@ -77,9 +77,10 @@ def session(path: str | Path, threads: int | None = None, device: str = "cpu",
     """
     import onnxruntime
 
+    from .onnx_check import open_onnx
+
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no ONNX file at {path}: lower the model first or pass the path of a .onnx file")
+    open_onnx(path)  # a missing or truncated file is named before onnxruntime reads it
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
@@ -87,8 +88,12 @@ def session(path: str | Path, threads: int | None = None, device: str = "cpu",
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     start = time.perf_counter()
-    sess = onnxruntime.InferenceSession(str(path), sess_options=options,
-                                       providers=provider_chain(device, cache_dir))
+    try:
+        sess = onnxruntime.InferenceSession(str(path), sess_options=options,
+                                           providers=provider_chain(device, cache_dir))
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types for models it cannot load
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"onnxruntime cannot load {path}: {first}") from None
     log.info("onnxruntime session for %s in %.1f s (%s)", path.name, time.perf_counter() - start,
              ", ".join(sess.get_providers()))
     return sess

@@ -56,11 +56,17 @@ def evaluation_windows(
     return stream[:needed].reshape(n, seq_len).clone()  # a copy: the cached stream must not be changed by callers
 
 
+MAX_TOKENS = 2**30  # windows x length: 8 GiB of token ids; more is a typo, not a calibration set
+
+
 def _check_sizes(n: int, seq_len: int) -> None:
-    """Reject window counts and lengths that are not positive integers."""
+    """Reject window counts and lengths that are not positive integers, or absurdly many tokens."""
     for label, value in (("n", n), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"{label} must be a positive integer, got {value!r}")
+    if n * seq_len > MAX_TOKENS:
+        raise UserError(f"{n} windows of {seq_len} tokens are {n * seq_len:.3g} tokens, more than the {MAX_TOKENS:,} "
+                        "this tool windows; use fewer or shorter windows")
 
 
 def _too_short(source, split: str, have: int, needed: int, what: str) -> UserError:

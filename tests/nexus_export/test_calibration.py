@@ -90,3 +90,42 @@ def test_resume_after_interruption_gives_the_same_result(tmp_path, monkeypatch):
 
     with pytest.raises(Exception, match="different model, pass or calibration set"):
         run(PassContext(calibration_windows=windows(n=4, seq=16, seed=9), checkpoint_dir=tmp_path, resume=True))
+
+
+LONG_PASSES = [("wanda", {"pattern": "2:4"}), ("sparsegpt", {"sparsity": 0.5}),
+               ("shortgpt", {"remove": 2}), ("shortgpt", {"remove": 2, "strategy": "gradient"}),
+               ("slicegpt", {"slicing": 0.25})]
+
+
+@pytest.mark.parametrize("name, options", LONG_PASSES)
+def test_every_long_pass_resumes_to_the_same_result(tmp_path, monkeypatch, name, options):
+    """Interrupted right after its second checkpoint, resumed, each pass ends with the uninterrupted run's result."""
+    from nexus_export.calibration import Checkpoint
+    from nexus_export.passbase import PassContext
+    from nexus_export.registry import get_pass
+
+    ids = windows(n=8, seq=16)  # gradient ranking checkpoints after each of its 4 batches of 2 windows
+
+    def run(ctx):
+        return get_pass(name)(options).run(Program.from_model(make_tiny("llama", layers=4)), ctx)
+
+    reference = run(PassContext(calibration_windows=ids))
+    real_save = Checkpoint.save
+
+    def save_then_stop(self, k, *args):
+        real_save(self, k, *args)
+        if k == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpoint, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(PassContext(calibration_windows=ids, checkpoint_dir=tmp_path))
+    saved = []
+    monkeypatch.setattr(Checkpoint, "save", lambda self, k, *args: saved.append(k) or real_save(self, k, *args))
+    resumed = run(PassContext(calibration_windows=ids, checkpoint_dir=tmp_path, resume=True))
+    assert saved[0] == 2  # it went on from the checkpoint, not from the start
+    assert resumed.report.changes == reference.report.changes
+    ref, got = reference.program, resumed.program
+    assert got.weight_names() == ref.weight_names()
+    for param in ref.weight_names():
+        assert torch.equal(got.parameter(param), ref.parameter(param)), param
