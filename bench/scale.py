@@ -8,6 +8,7 @@ peak memory against parameters.
 
     .venv/bin/python bench/scale.py                                     # every shape and method (hours)
     .venv/bin/python bench/scale.py --shapes 135m,1.1b --methods sparsegpt --budget 1GiB
+    .venv/bin/python bench/scale.py --table-only                        # the table and plot of what ran so far
 """
 
 from __future__ import annotations
@@ -142,12 +143,13 @@ def main() -> int:
     ap.add_argument("--budget", default="1GiB", help="--memory-budget of every run")
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "scale", help="run folders and results.json")
     ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "scale.png", help="where to write the plot")
+    ap.add_argument("--table-only", action="store_true", help="run nothing: the table and plot of results.json")
     args = ap.parse_args()
     setup_logging()
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    for shape in args.shapes.split(","):
+    for shape in [] if args.table_only else args.shapes.split(","):
         folder = checkpoint(shape)
         for method in args.methods.split(","):
             key = f"{shape}/{method}"
@@ -156,6 +158,8 @@ def main() -> int:
                             **run(folder, method, args.budget, args.out / "run")}
             results_path.write_text(json.dumps(results, indent=2))
             print_table(results)
+    if args.table_only:
+        print_table(results)
     plot(results, args.plot)
     return 0
 

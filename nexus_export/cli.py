@@ -10,6 +10,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("torch", "onnxscript", "onnx_ir", "transformers", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     logging.getLogger("torch.onnx").setLevel(max(level, logging.ERROR))  # "torchvision is not installed" notes
-    previous = signal.signal(signal.SIGTERM, _terminate)  # SIGTERM unwinds like Ctrl-C: partial output is removed
+    main_thread = threading.current_thread() is threading.main_thread()  # only there can signals be handled
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # SIGTERM unwinds like Ctrl-C
     try:
         commands = {"prune": _prune, "run": _run, "inspect": _inspect, "check-onnx": _check_onnx,
                     "build-engine": _build_engine, "package": _package, "verify": _verify}
@@ -143,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
               "traceback)", file=sys.stderr)
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 class _Terminated(KeyboardInterrupt):

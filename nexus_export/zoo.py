@@ -1,6 +1,7 @@
 """The model zoo: load a model and its tokenizer by zoo name, from a local Hugging Face folder, or wrap a loaded one.
 
-Zoo entries are data: one YAML file per model in the repository's ``models/`` folder, with ``name``, ``description``,
+Zoo entries are data: one YAML file per model in the package's ``nexus_export/models/`` folder (package data, so
+an installed nexus-export has its zoo), with ``name``, ``description``,
 ``kind`` and what that kind needs. Kinds:
 
 - ``random``: a seeded random model built from a transformers config class, with a byte-level tokenizer built in
@@ -68,8 +69,8 @@ class LoadedModel:
 
 
 def models_dir() -> Path:
-    """The repository's ``models/`` folder, which holds one YAML file per zoo model."""
-    return Path(nexus_export.__file__).resolve().parents[1] / "models"
+    """The package's ``models/`` folder, which holds one YAML file per zoo model."""
+    return Path(nexus_export.__file__).resolve().parent / "models"
 
 
 def zoo_entries() -> dict[str, dict[str, Any]]:
@@ -238,7 +239,7 @@ def _transformers_class(entry: dict[str, Any], key: str, base: type) -> type:
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise UserError(
             f"zoo model {entry['name']!r}: {key} {entry.get(key)!r} is not a transformers {base.__name__}; "
-            "fix models/" + entry["name"] + ".yaml"
+            "fix nexus_export/models/" + entry["name"] + ".yaml"
         )
     return cls
 

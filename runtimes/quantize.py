@@ -84,7 +84,8 @@ def dequantized_weights(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def zeros_kept(original: str | Path, quantized: str | Path, targets: set[str] | None = None) -> bool:
-    """Whether every weight that is exactly zero in ``original`` dequantizes to exactly zero in ``quantized``."""
+    """Whether every weight that is exactly zero in ``original`` dequantizes to exactly zero in ``quantized``; False
+    when no quantized layer could be matched to an original weight (nothing was checked)."""
     model = onnx.load(str(original))
     inits = {t.name: t for t in model.graph.initializer}
     dense = {}
@@ -94,4 +95,9 @@ def zeros_kept(original: str | Path, quantized: str | Path, targets: set[str] | 
             if targets is None or name in targets:
                 dense[name] = numpy_helper.to_array(inits[node.input[1]])
     deq = dequantized_weights(quantized)
-    return all(bool((deq[name][w == 0] == 0).all()) for name, w in dense.items() if name in deq)
+    matched = [name for name in dense if name in deq]
+    if not matched:
+        log.warning("zeros kept: no quantized layer of %s matches a weight of %s; nothing checked", quantized,
+                    original)
+        return False
+    return all(bool((deq[name][dense[name] == 0] == 0).all()) for name in matched)

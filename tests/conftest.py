@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import transformers
 
 ARCHS = ("llama", "qwen2", "mistral", "opt", "gpt2")
+
+
+def archs(*names: str) -> list:
+    """Architectures to parametrize over (all by default): LLaMA in the quick loop, the others marked slow."""
+    return [name if name == "llama" else pytest.param(name, marks=pytest.mark.slow) for name in names or ARCHS]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one process per core (scripts/test.sh runs -n auto): one thread each
+    torch.set_num_threads(1)
 
 
 def make_tiny(arch: str, layers: int = 2, seed: int = 0) -> transformers.PreTrainedModel:
@@ -53,16 +63,22 @@ def random_bases(n: int, width: int, seed: int = 0) -> list[torch.Tensor]:
     return [torch.linalg.qr(torch.randn(width, width, dtype=torch.float64, generator=g))[0] for _ in range(n)]
 
 
-@pytest.fixture(scope="session")
-def tiny_program_factory():
-    """Capture each tiny architecture once per session; tests that mutate weights must build their own."""
+_CAPTURED: dict = {}
+
+
+def tiny_program(arch: str = "llama", layers: int = 2, random_norms: bool = False):
+    """A fork of a tiny program captured once per test process: each test prunes or slices its own fork (which never
+    changes the captured one), and the capture (a second or two each) is paid once."""
     from nexus_export.program import Program
 
-    cache = {}
+    key = (arch, layers, random_norms)
+    if key not in _CAPTURED:
+        model = with_random_norms(arch, layers) if random_norms else make_tiny(arch, layers)
+        _CAPTURED[key] = Program.from_model(model, name=f"tiny-{arch}")
+    return _CAPTURED[key].fork()
 
-    def get(arch: str):
-        if arch not in cache:
-            cache[arch] = Program.from_model(make_tiny(arch), name=f"tiny-{arch}")
-        return cache[arch]
 
-    return get
+@pytest.fixture(scope="session")
+def tiny_program_factory():
+    """``tiny_program`` as a fixture, for tests that take one per architecture."""
+    return tiny_program

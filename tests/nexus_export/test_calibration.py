@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import make_tiny
+from conftest import make_tiny, tiny_program
 from nexus_export.calibration import collect, stages
 from nexus_export.program import Program
 from nexus_export.runner import BlockRunner
@@ -59,7 +59,7 @@ def test_resume_after_interruption_gives_the_same_result(tmp_path, monkeypatch):
     ids = windows(n=4, seq=16)
 
     def run(ctx):
-        program = Program.from_model(make_tiny("llama", layers=3))
+        program = tiny_program("llama", layers=3)
         report = SparseGPTPass({"pattern": "2:4", "blocksize": 32}).run(program, ctx).report
         return program, report
 
@@ -97,6 +97,7 @@ LONG_PASSES = [("wanda", {"pattern": "2:4"}), ("sparsegpt", {"sparsity": 0.5}),
                ("slicegpt", {"slicing": 0.25})]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, options", LONG_PASSES)
 def test_every_long_pass_resumes_to_the_same_result(tmp_path, monkeypatch, name, options):
     """Interrupted right after its second checkpoint, resumed, each pass ends with the uninterrupted run's result."""
@@ -107,7 +108,7 @@ def test_every_long_pass_resumes_to_the_same_result(tmp_path, monkeypatch, name,
     ids = windows(n=8, seq=16)  # gradient ranking checkpoints after each of its 4 batches of 2 windows
 
     def run(ctx):
-        return get_pass(name)(options).run(Program.from_model(make_tiny("llama", layers=4)), ctx)
+        return get_pass(name)(options).run(tiny_program("llama", layers=4), ctx)
 
     reference = run(PassContext(calibration_windows=ids))
     real_save = Checkpoint.save

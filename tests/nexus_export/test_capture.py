@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import make_tiny
+from conftest import make_tiny, tiny_program
 from nexus_export.capture import capture, parameters_on_meta
 from nexus_export.errors import UserError
 from nexus_export.program import Program
@@ -41,7 +41,7 @@ def test_captured_program_matches_eager_at_several_shapes():
 
 
 def test_attention_mask_is_an_input_that_matters():
-    module = Program.from_model(make_tiny("llama")).module()
+    module = tiny_program("llama").module()
     ids = torch.randint(0, 300, (1, 8), generator=torch.Generator().manual_seed(1))
     full = module(ids, torch.ones_like(ids))
     left_padded = module(ids, torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1]]))

@@ -17,6 +17,7 @@ def prune(out, *extra, model="tiny-llama", method="magnitude"):
     return main(["-q", "prune", "--model", model, "--method", method, *FAST, *extra, "--out", str(out)])
 
 
+@pytest.mark.slow
 def test_tiny_llama_two_four_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     assert prune(out, "--sparsity", "0.5", "--pattern", "2:4") == 0
@@ -47,6 +48,7 @@ def test_tiny_llama_two_four_end_to_end(tmp_path, capsys):
     assert json.loads((out / "report.json").read_text())["sparsity"]["overall"] == pytest.approx(0.3, abs=0.01)
 
 
+@pytest.mark.slow
 def test_run_recipe_matches_prune(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: tiny-llama\npasses:\n  - magnitude: {pattern: '2:4'}\n"
@@ -124,6 +126,7 @@ def test_unknown_recipe_key(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_console_script_exit_code(tmp_path):
     exe = Path(sys.executable).parent / "nexus-export"
     proc = subprocess.run([str(exe), "prune", "--model", "tiny-llama", "--method", "magnitude", "--pattern", "abc",
@@ -131,6 +134,7 @@ def test_console_script_exit_code(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "is not N:M" in proc.stderr
 
 
+@pytest.mark.slow
 def test_readme_demo_command_runs(tmp_path):
     """The README's main command, pointed at tiny-llama so it runs in seconds (the real one is the same script)."""
     out = tmp_path / "demo"
@@ -155,6 +159,7 @@ def test_bad_calibrated_input(tmp_path, capsys, method, args, message):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_sparsegpt_end_to_end_with_calibration_settings(tmp_path, capsys):
     out = tmp_path / "sg"
     assert prune(out, "--pattern", "2:4", "--calib-samples", "4", "--blocksize", "32", "--true-sequential",
@@ -174,6 +179,7 @@ def test_resume_without_checkpoint_is_an_error(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_shortgpt_end_to_end_with_hugging_face_folder(tmp_path, capsys):
     import transformers
 
@@ -206,6 +212,7 @@ def test_bad_shortgpt_input(tmp_path, capsys, args, message):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_readme_recipe_is_valid_and_structural_then_masking_runs(tmp_path):
     import yaml
 
@@ -227,6 +234,7 @@ def test_readme_recipe_is_valid_and_structural_then_masking_runs(tmp_path):
     assert report["onnx"]["summary"]["all_nm_valid"] and report["deploy"]["variant"] == "int4"
 
 
+@pytest.mark.slow
 def test_slicegpt_end_to_end(tmp_path, capsys):
     out = tmp_path / "slice"
     assert prune(out, "--slicing", "0.25", "--calib-samples", "8", method="slicegpt") == 0
@@ -241,6 +249,7 @@ def test_slicegpt_end_to_end(tmp_path, capsys):
     assert "stream width in every block: 48" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_slicegpt_then_sparsegpt_recipe(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: tiny-llama\npasses:\n  - slicegpt: {slicing: 0.25}\n  - sparsegpt: {pattern: '2:4'}\n"

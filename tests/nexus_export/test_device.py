@@ -5,7 +5,7 @@ CPU in every other test."""
 import pytest
 import torch
 
-from conftest import make_tiny
+from conftest import tiny_program
 from nexus_export.evaluate import program_perplexity
 from nexus_export.passbase import PassContext
 from nexus_export.program import Program
@@ -17,13 +17,13 @@ WINDOWS = torch.randint(0, 300, (8, 48), generator=torch.Generator().manual_seed
 
 
 def pruned(device: str, method: str, options: dict) -> Program:
-    program = Program.from_model(make_tiny("llama", layers=3))
+    program = tiny_program("llama", layers=3)
     program.device = device
     return get_pass(method)(options).run(program, PassContext(calibration_windows=WINDOWS)).program
 
 
 def test_an_explicit_cpu_device_runs_everything_there():
-    program = Program.from_model(make_tiny("llama"))
+    program = tiny_program("llama")
     runner = BlockRunner(program, WINDOWS, 4, device="cpu")
     runner.run_blocks()
     assert {s.device.type for s in runner.streams()} == {"cpu"}
@@ -55,7 +55,7 @@ def test_structural_passes_on_cuda_match_the_cpu(method, options):
 
 @cuda
 def test_activations_spill_to_pinned_host_memory(monkeypatch):
-    program = Program.from_model(make_tiny("llama"))
+    program = tiny_program("llama")
     program.device = "cuda"
     expected, _ = program_perplexity(program, WINDOWS, 2)
     monkeypatch.setattr(BlockRunner, "_too_big_for_device", lambda self, windows: True)

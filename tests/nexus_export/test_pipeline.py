@@ -35,6 +35,7 @@ def report_of(out):
     return json.loads((out / "report.json").read_text())
 
 
+@pytest.mark.slow
 def test_a_bf16_checkpoint_stays_bf16_and_every_stage_is_reported(tmp_path, bf16_folder):
     out = tmp_path / "run"
     assert prune(out, bf16_folder) == 0
@@ -54,6 +55,7 @@ def test_a_bf16_checkpoint_stays_bf16_and_every_stage_is_reported(tmp_path, bf16
     assert "| pass:magnitude |" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_dtype_flag_changes_the_output_dtype(tmp_path, bf16_folder):
     out = tmp_path / "run"
     assert prune(out, bf16_folder, "--dtype", "fp32") == 0
@@ -62,6 +64,7 @@ def test_dtype_flag_changes_the_output_dtype(tmp_path, bf16_folder):
     assert report_of(out)["execution"]["dtype"] == "fp32"
 
 
+@pytest.mark.slow
 def test_a_budget_below_the_model_spills_and_changes_nothing(tmp_path, bf16_folder):
     assert prune(tmp_path / "a", bf16_folder) == 0
     assert prune(tmp_path / "b", bf16_folder, "--memory-budget", "160KiB", "--onnx-eval", "off") == 0
@@ -72,6 +75,7 @@ def test_a_budget_below_the_model_spills_and_changes_nothing(tmp_path, bf16_fold
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no scratch folder left
 
 
+@pytest.mark.slow
 def test_onnxruntime_evaluation_is_skipped_when_it_would_not_fit(tmp_path, bf16_folder, capsys):
     out = tmp_path / "run"
     assert prune(out, bf16_folder, "--memory-budget", "200KiB") == 0

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import make_tiny
+from conftest import archs, make_tiny, tiny_program
 from nexus_export.capture import parameters_on_meta
 from nexus_export.errors import UserError
 from nexus_export.program import Program
@@ -18,7 +18,7 @@ def saved(tmp_path, arch, dtype=torch.float32):
     return model, meta, index_checkpoint(checkpoint_files(tmp_path))
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt"])  # opt: a tied head stored once, under the embedding's name
+@pytest.mark.parametrize("arch", archs("llama", "opt"))  # opt: a tied head stored once, under the embedding's name
 def test_from_checkpoint_equals_the_model_in_memory(tmp_path, arch):
     model, meta, index = saved(tmp_path, arch)
     program = Program.from_checkpoint(meta, index)
@@ -58,7 +58,7 @@ def test_write_through_prunes_the_callers_model_in_place():
 
 
 def test_materialize_gives_the_whole_model_as_one_module():
-    program = Program.from_model(make_tiny("gpt2"))
+    program = tiny_program("gpt2")
     ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
     module = program.materialize()
     with torch.no_grad():

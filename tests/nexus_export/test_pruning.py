@@ -32,6 +32,7 @@ def loader(tokenizer, n=8, seq=64, as_dicts=False):
     return DataLoader(data, batch_size=4)
 
 
+@pytest.mark.slow
 def test_the_snippet_runs_as_written(tiny):
     model, tok = tiny
     calibration_dataloader = loader(tok)
@@ -70,6 +71,7 @@ def test_the_snippet_runs_as_written(tiny):
     assert bool(((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) >= 2).all())
 
 
+@pytest.mark.slow
 def test_same_masks_as_the_cli(tiny, tmp_path):
     model, tok = tiny
     SparseGPTPruner(SparseGPTConfig(sparsity=0.5)).prune_model(model, loader(tok, n=8, seq=64), nsamples=8)
@@ -95,6 +97,7 @@ def test_per_layer_dict_is_accepted_as_sparsity(tiny):
     assert "model.layers.1.self_attn.q_proj" not in per  # not in the dict: left dense
 
 
+@pytest.mark.slow
 def test_export_and_evaluate_in_three_lines(tiny, tmp_path):
     model, tok = tiny
     evals = evaluation_windows(tok, "austen", 2, 64)
@@ -175,6 +178,7 @@ def test_masks_survive_optimizer_steps(tiny):
     masks.remove()
 
 
+@pytest.mark.slow
 def test_gradual_example_runs(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "gradual_pruning.py"), "--model", "tiny-llama",
                            "--steps", "6", "--every", "3", "--seq-len", "32", "--eval-windows", "2"],
@@ -183,6 +187,7 @@ def test_gradual_example_runs(tmp_path):
     assert "final: sparsity 50.0%" in proc.stdout and "one-shot magnitude 50%" in proc.stdout
 
 
+@pytest.mark.slow
 def test_readme_python_snippet_runs(tmp_path, monkeypatch):
     """The README's Python API block, executed as written (in a scratch folder for its out/ path)."""
     text = (ROOT / "README.md").read_text()

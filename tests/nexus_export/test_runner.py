@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import make_tiny
+from conftest import archs, make_tiny, tiny_program
 from nexus_export.errors import UserError
 from nexus_export.evaluate import program_perplexity
 from nexus_export.metrics import next_token_nll, perplexity
@@ -15,7 +15,7 @@ def windows(n=3, seq=12, seed=0):
     return torch.randint(0, 300, (n, seq), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+@pytest.mark.parametrize("arch", archs("llama", "opt", "gpt2"))
 def test_blocks_reproduce_hidden_states(arch):
     model = make_tiny(arch, layers=3)
     program = Program.from_model(model)
@@ -29,7 +29,7 @@ def test_blocks_reproduce_hidden_states(arch):
         assert torch.allclose(torch.cat(runner.streams()), hidden[k + 1], atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", archs("llama", "gpt2"))
 def test_suffix_completes_the_model(arch):
     model = make_tiny(arch)
     program = Program.from_model(model)
@@ -46,7 +46,7 @@ def test_suffix_completes_the_model(arch):
 
 
 def test_visits_see_whole_batches_while_forwards_run_in_micro_batches():
-    program = Program.from_model(make_tiny("llama"))
+    program = tiny_program("llama")
     ids = windows(n=7, seq=12)
     runner = BlockRunner(program, ids, batch_size=4)
     assert runner.micro == 2 and [len(s) for s in runner.streams()] == [2, 2, 2, 1]
@@ -61,7 +61,7 @@ def test_visits_see_whole_batches_while_forwards_run_in_micro_batches():
 
 
 def test_each_step_loads_only_its_block(monkeypatch):
-    program = Program.from_model(make_tiny("llama", layers=3))
+    program = tiny_program("llama", layers=3)
     runner = BlockRunner(program, windows(), batch_size=2)
     asked = []
     real_get = program.store.get

@@ -4,7 +4,7 @@ it must be, and the sliced program computes what the projected calibration progr
 import pytest
 import torch
 
-from conftest import ARCHS, make_tiny, random_bases, with_random_norms
+from conftest import archs, make_tiny, random_bases, tiny_program
 from nexus_export.program import Program
 from nexus_export.slicing import (NormNotFusable, align_bases, find_norms, fuse_norms, rotate_and_slice,
                                   with_projections)
@@ -16,9 +16,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", archs())
 def test_fusion_keeps_logits_and_leaves_scale_free_norms(arch):
-    program = Program.from_model(with_random_norms(arch))
+    program = tiny_program(arch, random_norms=True)
     fused = fuse_norms(program)
     assert rel(fused.logits(IDS), program.logits(IDS)) < 1e-5
     sites = find_norms(fused, fused.exported)
@@ -35,9 +35,9 @@ def test_fusion_keeps_logits_and_leaves_scale_free_norms(arch):
                 assert float(fused.weight(name).detach().double().mean(dim=0).abs().max()) < 1e-6
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", archs())
 def test_full_width_rotation_keeps_logits(arch):
-    program = Program.from_model(with_random_norms(arch))
+    program = tiny_program(arch, random_norms=True)
     fused = fuse_norms(program)
     projected, matrices = with_projections(fused)
     assert torch.equal(projected.logits(IDS), fused.logits(IDS))  # identity projections
@@ -49,9 +49,9 @@ def test_full_width_rotation_keeps_logits(arch):
     assert len(rotated.structure.in_blocks()) == len(program.structure.in_blocks())  # shortcuts are not targets
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", archs())
 def test_sliced_program_computes_what_the_projected_program_computes(arch):
-    fused = fuse_norms(Program.from_model(with_random_norms(arch)))
+    fused = fuse_norms(tiny_program(arch, random_norms=True))
     projected, matrices = with_projections(fused)
     bases = random_bases(len(matrices), projected.store.shape(matrices[0])[0], seed=1)
     widths = [40] * len(matrices)
@@ -70,15 +70,16 @@ def test_sliced_program_computes_what_the_projected_program_computes(arch):
 
 
 def test_same_basis_at_consecutive_points_needs_no_shortcut():
-    fused = fuse_norms(Program.from_model(make_tiny("llama")))
+    fused = fuse_norms(tiny_program("llama"))
     _, matrices = with_projections(fused)
     (q,) = random_bases(1, 64)
     sliced = rotate_and_slice(fused, [q[:, :48]] * len(matrices))
     assert not [lin for lin in sliced.structure.linears.values() if lin.role == "shortcut"]
 
 
+@pytest.mark.slow
 def test_aligned_bases_span_the_same_subspaces_and_compute_the_same_function():
-    fused = fuse_norms(Program.from_model(with_random_norms("llama")))
+    fused = fuse_norms(tiny_program("llama", random_norms=True))
     _, matrices = with_projections(fused)
     bases = [q[:, :40] for q in random_bases(len(matrices), 64, seed=2)]
     aligned = align_bases(bases)

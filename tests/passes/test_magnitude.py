@@ -3,18 +3,17 @@
 import pytest
 import torch
 
-from conftest import ARCHS, make_tiny
+from conftest import archs, make_tiny, tiny_program
 from nexus_export.errors import UserError
-from nexus_export.program import Program
 from passes.magnitude import MagnitudePass
 from passes.sparsity import NMPattern, nm_valid
 
 
 def fresh(arch="llama"):
-    return Program.from_model(make_tiny(arch))
+    return tiny_program(arch)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", archs())
 def test_two_four_on_every_architecture(arch):
     program = fresh(arch)
     dense = {n: program.weight(n).clone() for n in program.structure.linears}

@@ -6,7 +6,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import make_tiny
+from conftest import archs, make_tiny, tiny_program
 from nexus_export.errors import UserError
 from nexus_export.hf_export import save_hf
 from nexus_export.passbase import PassContext
@@ -24,7 +24,7 @@ def ctx():
 
 
 def test_removing_nothing_is_identity():
-    program = Program.from_model(make_tiny("llama", layers=3))
+    program = tiny_program("llama", layers=3)
     ids = calib(n=1)
     before = program.logits(ids)
     result = ShortGPTPass({"remove": 0}).run(program, ctx())
@@ -48,7 +48,8 @@ def test_a_block_that_adds_nothing_scores_lowest_and_goes():
     assert torch.allclose(result.program.logits(ids), program.logits(ids), atol=1e-5)  # removing it changes nothing
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", archs("llama", "gpt2", "opt"))
 def test_removed_blocks_are_gone_from_the_onnx(arch, tmp_path):
     model = make_tiny(arch, layers=4)
     program = Program.from_model(model)
@@ -76,7 +77,7 @@ def test_removed_blocks_are_gone_from_the_onnx(arch, tmp_path):
 
 
 def test_attention_strategy_removes_only_attention():
-    program = Program.from_model(make_tiny("llama", layers=3))
+    program = tiny_program("llama", layers=3)
     result = ShortGPTPass({"remove": 2, "strategy": "attention"}).run(program, ctx())
     removed = result.report.changes["removed"]
     assert len(removed) == 2 and result.report.changes["unit"] == "attention sublayer"
@@ -87,7 +88,7 @@ def test_attention_strategy_removes_only_attention():
 
 
 def test_gradient_strategy_scores_every_block():
-    program = Program.from_model(make_tiny("llama", layers=3))
+    program = tiny_program("llama", layers=3)
     scores = score_blocks(program, calib(), "gradient")
     assert sorted(scores) == [0, 1, 2] and all(v >= 0 for v in scores.values()) and max(scores.values()) > 0
     result = ShortGPTPass({"remove_ratio": 0.34, "strategy": "gradient"}).run(program, ctx())
@@ -103,7 +104,7 @@ def test_gradient_strategy_scores_every_block():
     ({"remove": 1, "strategy": "bogus"}, "unknown strategy"),
 ])
 def test_bad_input(options, message):
-    program = Program.from_model(make_tiny("llama", layers=4))
+    program = tiny_program("llama", layers=4)
     with pytest.raises(UserError, match=message):
         ShortGPTPass(options).check(program)
 
@@ -140,11 +141,11 @@ def test_attention_strategy_needs_attention():
         ShortGPTPass({"remove": 1, "strategy": "attention"}).check(program)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", archs("llama", "gpt2"))
 def test_hugging_face_folder_round_trip(arch, tmp_path):
     import transformers
 
-    program = Program.from_model(make_tiny(arch, layers=4))
+    program = tiny_program(arch, layers=4)
     new = ShortGPTPass({"layers": [0, 3]}).run(program).program
     diff = save_hf(new, tmp_path / "hf")
     assert diff < 1e-5
@@ -157,7 +158,7 @@ def test_hugging_face_folder_round_trip(arch, tmp_path):
 
 
 def test_hugging_face_folder_refused_after_attention_removal(tmp_path):
-    program = Program.from_model(make_tiny("llama", layers=3))
+    program = tiny_program("llama", layers=3)
     new = ShortGPTPass({"layers": [1], "strategy": "attention"}).run(program).program
     with pytest.raises(UserError, match="attention sublayers were removed"):
         save_hf(new, tmp_path / "hf")

@@ -4,11 +4,10 @@ onnxruntime, a masking pass after it, and bad input."""
 import pytest
 import torch
 
-from conftest import ARCHS, make_tiny, random_bases, with_random_norms
+from conftest import archs, random_bases, tiny_program
 from nexus_export.errors import UserError
 from nexus_export.metrics import next_token_nll, perplexity
 from nexus_export.passbase import PassContext
-from nexus_export.program import Program
 from nexus_export.slicing import fuse_norms, rotate_and_slice, with_projections
 from passes.slicegpt import SliceGPTPass, kept_width, pca_basis
 from passes.sparsegpt import SparseGPTPass
@@ -24,33 +23,46 @@ def ctx(windows=CALIB):
     return PassContext(calibration_windows=windows)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+_SLICED: dict = {}
+
+
+def quarter_sliced(arch: str = "llama", random_norms: bool = False):
+    """The dense program and the result of slicing it by 0.25 on CALIB, computed once per test process (a fork of the
+    program each time, so a later pass never changes the cached one)."""
+    key = (arch, random_norms)
+    if key not in _SLICED:
+        program = tiny_program(arch, random_norms=random_norms)
+        _SLICED[key] = program, SliceGPTPass({"slicing": 0.25}).run(program, ctx())
+    program, result = _SLICED[key]
+    return program, result.program.fork(), result.report
+
+
+@pytest.mark.parametrize("arch", archs())
 def test_rotation_only_keeps_logits(arch):
-    program = Program.from_model(with_random_norms(arch))
+    program = tiny_program(arch, random_norms=True)
     result = SliceGPTPass({"slicing": 0.0}).run(program, ctx())
     assert float((result.program.logits(IDS) - program.logits(IDS)).abs().max()) < 1e-4
     assert result.report.changes["widths"] == {"0": 64, "1": 64}
     assert result.report.changes["shortcut_parameters"] == 0  # nothing sliced: one basis, no shortcut
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", archs())
 def test_quarter_slicing_on_every_architecture(arch):
-    program = Program.from_model(with_random_norms(arch))
-    result = SliceGPTPass({"slicing": 0.25}).run(program, ctx())
-    sliced, changes = result.program, result.report.changes
+    program, sliced, report = quarter_sliced(arch, random_norms=True)
+    changes = report.changes
     assert changes["hidden_before"] == 64 and changes["embedding_width"] == 48
     assert changes["widths"] == {"0": 48, "1": 48}
     assert changes["shortcut_parameters"] == 4 * 48 * 48  # the stream's subspace changes at every residual add
     assert changes["head_untied"] == (arch in ("opt", "gpt2"))
     assert all(sliced.linear(n).in_features == 48 for s in sliced.structure.sublayers for n in s.readers)
     # the report counts what the program holds: shortcuts in, the norm scales folded away
-    assert result.report.params_after == sliced.num_parameters() < program.num_parameters()
+    assert report.params_after == sliced.num_parameters() < program.num_parameters()
     logits = sliced.logits(IDS)
     assert torch.isfinite(logits).all()
 
 
 def test_pca_beats_a_random_basis_on_the_calibration_text():
-    program = Program.from_model(with_random_norms("llama"))
+    program = tiny_program("llama", random_norms=True)
     windows = torch.randint(0, 300, (16, 32), generator=torch.Generator().manual_seed(7))
     pca = SliceGPTPass({"slicing": 0.5}).run(program, ctx(windows)).program
     fused = fuse_norms(program)
@@ -66,8 +78,9 @@ def test_pca_beats_a_random_basis_on_the_calibration_text():
     assert with_pca < 0.6 * with_random
 
 
+@pytest.mark.slow
 def test_schedule_sets_block_widths():
-    program = Program.from_model(make_tiny("llama", layers=3))
+    program = tiny_program("llama", layers=3)
     result = SliceGPTPass({"slicing": 0.25, "schedule": {"layer_1-2": 0.5}}).run(program, ctx())
     assert result.report.changes["widths"] == {"0": 48, "1": 32, "2": 32}
     readers = {sub.block: result.program.linear(sub.readers[0]).in_features
@@ -90,10 +103,9 @@ def test_pca_basis_orders_by_variance():
     assert [int(i) for i in q.abs().argmax(dim=0)] == [1, 0, 2]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", archs("llama", "gpt2"))
 def test_sliced_onnx_runs_in_onnxruntime(arch, tmp_path):
-    program = Program.from_model(with_random_norms(arch))
-    sliced = SliceGPTPass({"slicing": 0.25}).run(program, ctx()).program
+    _, sliced, _ = quarter_sliced(arch, random_norms=True)
     path = lower_to_onnx(sliced, tmp_path / "model.onnx")
     windows = torch.randint(0, 300, (3, 24), generator=torch.Generator().manual_seed(8))
     torch_ppl = perplexity(*next_token_nll(sliced.logits(windows), windows))
@@ -102,8 +114,7 @@ def test_sliced_onnx_runs_in_onnxruntime(arch, tmp_path):
 
 
 def test_masking_pass_after_slicing_gives_valid_two_four():
-    program = Program.from_model(make_tiny("llama"))
-    sliced = SliceGPTPass({"slicing": 0.25}).run(program, ctx()).program
+    _, sliced, _ = quarter_sliced()
     pruned = SparseGPTPass({"pattern": "2:4"}).run(sliced, ctx()).program
     for lin in pruned.structure.in_blocks():
         assert nm_valid(pruned.weight(lin.name), NMPattern(2, 4)), lin.name
@@ -124,7 +135,7 @@ def test_bad_options(options, message):
 
 
 def test_bad_input_for_the_model():
-    program = Program.from_model(make_tiny("llama"))
+    program = tiny_program("llama")
     with pytest.raises(UserError, match="leaves no dimension"):
         SliceGPTPass({"slicing": 0.9}).run(program, ctx())  # floor(0.1 * 64) = 6 -> 0 at multiples of 8
     with pytest.raises(UserError, match="names blocks outside 0-1"):
@@ -132,14 +143,12 @@ def test_bad_input_for_the_model():
     too_few = r"at least as many calibration tokens as the hidden width \(64\) for a stable PCA, got 32"
     with pytest.raises(UserError, match=too_few):
         SliceGPTPass({"slicing": 0.25}).run(program, ctx(CALIB[:1]))
-    sliced = SliceGPTPass({"slicing": 0.25}).run(program, ctx()).program
     with pytest.raises(UserError, match="already sliced"):
-        SliceGPTPass({"slicing": 0.25}).run(sliced, ctx())
+        SliceGPTPass({"slicing": 0.25}).run(quarter_sliced()[1], ctx())
 
 
 def test_shortgpt_after_slicing_is_refused():
     from passes.shortgpt import ShortGPTPass
 
-    sliced = SliceGPTPass({"slicing": 0.25}).run(Program.from_model(make_tiny("llama")), ctx()).program
     with pytest.raises(UserError, match="put shortgpt before slicegpt"):
-        ShortGPTPass({"remove": 1}).run(sliced, ctx())
+        ShortGPTPass({"remove": 1}).run(quarter_sliced()[1], ctx())

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import ARCHS, make_tiny
+from conftest import archs, make_tiny, tiny_program
 from nexus_export.passbase import PassContext
 from nexus_export.program import Program
 from passes.sparsity import NMPattern, nm_valid, unstructured_mask
@@ -47,9 +47,9 @@ def test_equal_norms_reduce_to_row_magnitude():
     assert torch.equal(wanda_mask(w, torch.ones(16), 0.5, None), unstructured_mask(w.abs(), 0.5, per_row=True))
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", archs())
 def test_two_four_valid_on_every_architecture(arch):
-    program = Program.from_model(make_tiny(arch))
+    program = tiny_program(arch)
     changes = WandaPass({"pattern": "2:4"}).run(program, PassContext(calibration_windows=calib())).report.changes
     assert changes["overall_sparsity"] == pytest.approx(0.5)
     for lin in program.structure.in_blocks():

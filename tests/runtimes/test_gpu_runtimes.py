@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny
+from conftest import tiny_program
 from nexus_export.cli import main
 from nexus_export.errors import UserError
-from nexus_export.program import Program
 from passes.magnitude import MagnitudePass
 from runtimes import ort, tensorrt, torch_sparse
 from runtimes.onnx_export import lower_to_onnx
@@ -20,7 +19,7 @@ SPARSE_OK, SPARSE_WHY = torch_sparse.available()
 
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory):
-    program = Program.from_model(make_tiny("llama"))
+    program = tiny_program("llama")
     MagnitudePass({"pattern": "2:4"}).run(program)
     path = lower_to_onnx(program, tmp_path_factory.mktemp("gpu") / "model.onnx")
     return program, path

@@ -79,6 +79,7 @@ def test_report_rows_and_no_pattern(tiny_llama):
     assert all(row["nm_valid"] is None for row in rows)
 
 
+@pytest.mark.slow
 def test_gpt2_conv1d_and_tied_head(tiny_gpt2):
     layers = {layer.layer: layer for layer in inspect_onnx(tiny_gpt2.onnx_path)}
     expected = {

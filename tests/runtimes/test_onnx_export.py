@@ -9,9 +9,8 @@ import onnx
 import pytest
 import torch
 
-from conftest import make_tiny
+from conftest import tiny_program
 from nexus_export.errors import UserError
-from nexus_export.program import Program
 from runtimes import ort, parity
 from runtimes.onnx_export import export_graph, lower_to_onnx
 
@@ -43,12 +42,14 @@ def test_llama_runs_at_two_shapes_with_parity(tiny_llama, shape):
     assert parity.max_abs_diff(tiny_llama.program.logits(ids, mask), sess, ids, mask) < 1e-4
 
 
+@pytest.mark.slow
 def test_gpt2_lowers_with_parity(tiny_gpt2):
     sess = ort.session(tiny_gpt2.onnx_path, threads=1)
     ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(3))
     assert parity.max_abs_diff(tiny_gpt2.program.logits(ids), sess, ids, torch.ones_like(ids)) < 1e-4
 
 
+@pytest.mark.slow
 def test_no_transpose_left_on_weights_but_a_tied_head(tiny_llama, tiny_gpt2):
     for lowered, kept in ((tiny_llama, []), (tiny_gpt2, ["lm.lm_head.weight"])):
         model = onnx.load(str(lowered.onnx_path), load_external_data=False)
@@ -56,6 +57,7 @@ def test_no_transpose_left_on_weights_but_a_tied_head(tiny_llama, tiny_gpt2):
         assert [n.input[0] for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in names] == kept
 
 
+@pytest.mark.slow
 def test_folded_weights_keep_their_names_and_values(tiny_llama, tiny_gpt2):
     for lowered in (tiny_llama, tiny_gpt2):
         model = onnx.load(str(lowered.onnx_path))
@@ -66,7 +68,7 @@ def test_folded_weights_keep_their_names_and_values(tiny_llama, tiny_gpt2):
 
 
 def test_weights_are_streamed_from_the_store_one_read_each(tmp_path):
-    program = Program.from_model(make_tiny("llama"))
+    program = tiny_program("llama")
     reads = []
     real_get = program.store.get
     program.store.get = lambda name, *a, **kw: reads.append(name) or real_get(name, *a, **kw)
@@ -75,7 +77,7 @@ def test_weights_are_streamed_from_the_store_one_read_each(tmp_path):
 
 
 def test_bf16_weights_are_stored_in_bf16_and_cast_for_onnxruntime(tmp_path):
-    program = Program.from_model(make_tiny("llama"))
+    program = tiny_program("llama")
     path = lower_to_onnx(program, tmp_path / "model.onnx", dtype=torch.bfloat16)
     model = onnx.load(str(path), load_external_data=False)
     dtypes = {t.name: t.data_type for t in model.graph.initializer}

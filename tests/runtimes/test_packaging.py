@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny
+from conftest import tiny_program
 from nexus_export.cli import main
 from nexus_export.errors import UserError
 from nexus_export.hf_export import save_hf
-from nexus_export.program import Program
 from passes.magnitude import MagnitudePass
 from runtimes import ort
 from runtimes.bundle import make_bundle, verify_bundle
@@ -23,7 +22,7 @@ FAST = ["--eval-windows", "2", "--seq-len", "64", "--no-latency"]
 
 @pytest.fixture(scope="module")
 def pruned_onnx(tmp_path_factory):
-    program = Program.from_model(make_tiny("llama"))
+    program = tiny_program("llama")
     MagnitudePass({"pattern": "2:4"}).run(program)
     return program, lower_to_onnx(program, tmp_path_factory.mktemp("pack") / "model.onnx")
 
@@ -38,6 +37,7 @@ def test_quantization_keeps_pruned_zeros(pruned_onnx, bits, tolerance):
     assert np.all(weights[name][original == 0] == 0)
     assert np.abs(weights[name] - original).max() < tolerance * np.abs(original).max()
     assert zeros_kept(path, q)
+    assert not zeros_kept(path, q, targets={"no.such.layer"})  # nothing matched: nothing was checked
     ids = np.arange(32, dtype=np.int64).reshape(2, 16)
     diff = np.abs(ort.logits(ort.session(q), ids) - ort.logits(ort.session(path), ids)).max()
     assert 0 < diff < (0.5 if bits == 4 else 0.05)
@@ -71,6 +71,7 @@ def run_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_run_reports_every_variant(run_dir):
     report = json.loads((run_dir / "report.json").read_text())
     names = [a["name"] for a in report["artifacts"]]
@@ -83,6 +84,7 @@ def test_run_reports_every_variant(run_dir):
     assert "| int4 | model.q4.onnx |" in md and "Deployable: model.q4.onnx." in md
 
 
+@pytest.mark.slow
 def test_bundle_verifies_and_catches_a_changed_byte(run_dir, tmp_path, capsys):
     bundle = tmp_path / "bundle"
     assert main(["package", str(run_dir), "--out", str(bundle), "--archive"]) == 0
@@ -109,6 +111,7 @@ def test_bundle_verifies_and_catches_a_changed_byte(run_dir, tmp_path, capsys):
         verify_bundle(bundle)
 
 
+@pytest.mark.slow
 def test_bundle_bad_input(run_dir, tmp_path):
     with pytest.raises(UserError, match="no report.json"):
         make_bundle(tmp_path, tmp_path / "b")
@@ -122,7 +125,7 @@ def test_bundle_bad_input(run_dir, tmp_path):
 def test_hugging_face_folder_of_a_masked_model(tmp_path):
     import transformers
 
-    program = Program.from_model(make_tiny("qwen2"))
+    program = tiny_program("qwen2")
     MagnitudePass({"pattern": "2:4"}).run(program)
     assert save_hf(program, tmp_path / "hf") < 1e-5
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", use_safetensors=True)

@@ -5,9 +5,8 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny
+from conftest import tiny_program
 from nexus_export.cli import main
-from nexus_export.program import Program
 from passes.magnitude import MagnitudePass
 from runtimes.onnx_export import lower_to_onnx
 from runtimes.tensorrt_check import check_tensorrt, summarize_tensorrt
@@ -16,10 +15,9 @@ from runtimes.tensorrt_check import check_tensorrt, summarize_tensorrt
 @pytest.fixture(scope="module")
 def lowered(tmp_path_factory):
     """A tiny LLaMA with 2:4 in its decoder linears except one layer left with 1 zero in 4."""
-    program = Program.from_model(make_tiny("llama"))
+    program = tiny_program("llama")
     MagnitudePass({"pattern": "2:4"}).run(program)
-    with torch.no_grad():
-        program.weight("model.layers.1.mlp.up_proj").copy_(one_zero_in_four(program))
+    program.set_weight("model.layers.1.mlp.up_proj", one_zero_in_four(program))
     folder = tmp_path_factory.mktemp("trt")
     return lower_to_onnx(program, folder / "model.onnx"), program
 
@@ -57,7 +55,7 @@ def test_cli_table_and_strict(lowered, capsys):
 
 
 def test_dense_model_has_no_eligible_layer(tmp_path, capsys):
-    path = lower_to_onnx(Program.from_model(make_tiny("llama")), tmp_path / "model.onnx")
+    path = lower_to_onnx(tiny_program("llama"), tmp_path / "model.onnx")
     assert main(["check-onnx", str(path), "--tensorrt", "--strict"]) == 1
     assert "no layer is eligible" in capsys.readouterr().out
 
