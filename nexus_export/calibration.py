@@ -16,7 +16,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -95,20 +95,35 @@ def stages(program: Program, k: int, true_sequential: bool) -> list[list[Linear]
 
 @dataclass
 class Resumed:
-    """What a checkpoint holds: the next unit to do, the notes so far, every saved tensor, the stream (if saved)."""
+    """What a checkpoint holds: the next unit to do, the notes so far, the files of saved tensors (one per finished
+    unit, read one at a time by ``tensors``), the stream entering the next unit (if saved)."""
 
     next: int
     notes: dict
-    tensors: dict[str, torch.Tensor]
+    files: list[Path]
     streams: list[torch.Tensor]
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every saved tensor, one unit's file at a time (a resumed run never holds all of them at once)."""
+        for path in self.files:
+            yield from _read(path).items()
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # missing, truncated or not safetensors: the checkpoint cannot be used
+        raise UserError(f"the checkpoint file {path} cannot be read ({type(exc).__name__}); run without --resume "
+                        "to start over") from None
 
 
 class Checkpoint:
     """After each finished unit of a long pass (a block, a batch): the tensors that unit produced, the stream entering
     the next one, and the notes so far.
 
-    Files are replaced atomically and ``state.json`` is written last, so a run killed at any moment leaves a
-    consistent checkpoint. ``fingerprint`` ties it to one model, pass, options and calibration set.
+    Every file is written under a temporary name and renamed into place; the stream goes to a file named after its
+    unit, and ``state.json`` (which names it) is replaced last, so a run killed at any moment leaves the previous or
+    the new consistent state. ``fingerprint`` ties it to one model, pass, options and calibration set.
     """
 
     def __init__(self, folder: Path, fingerprint: str):
@@ -124,34 +139,41 @@ class Checkpoint:
         """Unit ``k`` is done: keep its ``tensors``, the ``streams`` (None: none to keep) and the ``notes``."""
         self.folder.mkdir(parents=True, exist_ok=True)
         self._write(f"block_{k}.safetensors", tensors)
+        stream_file = None
         if streams is not None:
-            self._write("streams.safetensors", {str(i): t for i, t in enumerate(streams)})
-        state = {"fingerprint": self.fingerprint, "done": k, "notes": notes}
+            stream_file = f"streams_{k}.safetensors"
+            self._write(stream_file, {str(i): t for i, t in enumerate(streams)})
+        state = {"fingerprint": self.fingerprint, "done": k, "notes": notes, "streams": stream_file}
         tmp = self.folder / ".state.json.tmp"
         tmp.write_text(json.dumps(state))
         os.replace(tmp, self.folder / "state.json")
+        for old in self.folder.glob("streams_*.safetensors"):  # earlier units' streams: no longer named by the state
+            if old.name != stream_file:
+                old.unlink(missing_ok=True)
 
     def load(self) -> Resumed | None:
-        """The saved progress, or None when there is none; a checkpoint of another run is a UserError."""
+        """The saved progress, or None when there is none; a checkpoint of another run, or a damaged one, is a
+        UserError."""
         path = self.folder / "state.json"
         if not path.is_file():
             log.info("no checkpoint in %s; starting from the beginning", self.folder)
             return None
         try:
             state = json.loads(path.read_text())
-        except ValueError:
+            done, notes, stream_file = int(state["done"]), dict(state.get("notes") or {}), state.get("streams")
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise UserError(f"the checkpoint in {self.folder} is damaged; run without --resume to start over") from None
         if state.get("fingerprint") != self.fingerprint:
             raise UserError(f"the checkpoint in {self.folder} is from a different model, pass or calibration set; "
                             "run without --resume to start over")
-        tensors: dict[str, torch.Tensor] = {}
-        for k in range(state["done"] + 1):
-            tensors.update(load_file(str(self.folder / f"block_{k}.safetensors")))
-        saved = self.folder / "streams.safetensors"
-        streams = load_file(str(saved)) if saved.is_file() else {}
-        log.info("resuming from %s: units 0-%d already done", self.folder, state["done"])
-        return Resumed(state["done"] + 1, state.get("notes", {}), tensors,
-                       [streams[str(i)] for i in range(len(streams))])
+        files = [self.folder / f"block_{k}.safetensors" for k in range(done + 1)]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise UserError(f"the checkpoint in {self.folder} lacks {', '.join(missing[:3])}; run without --resume to "
+                            "start over")
+        streams = _read(self.folder / stream_file) if stream_file else {}
+        log.info("resuming from %s: units 0-%d already done", self.folder, done)
+        return Resumed(done + 1, notes, files, [streams[str(i)] for i in range(len(streams))])
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -191,7 +213,7 @@ def calibrate_blocks(program: Program, windows: torch.Tensor,
     n_blocks = len(program.structure.blocks)
     start, notes = 0, {}
     if resumed is not None:
-        for name, tensor in resumed.tensors.items():
+        for name, tensor in resumed.tensors():
             program.set_parameter(name, tensor)
         runner.set_streams([s.to(runner.device) for s in resumed.streams])
         start, notes = resumed.next, resumed.notes

@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 class _Terminated(KeyboardInterrupt):

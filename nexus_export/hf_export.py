@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from .errors import UserError
 from .naming import WRAPPER_PREFIX
+from .outdir import file_mode
 from .program import Program
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,10 @@ def save_hf(program: Program, folder: str | Path, dtype: torch.dtype | None = No
         config.dtype = previous
     if program.tokenizer is not None:
         program.tokenizer.save_pretrained(folder)
+    mode = file_mode()
     for path in folder.iterdir():
-        os.chmod(path, 0o644)
+        if path.is_file():
+            os.chmod(path, mode)
     if not check:
         log.info("wrote Hugging Face folder %s (%d shard(s)); not reloaded: larger than the memory budget", folder,
                  len(files))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import os
 import resource
@@ -37,7 +38,9 @@ def release() -> None:
         trim(0)
 
 
+@functools.lru_cache(maxsize=1)
 def _libc():
+    """The C library, looked up once (find_library runs ldconfig, and release() is called after every block)."""
     name = ctypes.util.find_library("c")
     try:
         return ctypes.CDLL(name) if name else None

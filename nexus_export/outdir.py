@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import logging
 import os
@@ -37,7 +38,8 @@ def check_output_dir(out: str | Path, force: bool, flag: str = "--out") -> Path:
 
 
 def check_distinct(first: Path, second: Path, names: tuple[str, str]) -> None:
-    """Two output folders that must not be one another or lie inside one another."""
+    """Two folders (outputs, or an output and the model it reads) that must not be one another or lie inside one
+    another."""
     if first == second or first in second.parents or second in first.parents:
         raise UserError(f"{names[0]} {first} and {names[1]} {second} overlap; give {names[1]} a folder of its own")
 
@@ -51,9 +53,13 @@ def remove_stale(out: Path) -> list[Path]:
     removed = []
     if not out.parent.is_dir():
         return removed
-    for path in out.parent.glob(f".{out.name}.*-*"):
+    for path in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
         kind, _, pid = path.name[len(out.name) + 2:].rpartition("-")
         if kind in STAGING and pid.isdigit() and not _alive(int(pid)):
+            if kind == "old" and not out.exists():  # killed between the two renames: the previous output comes back
+                path.rename(out)
+                log.warning("restored %s from %s, left by a run killed while replacing it", out, path)
+                continue
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
@@ -74,11 +80,13 @@ def _alive(pid: int) -> bool:
 @contextmanager
 def staged_output(out: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces ``out``, on any error it is removed and ``out`` is untouched.
-    Staging folders of dead earlier runs beside ``out`` are removed first."""
+    Staging folders of dead earlier runs beside ``out`` are removed first (a previous output that a killed run had
+    moved aside to ``.OUT.old-<pid>`` is put back)."""
     out = check_output_dir(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     for path in remove_stale(out):
         log.info("removed %s, left by an interrupted run", path)
+    out = check_output_dir(out, force)  # again: a previous output may have been put back
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -95,6 +103,18 @@ def staged_output(out: str | Path, force: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
+
+
+def file_mode() -> int:
+    """The mode a new regular file gets under the process's umask (0o644 under the usual 022). Written files are set
+    to it because safetensors and temporary files are created 0600. The umask is read from /proc, not by setting it,
+    which would briefly change it for every thread."""
+    try:
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = 0o022
+    return 0o666 & ~mask
 
 
 def sha256_file(path: Path) -> str:

@@ -63,8 +63,11 @@ def check_type(value: Any, hint: Any, key: str, where: str) -> Any:
     names = {float: "a number", int: "a whole number", bool: "true or false", str: "a string",
              dict: "a mapping", list: "a list"}
     expected = " or ".join(names.get(t, getattr(t, "__name__", str(t))) for t in allowed)
-    hint_text = " (write it without quotes)" if isinstance(value, str) and float in allowed + [int] and \
-        _is_number(value) else ""
+    hint_text = ""
+    if isinstance(value, str) and (float in allowed or int in allowed) and _is_number(value):
+        hint_text = " (write it without quotes)"
+    elif isinstance(value, bool) and str in allowed:
+        hint_text = " (YAML reads on, off, yes and no as true or false: put the word in quotes)"
     raise UserError(f"{key} of {where} must be {expected}, got {type(value).__name__} {value!r}{hint_text}")
 
 

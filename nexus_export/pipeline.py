@@ -28,7 +28,7 @@ from .errors import UserError
 from .evaluate import program_perplexity
 from .hf_export import save_hf
 from .memory import RssSampler, current_rss_mb, peak_rss_mb, release
-from .outdir import check_output_dir, staged_output
+from .outdir import check_distinct, check_output_dir, staged_output
 from .passbase import PassContext
 from .program import COMPUTE_DTYPE, Program
 from .progress import Progress
@@ -69,6 +69,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
     interrupted run continues from there. The checkpoint is removed once the run completes.
     """
     out_dir = check_output_dir(out_dir, force)
+    if Path(recipe.model).is_dir():  # its weights are read until the end: the output must not replace or hold it
+        check_distinct(Path(recipe.model).resolve(), out_dir, ("--model", "--out"))
     checkpoints = out_dir.parent / f".{out_dir.name}.checkpoint"
     scratch = out_dir.parent / f".{out_dir.name}.scratch-{os.getpid()}"
     if resume and not checkpoints.is_dir():
@@ -128,6 +130,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
                     result = pass_.run(program, ctx)
                 program = result.program
                 pass_reports.append(result.report.to_dict())
+                del result
 
             parity_ids = windows[:PARITY_WINDOWS, : min(PARITY_TOKENS, windows.shape[1])]
             with stage("eval_pruned"):
@@ -146,12 +149,12 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
             pattern = _last_pattern(pass_reports)
             targeted = _targeted_layers(program, pass_reports)
             per_layer = program.sparsity(targeted)
-            sizes = {n: math.prod(program.weight(n).shape) for n in targeted}
+            sizes = {n: math.prod(program.store.shape(program.linear(n).weight)) for n in targeted}
             total = sum(sizes.values())
             overall = sum(per_layer[n] * sizes[n] for n in targeted) / total if total else 0.0
             model_report = {"name": loaded.name, "origin": loaded.origin, "structure": program.structure.summary(),
                             "params_dense": params_dense, "params_pruned": program.num_parameters()}
-            del program, result  # the store's edits are in the ONNX file now: free them before onnxruntime
+            del program  # the store's edits are in the ONNX file now: free them before onnxruntime
             release()
             with stage("check_onnx"):
                 onnx_info = runtime.inspect(artifact, pattern, set(targeted))
@@ -169,14 +172,16 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
                         latency["onnxruntime_cpu_1x128"] = runtime.latency(sess, 1, 128)
                     del sess
                 artifacts[0]["perplexity"] = onnx_ppl
-                for variant in runtime.variants(artifact, recipe, set(targeted)):
+            for variant in runtime.variants(artifact, recipe, set(targeted)):
+                variant["perplexity"] = variant["parity_max_abs_diff"] = None
+                if onnx_eval:
                     with stage(f"variant:{variant['name']}"):
                         sess = runtime.session(tmp / variant["path"])
                         variant["perplexity"], _ = runtime.perplexity(
                             sess, windows, 1, Progress(f"{variant['name']} perplexity", len(windows)))
                         variant["parity_max_abs_diff"] = runtime.parity(expected, sess, parity_ids)
                         del sess
-                    artifacts.append(variant)
+                artifacts.append(variant)
             deploy = artifacts[-1]
             _save_tokenizer(loaded, tmp / "tokenizer")
 

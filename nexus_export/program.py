@@ -236,6 +236,9 @@ class Program:
         module = self.exported.module()
         state = {name: self.store.get(name, dtype) for name in self.weight_names()}
         module.load_state_dict(state, strict=False, assign=True)
+        left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+        if left:  # a name the store does not know: the module would fail later, far from the cause
+            raise RuntimeError(f"materialize: no stored weight for {', '.join(left[:3])}")
         set_device(module.graph, torch.device(device))
         module.recompile()
         return module.to(device)

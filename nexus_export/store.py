@@ -82,7 +82,7 @@ def parse_bytes(text: str | int) -> int:
                 break
         try:
             value = int(float(s) * factor)
-        except ValueError:
+        except (ValueError, OverflowError):  # not a number, nan, inf
             value = -1
     if value <= 0:
         raise UserError(f"memory size {text!r} is not a positive size; use e.g. 8GiB, 512MiB or a byte count")
@@ -147,14 +147,16 @@ class WeightStore:
         return tensor
 
     def identity(self, name: str) -> str:
-        """A cheap signature of a tensor's contents: where it lies on disk (file, offset, size, modification time),
-        or a hash of its first values when in memory."""
+        """A cheap signature of a tensor's contents: where it lies in the checkpoint (file, offset, size, modification
+        time), or, for a tensor a pass produced (in memory or spilled to a scratch file whose name changes from run to
+        run), a hash of about 4096 of its values spread over the whole tensor."""
         entry = self._entry(name)
-        if entry.tensor is None:
+        if entry.tensor is None and not entry.owned:
             loc = entry.location
             return f"{loc.path}:{loc.start}:{loc.nbytes}:{loc.path.stat().st_mtime_ns}"
-        head = entry.tensor.reshape(-1)[:64].float().cpu().numpy().tobytes()
-        return f"{entry.shape}:{entry.dtype}:{hashlib.sha256(head).hexdigest()[:16]}"
+        flat = self.get(name).reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes()
+        return f"{entry.shape}:{entry.dtype}:{hashlib.sha256(sample).hexdigest()[:16]}"
 
     def _entry(self, name: str) -> _Entry:
         try:

@@ -9,6 +9,7 @@ matrix, so layers end up with different sparsities whose weighted mean is the ta
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -65,7 +66,7 @@ def _global_threshold(program: Program, targets) -> float:
     Exact, one matrix in memory at a time: |w| as float32 bit patterns orders like the values, so the k-th smallest is
     found by a histogram of the high 16 bits over every matrix, then of the low 16 bits inside the chosen bucket.
     """
-    wanted = int(sum(program.weight(t.name).numel() * t.sparsity for t in targets))
+    wanted = int(sum(math.prod(program.store.shape(program.linear(t.name).weight)) * t.sparsity for t in targets))
     if wanted == 0:
         return -1.0
 

@@ -150,8 +150,8 @@ class SliceGPTPass(Pass):
             p0 = settle(cov, first)
             runner.set_streams([s.to(runner.device) @ p0 for s in runner.streams()])
         else:
-            for name in sorted(resumed.tensors):
-                place(resumed.tensors[name])
+            for _, basis in sorted(resumed.tensors(), key=lambda item: item[0]):  # basis_00000, basis_00001, ...
+                place(basis)
             runner.set_streams([s.to(runner.device) for s in resumed.streams])
             start = resumed.next
 

@@ -118,7 +118,7 @@ def verify_bundle(bundle_dir: str | Path) -> dict:
             raise UserError(f"bundle file {name} is missing")
         if path.stat().st_size != manifest["sizes"].get(name):
             raise UserError(f"bundle file {name} has {path.stat().st_size} bytes, the manifest says "
-                            f"{manifest['sizes'][name]} (truncated or changed)")
+                            f"{manifest['sizes'].get(name, '?')} (truncated or changed)")
         if sha256_file(path) != expected:
             raise UserError(f"bundle file {name} does not match its sha256 in the manifest (changed or corrupted)")
     from . import ort

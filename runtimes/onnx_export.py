@@ -34,6 +34,7 @@ from onnx_ir.passes import common
 import torch
 
 from nexus_export.errors import UserError
+from nexus_export.outdir import file_mode
 from nexus_export.program import Program
 from nexus_export.recipe import MIN_OPSET
 
@@ -199,7 +200,7 @@ def write_checked(model: ir.Model | onnx.ModelProto, out_path: Path, external_da
         ir.save(model, tmp_model, external_data=data_name if external_data else None)
         saved = time.perf_counter()
         onnx.checker.check_model(str(tmp_model))
-        mode = 0o666 & ~_umask()
+        mode = file_mode()
         for path in tmp_dir.iterdir():
             os.chmod(path, mode)
         if external_data:
@@ -211,9 +212,3 @@ def write_checked(model: ir.Model | onnx.ModelProto, out_path: Path, external_da
         shutil.rmtree(tmp_dir, ignore_errors=True)
     log.info("saved %s%s: write %.1f s, checker %.1f s", out_path, f" (+ {data_name})" if external_data else "",
              saved - start, time.perf_counter() - saved)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -141,6 +141,11 @@ CASES = {
     "bad pattern in check-onnx": lambda f, out: ["check-onnx", str(f / "run" / "model.onnx"), "--pattern", "5:2"],
     "verify a non-bundle": lambda f, out: ["verify", str(f / "run")],
     "package a non-run": lambda f, out: ["package", str(f / "afile"), "--out", out],
+    "--out is the model folder": lambda f, out: ["prune", "--model", str(f / "model"), "--method", "magnitude", *FAST,
+                                                 "--out", str(f / "model"), "--force"],
+    "--out holds the model folder": lambda f, out: ["prune", "--model", str(f / "model"), "--method", "magnitude",
+                                                    *FAST, "--out", str(f), "--force"],
+    "memory budget infinite": lambda f, out: [*PRUNE, "--memory-budget", "infGiB", "--out", out],
 }
 
 

@@ -5,6 +5,7 @@ import torch
 
 from conftest import make_tiny, tiny_program
 from nexus_export.calibration import collect, stages
+from nexus_export.errors import UserError
 from nexus_export.program import Program
 from nexus_export.runner import BlockRunner
 
@@ -77,7 +78,7 @@ def test_resume_after_interruption_gives_the_same_result(tmp_path, monkeypatch):
         run(PassContext(calibration_windows=ids, checkpoint_dir=tmp_path))
     monkeypatch.setattr(BlockRunner, "step", real_step)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["block_0.safetensors", "block_1.safetensors", "state.json",
-                                                         "streams.safetensors"]
+                                                         "streams_1.safetensors"]  # the stream entering block 2
 
     calls = []
     real_collect = calibration.collect
@@ -88,8 +89,30 @@ def test_resume_after_interruption_gives_the_same_result(tmp_path, monkeypatch):
         assert torch.equal(reference.weight(name), resumed.weight(name)), name
     assert report.changes["per_layer"] == ref_report.changes["per_layer"]
 
-    with pytest.raises(Exception, match="different model, pass or calibration set"):
+    with pytest.raises(UserError, match="different model, pass or calibration set"):
         run(PassContext(calibration_windows=windows(n=4, seq=16, seed=9), checkpoint_dir=tmp_path, resume=True))
+
+
+def test_a_damaged_checkpoint_is_a_user_error(tmp_path):
+    from nexus_export.calibration import Checkpoint
+
+    checkpoint = Checkpoint(tmp_path, "f")
+    checkpoint.save(0, {"w": torch.ones(2)}, [torch.zeros(3)], {})
+    checkpoint.save(1, {"v": torch.ones(2)}, [torch.ones(3)], {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["block_0.safetensors", "block_1.safetensors", "state.json",
+                                                         "streams_1.safetensors"]
+    resumed = checkpoint.load()
+    assert resumed.next == 2 and resumed.notes == {"a": 1} and torch.equal(resumed.streams[0], torch.ones(3))
+    assert sorted(name for name, _ in resumed.tensors()) == ["v", "w"]
+    (tmp_path / "streams_1.safetensors").write_bytes(b"\x00" * 7)
+    with pytest.raises(UserError, match="streams_1.safetensors cannot be read"):
+        checkpoint.load()
+    (tmp_path / "block_0.safetensors").unlink()
+    with pytest.raises(UserError, match="lacks block_0.safetensors"):
+        checkpoint.load()
+    (tmp_path / "state.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="is damaged"):
+        checkpoint.load()
 
 
 LONG_PASSES = [("wanda", {"pattern": "2:4"}), ("sparsegpt", {"sparsity": 0.5}),

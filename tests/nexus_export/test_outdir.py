@@ -36,6 +36,16 @@ def test_stale_staging_folders_of_dead_runs_go_and_live_ones_stay(tmp_path):
     assert remove_stale(out) == []
 
 
+def test_an_output_moved_aside_by_a_killed_run_is_put_back(tmp_path):
+    moved = tmp_path / f".run.old-{dead_pid()}"  # killed between moving the old output aside and renaming the new
+    moved.mkdir()
+    (moved / "report.json").write_text("{}")
+    with pytest.raises(UserError, match="not empty"):
+        with staged_output(tmp_path / "run"):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"] and (tmp_path / "run" / "report.json").is_file()
+
+
 @pytest.mark.parametrize("out, message", [("", "--out is empty"), ("file/sub", "which is a file, not a folder")])
 def test_outputs_that_cannot_be_written(tmp_path, out, message):
     (tmp_path / "file").write_text("x")

@@ -117,3 +117,17 @@ def test_a_truncated_shard_is_named_before_any_work(tmp_path, bf16_folder, capsy
     err = capsys.readouterr().err
     assert "model.safetensors is truncated" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_no_passes_and_variants_without_onnxruntime_evaluation(tmp_path):
+    """A recipe without passes exports the dense model; --onnx-eval off still writes the quantized variant (its
+    perplexity unmeasured) and ships it as the deployable model."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tiny-llama\npasses: []\nquantize: {bits: 4, block_size: 32}\n"
+                      "evaluation: {windows: 2, seq_len: 64, latency: false, onnx: 'off'}\n")
+    assert main(["-q", "run", str(recipe), "--out", str(tmp_path / "o")]) == 0
+    report = report_of(tmp_path / "o")
+    assert report["passes"] == [] and report["sparsity"]["overall"] == 0.0
+    assert [(a["name"], a["perplexity"]) for a in report["artifacts"]] == [("fp32", None), ("int4", None)]
+    assert report["deploy"]["variant"] == "int4" and (tmp_path / "o" / "model.q4.onnx").is_file()
