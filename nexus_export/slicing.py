@@ -380,16 +380,18 @@ class StoredBases(Sequence):
         return len(self.names)
 
 
-def rotate_and_slice(fused: Program, bases: list[torch.Tensor]) -> Program:
+def rotate_and_slice(fused: Program, bases: list[torch.Tensor], in_place: bool = False) -> Program:
     """The sliced program: point i carried as x_i @ bases[i] (see the module docstring).
 
     ``bases`` are [D, d_i] matrices with orthonormal columns (float64), one per stream point (a list, or StoredBases
     read one at a time). Where consecutive bases are the same (the shortcut would be the identity), no shortcut matrix
-    is inserted.
+    is inserted. ``in_place``: ``fused`` is an intermediate nobody uses afterwards, so its store is rewritten rather
+    than forked, and each fused weight is freed as soon as its sliced one replaces it (peak memory: one copy of the
+    edited weights, not two).
     """
     structure = fused.structure
     exported = copy_program(fused.exported)
-    store = fused.store.fork()
+    store = fused.store if in_place else fused.store.fork()
     graph = exported.graph
     points = stream_points(fused, exported)
     if len(bases) != len(points):

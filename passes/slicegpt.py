@@ -186,7 +186,11 @@ class SliceGPTPass(Pass):
             progress.update(k + 1)
 
         bases.align()
-        sliced = rotate_and_slice(fused, bases)
+        runner = outputs = None  # the calibration streams are done with
+        for name in projected.store.names():  # keep the bases; drop the references to the fused weights
+            if not name.startswith(bases.prefix):
+                projected.store.drop(name)
+        sliced = rotate_and_slice(fused, bases, in_place=True)  # fused is an intermediate: rewritten, not copied
         shortcut_params = sum(lin.in_features * lin.out_features for lin in sliced.structure.linears.values()
                               if lin.role == SHORTCUT)
         per_block = {str(k): block_widths[k] for k in range(len(structure.blocks))}
