@@ -240,3 +240,26 @@ def test_a_generated_recipe_is_a_recipe_or_one_user_error(data):
         assert str(exc) and "\n" not in str(exc).strip()
         return
     assert Recipe.from_dict(recipe.to_dict()) == recipe  # what is accepted round-trips
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(RECIPES)
+def test_a_refused_generated_recipe_is_exit_2_one_line_and_nothing_written(tmp_path, capsys, data):
+    """Through the command line: a recipe the parser refuses ends before any work (accepted ones would run a whole
+    pipeline and are left to the round-trip test above)."""
+    import yaml
+
+    try:
+        Recipe.from_dict(data)
+        return
+    except UserError:
+        pass
+    folder = tmp_path / f"case-{abs(hash(repr(data)))}"
+    folder.mkdir(exist_ok=True)  # hypothesis may replay an example
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    capsys.readouterr()
+    code, err = run_cli(["run", str(path), "--out", str(folder / "out")], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("nexus-export: error: "), err
+    assert left_behind(folder, {"recipe.yaml"}) == []
