@@ -53,12 +53,15 @@ class SparseGPTConfig(CalibratedConfig):
 def upper_inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + damp I)^-1 in float64; damping grows tenfold on failure. Returns (factor, damp%)."""
     diag_mean = float(torch.diag(hessian).mean())
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     damp = percdamp
     for attempt in range(MAX_DAMPING_RETRIES):
         try:
-            lower = torch.linalg.cholesky(hessian + damp * diag_mean * eye)
+            damped = hessian.clone()
+            damped.diagonal().add_(damp * diag_mean)  # H + damp I without an identity matrix beside it
+            lower = torch.linalg.cholesky(damped)
+            del damped
             inverse = torch.cholesky_inverse(lower)
+            del lower  # one [D, D] temporary at a time: D is 8192-28672 for the MLP of a 3B-70B model
             return torch.linalg.cholesky(inverse, upper=True), damp
         except torch.linalg.LinAlgError:
             log.warning("sparsegpt: Cholesky failed with damping %.3g; retrying with %.3g", damp, damp * 10)
