@@ -1,6 +1,7 @@
 """The Python API: the pruner classes as users write them, on tiny-llama, against the CLI and the passes."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -79,7 +80,8 @@ def test_same_masks_as_the_cli(tiny, tmp_path):
     exe = Path(sys.executable).parent / "nexus-export"
     proc = subprocess.run([str(exe), "-q", "prune", "--model", "tiny-llama", "--method", "sparsegpt", "--sparsity",
                            "0.5", "--calib-samples", "8", "--seq-len", "64", "--eval-windows", "2", "--no-latency",
-                           "--save-hf", "--out", str(out)], capture_output=True, text=True)
+                           "--save-hf", "--out", str(out)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})  # same sums' order
     assert proc.returncode == 0, proc.stderr[-1500:]
     cli = load_file(str(out / "hf" / "model.safetensors"))
     for name, param in model.named_parameters():
