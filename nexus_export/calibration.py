@@ -160,7 +160,9 @@ class Checkpoint:
             return None
         try:
             state = json.loads(path.read_text())
-            done, notes, stream_file = int(state["done"]), dict(state.get("notes") or {}), state.get("streams")
+            legacy = "streams.safetensors" if (self.folder / "streams.safetensors").is_file() else None
+            done, notes = int(state["done"]), dict(state.get("notes") or {})
+            stream_file = state.get("streams", legacy)  # checkpoints of earlier versions kept one streams file
         except (ValueError, KeyError, TypeError, AttributeError):
             raise UserError(f"the checkpoint in {self.folder} is damaged; run without --resume to start over") from None
         if state.get("fingerprint") != self.fingerprint:
