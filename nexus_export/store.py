@@ -89,6 +89,9 @@ def parse_bytes(text: str | int) -> int:
     return value
 
 
+SPILL_FILE_BYTES = 128 * 2**20  # the most a spill holds twice (see WeightStore.spill)
+
+
 class WeightStore:
     """Tensors by name (the program's parameter, buffer and constant names); see the module docstring.
 
@@ -224,23 +227,35 @@ class WeightStore:
         return sum(nbytes(e.shape, e.dtype) for e in self._entries.values())
 
     def spill(self) -> None:
-        """Write every produced tensor held in memory to a new scratch file and free it."""
-        held = {name: e.tensor for name, e in self._entries.items() if e.owned and e.tensor is not None}
-        if not held:
-            return
+        """Write every produced tensor held in memory to scratch files and free it. Files of about SPILL_FILE_BYTES
+        each, every group freed as soon as it is written: safetensors serializes a file's tensors in memory first,
+        so one file for everything would briefly double what the budget holds."""
+        names = [name for name, e in self._entries.items() if e.owned and e.tensor is not None]
+        group: list[str] = []
+        size = 0
+        for name in names:
+            group.append(name)
+            size += self.nbytes(name)
+            if size >= SPILL_FILE_BYTES:
+                self._spill_group(group)
+                group, size = [], 0
+        if group:
+            self._spill_group(group)
+
+    def _spill_group(self, names: list[str]) -> None:
         path = self._scratch.path() / f"spill-{uuid.uuid4().hex[:12]}.safetensors"
         tmp = path.with_name("." + path.name + ".tmp")
         try:
-            save_file(held, str(tmp))
+            save_file({name: self._entries[name].tensor for name in names}, str(tmp))
             os.replace(tmp, path)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise UserError(f"cannot spill weights to {path.parent} ({exc.strerror or exc}); free disk space there or "
                             "raise --memory-budget") from None
         locations = read_header(path)
-        for name in held:
+        for name in names:
             self._entries[name].location = locations[name]
             self._entries[name].tensor = None
         size = sum(loc.nbytes for loc in locations.values())
         self.spilled_bytes += size
-        log.info("weight store: spilled %d tensors (%.0f MiB) to %s", len(held), size / 2**20, path.name)
+        log.info("weight store: spilled %d tensors (%.0f MiB) to %s", len(names), size / 2**20, path.name)

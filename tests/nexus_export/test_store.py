@@ -52,6 +52,20 @@ def test_past_the_budget_produced_tensors_spill_to_scratch(shard, tmp_path):
     assert torch.equal(store.get("y"), torch.full((20,), 3.0)) and torch.equal(store.get("x"), torch.full((10,), 2.0))
 
 
+def test_a_spill_writes_files_of_bounded_size(shard, tmp_path, monkeypatch):
+    """Each spill file is serialized in memory before it is written: many small files keep that copy small."""
+    import nexus_export.store as store_module
+
+    monkeypatch.setattr(store_module, "SPILL_FILE_BYTES", 50)
+    path, _ = shard
+    store = store_of(path, budget=100, scratch=tmp_path / "scratch")
+    for i in range(4):
+        store.set(f"t{i}", torch.full((10,), float(i)))  # 40 bytes each: the third pushes the store past 100
+    files = sorted((tmp_path / "scratch").glob("spill-*.safetensors"))
+    assert len(files) == 2 and store.resident_bytes() == 40  # t0+t1 in one file, t2 alone; t3 still in memory
+    assert [float(store.get(f"t{i}")[0]) for i in range(4)] == [0.0, 1.0, 2.0, 3.0]
+
+
 def test_a_fork_shares_tensors_and_keeps_its_own_changes(shard):
     path, tensors = shard
     store = store_of(path)
