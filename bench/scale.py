@@ -34,10 +34,10 @@ SHAPES = {  # LlamaConfig arguments of real model shapes
                  num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
     "360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
                  num_key_value_heads=5, vocab_size=49152, tie_word_embeddings=True),
-    "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                 num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
     "1.1b-11": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=11, num_attention_heads=32,
                     num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
+    "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                 num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
     "1.1b-44": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=44, num_attention_heads=32,
                     num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
     "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
@@ -167,7 +167,8 @@ def main() -> int:
 def print_table(results: dict) -> None:
     lines = ["| model | parameters | checkpoint GiB | method | wall s | pass s | peak GiB (outside) | peak GiB (inside) | "
              "peak / checkpoint |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in results.values():
+    order = {name: i for i, name in enumerate([*SHAPES, *METHODS])}
+    for r in sorted(results.values(), key=lambda r: (order.get(r["shape"], 99), order.get(r["method"], 99))):
         if "error" in r:
             lines.append(f"| {r['shape']} | | | {r['method']} | {r['wall_s']:.0f} | | failed: {r['error']} | | |")
             continue
