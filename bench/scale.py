@@ -184,6 +184,7 @@ def plot(results: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     for method in METHODS:
@@ -195,6 +196,9 @@ def plot(results: dict, path: Path) -> None:
     if ckpts:
         ax.plot(*zip(*ckpts), linestyle="--", color="gray", label="checkpoint size (bf16)")
     ax.set_xscale("log")
+    ticks = sorted({round(r["params"] / 1e9, 2) for r in results.values() if "error" not in r})
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("parameters (billions)")
     ax.set_ylabel("peak resident memory (GiB)")
     ax.set_title("nexus-export prune + ONNX, peak memory (2 CPU cores)")
