@@ -29,17 +29,16 @@ import torch
 from common import setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]
+TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
+                 vocab_size=32000, tie_word_embeddings=False)  # TinyLlama-1.1B's width, at several depths below
 SHAPES = {  # LlamaConfig arguments of real model shapes
     "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                  num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
     "360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
                  num_key_value_heads=5, vocab_size=49152, tie_word_embeddings=True),
-    "1.1b-11": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=11, num_attention_heads=32,
-                    num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
-    "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                 num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
-    "1.1b-44": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=44, num_attention_heads=32,
-                    num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
+    "1.1b-11": dict(TINYLLAMA, num_hidden_layers=11),
+    "1.1b": dict(TINYLLAMA, num_hidden_layers=22),
+    "1.1b-44": dict(TINYLLAMA, num_hidden_layers=44),
     "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
 }

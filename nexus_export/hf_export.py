@@ -26,9 +26,6 @@ from .program import Program
 log = logging.getLogger(__name__)
 
 SHARD_BYTES = 2 * 2**30
-DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
-
 def hf_names(program: Program) -> dict[str, str]:
     """Program parameter name -> the key transformers expects in the checkpoint."""
     _check(program)
@@ -74,7 +71,7 @@ def save_hf(program: Program, folder: str | Path, dtype: torch.dtype | None = No
     stored = dtype or program.main_dtype()
     config = program.config
     previous = getattr(config, "dtype", None)
-    config.dtype = DTYPE_NAMES.get(stored, "float32")
+    config.dtype = str(stored).removeprefix("torch.")  # transformers' name: float32, float16, bfloat16
     try:
         config.save_pretrained(folder)
     finally:

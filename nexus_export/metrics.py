@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -22,10 +23,16 @@ def next_token_nll(logits: torch.Tensor | np.ndarray, input_ids: torch.Tensor | 
     batch, seq = ids.shape
     total = 0.0
     for r in range(batch):
-        for t0 in range(0, seq - 1, CHUNK):
-            t1 = min(t0 + CHUNK, seq - 1)  # positions t0..t1-1 predict tokens t0+1..t1
+        for t0, t1 in prediction_chunks(seq):
             total += token_nll(logits_t[r, t0:t1], ids[r, t0 + 1:t1 + 1])
     return total, batch * max(seq - 1, 0)
+
+
+def prediction_chunks(seq: int) -> Iterator[tuple[int, int]]:
+    """``(t0, t1)`` spans of at most ``CHUNK`` positions of a ``seq``-token window: positions t0..t1-1 predict tokens
+    t0+1..t1."""
+    for t0 in range(0, seq - 1, CHUNK):
+        yield t0, min(t0 + CHUNK, seq - 1)
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:

@@ -32,7 +32,7 @@ from .outdir import check_distinct, check_output_dir, staged_output
 from .passbase import PassContext
 from .program import COMPUTE_DTYPE, Program
 from .progress import Progress
-from .recipe import Recipe, output_dtype
+from .recipe import Recipe, dtype_name, output_dtype
 from .registry import get_pass, get_runtime
 from .report import render_markdown, write_json
 from .runner import resolve_device
@@ -116,7 +116,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
             out_dtype = dtype or program.main_dtype()
             log.info("model %s: %d blocks, %d linears, %.1fM parameters, %.2f GiB of %s weights; running on %s",
                      loaded.name, len(program.structure.blocks), len(program.structure.linears), params_dense / 1e6,
-                     checkpoint_bytes / 2**30, _dtype_name(out_dtype), device)
+                     checkpoint_bytes / 2**30, dtype_name(out_dtype), device)
 
             with stage("eval_dense"):
                 dense_ppl, tokens = program_perplexity(program, windows, ev.batch_size, "dense perplexity")
@@ -160,7 +160,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
                 onnx_info = runtime.inspect(artifact, pattern, set(targeted))
 
             onnx_ppl, parity, latency = None, None, {}
-            artifacts = [{"name": _dtype_name(out_dtype), "path": artifact.name,
+            artifacts = [{"name": dtype_name(out_dtype), "path": artifact.name,
                           "bytes": runtime.artifact_bytes(artifact), "perplexity": None}]
             if onnx_eval:
                 with stage("onnxruntime"):
@@ -189,8 +189,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
                 "tool": {"name": "nexus-export", "version": __version__, "torch": torch.__version__,
                          "python": platform.python_version()},
                 "model": {**model_report, "checkpoint_bytes": checkpoint_bytes},
-                "execution": {"device": str(device), "dtype": _dtype_name(out_dtype),
-                              "compute_dtype": _dtype_name(COMPUTE_DTYPE), "memory_budget_bytes": budget},
+                "execution": {"device": str(device), "dtype": dtype_name(out_dtype),
+                              "compute_dtype": dtype_name(COMPUTE_DTYPE), "memory_budget_bytes": budget},
                 "recipe": recipe.to_dict(),
                 "calibration": recipe.to_dict()["calibration"] if needs_calibration else None,
                 "passes": pass_reports,
@@ -229,7 +229,7 @@ def _check_variants(recipe: Recipe, program: Program, passes: list, dtype: torch
     if (recipe.quantize is not None or recipe.lowering.precision == "fp16") and \
             (dtype or program.main_dtype()) != torch.float32:
         raise UserError(f"--quantize-bits and --fp16 start from float32 weights, and this run writes "
-                        f"{_dtype_name(dtype or program.main_dtype())}; add --dtype fp32")
+                        f"{dtype_name(dtype or program.main_dtype())}; add --dtype fp32")
     if recipe.quantize is None:
         return
     block = recipe.quantize.block_size
@@ -264,10 +264,6 @@ def _plan(program: Program, budget: int, onnx_eval: str) -> tuple[bool, str]:
         log.warning("onnxruntime evaluation skipped: %s (--onnx-eval on with a larger --memory-budget runs it)", why)
         return False, why
     return True, ""
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
 
 
 def _save_tokenizer(loaded: LoadedModel, folder: Path) -> None:

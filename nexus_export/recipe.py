@@ -68,6 +68,11 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The short name of a dtype as the recipe and report write it (fp32, fp16, bf16)."""
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+
+
 def output_dtype(name: str) -> torch.dtype | None:
     """``fp32``/``fp16``/``bf16`` -> the torch dtype; ``auto`` -> None (the checkpoint's own)."""
     if name == "auto":

@@ -21,7 +21,7 @@ import torch
 
 from .blocks import BlockGraphs, Part, cut_blocks, output_only
 from .errors import UserError
-from .metrics import CHUNK, next_token_nll, token_nll
+from .metrics import next_token_nll, prediction_chunks, token_nll
 from .program import COMPUTE_DTYPE, Program
 
 log = logging.getLogger(__name__)
@@ -216,8 +216,7 @@ class BlockRunner:
                 continue
             seq = ids.shape[1]
             for r in range(len(ids)):
-                for t0 in range(0, seq - 1, CHUNK):
-                    t1 = min(t0 + CHUNK, seq - 1)  # positions t0..t1-1 predict tokens t0+1..t1
+                for t0, t1 in prediction_chunks(seq):
                     logits = self.logits(i, stream[r:r + 1, t0:t1], weights)
                     total += token_nll(logits[0], ids[r, t0 + 1:t1 + 1])
                     tokens += t1 - t0
