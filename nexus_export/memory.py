@@ -33,9 +33,17 @@ def release() -> None:
     """Give memory that Python and torch freed back to the operating system (glibc keeps freed heap pages otherwise,
     so the resident size of a long run only grows); a no-op where the C library has no ``malloc_trim``."""
     gc.collect()
-    trim = getattr(_libc(), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
+    trim()
+
+
+def trim() -> None:
+    """Return the free pages inside the C heap to the operating system (``malloc_trim``), without a garbage
+    collection: cheap (well under a millisecond), so it can follow every freed weight. Needed because glibc raises its
+    mmap threshold after freeing a large block, so later weight-sized tensors live in the heap and the holes they leave
+    are never given back: a magnitude pass over a 44-block checkpoint grew by 0.9 GiB that way."""
+    malloc_trim = getattr(_libc(), "malloc_trim", None)
+    if malloc_trim is not None:
+        malloc_trim(0)
 
 
 @functools.lru_cache(maxsize=1)

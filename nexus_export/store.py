@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import UserError
+from .memory import trim
 from .shards import TensorLocation, read_header, read_tensor
 
 log = logging.getLogger(__name__)
@@ -256,6 +257,7 @@ class WeightStore:
         for name in names:
             self._entries[name].location = locations[name]
             self._entries[name].tensor = None
+        trim()  # the freed tensors leave holes in the C heap: hand them back now
         size = sum(loc.nbytes for loc in locations.values())
         self.spilled_bytes += size
         log.info("weight store: spilled %d tensors (%.0f MiB) to %s", len(names), size / 2**20, path.name)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from nexus_export.errors import UserError
+from nexus_export.memory import trim
 from nexus_export.passbase import PassContext
 from nexus_export.program import Program
 
@@ -56,6 +57,8 @@ class MagnitudePass(MaskingPass):
                 else:
                     keep = unstructured_mask(scores, target.sparsity, per_row=cfg.per_row)
                 apply_mask(program, target.name, keep)
+                del scores, keep
+                trim()  # one matrix's temporaries at a time, not a heap that grows with depth
                 log.debug("magnitude: %d/%d %s", i + 1, len(targets), target.name)
         return program, masking_changes(program, targets, pattern)
 
