@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
-from .memory import release
+from .memory import trim
 from .program import Program
 from .progress import Progress
 from .runner import BlockRunner
@@ -32,29 +32,50 @@ log = logging.getLogger(__name__)
 
 
 class InputStats:
-    """Streaming statistics of one linear input X [tokens, in_features]."""
+    """Streaming statistics of one linear input X [tokens, in_features].
+
+    ``derived`` holds what a pass computes once from these statistics and reuses for every linear reading the same
+    input (SparseGPT's factored Hessian for q, k and v); ``free`` drops everything once the last of them is done."""
 
     def __init__(self, in_features: int, hessian: bool, device: torch.device | str = "cpu"):
         self.tokens = 0
         self.sq_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
         self.xtx = torch.zeros(in_features, in_features, dtype=torch.float64, device=device) if hessian else None
+        self.derived: dict = {}
+        self._scaled = False
 
     def add(self, x: torch.Tensor) -> None:
+        if self._scaled:
+            raise RuntimeError("statistics cannot grow after hessian() was read")
         x = x.reshape(-1, x.shape[-1]).to(self.sq_sum.device, torch.float32)
         self.tokens += x.shape[0]
         self.sq_sum += (x * x).sum(dim=0, dtype=torch.float64)
         if self.xtx is not None:
             self.xtx += (x.t() @ x).double()
 
+    def finite(self) -> bool:
+        """False when a NaN or Inf reached the input (it shows in the sum of squares): one check per input and
+        block instead of one per batch."""
+        return bool(torch.isfinite(self.sq_sum).all())
+
     def column_norms(self) -> torch.Tensor:
         """||X_j||_2 over all calibration tokens (Wanda's activation norm)."""
         return self.sq_sum.sqrt()
 
     def hessian(self) -> torch.Tensor:
-        """H = (2/n) X^T X, float64 (SparseGPT's Hessian)."""
+        """H = (2/n) X^T X, float64 (SparseGPT's Hessian). Scaled in place on the first call (a second [in, in]
+        float64 matrix is 512 MiB for the MLP input of a 3B model), so read it once all windows are in."""
         if self.xtx is None:
             raise RuntimeError("the Hessian was not collected; ask for hessian=True")
-        return self.xtx * (2.0 / max(self.tokens, 1))
+        if not self._scaled:
+            self.xtx.mul_(2.0 / max(self.tokens, 1))
+            self._scaled = True
+        return self.xtx
+
+    def free(self) -> None:
+        """Drop the Hessian and everything derived from it (the last linear reading this input is done)."""
+        self.xtx = None
+        self.derived.clear()
 
 
 @torch.no_grad()
@@ -70,13 +91,14 @@ def collect(runner: BlockRunner, k: int, linears: list[Linear], hessian: bool) -
 
     def visit(i: int, stream_in: torch.Tensor, out: tuple) -> None:
         for j, stats in by_input.items():
-            if not torch.isfinite(out[1 + j]).all():
-                names = [lin.name for lin in linears if index[lin.name] == j]
-                raise UserError(f"NaN or Inf in the input of {', '.join(names)} (block {k}) during calibration; "
-                                "check the model's weights and dtype (fp16 overflow?) or the calibration text")
             stats.add(out[1 + j])
 
     runner.run(k, visit, [1 + j for j in by_input])
+    for j, stats in by_input.items():
+        if not stats.finite():
+            names = [lin.name for lin in linears if index[lin.name] == j]
+            raise UserError(f"NaN or Inf in the input of {', '.join(names)} (block {k}) during calibration; "
+                            "check the model's weights and dtype (fp16 overflow?) or the calibration text")
     return {lin.name: by_input[index[lin.name]] for lin in linears}
 
 
@@ -230,6 +252,6 @@ def calibrate_blocks(program: Program, windows: torch.Tensor,
         if checkpoint is not None:
             weights = {lin.weight: program.parameter(lin.weight) for lin in block_linears}
             checkpoint.save(k, weights, runner.streams(), notes)
-        release()  # the block's statistics and temporaries are gone: give their pages back while edits accumulate
+        trim()  # the block's statistics and temporaries are gone: give their pages back while edits accumulate
         progress.update(k + 1)
     return notes

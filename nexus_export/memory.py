@@ -48,7 +48,7 @@ def trim() -> None:
 
 @functools.lru_cache(maxsize=1)
 def _libc():
-    """The C library, looked up once (find_library runs ldconfig, and release() is called after every block)."""
+    """The C library, looked up once (find_library runs ldconfig, and trim() runs after every block and weight)."""
     name = ctypes.util.find_library("c")
     try:
         return ctypes.CDLL(name) if name else None

@@ -46,7 +46,13 @@ def run_calibrated(program: Program, ctx: PassContext, cfg: CalibratedConfig,
         raise UserError(f"{what} prunes linears inside decoder blocks only; remove {outside} from the schedule "
                         f"(use magnitude for the embeddings or the lm_head)")
     def prune_stage(block: int, linears, stats: dict[str, InputStats]) -> dict:
-        return {lin.name: prune(targets[lin.name], stats[lin.name]) or {} for lin in linears if lin.name in targets}
+        notes = {}
+        for i, lin in enumerate(linears):
+            if lin.name in targets:
+                notes[lin.name] = prune(targets[lin.name], stats[lin.name]) or {}
+            if all(stats[later.name] is not stats[lin.name] for later in linears[i + 1:]):
+                stats[lin.name].free()  # no later linear reads this input: its Hessian goes before the next one's math
+        return notes
 
     checkpoint, resumed = open_checkpoint(ctx, program, what, cfg.to_dict(), windows)
     with torch.no_grad():

@@ -50,36 +50,61 @@ class SparseGPTConfig(CalibratedConfig):
             raise UserError(f"blocksize {self.blocksize} must be a multiple of the pattern's M={pattern.m}")
 
 
-def upper_inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + damp I)^-1 in float64; damping grows tenfold on failure. Returns (factor, damp%)."""
-    diag_mean = float(torch.diag(hessian).mean())
+@dataclass
+class HessianFactor:
+    """What the OBS sweep needs from one input's Hessian, computed once and shared by every linear reading that
+    input (q, k and v; gate and up): the upper Cholesky factor of (H + damp I)^-1, the damping used, and the dead
+    inputs (H_ii = 0: never active, their weights are zeroed)."""
+
+    upper: torch.Tensor
+    damp: float
+    dead: torch.Tensor
+
+
+def factor_hessian(hessian: torch.Tensor, percdamp: float) -> HessianFactor:
+    """The Hessian of one input made ready for the sweep (see HessianFactor); ``hessian`` is not changed."""
+    dead = torch.diag(hessian) == 0
+    upper, damp = upper_inverse_cholesky(hessian, percdamp, dead)
+    return HessianFactor(upper, damp, dead)
+
+
+def upper_inverse_cholesky(hessian: torch.Tensor, percdamp: float, dead: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp I)^-1 in COMPUTE_DTYPE, with H_ii = 1 for the ``dead`` inputs; damping
+    grows tenfold on failure. Returns (factor, damp fraction). At most two [D, D] matrices in COMPUTE_DTYPE exist at
+    once beside ``hessian`` (D is 8192-28672 for the MLP of a 3B-70B model)."""
     damp = percdamp
-    for attempt in range(MAX_DAMPING_RETRIES):
+    for _ in range(MAX_DAMPING_RETRIES):
+        damped = hessian.to(COMPUTE_DTYPE, copy=True)
+        if dead is not None and bool(dead.any()):
+            damped[dead, dead] = 1.0
+        diag_mean = float(torch.diag(damped).mean())
+        damped.diagonal().add_(damp * diag_mean)  # H + damp I without an identity matrix beside it
         try:
-            damped = hessian.clone()
-            damped.diagonal().add_(damp * diag_mean)  # H + damp I without an identity matrix beside it
             lower = torch.linalg.cholesky(damped)
-            del damped
-            inverse = torch.cholesky_inverse(lower)
-            del lower  # one [D, D] temporary at a time: D is 8192-28672 for the MLP of a 3B-70B model
-            return torch.linalg.cholesky(inverse, upper=True), damp
         except torch.linalg.LinAlgError:
             log.warning("sparsegpt: Cholesky failed with damping %.3g; retrying with %.3g", damp, damp * 10)
             damp *= 10
+            continue
+        finally:
+            del damped
+        inverse = torch.cholesky_inverse(lower)
+        del lower
+        return torch.linalg.cholesky(inverse, upper=True), damp
     raise UserError(f"the Hessian is not positive definite even with damping {damp / 10:.3g}; "
                     "use more calibration samples or a larger percdamp")
 
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: NMPattern | None,
-                    blocksize: int = 128, percdamp: float = 0.01) -> tuple[torch.Tensor, dict]:
-    """The pruned and updated [out, in] weight (same dtype) and facts for the report (damping, reconstruction error)."""
-    W = weight.detach().to(COMPUTE_DTYPE).clone()
-    H = hessian.to(COMPUTE_DTYPE).clone()
+                    blocksize: int = 128, percdamp: float = 0.01, factor: HessianFactor | None = None
+                    ) -> tuple[torch.Tensor, dict]:
+    """The pruned and updated [out, in] weight (same dtype) and facts for the report (damping, reconstruction error).
+    ``factor``: ``factor_hessian(hessian, percdamp)`` when the caller already has it (an input shared by linears)."""
+    factor = factor if factor is not None else factor_hessian(hessian, percdamp)
+    Hinv, damp = factor.upper, factor.damp
+    W = weight.detach().to(COMPUTE_DTYPE, copy=True)
     rows, cols = W.shape
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    Hinv, damp = upper_inverse_cholesky(H, percdamp)
+    W[:, factor.dead] = 0.0
     if pattern is not None and cols % pattern.m:
         raise UserError(f"input dimension {cols} is not a multiple of {pattern.m}; {pattern} cannot apply")
 
@@ -115,7 +140,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     delta = W.double() - weight.detach().double()
-    error = float(torch.einsum("ij,jk,ik->", delta, hessian.double(), delta)) / 2.0  # ||(W' - W) X||^2 / n
+    error = float(((delta @ hessian.double()) * delta).sum()) / 2.0  # ||(W' - W) X||^2 / n
     return W.to(weight.dtype), {"damping": damp, "reconstruction_error": error}
 
 
@@ -131,8 +156,11 @@ class SparseGPTPass(MaskingPass):
 
         def prune(target: Target, stats) -> dict:
             hessian = stats.hessian()
+            if "sparsegpt" not in stats.derived:  # once per input: q, k and v (gate and up) share it
+                stats.derived["sparsegpt"] = factor_hessian(hessian, cfg.percdamp)
             weight = program.weight(target.name, device=hessian.device)
-            new, facts = sparsegpt_prune(weight, hessian, target.sparsity, pattern, cfg.blocksize, cfg.percdamp)
+            new, facts = sparsegpt_prune(weight, hessian, target.sparsity, pattern, cfg.blocksize, cfg.percdamp,
+                                         stats.derived["sparsegpt"])
             program.set_weight(target.name, new)
             if facts["damping"] != cfg.percdamp:
                 retried.append(target.name)

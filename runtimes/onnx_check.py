@@ -12,6 +12,7 @@ import logging
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -40,11 +41,12 @@ class OnnxLayer:
     nm_valid: bool | None  # None when no N:M pattern was asked for
 
 
-def nm_groups_valid(weight_kn: np.ndarray, n: int, m: int) -> bool:
+def nm_groups_valid(weight_kn: np.ndarray, n: int, m: int, zeros_given: bool = False) -> bool:
     """True when every group of ``m`` consecutive entries along K (axis 0) of every column has >= ``n`` zeros.
 
     ``(2, 4)`` is TensorRT's 2:4 rule (as in Wanda/SparseGPT, N counts the zeroed weights per group of M).
     False when K is not a multiple of ``m``. Exact (``== 0``) and vectorized, so it is cheap on large models.
+    ``zeros_given``: ``weight_kn`` already says where the zeros are (bool, True = zero).
     """
     if weight_kn.ndim != 2:
         raise ValueError(f"expected a [K, N] matrix, got shape {weight_kn.shape}")
@@ -55,7 +57,8 @@ def nm_groups_valid(weight_kn: np.ndarray, n: int, m: int) -> bool:
         return False
     step = max(1, 2**24 // max(k, 1))  # columns at a time: the temporaries stay small for a 128k-vocabulary head
     for start in range(0, cols, step):
-        chunk = weight_kn[:, start:start + step] == 0
+        chunk = weight_kn[:, start:start + step]
+        chunk = chunk if zeros_given else chunk == 0
         zeros = chunk.reshape(k // m, m, chunk.shape[1]).sum(axis=1, dtype=np.int32)
         if not (zeros >= n).all():
             return False
@@ -112,12 +115,11 @@ def inspect_onnx(path: str | Path, nm: tuple[int, int] | None = (2, 4)) -> list[
         if traced is None:
             continue
         weight, chain = traced
-        matrix = _apply_chain(numpy_helper.to_array(initializers[weight], base_dir=str(path.parent)), chain)
-        if node.op_type == "Gemm" and _attr(node, "transB", 0):
-            matrix = matrix.T
-        if matrix.ndim != 2:
+        tensor = initializers[weight]
+        if len(tensor.dims) != 2:
             continue
-        layers.append(_describe(node.op_type, weight, _form(chain), matrix, nm))
+        transposed = _transposes(chain) ^ bool(node.op_type == "Gemm" and _attr(node, "transB", 0))
+        layers.append(_describe(node.op_type, weight, _form(chain), tensor, path.parent, transposed, nm))
     log.info("inspected %s: %d linear layers", path.name, len(layers))
     return layers
 
@@ -136,13 +138,44 @@ def _trace_weight(
     return name, chain
 
 
-def _apply_chain(values: np.ndarray, chain: list[onnx.NodeProto]) -> np.ndarray:
-    """The weight's zero pattern as the MatMul/Gemm sees it: transposes applied (as views); casts skipped, since a
-    zero stays a zero in every dtype and a bf16 head cast to float32 would double its memory."""
+def _transposes(chain: list[onnx.NodeProto]) -> bool:
+    """Whether the chain's transposes swap the two axes of a 2-D weight (casts are skipped: a zero stays a zero in
+    every dtype)."""
+    swapped = False
     for node in chain:
         if node.op_type == "Transpose":
-            values = np.transpose(values, _attr(node, "perm", None))
-    return values
+            swapped ^= list(_attr(node, "perm", None) or [1, 0]) == [1, 0]
+    return swapped
+
+
+CHUNK_BYTES = 64 * 2**20  # the most of one weight's data read at once
+
+
+def zero_chunks(tensor: onnx.TensorProto, base_dir: Path, multiple: int = 1) -> Iterator[np.ndarray]:
+    """Where a 2-D initializer is exactly zero (+0 or -0), as bool arrays over consecutive rows of its stored layout,
+    ``multiple`` rows or a multiple of them at a time. External data is read chunk by chunk (a 128k-vocabulary head
+    is never in memory whole); floats are compared as bits with the sign masked, so bf16 and fp8 need no upcast."""
+    np_dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    rows, cols = (int(d) for d in tensor.dims)
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        yield _is_zero(numpy_helper.to_array(tensor).reshape(rows, cols), np_dtype)
+        return
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    row_bytes = cols * np_dtype.itemsize
+    step = max(multiple, CHUNK_BYTES // max(row_bytes, 1) // multiple * multiple)
+    with open(base_dir / info["location"], "rb") as fh:
+        for r0 in range(0, rows, step):
+            count = min(step, rows - r0)
+            fh.seek(int(info.get("offset", 0)) + r0 * row_bytes)
+            raw = np.fromfile(fh, dtype=np_dtype, count=count * cols)
+            yield _is_zero(raw.reshape(count, cols), np_dtype)
+
+
+def _is_zero(values: np.ndarray, np_dtype: np.dtype) -> np.ndarray:
+    if np_dtype.kind in "iub":
+        return values == 0
+    bits = values.view(f"u{np_dtype.itemsize}")
+    return (bits & np.array((1 << (8 * np_dtype.itemsize - 1)) - 1, dtype=bits.dtype)) == 0  # all but the sign bit
 
 
 def _form(chain: list[onnx.NodeProto]) -> str:
@@ -160,18 +193,27 @@ def _attr(node: onnx.NodeProto, name: str, default):
     return default
 
 
-def _describe(op: str, weight: str, form: str, matrix: np.ndarray, nm: tuple[int, int] | None) -> OnnxLayer:
-    k, n = matrix.shape
-    zeros = matrix.size - np.count_nonzero(matrix)
+def _describe(op: str, weight: str, form: str, tensor: onnx.TensorProto, base_dir: Path, transposed: bool,
+              nm: tuple[int, int] | None) -> OnnxLayer:
+    """A weight's layer facts, read chunk by chunk: ``transposed`` when the op's reduction axis K is the stored
+    layout's axis 1 (Transpose, Gemm transB), else axis 0."""
+    rows, cols = (int(d) for d in tensor.dims)
+    k, n = (cols, rows) if transposed else (rows, cols)
+    m = nm[1] if nm else 1
+    zeros, valid = 0, nm is not None and k % m == 0
+    for chunk in zero_chunks(tensor, base_dir, multiple=1 if transposed else m):
+        zeros += int(chunk.sum())
+        if valid:
+            valid = nm_groups_valid(chunk.T if transposed else chunk, *nm, zeros_given=True)
     return OnnxLayer(
         layer=layer_name(weight),
         op=op,
         weight=weight,
         form=form,
-        k=int(k),
-        n=int(n),
-        sparsity=float(zeros / matrix.size) if matrix.size else 0.0,
-        nm_valid=None if nm is None else nm_groups_valid(matrix, *nm),
+        k=k,
+        n=n,
+        sparsity=float(zeros / (k * n)) if k * n else 0.0,
+        nm_valid=None if nm is None else bool(valid),
     )
 
 

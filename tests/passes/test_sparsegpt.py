@@ -94,3 +94,33 @@ def test_true_sequential_changes_later_stages():
 def test_bad_options(options, message):
     with pytest.raises(UserError, match=message):
         SparseGPTPass(options)
+
+
+def test_one_factor_per_input_and_hessians_freed(monkeypatch):
+    """q/k/v and gate/up share one factored Hessian (4 per LLaMA block, not 7), every Hessian is freed once the last
+    linear reading it is pruned, and sharing changes no weight."""
+    import passes.sparsegpt as sparsegpt
+    from nexus_export.calibration import InputStats
+
+    ids = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(1))
+    reference = tiny_program("llama")
+    calls, stats_seen = [], []
+    real_factor, real_free = sparsegpt.factor_hessian, InputStats.free
+    monkeypatch.setattr(sparsegpt, "factor_hessian", lambda h, p: calls.append(h.shape) or real_factor(h, p))
+    monkeypatch.setattr(InputStats, "free", lambda self: stats_seen.append(self) or real_free(self))
+    program = tiny_program("llama")
+    SparseGPTPass({"pattern": "2:4", "blocksize": 32}).run(program, PassContext(calibration_windows=ids))
+    blocks = len(program.structure.blocks)
+    assert len(calls) == 4 * blocks
+    assert len(stats_seen) == 4 * blocks and all(s.xtx is None and not s.derived for s in stats_seen)
+
+    monkeypatch.setattr(sparsegpt, "factor_hessian", real_factor)
+
+    def unshared(weight, hessian, sparsity, pattern, blocksize=128, percdamp=0.01, factor=None):
+        return real_prune(weight, hessian, sparsity, pattern, blocksize, percdamp)  # factor recomputed per linear
+
+    real_prune = sparsegpt.sparsegpt_prune
+    monkeypatch.setattr(sparsegpt, "sparsegpt_prune", unshared)
+    SparseGPTPass({"pattern": "2:4", "blocksize": 32}).run(reference, PassContext(calibration_windows=ids))
+    for lin in program.structure.in_blocks():
+        assert torch.equal(program.weight(lin.name), reference.weight(lin.name)), lin.name

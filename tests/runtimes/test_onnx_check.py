@@ -125,6 +125,42 @@ def test_gemm_trans_b_and_transposed_form(tmp_path):
     assert (b.layer, b.op, b.form, b.k, b.n, b.sparsity, b.nm_valid) == ("b", "MatMul", "transposed", 8, 4, 0.5, True)
 
 
+@pytest.mark.parametrize("chunk_bytes", [8, 64 * 2**20])
+def test_external_weights_read_in_chunks_give_the_whole_matrix_answer(tmp_path, monkeypatch, chunk_bytes):
+    """bf16 and fp32 weights in external data, read two rows at a time or whole: the same sparsity and N:M verdict as
+    numpy on the full matrix, -0.0 counted as a zero, one group breaking 2:4 found wherever the chunks cut."""
+    import ml_dtypes
+
+    from runtimes import onnx_check
+
+    monkeypatch.setattr(onnx_check, "CHUNK_BYTES", chunk_bytes)
+    h = onnx.helper
+    gen = np.random.default_rng(0)
+    kn = gen.standard_normal((16, 6)).astype(np.float32)
+    kn[0::4] = -0.0
+    kn[1::4] = 0.0  # 2:4 along K
+    broken = kn.copy()
+    broken[13, 5] = 1.0  # the group of rows 12-15 in column 5 keeps three
+    nk16 = kn.T.astype(ml_dtypes.bfloat16)  # [N, K] behind Gemm transB, stored in bf16 behind a Cast
+    nodes = [
+        h.make_node("MatMul", ["x", "lm.a.weight"], ["ya"]),
+        h.make_node("MatMul", ["x", "lm.b.weight"], ["yb"]),
+        h.make_node("Cast", ["lm.c.weight"], ["c32"], to=onnx.TensorProto.FLOAT),
+        h.make_node("Gemm", ["x", "c32"], ["yc"], transB=1),
+    ]
+    graph = h.make_graph(
+        nodes, "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 16])],
+        [h.make_tensor_value_info(y, onnx.TensorProto.FLOAT, [2, 6]) for y in ("ya", "yb", "yc")],
+        [onnx.numpy_helper.from_array(kn, "lm.a.weight"), onnx.numpy_helper.from_array(broken, "lm.b.weight"),
+         onnx.numpy_helper.from_array(nk16, "lm.c.weight")])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
+    onnx.save_model(model, tmp_path / "m.onnx", save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    a, b, c = inspect_onnx(tmp_path / "m.onnx")
+    assert (a.k, a.n, a.sparsity, a.nm_valid) == (16, 6, 0.5, True)
+    assert (b.sparsity, b.nm_valid) == (float((broken == 0).mean()), False)
+    assert (c.op, c.form, c.k, c.n, c.sparsity, c.nm_valid) == ("Gemm", "constant", 16, 6, 0.5, True)
+
+
 def test_missing_file_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no ONNX file"):
         inspect_onnx(tmp_path / "missing.onnx")
