@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import hashlib
 import logging
@@ -78,31 +79,64 @@ def _alive(pid: int) -> bool:
 
 
 @contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold ``.OUT.lock`` beside ``out`` while a run writes it (its staging folders and its checkpoint are shared by
+    name): a second run for the same output is refused at once, naming the first one's pid. The lock is an advisory
+    ``flock``, released by the kernel when a process dies, so a killed run never leaves it held; the file is removed
+    on release (and a run that locked a file just removed retries on the new one)."""
+    path = out.parent / f".{out.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(f"another nexus-export run (pid {holder}) is writing {out}; wait for it to finish or "
+                            "choose another --out") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder removed the file between our open and our lock: lock the current one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+@contextmanager
 def staged_output(out: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces ``out``, on any error it is removed and ``out`` is untouched.
-    Staging folders of dead earlier runs beside ``out`` are removed first (a previous output that a killed run had
-    moved aside to ``.OUT.old-<pid>`` is put back)."""
+    One run at a time per output (``output_lock``). Staging folders of dead earlier runs beside ``out`` are removed
+    first (a previous output that a killed run had moved aside to ``.OUT.old-<pid>`` is put back)."""
     out = check_output_dir(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for path in remove_stale(out):
-        log.info("removed %s, left by an interrupted run", path)
-    out = check_output_dir(out, force)  # again: a previous output may have been put back
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
+    with output_lock(out):
+        for path in remove_stale(out):
+            log.info("removed %s, left by an interrupted run", path)
+        out = check_output_dir(out, force)  # again: a previous output may have been put back
+        tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
 
 
 def file_mode() -> int:

@@ -115,3 +115,40 @@ def test_sigterm_removes_the_partial_output(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and "terminated; no output written" in err
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".o.checkpoint")] == []
+
+
+HOLD = """
+import sys
+from pathlib import Path
+from nexus_export.outdir import output_lock
+with output_lock(Path(sys.argv[1])):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_second_run_on_the_same_output_is_refused_until_the_first_ends(tmp_path, capsys):
+    """Another process holds the output: the CLI refuses with exit 2 naming its pid and writes nothing; once that
+    process is killed (SIGKILL: no cleanup of its own) the lock is free and the lock file goes with the next run."""
+    from nexus_export.cli import main
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        args = ["-q", "prune", "--model", "tiny-llama", "--method", "magnitude", "--calib-samples", "2",
+                "--seq-len", "16", "--eval-windows", "1", "--no-latency", "--onnx-eval", "off", "--out", str(out)]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"another nexus-export run (pid {holder.pid}) is writing {out}" in err
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".run.lock"]
+        with pytest.raises(UserError, match=f"pid {holder.pid}"):
+            with staged_output(out):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with staged_output(out) as tmp:
+        (tmp / "x").write_text("done")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
