@@ -143,7 +143,7 @@ class WeightStore:
         """The tensor ``name`` (floating tensors converted to ``dtype``), on ``device``. Treat it as read-only: it
         may be the memory the store holds; change it with ``set``."""
         entry = self._entry(name)
-        tensor = entry.tensor if entry.tensor is not None else read_tensor(entry.location)
+        tensor = entry.tensor if entry.tensor is not None else read_tensor(entry.location, dtype)
         if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
         if device is not None and tensor.device != torch.device(device):

@@ -22,6 +22,21 @@ def test_read_by_offset_matches_what_was_written(tmp_path):
         assert torch.equal(read_tensor(header[key]), value)
 
 
+@pytest.mark.parametrize("chunk_bytes", [6, 2**20])
+def test_read_and_convert_in_chunks(tmp_path, monkeypatch, chunk_bytes):
+    """A bf16 tensor read as float32 in chunks of 3 values (not dividing its 35) or whole: exactly ``.float()``;
+    integers are never converted."""
+    from nexus_export import shards
+
+    monkeypatch.setattr(shards, "CONVERT_CHUNK_BYTES", chunk_bytes)
+    tensors = {"b": torch.randn(5, 7).to(torch.bfloat16), "i": torch.arange(5)}
+    header = read_header(write(tmp_path / "m.safetensors", tensors))
+    got = read_tensor(header["b"], torch.float32)
+    assert got.dtype == torch.float32 and torch.equal(got, tensors["b"].float())
+    assert torch.equal(read_tensor(header["b"], torch.bfloat16), tensors["b"])
+    assert read_tensor(header["i"], torch.float32).dtype == torch.int64
+
+
 def test_truncated_random_and_empty_files_are_named(tmp_path):
     path = write(tmp_path / "m.safetensors", {"w": torch.randn(64, 64)})
     data = path.read_bytes()
