@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--slicing", type=float,
                        help="slicegpt: fraction of the hidden width to slice off, in [0, 1) (0.25); 0 = rotate only")
     prune.add_argument("--round-to", type=int, help="slicegpt: round the kept width down to a multiple of this (8)")
+    prune.add_argument("--activation-sparsity", type=float,
+                       help="then zero this fraction of the hidden states entering the linears, by calibrated "
+                            "thresholds (with --method activation: that pass alone)")
+    prune.add_argument("--activation-roles",
+                       help="roles whose linear inputs get thresholds, e.g. mlp_in,mlp_out (default: all four)")
     prune.add_argument("--save-hf", action="store_true", help="also write a Hugging Face folder to DIR/hf")
     prune.add_argument("--quantize-bits", type=int, help="then quantize the MatMul weights to 4 or 8 bits")
     prune.add_argument("--block-size", type=int, default=32, help="quantization block size (32)")
@@ -178,9 +183,20 @@ def _prune(args: argparse.Namespace) -> int:
                    remove_ratio=args.remove_ratio, layers=args.layers, strategy=args.strategy,
                    slicing=args.slicing, round_to=args.round_to)
     options = {k: v for k, v in options.items() if v is not None}
+    activation = {"sparsity": args.activation_sparsity,
+                  "roles": args.activation_roles.split(",") if args.activation_roles is not None else None}
+    activation = {k: v for k, v in activation.items() if v is not None}
+    if args.method == "activation":
+        passes = [{"activation": {**options, **activation}}]
+    elif activation:
+        if "sparsity" not in activation:
+            raise UserError("--activation-roles needs --activation-sparsity (or --method activation)")
+        passes = [{args.method: options}, {"activation": activation}]
+    else:
+        passes = [{args.method: options}]
     recipe = Recipe.from_dict({
         "model": args.model,
-        "passes": [{args.method: options}],
+        "passes": passes,
         "calibration": {"source": args.calib_source, "samples": args.calib_samples, "seq_len": args.seq_len,
                         "seed": args.calib_seed},
         "evaluation": {"source": args.eval_source, "windows": args.eval_windows, "seq_len": args.seq_len,

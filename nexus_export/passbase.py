@@ -116,8 +116,8 @@ class Pass:
     name: ClassVar[str] = ""
     config_class: ClassVar[type[PassConfig]] = PassConfig
     needs_calibration: ClassVar[bool] = False
-    not_after: ClassVar[tuple[str, ...]] = ()  # passes this one cannot follow in a recipe (checked before any work)
-    not_after_why: ClassVar[str] = ""
+    sparsifies_activations: ClassVar[bool] = False  # the report then measures the linear inputs' zeros
+    not_after: ClassVar[dict[str, str]] = {}  # passes this one cannot follow in a recipe -> why (checked before work)
 
     def __init__(self, config: PassConfig | Mapping[str, Any] | None = None):
         if not isinstance(config, PassConfig):
@@ -126,6 +126,9 @@ class Pass:
 
     def check(self, program: Program) -> None:
         """Raise UserError if this pass cannot apply to ``program`` (called before any slow work starts)."""
+
+    def check_calibration(self, program: Program, windows: Any) -> None:
+        """Raise UserError if the calibration windows cannot serve this pass (called before any slow work starts)."""
 
     def hf_refusal(self) -> str | None:
         """Why the result could not be saved as a Hugging Face folder (--save-hf), or None when transformers can

@@ -23,6 +23,7 @@ from typing import Iterator
 import torch
 
 from . import __version__
+from .activation_stats import input_sparsity, summarize_inputs
 from .data import calibration_windows, evaluation_windows
 from .errors import UserError
 from .evaluate import program_perplexity
@@ -109,6 +110,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
                 program.device = str(device)
                 for pass_ in passes:
                     pass_.check(program)
+                    pass_.check_calibration(program, cal_windows)
                 _check_variants(recipe, program, passes, dtype)
                 onnx_eval, onnx_eval_why = _plan(program, budget, ev.onnx)
             checkpoint_bytes = program.weight_bytes()
@@ -137,6 +139,12 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
                 pruned_ppl, _ = program_perplexity(program, windows, ev.batch_size, "pruned perplexity")
                 expected = program.logits(parity_ids) if onnx_eval else None
             log.info("pruned perplexity %.3f", pruned_ppl)
+            activations = None
+            if any(pass_.sparsifies_activations for pass_ in passes):
+                with stage("activation_sparsity"):
+                    activations = summarize_inputs(input_sparsity(program, windows, ev.batch_size))
+                log.info("activation sparsity on the evaluation windows %.1f%% (%.1f%% of the blocks' multiply-adds "
+                         "read a zero)", 100 * activations["sparsity"], 100 * activations["skippable_macs"])
 
             hf_parity = None
             if recipe.lowering.save_hf:
@@ -196,6 +204,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
                 "passes": pass_reports,
                 "sparsity": {"overall": round(overall, 6), "pattern": _pattern_label(pattern, pass_reports),
                              "per_layer": {n: round(v, 6) for n, v in per_layer.items()}},
+                **({"activation_sparsity": activations} if activations is not None else {}),
                 "perplexity": {"dataset": f"{ev.source} evaluation, {ev.windows} windows x {ev.seq_len} tokens",
                                "tokens": tokens, "dense": dense_ppl, "pruned": pruned_ppl, "onnx": onnx_ppl,
                                "onnx_vs_pytorch_rel": abs(onnx_ppl - pruned_ppl) / pruned_ppl if onnx_eval else None,

@@ -25,7 +25,7 @@ from .program import Program, require_module
 from .registry import get_pass
 
 __all__ = ["SparseGPTConfig", "SparseGPTPruner", "WandaPruner", "MagnitudePruner", "NMSparsityPruner", "ShortGPTPruner",
-           "SliceGPTPruner", "export_onnx", "evaluate_perplexity", "CubicSparsityScheduler", "apply_sparsity", "calibration_tensor"]
+           "SliceGPTPruner", "DynamicPruner", "export_onnx", "evaluate_perplexity", "CubicSparsityScheduler", "apply_sparsity", "calibration_tensor"]
 
 
 def calibration_tensor(data: Iterable | torch.Tensor | None, nsamples: int | None) -> torch.Tensor | None:
@@ -249,6 +249,58 @@ class SliceGPTPruner(_Pruner):
         metrics["model"] = metrics["program"].module()
         metrics["widths"] = metrics["report"]["changes"]["widths"]
         return metrics
+
+
+class DynamicPruner(_Pruner):
+    """Activation sparsity over the ``activation`` pass: thresholds in front of the blocks' linears, calibrated so that
+    ``sparsity`` of each input's entries are zeroed (per tensor). The given model is left untouched;
+    ``metrics["model"]`` is a torch module ``(input_ids, attention_mask) -> logits`` that applies the thresholds,
+    ``metrics["program"]`` the rewritten program (for ``export_onnx`` or more passes), ``metrics["thresholds"]`` the
+    threshold of each input by its first linear."""
+
+    method = "activation"
+    structural = True
+
+    def __init__(self, sparsity: float = 0.4, roles: list[str] | None = None):
+        self._options = {"sparsity": sparsity, **({"roles": list(roles)} if roles is not None else {})}
+        self._check()
+
+    def options(self) -> dict:
+        return self._options
+
+    def prune_model(self, model: torch.nn.Module, calibration_dataloader: Iterable | None = None,
+                    nsamples: int | None = None) -> dict[str, Any]:
+        metrics = super().prune_model(model, calibration_dataloader, nsamples)
+        changes = metrics["report"]["changes"]
+        metrics["model"] = metrics["program"].module()
+        metrics["thresholds"] = {name: t["threshold"] for name, t in changes["thresholds"].items()}
+        metrics["achieved_sparsity"] = changes["calibration_sparsity"]
+        return metrics
+
+    def prune_by_activation(self, model: torch.nn.Module, input: torch.Tensor, threshold: float = 0.1
+                            ) -> dict[str, Any]:
+        """The seed's dynamic pruning: for this ``input`` [batch, seq] only, zero every entry below one global
+        ``threshold`` in the inputs of the chosen linears. Returns the logits, the measured sparsity (``sparsity``:
+        mean over input entries; ``skippable_macs``) and the program; ``model`` is left untouched. To compare with
+        calibrated thresholds, pick the global one that gives the same measured sparsity."""
+        from .activation_stats import input_sparsity, summarize_inputs
+        from passes.activation import Threshold, input_groups, insert_thresholds
+
+        require_module(model)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
+            raise UserError(f"threshold must be a number >= 0, got {threshold!r}")
+        ids = calibration_tensor(input, None)
+        program = Program.from_model(model, name=type(model).__name__)
+        roles = get_pass(self.method)(self.options()).config.chosen_roles()
+        thresholded = insert_thresholds(program, [Threshold(block, names, float(threshold), 0.0)
+                                                  for block, names in input_groups(program, roles)])
+        measured = summarize_inputs(input_sparsity(thresholded, ids))
+        everything = [name for name, e in measured["per_input"].items() if e["sparsity"] == 1.0]
+        if everything:
+            raise UserError(f"threshold {threshold} zeroes every entry entering {', '.join(everything[:3])} on this "
+                            "input; choose a smaller threshold")
+        return {"logits": thresholded.logits(ids), "sparsity": measured["sparsity"],
+                "skippable_macs": measured["skippable_macs"], "program": thresholded}
 
 
 def _builtin_windows(model, tokenizer, nsamples: int) -> torch.Tensor:

@@ -151,7 +151,7 @@ class Recipe:
             for earlier in steps:
                 if earlier.name in pass_cls.not_after:
                     raise UserError(f"{name} cannot run after {earlier.name} (passes[{i}]); "
-                                    f"{pass_cls.not_after_why}")
+                                    f"{pass_cls.not_after[earlier.name]}")
             steps.append(PassStep(name=name, config=pass_cls.config_class.from_options(options, name)))
         return cls(
             model=str(data["model"]),

@@ -28,8 +28,10 @@ def headline(report: dict) -> str:
             passes += f" (width {p['changes']['hidden_before']} -> {'/'.join(map(str, sorted(set(widths.values()))))})"
     onnx = f"onnxruntime {ppl['onnx']:.2f}" if ppl.get("onnx") is not None else "onnxruntime not run"
     parity = report["parity"]["max_abs_diff"]
+    activations = report.get("activation_sparsity")
+    acts = f" | activations {activations['sparsity']:.1%} zero" if activations else ""
     return (f"{report['model']['name']} | {passes} | sparsity {report['sparsity']['overall']:.1%} "
-            f"({report['sparsity']['pattern']}) | perplexity dense {ppl['dense']:.2f} -> pruned {ppl['pruned']:.2f} "
+            f"({report['sparsity']['pattern']}){acts} | perplexity dense {ppl['dense']:.2f} -> pruned {ppl['pruned']:.2f} "
             f"({onnx}) | parity max|diff| " + (f"{parity:.2e}" if parity is not None else "-"))
 
 
@@ -60,6 +62,7 @@ def render_markdown(report: dict) -> str:
                      f"{p['peak_rss_mb']:.0f} |")
     for p in report["passes"]:
         lines += _changes(p)
+    lines += _activations(report)
     lines += [
         "",
         "## ONNX",
@@ -109,7 +112,7 @@ def _changes(p: dict) -> list[str]:
     changes = p.get("changes", {})
     lines = ["", f"### {p['name']}"]
     for key, value in changes.items():
-        if key in ("per_layer", "scores", "widths"):
+        if key in ("per_layer", "scores", "widths", "thresholds"):
             continue
         lines.append(f"- {key}: {value}")
     if changes.get("widths"):
@@ -124,6 +127,25 @@ def _changes(p: dict) -> list[str]:
         lines += ["", "| block | score | removed |", "|---|---|---|"]
         for block, score in changes["scores"].items():
             lines.append(f"| {block} | {score:.5f} | {'yes' if int(block) in removed else ''} |")
+    return lines
+
+
+def _activations(report: dict) -> list[str]:
+    """The thresholds an activation pass placed, with the sparsity each input reaches on the calibration and on the
+    evaluation windows."""
+    measured = report.get("activation_sparsity")
+    if not measured:
+        return []
+    lines = ["", "## Activation sparsity",
+             f"On the evaluation windows {measured['sparsity']:.1%} of the entries entering the blocks' linears are zero; "
+             f"{measured['skippable_macs']:.1%} of their multiply-adds read a zero (what a kernel that skips zero "
+             "inputs could save: onnxruntime has none, so this is not a speed-up here).", "",
+             "| input of | block | threshold | sparsity (calibration) | sparsity (evaluation) |", "|---|---|---|---|---|"]
+    for p in report["passes"]:
+        for name, t in p.get("changes", {}).get("thresholds", {}).items():
+            evaluation = measured["per_input"].get(name, {}).get("sparsity")
+            lines.append(f"| {', '.join(t['linears'])} | {t['block']} | {t['threshold']:.4g} | "
+                         f"{t['calibration_sparsity']:.1%} | {_num(evaluation, '.1%')} |")
     return lines
 
 

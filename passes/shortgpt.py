@@ -74,9 +74,8 @@ class ShortGPTConfig(PassConfig):
 class ShortGPTPass(Pass):
     name = "shortgpt"
     config_class = ShortGPTConfig
-    not_after = ("slicegpt",)
-    not_after_why = ("each block of a sliced model has its own rotated basis, so blocks cannot be dropped from it; "
-                     "put shortgpt before slicegpt")
+    not_after = {"slicegpt": "each block of a sliced model has its own rotated basis, so blocks cannot be dropped "
+                             "from it; put shortgpt before slicegpt"}
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]

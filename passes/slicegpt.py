@@ -83,8 +83,9 @@ class SliceGPTPass(Pass):
     name = "slicegpt"
     config_class = SliceGPTConfig
     needs_calibration = True
-    not_after = ("slicegpt",)
-    not_after_why = "slice the original model once, with the slicing you want"
+    not_after = {"slicegpt": "slice the original model once, with the slicing you want",
+                 "activation": "a rotation moves the small entries the thresholds were placed for; put activation "
+                               "after slicegpt"}
 
     def hf_refusal(self) -> str | None:
         return "a sliced model has shortcut matrices and per-block widths, which no transformers class holds"

@@ -1,6 +1,7 @@
 """The command line end to end on tiny-llama, and every bad input: one line, exit 2, no folder left behind."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -270,4 +271,41 @@ def test_bad_slicegpt_input(tmp_path, capsys, args, message):
     assert prune(tmp_path / "out", *args, method="slicegpt") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_activation_sparsity_on_top_of_two_four_end_to_end(tmp_path, capsys):
+    """--activation-sparsity after a masking method: two passes, the thresholds in the ONNX model (onnxruntime within
+    0.1% of PyTorch), the evaluation windows' measured sparsity near the target, and the tables in report.md."""
+    out = tmp_path / "run"
+    assert prune(out, "--pattern", "2:4", "--activation-sparsity", "0.4", "--calib-samples", "8",
+                 method="sparsegpt") == 0
+    assert "| activations 4" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert [p["name"] for p in report["passes"]] == ["sparsegpt", "activation"]
+    assert report["sparsity"]["overall"] == pytest.approx(0.5)
+    measured = report["activation_sparsity"]
+    assert measured["sparsity"] == pytest.approx(0.4, abs=0.05)
+    assert measured["skippable_macs"] == pytest.approx(0.4, abs=0.05)
+    ppl = report["perplexity"]
+    assert abs(ppl["onnx"] - ppl["pruned"]) / ppl["pruned"] < 1e-3
+    markdown = (out / "report.md").read_text()
+    assert "## Activation sparsity" in markdown
+    assert "| model.layers.0.self_attn.q_proj, model.layers.0.self_attn.k_proj, model.layers.0.self_attn.v_proj | 0 |" \
+        in markdown
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "activation", "--activation-sparsity", "1.5"], r"must be in \[0, 1\)"),
+    (["--method", "activation", "--activation-roles", "attn_in,head"], "not roles of linears in the blocks"),
+    (["--method", "magnitude", "--activation-roles", "mlp_in"], "--activation-roles needs --activation-sparsity"),
+    (["--method", "activation", "--calib-samples", "1", "--seq-len", "2"], "at least"),
+])
+def test_bad_activation_input(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    assert main(["-q", "prune", "--model", "tiny-llama", *args, "--eval-windows", "1", "--no-latency", "--out",
+                 str(out)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
     assert list(tmp_path.iterdir()) == []

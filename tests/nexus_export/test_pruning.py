@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from nexus_export.data import calibration_windows, evaluation_windows
 from nexus_export.errors import UserError
-from nexus_export.pruning import (CubicSparsityScheduler, NMSparsityPruner, ShortGPTPruner, SparseGPTConfig,
+from nexus_export.pruning import (CubicSparsityScheduler, DynamicPruner, NMSparsityPruner, ShortGPTPruner, SparseGPTConfig,
                                   SliceGPTPruner, SparseGPTPruner, WandaPruner, apply_sparsity, calibration_tensor,
                                   evaluate_perplexity, export_onnx)
 from nexus_export.zoo import load_model
@@ -202,3 +202,36 @@ def test_readme_python_snippet_runs(tmp_path, monkeypatch):
     assert namespace["metrics"]["achieved_sparsity"] == pytest.approx(0.5)
     assert namespace["short"]["model"].config.num_hidden_layers == 1
     assert set(namespace["sliced"]["widths"].values()) == {48}
+
+
+def test_dynamic_pruner_and_the_seeds_global_threshold(tiny):
+    """DynamicPruner leaves the model as it was and returns a module applying per-input thresholds at the target;
+    the seed's prune_by_activation applies one global threshold to this input only: its logits are the model's with
+    hooks doing x * (|x| >= t) in front of every decoder linear, and the model keeps its weights and has no hooks."""
+    model, tokenizer = tiny
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    pruner = DynamicPruner(sparsity=0.5)
+    metrics = pruner.prune_model(model, loader(tokenizer))
+    assert metrics["achieved_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert len(metrics["thresholds"]) == 4 * len(model.model.layers)
+    ids = evaluation_windows(tokenizer, "austen", 2, 64)
+    assert torch.allclose(metrics["model"](ids, torch.ones_like(ids)), metrics["program"].logits(ids))
+
+    t = min(metrics["thresholds"].values())  # below every calibrated one: no input loses all its entries
+    result = pruner.prune_by_activation(model, ids, t)
+    hooks = [m.register_forward_pre_hook(lambda module, args: (args[0] * (args[0].abs() >= t),))
+             for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in name]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    for h in hooks:
+        h.remove()
+    assert torch.allclose(result["logits"], expected, atol=1e-5, rtol=1e-5)
+    assert 0.05 < result["sparsity"] < 0.5 and 0 < result["skippable_macs"] < 1
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    with pytest.raises(UserError, match="zeroes every entry"):
+        pruner.prune_by_activation(model, ids, 1e9)
+    with pytest.raises(UserError, match="threshold must be a number"):
+        pruner.prune_by_activation(model, ids, -1.0)
+    with pytest.raises(UserError, match=r"\[0, 1\)"):
+        DynamicPruner(sparsity=1.0)

@@ -1,0 +1,184 @@
+"""Activation sparsity: zero the small entries of the hidden states entering chosen linears (TEAL, Liu et al. 2024).
+
+Before -> after: the graph gains ``where(|x| >= t, x, 0)`` in front of each chosen linear input (q, k and v read one
+input and share one threshold, as do gate and up); no weight changes. Each t is placed on the calibration windows so
+that the target fraction of that input's |x| lies below it, on the activations of the model as given (TEAL calibrates
+on the dense model the same way). The ONNX model carries the thresholds as constants (Abs, GreaterOrEqual, Where).
+Invariant: sparsity 0 leaves the program as it is. Speed needs a kernel that skips the zeroed inputs' weight rows;
+onnxruntime has none, so this pass saves multiply-adds only on paper (the report says how many).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from nexus_export.blocks import LINEAR_INPUT_ARG
+from nexus_export.errors import UserError
+from nexus_export.graph_edit import call, copy_program, rebuild
+from nexus_export.passbase import Pass, PassConfig, PassContext
+from nexus_export.program import Program
+from nexus_export.progress import Progress
+from nexus_export.runner import BlockRunner
+from nexus_export.structure import op_name
+
+log = logging.getLogger(__name__)
+
+aten = torch.ops.aten
+IN_BLOCK_ROLES = ("attn_in", "attn_out", "mlp_in", "mlp_out")
+SAMPLE_VALUES = 1 << 24  # values of one input kept to place its threshold (a seeded random sample beyond that)
+MIN_SIDE = 64  # calibration values a threshold needs on each side of it
+
+
+@dataclass(frozen=True)
+class ActivationConfig(PassConfig):
+    sparsity: float = 0.4  # fraction of each chosen input's entries to zero
+    roles: list | None = None  # linear roles whose inputs are thresholded (default: all four in the blocks)
+    batch_size: int = 8  # calibration windows per forward through a block
+
+    def validate(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise UserError(f"activation sparsity must be in [0, 1), e.g. 0.4; got {self.sparsity}")
+        roles = self.chosen_roles()
+        unknown = [r for r in roles if r not in IN_BLOCK_ROLES]
+        if unknown or not roles:
+            raise UserError(f"activation roles {unknown or roles} are not roles of linears in the blocks; choose from "
+                            f"{', '.join(IN_BLOCK_ROLES)}")
+        if self.batch_size < 1:
+            raise UserError(f"batch_size must be positive, got {self.batch_size}")
+
+    def chosen_roles(self) -> list[str]:
+        return list(IN_BLOCK_ROLES) if self.roles is None else [str(r) for r in self.roles]
+
+
+@dataclass
+class Threshold:
+    """One input of one block: the linears reading it, its threshold and the share of calibration values below it."""
+
+    block: int
+    linears: list[str]
+    value: float
+    calibration_sparsity: float
+
+
+class ActivationPass(Pass):
+    name = "activation"
+    config_class = ActivationConfig
+    needs_calibration = True
+    sparsifies_activations = True
+
+    def hf_refusal(self) -> str | None:
+        return "no Hugging Face class applies activation thresholds in front of its linears"
+
+    def check(self, program: Program) -> None:
+        have = {lin.role for lin in program.structure.in_blocks()}
+        missing = [r for r in self.config.chosen_roles() if r not in have]
+        if missing:
+            raise UserError(f"activation: the model has no {', '.join(missing)} linears; its blocks have "
+                            f"{', '.join(r for r in IN_BLOCK_ROLES if r in have)}")
+
+    def check_calibration(self, program: Program, windows: torch.Tensor | None) -> None:
+        """Enough calibration values to place every threshold with MIN_SIDE values on each side of it."""
+        cfg: ActivationConfig = self.config
+        if windows is None or len(windows) == 0:
+            raise UserError("activation needs calibration data to place its thresholds; give calibration settings "
+                            "(source, samples, seq_len)")
+        side = min(cfg.sparsity, 1.0 - cfg.sparsity)
+        if side == 0:
+            return
+        narrowest = min(lin.in_features for lin in program.structure.in_blocks() if lin.role in cfg.chosen_roles())
+        needed = math.ceil(MIN_SIDE / (side * narrowest))
+        if windows.numel() < needed:
+            raise UserError(f"activation sparsity {cfg.sparsity}: {windows.numel()} calibration tokens are too few to "
+                            f"place a threshold; at least {needed} are needed (raise --calib-samples or --seq-len)")
+
+    def apply(self, program: Program, ctx: PassContext) -> tuple[Program, dict]:
+        cfg: ActivationConfig = self.config
+        self.check_calibration(program, ctx.calibration_windows)
+        changes = {"target_sparsity": cfg.sparsity, "roles": cfg.chosen_roles(), "inputs": 0,
+                   "calibration_sparsity": 0.0, "thresholds": {}}
+        if cfg.sparsity == 0:
+            return program, changes
+        thresholds = place_thresholds(program, ctx.calibration_windows, cfg.sparsity, cfg.chosen_roles(),
+                                      cfg.batch_size)
+        edited = insert_thresholds(program, thresholds)
+        changes.update(
+            inputs=len(thresholds),
+            calibration_sparsity=round(sum(t.calibration_sparsity for t in thresholds) / len(thresholds), 6),
+            thresholds={t.linears[0]: {"block": t.block, "linears": t.linears, "threshold": t.value,
+                                       "calibration_sparsity": round(t.calibration_sparsity, 6)} for t in thresholds})
+        return edited, changes
+
+
+@torch.no_grad()
+def place_thresholds(program: Program, windows: torch.Tensor, sparsity: float, roles: list[str],
+                     batch_size: int = 8) -> list[Threshold]:
+    """For every input of a linear with one of ``roles``: the |x| below which ``sparsity`` of its calibration values
+    lie (exact over up to SAMPLE_VALUES values per input, a seeded uniform sample of them beyond that)."""
+    runner = BlockRunner(program, windows, batch_size)
+    chosen = {lin.name for lin in program.structure.in_blocks() if lin.role in roles}
+    per_batch = SAMPLE_VALUES // max(1, math.ceil(len(windows) / batch_size))
+    generator = torch.Generator().manual_seed(0)
+    n_blocks = len(program.structure.blocks)
+    found: list[Threshold] = []
+    progress = Progress("activation thresholds", n_blocks, "blocks")
+    for k in range(n_blocks):
+        groups: dict[int, list[str]] = {}
+        for name, j in runner.graphs.linear_inputs[k].items():
+            if name in chosen:
+                groups.setdefault(j, []).append(name)
+        samples: dict[int, list[torch.Tensor]] = {j: [] for j in groups}
+
+        def keep(stream_in: torch.Tensor, out: tuple) -> None:
+            for j in groups:
+                x = out[1 + j].reshape(-1)
+                if x.numel() > per_batch:
+                    x = x[torch.randint(0, x.numel(), (per_batch,), generator=generator).to(x.device)]
+                samples[j].append(x.abs().float().cpu())
+
+        runner.step(k, keep, [0, *(1 + j for j in groups)])
+        for j, names in groups.items():
+            values = torch.cat(samples.pop(j))
+            below = int(sparsity * values.numel())
+            value = float(torch.kthvalue(values, below + 1).values) if below else 0.0
+            zeroed = (values < value) | (values == 0)  # a ReLU's exact zeros count even below a zero threshold
+            found.append(Threshold(k, names, value, float(zeroed.double().mean())))
+        progress.update(k + 1)
+    return found
+
+
+def input_groups(program: Program, roles: list[str]) -> list[tuple[int, list[str]]]:
+    """(block, linears) for every distinct input of a linear with one of ``roles``: linears reading one tensor (q, k
+    and v; gate and up) form one group."""
+    nodes = {n.name: n for n in program.exported.graph.nodes}
+    groups: dict[str, tuple[int, list[str]]] = {}
+    for lin in program.structure.in_blocks():
+        if lin.role in roles:
+            node = nodes[lin.node]
+            x = node.args[LINEAR_INPUT_ARG[op_name(node)]]
+            groups.setdefault(x.name, (lin.block, []))[1].append(lin.name)
+    return list(groups.values())
+
+
+def insert_thresholds(program: Program, thresholds: list[Threshold]) -> Program:
+    """A new program whose chosen linears read ``where(|x| >= t, x, 0)`` instead of x (the given one unchanged)."""
+    exported = copy_program(program.exported)
+    graph = exported.graph
+    nodes = {n.name: n for n in graph.nodes}
+    for t in thresholds:
+        readers = [nodes[program.linear(name).node] for name in t.linears]
+        x = readers[0].args[LINEAR_INPUT_ARG[op_name(readers[0])]]
+        with graph.inserting_after(x):
+            size = call(graph, aten.abs.default, (x,), readers[0])
+        with graph.inserting_after(size):
+            large = call(graph, aten.ge.Scalar, (size, t.value), readers[0])
+        with graph.inserting_after(large):
+            kept = call(graph, aten.where.ScalarOther, (large, x, 0.0), readers[0])
+        for node in readers:
+            node.replace_input_with(x, kept)
+    store = program.store.fork()
+    log.info("activation: thresholds in front of %d inputs", len(thresholds))
+    return program.derive(rebuild(exported, store, retrace=True), store)

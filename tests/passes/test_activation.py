@@ -1,0 +1,127 @@
+"""Activation sparsity: thresholds placed at the target quantile, the rewritten graph equal to the model with the same
+thresholds applied by hooks, every architecture, ONNX parity, measured sparsity, bad input."""
+
+import pytest
+import torch
+
+from conftest import archs, make_tiny, tiny_program
+from nexus_export.activation_stats import input_sparsity, summarize_inputs
+from nexus_export.errors import UserError
+from nexus_export.passbase import PassContext
+from nexus_export.program import Program
+from passes.activation import ActivationPass, place_thresholds
+
+
+def windows(n=4, seq=32, seed=1):
+    return torch.randint(0, 300, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def run(program, **options):
+    return ActivationPass(options).run(program, PassContext(calibration_windows=windows()))
+
+
+def test_thresholds_equal_the_model_thresholded_by_hooks():
+    """The rewrite is exactly x -> x * (|x| >= t) in front of each chosen linear: the HF model with forward pre-hooks
+    doing that gives the same logits; q/k/v share one threshold, gate/up another."""
+    model = make_tiny("llama")
+    result = run(Program.from_model(model), sparsity=0.5)
+    thresholds = result.report.changes["thresholds"]
+    assert result.report.changes["inputs"] == 4 * 2  # attn_in, attn_out, mlp_in, mlp_out in 2 blocks
+    assert thresholds["model.layers.0.self_attn.q_proj"]["linears"] == [
+        "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"]
+    handles = []
+    for entry in thresholds.values():
+        for name in entry["linears"]:
+            t = entry["threshold"]
+            handles.append(model.get_submodule(name).register_forward_pre_hook(
+                lambda module, args, t=t: (args[0] * (args[0].abs() >= t),)))
+    ids = windows(n=2, seed=5)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    for h in handles:
+        h.remove()
+    got = result.program.logits(ids)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        dense = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert not torch.allclose(got, dense, atol=1e-3)  # the thresholds do something
+
+
+@pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.7])
+def test_each_threshold_sits_at_the_target_quantile(sparsity):
+    program = tiny_program("llama")
+    thresholds = place_thresholds(program, windows(), sparsity, ["attn_in", "mlp_out"])
+    assert len(thresholds) == 2 * 2
+    for t in thresholds:
+        assert t.calibration_sparsity == pytest.approx(sparsity, abs=1e-3)
+        assert t.value > 0
+
+
+def test_measured_sparsity_on_other_windows_and_roles_chosen():
+    """Only the chosen role is thresholded; the evaluation windows' measured sparsity is near the target, the other
+    inputs stay dense, and the skippable share of multiply-adds follows from both."""
+    result = run(tiny_program("llama"), sparsity=0.4, roles=["mlp_out"])
+    assert result.report.changes["inputs"] == 2
+    per_input = summarize_inputs(input_sparsity(result.program, windows(seed=9)))["per_input"]
+    for name, entry in per_input.items():
+        if name.endswith("down_proj"):
+            assert entry["sparsity"] == pytest.approx(0.4, abs=0.08)
+        else:
+            assert entry["sparsity"] < 0.01
+
+
+def test_zero_sparsity_leaves_the_program():
+    program = tiny_program("llama")
+    result = run(program, sparsity=0.0)
+    assert result.program is program and result.report.changes["inputs"] == 0
+
+
+@pytest.mark.parametrize("arch", archs())
+def test_every_architecture_and_composition_with_two_four(arch):
+    """On top of SparseGPT 2:4 the thresholds go in and the masks stay; every input reaches the target (OPT's ReLU
+    output is already sparser: its threshold is 0 and its exact zeros count)."""
+    from passes.sparsegpt import SparseGPTPass
+
+    program = tiny_program(arch)
+    masked = SparseGPTPass({"pattern": "2:4"}).run(program, PassContext(calibration_windows=windows())).program
+    result = run(masked, sparsity=0.4)
+    reached = [t["calibration_sparsity"] for t in result.report.changes["thresholds"].values()]
+    assert len(reached) == 4 * 2 and min(reached) == pytest.approx(0.4, abs=0.01)
+    for lin in masked.structure.in_blocks():
+        assert torch.equal(result.program.weight(lin.name), masked.weight(lin.name))
+    assert torch.isfinite(result.program.logits(windows(n=1))).all()
+
+
+def test_onnx_parity(tmp_path):
+    from runtimes import ort, parity
+    from runtimes.onnx_export import lower_to_onnx
+
+    result = run(tiny_program("llama"), sparsity=0.5)
+    path = lower_to_onnx(result.program, tmp_path / "model.onnx")
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node}
+    assert {"Abs", "GreaterOrEqual", "Where"} <= ops
+    ids = windows(n=2, seed=4)
+    sess = ort.session(path, threads=1)
+    assert parity.max_abs_diff(result.program.logits(ids), sess, ids, torch.ones_like(ids)) < 1e-4
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"sparsity": 1.0}, r"\[0, 1\)"),
+    ({"sparsity": -0.1}, r"\[0, 1\)"),
+    ({"roles": ["attn_in", "lm_head"]}, "not roles of linears in the blocks"),
+    ({"roles": []}, "not roles of linears in the blocks"),
+    ({"sparsity": "0.4"}, "without quotes"),
+])
+def test_bad_options(options, message):
+    with pytest.raises(UserError, match=message):
+        ActivationPass(options)
+
+
+def test_too_few_calibration_tokens_says_how_many():
+    pass_ = ActivationPass({"sparsity": 0.5})
+    with pytest.raises(UserError, match="at least 2 are needed"):
+        pass_.run(tiny_program("llama"), PassContext(calibration_windows=windows(n=1, seq=1)))
+    with pytest.raises(UserError, match="needs calibration data"):
+        pass_.run(tiny_program("llama"), PassContext())
