@@ -82,9 +82,10 @@ def cli(*args) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, args", [("wanda", ["--pattern", "2:4"]), ("sparsegpt", ["--pattern", "2:4"]),
-                                          ("shortgpt", ["--remove", "2"]), ("slicegpt", ["--slicing", "0.25"])])
+@pytest.mark.parametrize("method, args", [("sparsegpt", ["--pattern", "2:4"]), ("slicegpt", ["--slicing", "0.25"])])
 def test_sigkill_then_resume_gives_the_same_bytes(tmp_path, deep_folder, method, args):
+    """A real SIGKILL, for one masking and one structural pass (each CLI run is a process start and a capture: the
+    resume of every pass is checked in process by test_calibration.test_every_long_pass_resumes_to_the_same_result)."""
     common = ["prune", "--model", str(deep_folder), "--method", method, *args, "--calib-samples", "8",
               "--seq-len", "64", "--eval-windows", "2", "--no-latency", "--onnx-eval", "off"]
     subprocess.run(cli(*common, "--out", str(tmp_path / "a")), check=True, capture_output=True)
