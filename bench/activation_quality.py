@@ -37,12 +37,14 @@ def main() -> int:
     other = other_text_windows(loaded.tokenizer, args.ood_windows, args.seq_len)
     search = evals[: args.search_windows]
     groups = input_groups(program, ROLES)
+    block_macs = sum(lin.in_features * lin.out_features for lin in program.structure.in_blocks())  # per token
     rows = []
 
     def measure(label: str, target, thresholded) -> None:
         measured = summarize_inputs(input_sparsity(thresholded, evals))
         rows.append(dict(method=label, target=target, sparsity=measured["sparsity"],
                          skippable_macs=measured["skippable_macs"],
+                         skippable_mmacs_per_token=measured["skippable_macs"] * block_macs / 1e6,
                          **quality(thresholded, evals, other, f"{label} {target}")))
         print_table(rows, flush=True)
 
@@ -70,11 +72,12 @@ def main() -> int:
 
 def print_table(rows: list[dict], flush: bool = False) -> None:
     dense = rows[0]
-    lines = ["| thresholds | target | measured sparsity | multiply-adds reading a zero | ppl PyTorch (x dense) | "
-             "ppl onnxruntime | ppl other text (x dense) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| thresholds | target | measured sparsity | block multiply-adds reading a zero (M per token) | "
+             "ppl PyTorch (x dense) | ppl onnxruntime | ppl other text (x dense) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {cell(r['target'], '.0%')} | {r['sparsity']:.1%} | "
-                     f"{r['skippable_macs']:.1%} | {r['ppl']:.2f} ({r['ppl'] / dense['ppl']:.3f}x) | "
+                     f"{r['skippable_macs']:.1%} ({r['skippable_mmacs_per_token']:.1f}) | "
+                     f"{r['ppl']:.2f} ({r['ppl'] / dense['ppl']:.3f}x) | "
                      f"{r['ppl_onnx']:.2f} | {other_cell(r['ppl_other'], dense['ppl_other'])} |")
     print("\n".join(lines) + "\n", flush=flush)
 

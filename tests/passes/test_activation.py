@@ -125,3 +125,19 @@ def test_too_few_calibration_tokens_says_how_many():
         pass_.run(tiny_program("llama"), PassContext(calibration_windows=windows(n=1, seq=1)))
     with pytest.raises(UserError, match="needs calibration data"):
         pass_.run(tiny_program("llama"), PassContext())
+
+
+def test_after_structural_passes():
+    """After ShortGPT the remaining blocks get thresholds; after SliceGPT the sliced linears' inputs do (the shortcut
+    matrices are not in a role); in both the target is reached and the logits are finite."""
+    from passes.shortgpt import ShortGPTPass
+    from passes.slicegpt import SliceGPTPass
+
+    ctx = PassContext(calibration_windows=windows())
+    short = ShortGPTPass({"layers": [0]}).run(tiny_program("llama", layers=3), ctx).program
+    sliced = SliceGPTPass({"slicing": 0.25}).run(tiny_program("llama"), ctx).program
+    for program, blocks in ((short, 2), (sliced, 2)):
+        result = ActivationPass({"sparsity": 0.4}).run(program, ctx)
+        assert result.report.changes["inputs"] == 4 * blocks
+        assert result.report.changes["calibration_sparsity"] == pytest.approx(0.4, abs=0.01)
+        assert torch.isfinite(result.program.logits(windows(n=1))).all()
