@@ -1,7 +1,8 @@
 """Activation sparsity benchmark: calibrated per-input thresholds against the seed's one global threshold.
 
-For each target sparsity, the ``activation`` pass places one threshold per linear input on the calibration windows;
-the seed's global threshold is then searched (bisection) until it zeroes the same share of the linear inputs'
+For each target sparsity, the ``activation`` pass places one threshold per linear input on the calibration windows,
+with the same sparsity in every input (uniform) or as TEAL's greedy allocation spreads it within each block; the
+seed's global threshold is then searched (bisection) until it zeroes the same share of the linear inputs'
 entries on the evaluation windows as the calibrated thresholds do, so both rows of a sparsity compare at the same
 measured sparsity. Prints one Markdown table: measured sparsity, share of the blocks' multiply-adds that read a zero,
 perplexity on the evaluation windows in PyTorch and onnxruntime, and on text the calibration never saw.
@@ -55,8 +56,11 @@ def main() -> int:
     for target in (float(s) for s in args.sparsities.split(",")):
         calibrated = ActivationPass({"sparsity": target}).run(program.fork(),
                                                               PassContext(calibration_windows=calib)).program
-        measure("per-input (calibrated)", target, calibrated)
-        wanted = summarize_inputs(input_sparsity(calibrated, search))["sparsity"]
+        measure("per-input, uniform", target, calibrated)
+        greedy = ActivationPass({"sparsity": target, "allocation": "greedy"}).run(
+            program.fork(), PassContext(calibration_windows=calib)).program
+        measure("per-input, greedy", target, greedy)
+        wanted = summarize_inputs(input_sparsity(calibrated, search))["sparsity"]  # the uniform one's
         low, high = 0.0, 1.0
         while summarize_inputs(input_sparsity(global_at(high), search))["sparsity"] < wanted:
             low, high = high, high * 2

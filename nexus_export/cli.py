@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
                             "thresholds (with --method activation: that pass alone)")
     prune.add_argument("--activation-roles",
                        help="roles whose linear inputs get thresholds, e.g. mlp_in,mlp_out (default: all four)")
+    prune.add_argument("--activation-allocation", choices=("uniform", "greedy"),
+                       help="uniform: the target in every input (default); greedy: per block, more where it hurts less")
     prune.add_argument("--save-hf", action="store_true", help="also write a Hugging Face folder to DIR/hf")
     prune.add_argument("--quantize-bits", type=int, help="then quantize the MatMul weights to 4 or 8 bits")
     prune.add_argument("--block-size", type=int, default=32, help="quantization block size (32)")
@@ -183,14 +185,15 @@ def _prune(args: argparse.Namespace) -> int:
                    remove_ratio=args.remove_ratio, layers=args.layers, strategy=args.strategy,
                    slicing=args.slicing, round_to=args.round_to)
     options = {k: v for k, v in options.items() if v is not None}
-    activation = {"sparsity": args.activation_sparsity,
+    activation = {"sparsity": args.activation_sparsity, "allocation": args.activation_allocation,
                   "roles": args.activation_roles.split(",") if args.activation_roles is not None else None}
     activation = {k: v for k, v in activation.items() if v is not None}
     if args.method == "activation":
         passes = [{"activation": {**options, **activation}}]
     elif activation:
         if "sparsity" not in activation:
-            raise UserError("--activation-roles needs --activation-sparsity (or --method activation)")
+            raise UserError("--activation-roles and --activation-allocation need --activation-sparsity (or --method "
+                            "activation)")
         passes = [{args.method: options}, {"activation": activation}]
     else:
         passes = [{args.method: options}]

@@ -25,6 +25,8 @@ from nexus_export.progress import Progress
 from nexus_export.runner import BlockRunner
 from nexus_export.structure import op_name
 
+from .activation_greedy import MAX_LEVEL, greedy_levels, thresholded_block
+
 log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
@@ -38,10 +40,21 @@ class ActivationConfig(PassConfig):
     sparsity: float = 0.4  # fraction of each chosen input's entries to zero
     roles: list | None = None  # linear roles whose inputs are thresholded (default: all four in the blocks)
     batch_size: int = 8  # calibration windows per forward through a block
+    allocation: str = "uniform"  # uniform: the target in every input; greedy: TEAL's per-block greedy allocation
+    greedy_windows: int = 4  # calibration windows the greedy search measures block errors on
+    greedy_step: float = 0.05  # how much one greedy round raises the block's mean sparsity
 
     def validate(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
             raise UserError(f"activation sparsity must be in [0, 1), e.g. 0.4; got {self.sparsity}")
+        if self.sparsity > MAX_LEVEL:
+            raise UserError(f"activation sparsity {self.sparsity} is more than any input is thresholded to "
+                            f"({MAX_LEVEL}); choose at most {MAX_LEVEL}")
+        if self.allocation not in ("uniform", "greedy"):
+            raise UserError(f"activation allocation must be uniform or greedy, got {self.allocation!r}")
+        if self.greedy_windows < 1 or not 0.0 < self.greedy_step <= 0.5:
+            raise UserError(f"greedy_windows must be positive and greedy_step in (0, 0.5], got {self.greedy_windows} "
+                            f"and {self.greedy_step}")
         roles = self.chosen_roles()
         unknown = [r for r in roles if r not in IN_BLOCK_ROLES]
         if unknown or not roles:
@@ -98,16 +111,18 @@ class ActivationPass(Pass):
     def apply(self, program: Program, ctx: PassContext) -> tuple[Program, dict]:
         cfg: ActivationConfig = self.config
         self.check_calibration(program, ctx.calibration_windows)
-        changes = {"target_sparsity": cfg.sparsity, "roles": cfg.chosen_roles(), "inputs": 0,
-                   "calibration_sparsity": 0.0, "thresholds": {}}
+        changes = {"target_sparsity": cfg.sparsity, "roles": cfg.chosen_roles(), "allocation": cfg.allocation,
+                   "inputs": 0, "calibration_sparsity": 0.0, "thresholds": {}}
         if cfg.sparsity == 0:
             return program, changes
         thresholds = place_thresholds(program, ctx.calibration_windows, cfg.sparsity, cfg.chosen_roles(),
-                                      cfg.batch_size)
+                                      cfg.batch_size, cfg.allocation, cfg.greedy_windows, cfg.greedy_step)
         edited = insert_thresholds(program, thresholds)
+        widths = [program.linear(t.linears[0]).in_features for t in thresholds]
         changes.update(
             inputs=len(thresholds),
-            calibration_sparsity=round(sum(t.calibration_sparsity for t in thresholds) / len(thresholds), 6),
+            calibration_sparsity=round(sum(w * t.calibration_sparsity for w, t in zip(widths, thresholds))
+                                       / sum(widths), 6),
             thresholds={t.linears[0]: {"block": t.block, "linears": t.linears, "threshold": t.value,
                                        "calibration_sparsity": round(t.calibration_sparsity, 6)} for t in thresholds})
         return edited, changes
@@ -115,22 +130,27 @@ class ActivationPass(Pass):
 
 @torch.no_grad()
 def place_thresholds(program: Program, windows: torch.Tensor, sparsity: float, roles: list[str],
-                     batch_size: int = 8) -> list[Threshold]:
-    """For every input of a linear with one of ``roles``: the |x| below which ``sparsity`` of its calibration values
-    lie (exact over up to SAMPLE_VALUES values per input, a seeded uniform sample of them beyond that)."""
+                     batch_size: int = 8, allocation: str = "uniform", greedy_windows: int = 4,
+                     greedy_step: float = 0.05) -> list[Threshold]:
+    """For every input of a linear with one of ``roles``: the |x| below which its share of calibration values lie
+    (exact over up to SAMPLE_VALUES values per input, a seeded uniform sample of them beyond that). The share is
+    ``sparsity`` for every input (uniform), or per input as TEAL's greedy allocation chooses it in each block, with the
+    same width-weighted mean (see activation_greedy)."""
     runner = BlockRunner(program, windows, batch_size)
     chosen = {lin.name for lin in program.structure.in_blocks() if lin.role in roles}
     per_batch = SAMPLE_VALUES // max(1, math.ceil(len(windows) / batch_size))
     generator = torch.Generator().manual_seed(0)
     n_blocks = len(program.structure.blocks)
     found: list[Threshold] = []
-    progress = Progress("activation thresholds", n_blocks, "blocks")
+    progress = Progress(f"activation thresholds ({allocation})", n_blocks, "blocks")
     for k in range(n_blocks):
         groups: dict[int, list[str]] = {}
         for name, j in runner.graphs.linear_inputs[k].items():
             if name in chosen:
                 groups.setdefault(j, []).append(name)
         samples: dict[int, list[torch.Tensor]] = {j: [] for j in groups}
+        entering = [runner.inputs(k, m) for m in range(math.ceil(min(greedy_windows, len(windows)) / runner.micro))] \
+            if allocation == "greedy" else []
 
         def keep(stream_in: torch.Tensor, out: tuple) -> None:
             for j in groups:
@@ -140,14 +160,51 @@ def place_thresholds(program: Program, windows: torch.Tensor, sparsity: float, r
                 samples[j].append(x.abs().float().cpu())
 
         runner.step(k, keep, [0, *(1 + j for j in groups)])
+        values = {j: torch.cat(samples.pop(j)) for j in groups}
+        levels = dict.fromkeys(groups, sparsity)
+        if allocation == "greedy":
+            widths = [program.linear(names[0]).in_features for names in groups.values()]
+            chosen_levels = greedy_levels(_block_error(runner, k, list(groups), values, entering), widths, sparsity,
+                                          greedy_step)
+            levels = dict(zip(groups, chosen_levels))
         for j, names in groups.items():
-            values = torch.cat(samples.pop(j))
-            below = int(sparsity * values.numel())
-            value = float(torch.kthvalue(values, below + 1).values) if below else 0.0
-            zeroed = (values < value) | (values == 0)  # a ReLU's exact zeros count even below a zero threshold
+            value = _quantile(values[j], levels[j])
+            zeroed = (values[j] < value) | (values[j] == 0)  # a ReLU's exact zeros count even below a zero threshold
             found.append(Threshold(k, names, value, float(zeroed.double().mean())))
         progress.update(k + 1)
     return found
+
+
+def _quantile(values: torch.Tensor, level: float) -> float:
+    """The value with ``level`` of ``values`` below it (0 for level 0: nothing is zeroed)."""
+    below = int(level * values.numel())
+    return float(torch.kthvalue(values, below + 1).values) if below else 0.0
+
+
+GREEDY_SEARCH_VALUES = 1 << 20  # sorted values per input the greedy search reads its candidate thresholds from
+
+
+def _block_error(runner: BlockRunner, k: int, inputs: list[int], values: dict[int, torch.Tensor],
+                 entering: list[tuple]):
+    """``error(levels)``: the squared distance of block k's output, with ``inputs`` thresholded at those levels, from
+    its output with nothing thresholded, on the ``entering`` micro-batches (stream and side values)."""
+    part = thresholded_block(runner.graphs.blocks[k], inputs)
+    weights = runner.load(runner.graphs.blocks[k])
+    ordered = {j: values[j][:: max(1, values[j].numel() // GREEDY_SEARCH_VALUES)].sort().values for j in inputs}
+
+    def outputs(levels: list[float]) -> list[torch.Tensor]:
+        limits = []
+        for j, level in zip(inputs, levels):
+            below = min(int(level * ordered[j].numel()), ordered[j].numel() - 1)
+            limits.append(torch.tensor(float(ordered[j][below]) if below else 0.0, device=runner.device))
+        return [part(weights, *batch, *limits)[0] for batch in entering]
+
+    dense = outputs([0.0] * len(inputs))
+
+    def error(levels: list[float]) -> float:
+        return sum(float(((out - ref) ** 2).sum()) for out, ref in zip(outputs(levels), dense))
+
+    return error
 
 
 def input_groups(program: Program, roles: list[str]) -> list[tuple[int, list[str]]]:

@@ -299,7 +299,7 @@ def test_activation_sparsity_on_top_of_two_four_end_to_end(tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--method", "activation", "--activation-sparsity", "1.5"], r"must be in \[0, 1\)"),
     (["--method", "activation", "--activation-roles", "attn_in,head"], "not roles of linears in the blocks"),
-    (["--method", "magnitude", "--activation-roles", "mlp_in"], "--activation-roles needs --activation-sparsity"),
+    (["--method", "magnitude", "--activation-roles", "mlp_in"], "--activation-roles and --activation-allocation need"),
     (["--method", "activation", "--calib-samples", "1", "--seq-len", "2"], "at least"),
 ])
 def test_bad_activation_input(tmp_path, capsys, args, message):

@@ -10,6 +10,7 @@ from nexus_export.errors import UserError
 from nexus_export.passbase import PassContext
 from nexus_export.program import Program
 from passes.activation import ActivationPass, place_thresholds
+from passes.activation_greedy import greedy_levels
 
 
 def windows(n=4, seq=32, seed=1):
@@ -107,7 +108,40 @@ def test_onnx_parity(tmp_path):
     assert parity.max_abs_diff(result.program.logits(ids), sess, ids, torch.ones_like(ids)) < 1e-4
 
 
+def test_greedy_levels_follow_the_error():
+    """Two inputs whose error grows as 1 x level^2 and 4 x level^2: for a mean of 0.5 the optimum puts 0.8 on the
+    cheap one and 0.2 on the other, and greedy rounds of 0.1 of the mean find it; at equal cost per level, a wide
+    input takes more of the target (each round moves the mean by the same step)."""
+    levels = greedy_levels(lambda ls: ls[0] ** 2 + 4 * ls[1] ** 2, [1, 1], 0.5, 0.1)
+    assert levels == pytest.approx([0.8, 0.2])
+    wide = greedy_levels(lambda ls: ls[0] ** 2 + ls[1] ** 2, [1, 3], 0.5, 0.1)
+    assert (wide[0] + 3 * wide[1]) / 4 == pytest.approx(0.5) and wide[1] > wide[0]
+
+
+def test_greedy_allocation_keeps_the_mean_and_with_one_input_is_uniform():
+    ids = windows(n=8)
+    greedy = place_thresholds(tiny_program("llama"), ids, 0.5, list(ROLES_ALL), allocation="greedy")
+    for block in (0, 1):
+        mine = [t for t in greedy if t.block == block]
+        widths = [64 if not t.linears[0].endswith("down_proj") else 128 for t in mine]
+        mean = sum(w * t.calibration_sparsity for w, t in zip(widths, mine)) / sum(widths)
+        assert mean == pytest.approx(0.5, abs=0.01)
+        assert len({round(t.calibration_sparsity, 2) for t in mine}) > 1  # not the uniform answer
+    one = place_thresholds(tiny_program("llama"), ids, 0.5, ["mlp_out"], allocation="greedy")
+    uniform = place_thresholds(tiny_program("llama"), ids, 0.5, ["mlp_out"])
+    assert [t.value for t in one] == [t.value for t in uniform]
+    result = run(tiny_program("llama"), sparsity=0.4, allocation="greedy")
+    assert result.report.changes["allocation"] == "greedy"
+    assert result.report.changes["calibration_sparsity"] == pytest.approx(0.4, abs=0.01)
+
+
+ROLES_ALL = ("attn_in", "attn_out", "mlp_in", "mlp_out")
+
+
 @pytest.mark.parametrize("options, message", [
+    ({"allocation": "best"}, "uniform or greedy"),
+    ({"greedy_step": 0.0}, "greedy_step"),
+    ({"sparsity": 0.97}, "at most 0.95"),
     ({"sparsity": 1.0}, r"\[0, 1\)"),
     ({"sparsity": -0.1}, r"\[0, 1\)"),
     ({"roles": ["attn_in", "lm_head"]}, "not roles of linears in the blocks"),
