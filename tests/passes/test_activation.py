@@ -175,3 +175,14 @@ def test_after_structural_passes():
         assert result.report.changes["inputs"] == 4 * blocks
         assert result.report.changes["calibration_sparsity"] == pytest.approx(0.4, abs=0.01)
         assert torch.isfinite(result.program.logits(windows(n=1))).all()
+
+
+def test_a_role_the_model_does_not_have():
+    """After every attention sublayer is removed the blocks have no attn_in: asking for it is refused, naming the
+    roles there are."""
+    from passes.shortgpt import ShortGPTPass
+
+    ctx = PassContext(calibration_windows=windows())
+    program = ShortGPTPass({"remove": 2, "strategy": "attention"}).run(tiny_program("llama"), ctx).program
+    with pytest.raises(UserError, match="has no attn_in linears; its blocks have mlp_in, mlp_out"):
+        ActivationPass({"roles": ["attn_in"]}).check(program)
