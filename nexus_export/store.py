@@ -211,10 +211,13 @@ class WeightStore:
         self._entries = {mapping.get(name, name): entry for name, entry in self._entries.items()}
 
     def fork(self) -> "WeightStore":
-        """A store that starts with this one's tensors (shared, not copied) and keeps its own changes."""
+        """A store that starts with this one's tensors (shared, not copied) and keeps its own changes.
+
+        The entries themselves are shared until either store sets a new tensor under a name, so a spill by either
+        frees the memory for both (with copied entries, a shared edit spilled by one stayed in memory through the
+        other: SliceGPT's fused and projected stores held up to twice the budget that way)."""
         other = WeightStore(self.budget, self._scratch, self.dtype, write_through=False)
-        other._entries = {name: _Entry(e.shape, e.dtype, e.location, e.tensor, e.owned)
-                          for name, e in self._entries.items()}
+        other._entries = dict(self._entries)
         return other
 
     # ------------------------------------------------------------------------------------------------ memory

@@ -98,3 +98,17 @@ def test_memory_sizes():
     for bad in ("lots", "-1GiB", "0", ""):
         with pytest.raises(UserError, match="not a positive size"):
             parse_bytes(bad)
+
+
+def test_a_spill_by_a_fork_frees_a_shared_edit_for_both(shard, tmp_path):
+    """An edit made before the fork lives once: when the fork spills it (over its budget), the parent reads it from
+    the spill file too, and neither holds it in memory any more."""
+    path, _ = shard
+    store = store_of(path, budget=100, scratch=tmp_path / "scratch")
+    store.set("x", torch.full((20,), 2.0))  # 80 bytes, in memory
+    fork = store.fork()
+    fork.set("y", torch.full((10,), 3.0))  # 120 bytes in the fork: x and y spilled
+    assert fork.resident_bytes() == 0 and store.resident_bytes() == 0
+    assert torch.equal(store.get("x"), torch.full((20,), 2.0)) and "y" not in store
+    store.set("x", torch.ones(20))  # a later change in either store is its own
+    assert torch.equal(fork.get("x"), torch.full((20,), 2.0))
