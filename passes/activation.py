@@ -102,7 +102,8 @@ class ActivationPass(Pass):
         side = min(cfg.sparsity, 1.0 - cfg.sparsity)
         if side == 0:
             return
-        narrowest = min(lin.in_features for lin in program.structure.in_blocks() if lin.role in cfg.chosen_roles())
+        narrowest = min((lin.in_features for lin in program.structure.in_blocks() if lin.role in cfg.chosen_roles()),
+                        default=1)
         needed = math.ceil(MIN_SIDE / (side * narrowest))
         if windows.numel() < needed:
             raise UserError(f"activation sparsity {cfg.sparsity}: {windows.numel()} calibration tokens are too few to "
