@@ -40,7 +40,8 @@ def trim() -> None:
     """Return the free pages inside the C heap to the operating system (``malloc_trim``), without a garbage
     collection: cheap (well under a millisecond), so it can follow every freed weight. Needed because glibc raises its
     mmap threshold after freeing a large block, so later weight-sized tensors live in the heap and the holes they leave
-    are never given back: a magnitude pass over a 44-block checkpoint grew by 0.9 GiB that way."""
+    are never given back: a magnitude pass over a 44-block 1.1B-wide checkpoint peaked at 2.49 GiB that way, 1.88 GiB
+    with this after every spill and every matrix."""
     malloc_trim = getattr(_libc(), "malloc_trim", None)
     if malloc_trim is not None:
         malloc_trim(0)

@@ -138,17 +138,16 @@ def place_thresholds(program: Program, windows: torch.Tensor, sparsity: float, r
     ``sparsity`` for every input (uniform), or per input as TEAL's greedy allocation chooses it in each block, with the
     same width-weighted mean (see activation_greedy)."""
     runner = BlockRunner(program, windows, batch_size)
-    chosen = {lin.name for lin in program.structure.in_blocks() if lin.role in roles}
+    by_block: dict[int, list[list[str]]] = {}
+    for block, names in input_groups(program, roles):
+        by_block.setdefault(block, []).append(names)
     per_batch = SAMPLE_VALUES // max(1, math.ceil(len(windows) / batch_size))
     generator = torch.Generator().manual_seed(0)
     n_blocks = len(program.structure.blocks)
     found: list[Threshold] = []
     progress = Progress(f"activation thresholds ({allocation})", n_blocks, "blocks")
     for k in range(n_blocks):
-        groups: dict[int, list[str]] = {}
-        for name, j in runner.graphs.linear_inputs[k].items():
-            if name in chosen:
-                groups.setdefault(j, []).append(name)
+        groups = {runner.graphs.linear_inputs[k][names[0]]: names for names in by_block.get(k, [])}
         samples: dict[int, list[torch.Tensor]] = {j: [] for j in groups}
         entering = [runner.inputs(k, m) for m in range(math.ceil(min(greedy_windows, len(windows)) / runner.micro))] \
             if allocation == "greedy" else []
