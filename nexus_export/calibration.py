@@ -250,7 +250,8 @@ def calibrate_blocks(program: Program, windows: torch.Tensor,
                 block_linears.extend(stage)
         runner.step(k)
         if checkpoint is not None:
-            weights = {lin.weight: program.parameter(lin.weight) for lin in block_linears}
+            names = [n for lin in block_linears for n in (lin.weight, *program.store.companions(lin.weight))]
+            weights = {name: program.parameter(name) for name in names}
             checkpoint.save(k, weights, runner.streams(), notes)
         trim()  # the block's statistics and temporaries are gone: give their pages back while edits accumulate
         progress.update(k + 1)

@@ -58,8 +58,19 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--activation-allocation", choices=("uniform", "greedy"),
                        help="uniform: the target in every input (default); greedy: per block, more where it hurts less")
     prune.add_argument("--save-hf", action="store_true", help="also write a Hugging Face folder to DIR/hf")
-    prune.add_argument("--quantize-bits", type=int, help="then quantize the MatMul weights to 4 or 8 bits")
-    prune.add_argument("--block-size", type=int, default=32, help="quantization block size (32)")
+    prune.add_argument("--quantize-bits", type=int,
+                       help="then quantize the MatMul weights (gptq: the block linears) to 4 or 8 bits: model.q4.onnx")
+    prune.add_argument("--quantize-method", choices=("gptq", "rtn"),
+                       help="gptq: error-compensated on the calibration data (default when the method calibrates); "
+                            "rtn: round to nearest (default otherwise)")
+    prune.add_argument("--group-size", "--block-size", dest="group_size", type=int,
+                       help="inputs per quantization scale: 32 (default), 64, 128")
+    prune.add_argument("--act-order", action="store_true",
+                       help="gptq: quantize columns in decreasing Hessian diagonal order")
+    prune.add_argument("--quantize-sym", action=argparse.BooleanOptionalAction, default=None,
+                       help="symmetric grid (default); --no-quantize-sym: a zero point per group")
+    prune.add_argument("--joint", action="store_true",
+                       help="gptq: prune (sparsegpt or wanda) and quantize each layer in one sweep")
     prune.add_argument("--fp16", action="store_true", help="also write model.fp16.onnx with float16 weights")
     prune.add_argument("--calib-source", default="austen", help="calibration text: austen, a .txt file or folder")
     prune.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default 64)")
@@ -206,9 +217,22 @@ def _prune(args: argparse.Namespace) -> int:
                        "latency": not args.no_latency, "onnx": args.onnx_eval},
         "execution": {"device": args.device, "dtype": args.dtype, "memory_budget": args.memory_budget},
         "lowering": {"save_hf": args.save_hf, "precision": "fp16" if args.fp16 else "fp32"},
-        **({"quantize": {"bits": args.quantize_bits, "block_size": args.block_size}} if args.quantize_bits else {}),
+        **_quantize_options(args),
     })
     return _execute(recipe, args)
+
+
+def _quantize_options(args: argparse.Namespace) -> dict:
+    """The recipe's quantize section from the flags; a quantization flag without --quantize-bits is an error."""
+    given = {"method": args.quantize_method, "group_size": args.group_size, "sym": args.quantize_sym,
+             "act_order": args.act_order or None, "joint": args.joint or None}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.quantize_bits is None:
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise UserError(f"{flags} set how to quantize, but nothing is quantized: add --quantize-bits 4 (or 8)")
+        return {}
+    return {"quantize": {"bits": args.quantize_bits, **given}}
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ from .outdir import check_distinct, check_output_dir, staged_output
 from .passbase import PassContext
 from .program import COMPUTE_DTYPE, Program
 from .progress import Progress
-from .recipe import Recipe, dtype_name, output_dtype
+from .recipe import Recipe, dtype_name, output_dtype, run_steps
 from .registry import get_pass, get_runtime
 from .report import render_markdown, write_json
 from .runner import resolve_device
@@ -81,7 +81,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
     if not ok:
         raise UserError(f"runtime {recipe.lowering.runtime} is not available: {why}")
     runtime = runtime_cls()
-    passes = [get_pass(step.name)(step.config) for step in recipe.passes]
+    passes = [get_pass(step.name)(step.config) for step in run_steps(recipe)]
     needs_calibration = any(pass_.needs_calibration for pass_ in passes)
     refusals = [f"{pass_.name}: {pass_.hf_refusal()}" for pass_ in passes if pass_.hf_refusal()]
     if recipe.lowering.save_hf and refusals:
@@ -160,6 +160,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
             sizes = {n: math.prod(program.store.shape(program.linear(n).weight)) for n in targeted}
             total = sum(sizes.values())
             overall = sum(per_layer[n] * sizes[n] for n in targeted) / total if total else 0.0
+            grids = _quantization_grids(program, recipe)
             model_report = {"name": loaded.name, "origin": loaded.origin, "structure": program.structure.summary(),
                             "params_dense": params_dense, "params_pruned": program.num_parameters()}
             del program  # the store's edits are in the ONNX file now: free them before onnxruntime
@@ -180,7 +181,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
                         latency["onnxruntime_cpu_1x128"] = runtime.latency(sess, 1, 128)
                     del sess
                 artifacts[0]["perplexity"] = onnx_ppl
-            for variant in runtime.variants(artifact, recipe, set(targeted)):
+            for variant in runtime.variants(artifact, recipe, set(targeted), grids):
                 variant["perplexity"] = variant["parity_max_abs_diff"] = None
                 if onnx_eval:
                     with stage(f"variant:{variant['name']}"):
@@ -189,6 +190,9 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
                             sess, windows, 1, Progress(f"{variant['name']} perplexity", len(windows)))
                         variant["parity_max_abs_diff"] = runtime.parity(expected, sess, parity_ids)
                         del sess
+                    if variant.get("method") == "gptq":  # the program holds the dequantized weights GPTQ chose
+                        variant["pytorch_perplexity"] = pruned_ppl
+                        variant["vs_pytorch_rel"] = abs(variant["perplexity"] - pruned_ppl) / pruned_ppl
                 artifacts.append(variant)
             deploy = artifacts[-1]
             _save_tokenizer(loaded, tmp / "tokenizer")
@@ -241,7 +245,7 @@ def _check_variants(recipe: Recipe, program: Program, passes: list, dtype: torch
                         f"{dtype_name(dtype or program.main_dtype())}; add --dtype fp32")
     if recipe.quantize is None:
         return
-    block = recipe.quantize.block_size
+    block = recipe.quantize.group_size
     widths = [(lin.in_features, lin.name) for lin in program.structure.linears.values()]
     for pass_ in passes:
         if hasattr(pass_, "block_widths"):  # slicegpt: the widths it will leave
@@ -249,8 +253,18 @@ def _check_variants(recipe: Recipe, program: Program, passes: list, dtype: torch
             widths += [(w, f"the stream slicegpt leaves ({w} wide)") for w in sorted({first, *kept})]
     for width, what in widths:
         if width % block:
-            raise UserError(f"quantize block_size {block} does not divide the input width {width} of {what}; choose "
-                            "a block size that divides every layer's input width (e.g. 16 or 32)")
+            raise UserError(f"quantize group size {block} does not divide the input width {width} of {what}; choose "
+                            "a group size that divides every layer's input width (e.g. 16 or 32)")
+
+
+def _quantization_grids(program: Program, recipe: Recipe) -> dict | None:
+    """The GPTQ pass's scales and zero points by layer, for writing MatMulNBits once the program is gone (None
+    without GPTQ). They are small beside the weights: one scale (and zero point) per group of inputs."""
+    if recipe.quantize is None or recipe.quantize.method != "gptq":
+        return None
+    from passes.gptq import quantization_grids
+
+    return quantization_grids(program)
 
 
 def _plan(program: Program, budget: int, onnx_eval: str) -> tuple[bool, str]:

@@ -8,6 +8,7 @@ YAML form::
     calibration: {source: austen, samples: 64, seq_len: 512, seed: 0}
     evaluation: {source: austen, windows: 64, seq_len: 512, onnx: auto}
     lowering: {opset: 18, external_data: true}
+    quantize: {bits: 4, group_size: 32, method: gptq}     # optional: also write model.q4.onnx (MatMulNBits)
     execution: {device: auto, dtype: auto, memory_budget: 2GiB}
 
 Everything is validated (pass names, pass options, settings) before any work starts.
@@ -84,8 +85,16 @@ def output_dtype(name: str) -> torch.dtype | None:
 
 @dataclass(frozen=True)
 class QuantizeSettings:
-    bits: int = 4  # 4 or 8: block-wise weight-only quantization of the MatMul weights (MatMulNBits)
-    block_size: int = 32
+    """Weight-only quantization of the block linears' weights to MatMulNBits (the fp32 model is kept beside it)."""
+
+    bits: int = 4  # 4 or 8
+    group_size: int = 32  # inputs per scale (MatMulNBits block size)
+    method: str = "auto"  # gptq (error-compensated, calibrated) or rtn (round to nearest); auto: gptq when the run
+    # calibrates anyway, else rtn
+    sym: bool = True  # symmetric grid; False: a zero point per group (0 is still exact)
+    act_order: bool = False  # gptq: columns in decreasing Hessian diagonal order
+    joint: bool = False  # gptq: prune (the last sparsegpt or wanda pass) and quantize in one sweep per layer
+    percdamp: float = 0.01  # gptq: damping, as a fraction of the mean Hessian diagonal
 
 
 def _settings(cls, data: Any, section: str):
@@ -153,15 +162,20 @@ class Recipe:
                     raise UserError(f"{name} cannot run after {earlier.name} (passes[{i}]); "
                                     f"{pass_cls.not_after[earlier.name]}")
             steps.append(PassStep(name=name, config=pass_cls.config_class.from_options(options, name)))
-        return cls(
+        if any(step.name == "gptq" for step in steps):
+            raise UserError("gptq is not a pass of the passes list: ask for it in the quantize section "
+                            "(quantize: {bits: 4, method: gptq}) or with --quantize-bits 4 --quantize-method gptq")
+        recipe = cls(
             model=str(data["model"]),
             passes=tuple(steps),
             calibration=_settings(CalibrationSettings, data.get("calibration"), "calibration"),
             evaluation=_evaluation(data.get("evaluation")),
             lowering=_lowering(data.get("lowering")),
-            quantize=_quantize(data.get("quantize")),
+            quantize=_quantize(data.get("quantize"), tuple(steps)),
             execution=_execution(data.get("execution")),
         )
+        run_steps(recipe)  # the joint pass's options are checked now, not after the work
+        return recipe
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Recipe":
@@ -224,15 +238,57 @@ def _lowering(data: Any) -> LoweringSettings:
     return settings
 
 
-def _quantize(data: Any) -> QuantizeSettings | None:
+def _quantize(data: Any, passes: tuple[PassStep, ...]) -> QuantizeSettings | None:
     if data is None or data is False:
         return None
-    settings = _settings(QuantizeSettings, {} if data is True else data, "quantize")
+    data = {} if data is True else data
+    if isinstance(data, dict) and "block_size" in data:  # the earlier name of group_size
+        if "group_size" in data:
+            raise UserError("quantize has both block_size and group_size; keep group_size")
+        data = {("group_size" if k == "block_size" else k): v for k, v in data.items()}
+    settings = _settings(QuantizeSettings, data, "quantize")
     if settings.bits not in (4, 8):
-        raise UserError(f"quantize.bits must be 4 or 8, got {settings.bits}")
-    if settings.block_size < 16 or settings.block_size & (settings.block_size - 1):
-        raise UserError(f"quantize.block_size must be a power of two >= 16 (e.g. 32), got {settings.block_size}")
+        raise UserError(f"quantize.bits (--quantize-bits) must be 4 or 8, got {settings.bits}")
+    if settings.group_size < 16 or settings.group_size & (settings.group_size - 1):
+        raise UserError(f"quantize.group_size (--group-size) must be a power of two >= 16 (e.g. 32, 64, 128), got "
+                        f"{settings.group_size}")
+    if settings.method not in ("auto", "gptq", "rtn"):
+        raise UserError(f"quantize.method (--quantize-method) must be gptq or rtn, got {settings.method!r}")
+    if settings.method == "auto":
+        calibrates = any(get_pass(step.name).needs_calibration for step in passes)
+        settings = dataclasses.replace(settings, method="gptq" if calibrates else "rtn")
+    if settings.method == "rtn":
+        for flag, on in (("act_order (--act-order)", settings.act_order), ("joint (--joint)", settings.joint)):
+            if on:
+                raise UserError(f"quantize.{flag} needs the gptq method (--quantize-method gptq); round to nearest "
+                                "has no column order or sweep")
+    if settings.joint and not any(step.name in JOINT_METHODS for step in passes):
+        raise UserError(f"quantize.joint (--joint) prunes and quantizes in one sweep and needs a "
+                        f"{' or '.join(JOINT_METHODS)} pass to join; the recipe has "
+                        f"{', '.join(step.name for step in passes) or 'no passes'}")
     return settings
+
+
+def run_steps(recipe: Recipe) -> tuple[PassStep, ...]:
+    """The passes a run executes: the recipe's, and GPTQ at the end (or, joint, in place of the last sparsegpt or
+    wanda pass, which it then runs inside its sweep)."""
+    q = recipe.quantize
+    if q is None or q.method != "gptq":
+        return recipe.passes
+    options = {"bits": q.bits, "group_size": q.group_size, "sym": q.sym, "act_order": q.act_order,
+               "percdamp": q.percdamp}
+    steps = list(recipe.passes)
+    if not q.joint:
+        return (*steps, PassStep("gptq", get_pass("gptq").config_class.from_options(options, "gptq")))
+    i = max(i for i, step in enumerate(steps) if step.name in JOINT_METHODS)
+    mask = steps[i].config.to_dict()
+    calibration = {k: mask.pop(k) for k in ("batch_size", "true_sequential", "blocksize", "percdamp") if k in mask}
+    options.update(calibration, prune={"method": steps[i].name, **_clean(mask)})
+    steps[i] = PassStep("gptq", get_pass("gptq").config_class.from_options(options, "gptq"))
+    return tuple(steps)
+
+
+JOINT_METHODS = ("sparsegpt", "wanda")
 
 
 def _clean(options: dict) -> dict:

@@ -33,6 +33,7 @@ from .shards import TensorLocation, read_header, read_tensor
 log = logging.getLogger(__name__)
 
 DEFAULT_BUDGET = 2 * 2**30
+COMPANION = "::"  # "W::qscale" goes with W (a quantized weight's scales): saved and restored with it
 
 
 @dataclass
@@ -128,6 +129,11 @@ class WeightStore:
 
     def names(self) -> list[str]:
         return list(self._entries)
+
+    def companions(self, name: str) -> list[str]:
+        """Names of the tensors that go with ``name`` (``name::something``: a quantized weight's scales)."""
+        prefix = name + COMPANION
+        return [other for other in self._entries if other.startswith(prefix)]
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entry(name).shape

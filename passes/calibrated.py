@@ -36,31 +36,48 @@ def run_calibrated(program: Program, ctx: PassContext, cfg: CalibratedConfig,
 
     ``prune`` returns per-layer extras for the report (e.g. SparseGPT's damping); they are merged into per_layer.
     """
+    targets = {t.name: t for t in cfg.targets(program)}
+    extras = calibrate_linears(program, ctx, list(targets), lambda name, stats: prune(targets[name], stats),
+                               hessian=hessian, what=what, options=cfg.to_dict(), true_sequential=cfg.true_sequential,
+                               batch_size=cfg.batch_size)
+    changes = masking_changes(program, list(targets.values()), cfg.pattern_obj())
+    for name, extra in extras.items():
+        changes["per_layer"][name].update(extra)
+    changes["calibration"] = calibration_facts(ctx, cfg.true_sequential)
+    return changes
+
+
+def calibrate_linears(program: Program, ctx: PassContext, names: list[str], work: Callable[[str, InputStats], dict],
+                      hessian: bool, what: str, options: dict, true_sequential: bool = False, batch_size: int = 8
+                      ) -> dict[str, dict]:
+    """Call ``work(name, stats)`` for every linear in ``names`` (all inside decoder blocks), block by block on the
+    calibration windows, with checkpoints and resume; returns what ``work`` returned for each, for the report."""
     windows = ctx.calibration_windows
     if windows is None or len(windows) == 0:
         raise UserError(f"{what} needs calibration data; give calibration settings (source, samples, seq_len)")
-    targets = {t.name: t for t in cfg.targets(program)}
-    outside = [n for n, t in targets.items() if program.structure.linears.get(n) is None
+    wanted = set(names)
+    outside = [n for n in names if program.structure.linears.get(n) is None
                or program.structure.linears[n].block is None]
     if outside:
-        raise UserError(f"{what} prunes linears inside decoder blocks only; remove {outside} from the schedule "
+        raise UserError(f"{what} works on linears inside decoder blocks only; remove {outside} from the schedule "
                         f"(use magnitude for the embeddings or the lm_head)")
-    def prune_stage(block: int, linears, stats: dict[str, InputStats]) -> dict:
+
+    def stage(block: int, linears, stats: dict[str, InputStats]) -> dict:
         notes = {}
         for i, lin in enumerate(linears):
-            if lin.name in targets:
-                notes[lin.name] = prune(targets[lin.name], stats[lin.name]) or {}
+            if lin.name in wanted:
+                notes[lin.name] = work(lin.name, stats[lin.name]) or {}
             if all(stats[later.name] is not stats[lin.name] for later in linears[i + 1:]):
                 stats[lin.name].free()  # no later linear reads this input: its Hessian goes before the next one's math
         return notes
 
-    checkpoint, resumed = open_checkpoint(ctx, program, what, cfg.to_dict(), windows)
+    checkpoint, resumed = open_checkpoint(ctx, program, what, options, windows)
     with torch.no_grad():
-        extras = calibrate_blocks(program, windows, prune_stage, hessian=hessian, true_sequential=cfg.true_sequential,
-                                  batch_size=cfg.batch_size, what=what, checkpoint=checkpoint, resumed=resumed)
-    changes = masking_changes(program, list(targets.values()), cfg.pattern_obj())
-    for name, extra in extras.items():
-        changes["per_layer"][name].update(extra)
-    changes["calibration"] = {"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
-                              "true_sequential": cfg.true_sequential}
-    return changes
+        return calibrate_blocks(program, windows, stage, hessian=hessian, true_sequential=true_sequential,
+                                batch_size=batch_size, what=what, checkpoint=checkpoint, resumed=resumed)
+
+
+def calibration_facts(ctx: PassContext, true_sequential: bool) -> dict:
+    """How a calibrated pass was calibrated, for its report."""
+    windows = ctx.calibration_windows
+    return {"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]), "true_sequential": true_sequential}

@@ -15,7 +15,9 @@ from nexus_export.program import Program
 from . import onnx_check, ort, parity
 from .onnx_export import lower_to_onnx
 from .precision import to_fp16_weights
-from .quantize import quantize_onnx, zeros_kept
+from passes.quant_grid import Grid
+
+from .quantize import quantize_onnx, write_grids, zeros_kept
 
 
 class OnnxRuntimeCPU:
@@ -47,17 +49,25 @@ class OnnxRuntimeCPU:
     def latency(self, sess, batch: int, seq: int, repeats: int = 10) -> dict:
         return ort.latency_ms(sess, batch, seq, repeats=repeats)
 
-    def variants(self, artifact: Path, recipe, targets: set[str]) -> list[dict]:
-        """The other model files a recipe asks for beside the fp32 one: fp16 weights, int4/int8 weights."""
+    def variants(self, artifact: Path, recipe, targets: set[str], grids: dict | None = None) -> list[dict]:
+        """The other model files a recipe asks for beside the fp32 one: fp16 weights, int4/int8 weights (round to
+        nearest here, or written from ``grids``: the scales and zero points a GPTQ pass chose, by layer)."""
         out = []
         if recipe.lowering.precision == "fp16":
             path = to_fp16_weights(artifact, artifact.with_name("model.fp16.onnx"))
             out.append({"name": "fp16", "path": path.name, "bytes": self.artifact_bytes(path)})
         if recipe.quantize is not None:
             q = recipe.quantize
-            path = quantize_onnx(artifact, artifact.with_name(f"model.q{q.bits}.onnx"), q.bits, q.block_size)
+            dst = artifact.with_name(f"model.q{q.bits}.onnx")
+            if q.method == "gptq":
+                path = write_grids(artifact, dst, Grid(q.bits, q.group_size, q.sym), grids or {})
+            else:
+                path = quantize_onnx(artifact, dst, q.bits, q.group_size, q.sym)
             out.append({"name": f"int{q.bits}", "path": path.name, "bytes": self.artifact_bytes(path),
-                        "block_size": q.block_size, "pruned_zeros_kept": zeros_kept(artifact, path, targets)})
+                        "method": q.method, "bits": q.bits, "group_size": q.group_size, "sym": q.sym,
+                        **({"act_order": q.act_order, "joint": q.joint, "layers": len(grids or {})}
+                           if q.method == "gptq" else {}),
+                        "pruned_zeros_kept": zeros_kept(artifact, path, targets)})
         return out
 
     @staticmethod

@@ -1,7 +1,11 @@
 """Prune, then quantize: block-wise weight-only quantization of an ONNX model's MatMul weights (MatMulNBits).
 
-4-bit or 8-bit, symmetric, so a weight that pruning set to zero is stored as the zero code and dequantizes to exactly
-zero: the sparsity survives quantization. Works on the ONNX that lowering wrote (constant [K, N] weights on MatMul).
+Two ways in, one format out (onnxruntime's MatMulNBits, 4 or 8 bits, a scale per block of K):
+- ``quantize_onnx``: round to nearest (RTN, symmetric) with onnxruntime's own quantizer, every constant MatMul weight;
+- ``write_grids``: the weights a GPTQ pass already put on its grids, written with that pass's scales and zero
+  points (the ONNX weights must lie exactly on them; the layers without a grid stay float).
+Either grid holds zero exactly, so a weight that pruning set to zero dequantizes to exactly zero: the sparsity survives
+quantization. Works on the ONNX that lowering wrote (constant [K, N] weights on MatMul).
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+import torch
+from onnx import helper, numpy_helper
 
 from nexus_export.errors import UserError
 from nexus_export.naming import layer_name
+from passes.quant_grid import Grid
 
 from .onnx_export import write_checked
 
@@ -40,15 +46,17 @@ def check_quantization(onnx_path: str | Path, bits: int, block_size: int) -> Non
                                 f"{layer_name(node.input[1])}; choose a block size that divides it")
 
 
-def quantize_onnx(src: str | Path, dst: str | Path, bits: int = 4, block_size: int = 32) -> Path:
-    """Write ``dst`` (+ external data): ``src`` with every constant MatMul weight quantized to ``bits`` bits."""
+def quantize_onnx(src: str | Path, dst: str | Path, bits: int = 4, block_size: int = 32, sym: bool = True) -> Path:
+    """Write ``dst`` (+ external data): ``src`` with every constant MatMul weight rounded to ``bits`` bits (a scale
+    per block of ``block_size`` inputs; ``sym`` False adds a zero point per block)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     src, dst = Path(src), Path(dst)
     check_quantization(src, bits, block_size)
     start = time.perf_counter()
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=block_size, is_symmetric=True)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=block_size,
+                                     is_symmetric=sym)
     quantizer.process()
     model = quantizer.model.model
     quantized = sum(1 for n in model.graph.node if n.op_type == "MatMulNBits")
@@ -68,19 +76,94 @@ def dequantized_weights(path: str | Path) -> dict[str, np.ndarray]:
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         k, n, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
-        packed = inits[node.input[1]].reshape(n, -1)
+        blocks = -(-k // block)
+        codes = _unpack(inits[node.input[1]].reshape(n, -1), bits)[:, : blocks * block].astype(np.float32)
         scales = inits[node.input[2]].reshape(n, -1).astype(np.float32)
-        if bits == 4:
-            codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1)
-        else:
-            codes = packed.reshape(n, -1)
-        codes = codes[:, : scales.shape[1] * block].reshape(n, -1, block).astype(np.float32)
-        zero = 2 ** (bits - 1)
         if len(node.input) > 3 and node.input[3]:
-            raise UserError("asymmetric MatMulNBits weights are not expected here")
-        w = ((codes - zero) * scales[:, :, None]).reshape(n, -1)[:, :k]
+            zero = _unpack(inits[node.input[3]].reshape(n, -1), bits)[:, :blocks].astype(np.float32)[:, :, None]
+        else:
+            zero = np.float32(2 ** (bits - 1))
+        w = ((codes.reshape(n, blocks, block) - zero) * scales[:, :, None]).reshape(n, -1)[:, :k]
         out[layer_name(node.input[1].split("_Q")[0])] = w.T
     return out
+
+
+def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 codes from MatMulNBits bytes (4 bits: two per byte, the low nibble first)."""
+    if bits == 8:
+        return packed
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[0], -1)
+
+
+def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """MatMulNBits bytes from uint8 codes [rows, cols] (cols even for 4 bits)."""
+    if bits == 8:
+        return codes
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+
+
+def write_grids(src: str | Path, dst: str | Path, grid: Grid,
+                grids: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Path:
+    """Write ``dst`` (+ external data): ``src`` with the MatMul of every layer in ``grids`` (name -> scales and zero
+    points [N, K / group]) replaced by MatMulNBits holding its codes on those grids. Every layer must be found and its
+    weight must lie on its grid (it does when the program's weights came from the GPTQ pass)."""
+    src, dst = Path(src), Path(dst)
+    start = time.perf_counter()
+    model = onnx.load(str(src))
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    done, nodes = set(), []
+    for node in graph.node:
+        layer = layer_name(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if layer not in grids or node.input[1] not in inits or len(inits[node.input[1]].dims) != 2:
+            nodes.append(node)
+            continue
+        nodes.append(_nbits_node(node, inits[node.input[1]], grid, *grids[layer], graph, layer))
+        if uses[node.input[1]] == 1:
+            graph.initializer.remove(inits[node.input[1]])
+        done.add(layer)
+    missing = sorted(set(grids) - done)
+    if missing:
+        raise UserError(f"{len(missing)} quantized layers have no constant MatMul weight in {src.name} (e.g. "
+                        f"{missing[0]}); the lowering did not produce the expected form")
+    del graph.node[:]
+    graph.node.extend(nodes)
+    if not any(op.domain == "com.microsoft" for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    write_checked(model, dst, external_data=True)
+    log.info("wrote %s: %d MatMulNBits layers from their GPTQ grids (%d-bit, groups of %d) in %.1f s", dst.name,
+             len(done), grid.bits, grid.group_size, time.perf_counter() - start)
+    return dst
+
+
+def _nbits_node(node, init, grid: Grid, scales: torch.Tensor, zeros: torch.Tensor, graph, layer: str):
+    """The MatMulNBits node (and its initializers, added to ``graph``) for one MatMul whose weight lies on its grid."""
+    w = torch.from_numpy(numpy_helper.to_array(init).copy()).float().t()  # [N, K]
+    n, k = w.shape
+    scales, zeros = scales.float(), zeros.float()
+    codes = grid.layer_codes(w, scales, zeros)
+    off = (grid.dequantize(codes, scales, zeros) - w).abs().max().item()
+    if off > 1e-6 * max(float(scales.abs().max()), 1e-12):
+        raise UserError(f"the weight of {layer} is not on its quantization grid (off by {off:.3g}); was it changed "
+                        "after the GPTQ pass?")
+    blocks = k // grid.group_size
+    packed = _pack(codes.numpy().reshape(n * blocks, grid.group_size), grid.bits).reshape(n, blocks, -1)
+    base = init.name
+    tensors = [numpy_helper.from_array(np.ascontiguousarray(packed), f"{base}_Q{grid.bits}"),
+               numpy_helper.from_array(scales.numpy().reshape(-1).astype(np.float32), f"{base}_scales")]
+    if not grid.sym:
+        zp = zeros.numpy().astype(np.uint8)
+        if grid.bits == 4 and zp.shape[1] % 2:
+            zp = np.concatenate([zp, np.zeros((n, 1), np.uint8)], axis=1)
+        tensors.append(numpy_helper.from_array(_pack(zp, grid.bits).reshape(-1), f"{base}_zero_points"))
+    graph.initializer.extend(tensors)
+    return helper.make_node("MatMulNBits", [node.input[0], *(t.name for t in tensors)], list(node.output),
+                            name=(node.name or base) + f"_Q{grid.bits}", domain="com.microsoft", K=k, N=n,
+                            bits=grid.bits, block_size=grid.group_size)
 
 
 def zeros_kept(original: str | Path, quantized: str | Path, targets: set[str] | None = None) -> bool:

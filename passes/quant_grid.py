@@ -1,0 +1,97 @@
+"""The integer grids weight-only quantization rounds to: b bits, one scale (and zero point) per row and group of inputs.
+
+A group is ``group_size`` consecutive inputs of one output row; its weights become ``scale * (code - zero)`` with
+integer codes in [0, 2^b - 1]. Symmetric grids fix ``zero`` at 2^(b-1) (onnxruntime's MatMulNBits default, so no zero
+points are stored); asymmetric grids take the integer zero point that fits the group's range. Either grid holds 0
+exactly (code == zero), so a pruned weight stays exactly zero after quantization. The scales follow GPTQ's reference
+quantizer: the range always includes 0, and a group of zeros gets a scale as if its range were [-1, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nexus_export.errors import UserError
+from nexus_export.store import COMPANION
+
+BITS = (4, 8)
+GROUP_SIZES = (16, 32, 64, 128, 256)
+SCALE_SUFFIX, ZERO_SUFFIX = COMPANION + "qscale", COMPANION + "qzero"  # kept beside the weight in the store
+
+
+@dataclass(frozen=True)
+class Grid:
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+
+    def validate(self) -> None:
+        if self.bits not in BITS:
+            raise UserError(f"quantization bits must be 4 or 8, got {self.bits}")
+        if self.group_size not in GROUP_SIZES:
+            raise UserError(f"group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {self.group_size}")
+
+    @property
+    def maxq(self) -> int:
+        return 2 ** self.bits - 1
+
+    def params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero point [rows] (float32; zero holds whole numbers) of the grid for the weights ``w`` [rows, g]."""
+        w = w.float()
+        lo = torch.clamp(w.min(dim=1).values, max=0.0)
+        hi = torch.clamp(w.max(dim=1).values, min=0.0)
+        if self.sym:
+            hi = torch.maximum(-lo, hi)
+            lo = -hi
+        empty = (lo == 0) & (hi == 0)
+        lo, hi = torch.where(empty, -1.0, lo), torch.where(empty, 1.0, hi)
+        scale = (hi - lo) / self.maxq
+        if self.sym:
+            zero = torch.full_like(scale, float((self.maxq + 1) // 2))
+        else:
+            zero = torch.round(-lo / scale)
+        return scale, zero
+
+    def quantize(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """``x`` rounded to the grid and dequantized (same shape; ``scale``/``zero`` broadcast against it)."""
+        return scale * (self.codes(x, scale, zero) - zero)
+
+    def codes(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """The integer codes of ``x`` (as floats) on the grid."""
+        return torch.clamp(torch.round(x / scale) + zero, 0, self.maxq)
+
+    def group_params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scales and zero points [rows, cols / group_size] of every group of ``w`` [rows, cols] (static groups)."""
+        rows, cols = w.shape
+        groups = w.reshape(rows * (cols // self.group_size), self.group_size)
+        scale, zero = self.params(groups)
+        return scale.reshape(rows, -1), zero.reshape(rows, -1)
+
+    def layer_codes(self, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+        """uint8 codes [rows, cols] of a whole weight on its group grids."""
+        expand = lambda t: t.repeat_interleave(self.group_size, dim=1)  # noqa: E731
+        return self.codes(w.float(), expand(scales), expand(zeros)).to(torch.uint8)
+
+    def dequantize(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+        """The float32 weight [rows, cols] that ``codes`` on these group grids stand for."""
+        expand = lambda t: t.repeat_interleave(self.group_size, dim=1)  # noqa: E731
+        return expand(scales) * (codes.float() - expand(zeros))
+
+    def to_dict(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size, "sym": self.sym}
+
+
+def grid_names(weight_param: str) -> tuple[str, str]:
+    """Store names of the scales and zero points that go with a quantized weight."""
+    return weight_param + SCALE_SUFFIX, weight_param + ZERO_SUFFIX
+
+
+def check_groups(program, group_size: int, names: list[str] | None = None) -> None:
+    """Refuse a group size that does not divide the input width of a linear to be quantized (named), before work."""
+    linears = [program.linear(n) for n in names] if names is not None else program.structure.in_blocks()
+    for lin in linears:
+        if lin.in_features % group_size:
+            raise UserError(f"group size {group_size} does not divide the input width {lin.in_features} of "
+                            f"{lin.name}; choose a group size that divides every layer's input width (e.g. 32)")
