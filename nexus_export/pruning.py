@@ -7,6 +7,7 @@ Each pruner captures the model, runs the same pass the CLI runs, and returns a m
 per_layer_sparsity, params_before/after, wall_seconds, report). Masking pruners (magnitude, N:M, Wanda, SparseGPT)
 write the pruned weights into the given model in place (the captured program shares its tensors). Structural pruners
 (SliceGPT, ShortGPT) leave the given model untouched and return the new model in ``metrics["model"]``.
+``GPTQQuantizer(bits=4).quantize_model(model, calibration_data)`` quantizes after any of them (prune, then quantize).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .program import Program, require_module
 from .registry import get_pass
 
 __all__ = ["SparseGPTConfig", "SparseGPTPruner", "WandaPruner", "MagnitudePruner", "NMSparsityPruner", "ShortGPTPruner",
-           "SliceGPTPruner", "DynamicPruner", "export_onnx", "evaluate_perplexity", "CubicSparsityScheduler", "apply_sparsity", "calibration_tensor"]
+           "SliceGPTPruner", "DynamicPruner", "GPTQQuantizer", "export_onnx", "evaluate_perplexity", "CubicSparsityScheduler", "apply_sparsity", "calibration_tensor"]
 
 
 def calibration_tensor(data: Iterable | torch.Tensor | None, nsamples: int | None) -> torch.Tensor | None:
@@ -303,6 +304,42 @@ class DynamicPruner(_Pruner):
                 "skippable_macs": measured["skippable_macs"], "program": thresholded}
 
 
+class GPTQQuantizer:
+    """GPTQ 4- or 8-bit weights over the ``gptq`` pass: every linear of the decoder blocks is rounded to its grid with
+    the rounding error compensated on the calibration data, and the dequantized weights (exactly on the grid) are
+    written into the float32 model in place; weights already zero (a pruner before it) stay zero.
+    ``metrics["program"]`` keeps the scales: ``export_onnx(metrics["program"], path)`` writes MatMulNBits, while
+    ``export_onnx(model, path)`` writes the dequantized weights in float32."""
+
+    def __init__(self, bits: int = 4, group_size: int = 128, act_order: bool = False, sym: bool = True,
+                 percdamp: float = 0.01, blocksize: int = 128):
+        self._options = {"bits": bits, "group_size": group_size, "act_order": act_order, "sym": sym,
+                         "percdamp": percdamp, "blocksize": blocksize}
+        get_pass("gptq")(self._options)  # bad options fail here, with the CLI's messages
+
+    def quantize_model(self, model: torch.nn.Module, calibration_data: Iterable | torch.Tensor | None = None,
+                       nsamples: int | None = None) -> dict[str, Any]:
+        """Quantize ``model`` in place; returns bits, group_size, layers, wall_seconds, report and program."""
+        require_module(model)
+        windows = calibration_tensor(calibration_data, nsamples)
+        if windows is None:
+            raise UserError("GPTQQuantizer needs calibration data (a DataLoader or tensor of token ids): its error "
+                            "compensation uses the layers' inputs")
+        pass_ = get_pass("gptq")(self._options)
+        was_training = model.training
+        start = time.perf_counter()
+        try:
+            program = Program.from_model(model, name=type(model).__name__, write_through=True)
+            pass_.check(program)
+            result = pass_.run(program, PassContext(calibration_windows=windows))
+        finally:
+            model.train(was_training)
+        report = result.report.to_dict()
+        return {"bits": self._options["bits"], "group_size": self._options["group_size"],
+                "layers": report["changes"]["layers"], "wall_seconds": time.perf_counter() - start,
+                "report": report, "program": result.program}
+
+
 def _builtin_windows(model, tokenizer, nsamples: int) -> torch.Tensor:
     from .data import calibration_windows
     from .zoo import tokenizer_for
@@ -315,11 +352,25 @@ def _builtin_windows(model, tokenizer, nsamples: int) -> torch.Tensor:
 
 
 def export_onnx(model_or_program: torch.nn.Module | Program, path: str | Path) -> Path:
-    """Lower a model (captured first) or a Program to ONNX at ``path`` (+ external data); returns the path."""
+    """Lower a model (captured first) or a Program to ONNX at ``path`` (+ external data); returns the path. A program
+    a GPTQ pass quantized is written with MatMulNBits (its weights as 4- or 8-bit codes and its own scales)."""
+    import tempfile
+
+    from passes.gptq import quantization_grids
+    from passes.quant_grid import Grid
     from runtimes.onnx_export import lower_to_onnx
+    from runtimes.quantize import write_grids
 
     program = model_or_program if isinstance(model_or_program, Program) else Program.from_model(model_or_program)
-    return lower_to_onnx(program, Path(path))
+    path = Path(path)
+    grid = program.origin.get("quantization")
+    if grid is None:
+        return lower_to_onnx(program, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
+        fp32 = lower_to_onnx(program, Path(tmp) / path.name)
+        return write_grids(fp32, path, Grid(grid["bits"], grid["group_size"], grid["sym"]),
+                           quantization_grids(program))
 
 
 def evaluate_perplexity(model: torch.nn.Module | Program, text_or_dataset: str | torch.Tensor = "austen",

@@ -88,6 +88,7 @@ class GPTQPass(Pass):
 
     def apply(self, program: Program, ctx: PassContext) -> tuple[Program, dict]:
         cfg: GPTQConfig = self.config
+        self.check(program)  # float32 weights and dividing groups, also when called outside the pipeline
         grid = cfg.grid()
         method, mask = cfg.mask() if cfg.prune is not None else (None, None)
         targets = {t.name: t for t in mask.targets(program)} if mask is not None else {}
@@ -119,6 +120,7 @@ class GPTQPass(Pass):
 
         notes = calibrate_linears(program, ctx, names, quantize, hessian=True, what="gptq", options=cfg.to_dict(),
                                   true_sequential=cfg.true_sequential, batch_size=cfg.batch_size)
+        program.origin["quantization"] = {**grid.to_dict(), "method": "gptq"}  # what export_onnx writes MatMulNBits by
         changes = {**grid.to_dict(), "act_order": cfg.act_order, "joint": method, "layers": len(names),
                    "quantized": notes, "calibration": calibration_facts(ctx, cfg.true_sequential),
                    "damping_increased": [n for n, note in notes.items() if note["damping"] != cfg.percdamp]}

@@ -309,3 +309,71 @@ def test_bad_activation_input(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_sparsegpt_then_gptq_end_to_end(tmp_path, capsys):
+    """The default quantization of a calibrated run is GPTQ: MatMulNBits from the pass's grids, onnxruntime's
+    perplexity equal to PyTorch's dequantized one, the 2:4 zeros kept."""
+    out = tmp_path / "run"
+    assert prune(out, "--pattern", "2:4", "--calib-samples", "8", "--quantize-bits", "4", "--dtype", "fp32",
+                 method="sparsegpt") == 0
+    assert "sparsegpt + gptq" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert [p["name"] for p in report["passes"]] == ["sparsegpt", "gptq"]
+    assert report["recipe"]["quantize"]["method"] == "gptq"
+    fp32, int4 = report["artifacts"]
+    assert int4["method"] == "gptq" and int4["layers"] == 14 and int4["pruned_zeros_kept"] is True
+    assert int4["pytorch_perplexity"] == report["perplexity"]["pruned"] and int4["vs_pytorch_rel"] < 1e-4
+    assert int4["bytes"] < 0.6 * fp32["bytes"]
+
+
+@pytest.mark.slow
+def test_joint_sweep_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert prune(out, "--pattern", "2:4", "--calib-samples", "8", "--quantize-bits", "4", "--dtype", "fp32",
+                 "--joint", "--no-quantize-sym", method="wanda") == 0
+    report = json.loads((out / "report.json").read_text())
+    (gptq,) = report["passes"]  # the wanda pass runs inside the sweep
+    assert gptq["name"] == "gptq" and gptq["changes"]["joint"] == "wanda" and gptq["changes"]["sym"] is False
+    assert report["sparsity"]["pattern"] == "2:4" and report["onnx"]["summary"]["all_nm_valid"]
+    assert report["artifacts"][1]["vs_pytorch_rel"] < 1e-4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "sparsegpt", "--quantize-bits", "3"], "must be 4 or 8"),
+    (["--method", "sparsegpt", "--quantize-bits", "4", "--group-size", "48"], "power of two"),
+    (["--method", "sparsegpt", "--quantize-bits", "4", "--group-size", "128", "--dtype", "fp32"],
+     "group size 128 does not divide the input width 64 of model.layers.0"),
+    (["--method", "magnitude", "--quantize-bits", "4", "--joint"], "needs the gptq method"),
+    (["--method", "magnitude", "--quantize-bits", "4", "--quantize-method", "gptq", "--joint"],
+     "needs a sparsegpt or wanda pass"),
+    (["--method", "magnitude", "--quantize-bits", "4", "--act-order"], "needs the gptq method"),
+    (["--method", "sparsegpt", "--pattern", "2:4", "--quantize-bits", "4", "--joint", "--act-order"],
+     "act-order cannot be combined"),
+    (["--method", "sparsegpt", "--act-order"], "--act-order set how to quantize, but nothing is quantized"),
+])
+def test_bad_quantization_input(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    assert main(["-q", "prune", "--model", "tiny-llama", *args, "--eval-windows", "1", "--calib-samples", "2",
+                 "--seq-len", "32", "--no-latency", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quantization_method_defaults_to_gptq_when_the_run_calibrates():
+    from nexus_export.recipe import Recipe, run_steps
+
+    calibrated = Recipe.from_dict({"model": "tiny-llama", "passes": [{"sparsegpt": {"pattern": "2:4"}}],
+                                   "quantize": {"bits": 4}})
+    assert calibrated.quantize.method == "gptq"
+    assert [s.name for s in run_steps(calibrated)] == ["sparsegpt", "gptq"]
+    plain = Recipe.from_dict({"model": "tiny-llama", "passes": ["magnitude"], "quantize": {"bits": 4, "block_size": 64}})
+    assert plain.quantize.method == "rtn" and plain.quantize.group_size == 64 and run_steps(plain) == plain.passes
+    joint = Recipe.from_dict({"model": "tiny-llama", "passes": [{"sparsegpt": {"pattern": "2:4", "percdamp": 0.02}}],
+                              "quantize": {"bits": 4, "joint": True}})
+    (step,) = run_steps(joint)
+    assert step.name == "gptq" and step.config.prune == {"method": "sparsegpt", "pattern": "2:4"}
+    assert step.config.percdamp == 0.02
+    assert Recipe.from_dict(joint.to_dict()) == joint  # recipe.yaml round-trips

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from nexus_export.data import calibration_windows, evaluation_windows
 from nexus_export.errors import UserError
-from nexus_export.pruning import (CubicSparsityScheduler, DynamicPruner, NMSparsityPruner, ShortGPTPruner, SparseGPTConfig,
+from nexus_export.pruning import (CubicSparsityScheduler, DynamicPruner, GPTQQuantizer, NMSparsityPruner, ShortGPTPruner, SparseGPTConfig,
                                   SliceGPTPruner, SparseGPTPruner, WandaPruner, apply_sparsity, calibration_tensor,
                                   evaluate_perplexity, export_onnx)
 from nexus_export.zoo import load_model
@@ -235,3 +235,40 @@ def test_dynamic_pruner_and_the_seeds_global_threshold(tiny):
         pruner.prune_by_activation(model, ids, -1.0)
     with pytest.raises(UserError, match=r"\[0, 1\)"):
         DynamicPruner(sparsity=1.0)
+
+
+@pytest.mark.slow
+def test_prune_then_gptq_then_export_as_the_seed_writes_it(tiny, tmp_path):
+    """SparseGPTPruner, then GPTQQuantizer(bits=4), then export_onnx: the model holds the dequantized weights (2:4
+    zeros kept), the program exports as MatMulNBits with the same function."""
+    from runtimes import ort
+    from runtimes.quantize import dequantized_weights
+
+    model, tok = tiny
+    SparseGPTPruner(pruning_config=SparseGPTConfig(pattern="2:4")).prune_model(model, loader(tok), nsamples=8)
+    zeros = model.model.layers[0].mlp.down_proj.weight == 0
+    metrics = GPTQQuantizer(bits=4, group_size=32).quantize_model(model, loader(tok), nsamples=8)
+    assert metrics["layers"] == 14 and metrics["report"]["name"] == "gptq" and metrics["wall_seconds"] > 0
+    w = model.model.layers[0].mlp.down_proj.weight  # in place, and still 2:4
+    assert torch.all(w[zeros] == 0) and bool(((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) >= 2).all())
+    float_path = export_onnx(model, tmp_path / "model.onnx")
+    int4_path = export_onnx(metrics["program"], tmp_path / "model.q4.onnx")
+    assert torch.equal(torch.from_numpy(dequantized_weights(int4_path)["model.layers.0.mlp.down_proj"]).t(), w)
+    ids = calibration_windows(tok, "austen", 2, 32, 1)
+    with torch.no_grad():
+        expected = model(ids).logits.numpy()
+    for path in (float_path, int4_path):
+        assert abs(ort.logits(ort.session(path), ids.numpy()) - expected).max() < 1e-4
+    assert list(tmp_path.iterdir()) and not [p for p in tmp_path.iterdir() if p.name.startswith(".export-")]
+
+
+def test_gptq_quantizer_refusals(tiny):
+    model, _ = tiny
+    with pytest.raises(UserError, match="bits must be 4 or 8"):
+        GPTQQuantizer(bits=3)
+    with pytest.raises(UserError, match="needs calibration data"):
+        GPTQQuantizer(group_size=32).quantize_model(model, None)
+    with pytest.raises(UserError, match="group size 128 does not divide the input width 64"):
+        GPTQQuantizer(group_size=128).quantize_model(model, torch.ones(2, 16, dtype=torch.long))
+    with pytest.raises(UserError, match=r"model.float\(\)"):
+        GPTQQuantizer(group_size=32).quantize_model(model.to(torch.bfloat16), torch.ones(2, 16, dtype=torch.long))

@@ -1,0 +1,163 @@
+"""GPTQ: grids that hold zero, error compensation that beats rounding, masks kept, joint sweeps, grids to ONNX."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_program
+from nexus_export.errors import UserError
+from nexus_export.passbase import PassContext
+from passes.gptq import GPTQPass, quantization_grids
+from passes.obs import factor_hessian, obs_sweep, reconstruction_error
+from passes.quant_grid import Grid, grid_names
+from passes.sparsegpt import SparseGPTPass
+from passes.sparsity import NMPattern, nm_valid
+
+
+def problem(rows=16, cols=128, tokens=512, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(cols, cols, generator=gen) / cols ** 0.5 + torch.eye(cols)
+    x = torch.randn(tokens, cols, generator=gen) @ mixing  # correlated inputs, as in real activations
+    w = torch.randn(rows, cols, generator=gen)
+    return w, 2.0 / tokens * (x.t() @ x).double()
+
+
+def rtn(w, grid):
+    scales, zeros = grid.group_params(w)
+    return grid.dequantize(grid.layer_codes(w, scales, zeros), scales, zeros)
+
+
+def on_grid(w, grid, scales, zeros):
+    return torch.equal(grid.dequantize(grid.layer_codes(w, scales, zeros), scales, zeros), w)
+
+
+@pytest.mark.parametrize("bits, sym", [(4, True), (4, False), (8, True), (8, False)])
+def test_grid_holds_zero_and_codes_fit(bits, sym):
+    grid = Grid(bits, 32, sym)
+    w = torch.randn(8, 64) + (0.0 if sym else 0.7)  # asymmetric ranges for the zero point to matter
+    w[:, ::5] = 0.0
+    w[3] = 0.0  # a row of zeros: the grid still has a scale
+    scales, zeros = grid.group_params(w)
+    codes = grid.layer_codes(w, scales, zeros)
+    deq = grid.dequantize(codes, scales, zeros)
+    assert int(codes.max()) <= 2 ** bits - 1 and torch.all(deq[w == 0] == 0)
+    assert torch.all(scales > 0) and torch.equal(zeros, zeros.round())
+    step = scales.repeat_interleave(32, dim=1)
+    assert torch.all((deq - w).abs() <= step / 2 + 1e-6)  # round to nearest: within half a step
+    if sym:
+        assert torch.all(zeros == 2 ** (bits - 1))
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_sweep_lands_on_the_grid_and_beats_rounding(sym, act_order):
+    w, h = problem()
+    grid = Grid(4, 32, sym)
+    result = obs_sweep(w, factor_hessian(h, 0.01, act_order), grid=grid, blocksize=64)
+    assert on_grid(result.weight, grid, result.scales, result.zeros)
+    ours, rounded = reconstruction_error(w, result.weight, h), reconstruction_error(w, rtn(w, grid), h)
+    assert ours < 0.75 * rounded  # the compensation is the point of GPTQ (measured 0.55-0.65)
+
+
+def test_fixed_mask_stays_zero_and_helps():
+    w, h = problem()
+    w = w * (torch.rand(w.shape, generator=torch.Generator().manual_seed(1)) > 0.5)
+    keep = w != 0
+    grid = Grid(4, 32)
+    result = obs_sweep(w, factor_hessian(h, 0.01), keep=keep, grid=grid)
+    assert torch.all(result.weight[~keep] == 0)
+    assert on_grid(result.weight, grid, result.scales, result.zeros)
+    assert reconstruction_error(w, result.weight, h) < reconstruction_error(w, rtn(w, grid), h)
+
+
+@pytest.mark.parametrize("pattern", [NMPattern(2, 4), None])
+def test_joint_sweep_prunes_and_quantizes(pattern):
+    w, h = problem()
+    grid = Grid(4, 32)
+    result = obs_sweep(w, factor_hessian(h, 0.01), sparsity=0.5, pattern=pattern, grid=grid)
+    assert on_grid(result.weight, grid, result.scales, result.zeros)
+    if pattern:
+        assert nm_valid(result.weight, pattern)
+    else:
+        assert float((result.weight == 0).float().mean()) >= 0.5
+
+
+def test_act_order_refuses_to_choose_a_mask():
+    w, h = problem()
+    with pytest.raises(UserError, match="act-order"):
+        obs_sweep(w, factor_hessian(h, 0.01, act_order=True), pattern=NMPattern(2, 4), grid=Grid())
+
+
+def windows(n=8, seq=64):
+    return torch.randint(0, 300, (n, seq), generator=torch.Generator().manual_seed(0))
+
+
+def test_pass_quantizes_every_block_linear_and_keeps_pruned_zeros():
+    program = tiny_program("llama")
+    ctx = PassContext(calibration_windows=windows())
+    program = SparseGPTPass({"pattern": "2:4"}).run(program, ctx).program
+    zeros = {lin.name: program.weight(lin.name) == 0 for lin in program.structure.in_blocks()}
+    result = GPTQPass({"bits": 4, "group_size": 32}).run(program, ctx)
+    program, changes = result.program, result.report.changes
+    grids = quantization_grids(program)
+    assert set(grids) == set(zeros) and changes["layers"] == len(zeros) == 14
+    grid = Grid(4, 32)
+    for name, (scales, zero_points) in grids.items():
+        w = program.weight(name)
+        assert scales.shape == (w.shape[0], w.shape[1] // 32) and zero_points.dtype == torch.uint8
+        assert on_grid(w, grid, scales, zero_points.float())
+        assert torch.all(w[zeros[name]] == 0) and nm_valid(w, NMPattern(2, 4))
+    assert program.origin["quantization"] == {"bits": 4, "group_size": 32, "sym": True, "method": "gptq"}
+    assert "lm_head" not in grids  # the head stays float, as in the reference
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_joint_pass_reports_the_mask(method):
+    program = tiny_program("llama")
+    result = GPTQPass({"group_size": 32, "prune": {"method": method, "pattern": "2:4"}}).run(
+        program, PassContext(calibration_windows=windows()))
+    changes = result.report.changes
+    assert changes["joint"] == method and changes["pattern"] == "2:4" and changes["overall_sparsity"] >= 0.5
+    assert all(entry["nm_valid"] for entry in changes["per_layer"].values())
+
+
+def test_grids_are_checkpointed_with_their_block(tmp_path):
+    program = tiny_program("llama")
+    ctx = PassContext(calibration_windows=windows(), checkpoint_dir=tmp_path)
+    done = GPTQPass({"group_size": 32}).run(program, ctx).program
+    resumed = GPTQPass({"group_size": 32}).run(tiny_program("llama"), PassContext(
+        calibration_windows=windows(), checkpoint_dir=tmp_path, resume=True)).program
+    for name, (scales, zeros) in quantization_grids(done).items():
+        again = quantization_grids(resumed)[name]
+        assert torch.equal(scales, again[0]) and torch.equal(zeros, again[1])
+        assert torch.equal(done.weight(name), resumed.weight(name))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"bits": 3}, "bits must be 4 or 8"),
+    ({"group_size": 48}, "group size must be one of"),
+    ({"prune": {"method": "magnitude"}}, "joint sweep prunes with sparsegpt or wanda"),
+    ({"act_order": True, "prune": {"method": "sparsegpt", "pattern": "2:4"}}, "act-order cannot be combined"),
+    ({"prune": {"method": "wanda", "pattern": "2:5:1"}}, "pattern"),
+])
+def test_bad_options(options, message):
+    with pytest.raises(UserError, match=message):
+        GPTQPass(options)
+
+
+def test_refusals_before_work():
+    program = tiny_program("llama")
+    with pytest.raises(UserError, match="group size 128 does not divide the input width 64 of model.layers.0"):
+        GPTQPass({"group_size": 128}).check(program)
+    with pytest.raises(UserError, match="needs calibration data"):
+        GPTQPass({"group_size": 32}).run(program, PassContext())
+    half = tiny_program("llama")
+    half.store.dtype = torch.bfloat16
+    with pytest.raises(UserError, match="--dtype fp32"):
+        GPTQPass({"group_size": 32}).check(half)
+
+
+def test_names_of_the_grids_follow_the_weight():
+    assert grid_names("lm.model.layers.0.mlp.up_proj.weight") == ("lm.model.layers.0.mlp.up_proj.weight::qscale",
+                                                                  "lm.model.layers.0.mlp.up_proj.weight::qzero")
+    assert np.isclose(Grid(4, 32).maxq, 15)

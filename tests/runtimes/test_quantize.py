@@ -1,0 +1,54 @@
+"""GPTQ grids to MatMulNBits: codes and scales as the pass chose them, parity with PyTorch, zeros kept, refusals."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_program
+from nexus_export.errors import UserError
+from nexus_export.passbase import PassContext
+from passes.gptq import GPTQPass, quantization_grids
+from passes.magnitude import MagnitudePass
+from runtimes import ort
+from runtimes.onnx_export import lower_to_onnx
+from runtimes.quantize import dequantized_weights, write_grids, zeros_kept
+
+
+def quantized(tmp_path, bits, sym):
+    program = tiny_program("llama")
+    MagnitudePass({"pattern": "2:4"}).run(program)
+    windows = torch.randint(0, 300, (8, 64), generator=torch.Generator().manual_seed(0))
+    pass_ = GPTQPass({"bits": bits, "group_size": 32, "sym": sym})
+    program = pass_.run(program, PassContext(calibration_windows=windows)).program
+    fp32 = lower_to_onnx(program, tmp_path / "model.onnx")
+    return program, fp32, write_grids(fp32, tmp_path / "model.q.onnx", pass_.config.grid(), quantization_grids(program))
+
+
+@pytest.mark.parametrize("bits, sym", [(4, True), (4, False), pytest.param(8, True, marks=pytest.mark.slow),
+                                       pytest.param(8, False, marks=pytest.mark.slow)])
+def test_matmulnbits_computes_the_programs_weights(tmp_path, bits, sym):
+    program, fp32, q = quantized(tmp_path, bits, sym)
+    weights = dequantized_weights(q)
+    assert len(weights) == 14  # every block linear; the head stays float
+    for name, w in weights.items():
+        np.testing.assert_array_equal(w, program.weight(name).numpy().T)  # the same numbers, not close ones
+    assert zeros_kept(fp32, q)
+    ids = torch.arange(64).reshape(2, 32)
+    expected = program.logits(ids).numpy()
+    assert np.abs(ort.logits(ort.session(q), ids.numpy()) - expected).max() < 1e-4
+    size = lambda p: sum(f.stat().st_size for f in p.parent.glob(p.name + "*"))  # noqa: E731
+    assert size(q) < size(fp32)
+
+
+def test_a_weight_off_its_grid_is_refused(tmp_path):
+    program, fp32, _ = quantized(tmp_path, 4, True)
+    grids = quantization_grids(program)
+    name = next(iter(grids))
+    scales, zeros = grids[name]
+    with pytest.raises(UserError, match=f"the weight of {name} is not on its quantization grid"):
+        write_grids(fp32, tmp_path / "bad.onnx", GPTQPass({"group_size": 32}).config.grid(),
+                    {name: (scales * 1.37, zeros)})
+    with pytest.raises(UserError, match="no constant MatMul weight"):
+        write_grids(fp32, tmp_path / "bad.onnx", GPTQPass({"group_size": 32}).config.grid(),
+                    {"no.such.layer": (scales, zeros)})
+    assert not (tmp_path / "bad.onnx").exists()
