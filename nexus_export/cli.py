@@ -355,7 +355,10 @@ def _check_tensorrt(args: argparse.Namespace) -> int:
     print(f"TensorRT 2:4: {summary['eligible']} of {summary['layers']} layers eligible, {summary['likely_sparse']} of "
           f"them >= 256 channels; targeted ({scope}): {summary['targeted_eligible']} of {summary['targeted']} eligible"
           + (f"; not eligible: {', '.join(summary['targeted_ineligible'][:5])}" if summary["targeted_ineligible"] else ""))
-    if not summary["eligible"]:
+    if any(r.form == "quantized" for r in rows):
+        print("this file holds MatMulNBits weights, which TensorRT does not build: check the float model.onnx of the "
+              "same run")
+    elif not summary["eligible"]:
         print("no layer is eligible for TensorRT sparse tactics: prune with --pattern 2:4 first")
     return 1 if failed else 0
 

@@ -79,12 +79,13 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| {row['layer']} | {row['k']} | {row['n']} | {row['sparsity']:.1%} | {valid} | {row['form']} | "
                      f"{'yes' if row['targeted'] else 'no'} |")
     if len(report.get("artifacts", [])) > 1:
-        lines += ["", "## Model files", "| variant | file | MiB | onnxruntime perplexity | parity max abs diff |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "## Model files", "| variant | file | MiB | quantization | onnxruntime perplexity | PyTorch "
+                  "perplexity | parity max abs diff |", "|---|---|---|---|---|---|---|"]
         for a in report["artifacts"]:
             parity = a.get("parity_max_abs_diff", report["parity"]["max_abs_diff"])
-            lines.append(f"| {a['name']} | {a['path']} | {a['bytes'] / 2**20:.1f} | {_num(a['perplexity'], '.3f')} | "
-                         f"{_num(parity, '.2e')} |")
+            pytorch = a.get("pytorch_perplexity", report["perplexity"]["pruned"] if a is report["artifacts"][0] else None)
+            lines.append(f"| {a['name']} | {a['path']} | {a['bytes'] / 2**20:.1f} | {_quantization(a)} | "
+                         f"{_num(a['perplexity'], '.3f')} | {_num(pytorch, '.3f')} | {_num(parity, '.2e')} |")
         lines.append(f"Deployable: {report['deploy']['model']}.")
     if report.get("latency"):
         lines += ["", "## Latency (onnxruntime CPU)", "| shape | median ms | p90 ms | runs |", "|---|---|---|---|"]
@@ -112,7 +113,7 @@ def _changes(p: dict) -> list[str]:
     changes = p.get("changes", {})
     lines = ["", f"### {p['name']}"]
     for key, value in changes.items():
-        if key in ("per_layer", "scores", "widths", "thresholds"):
+        if key in ("per_layer", "scores", "widths", "thresholds", "quantized"):
             continue
         lines.append(f"- {key}: {value}")
     if changes.get("widths"):
@@ -147,6 +148,20 @@ def _activations(report: dict) -> list[str]:
             lines.append(f"| {', '.join(t['linears'])} | {t['block']} | {t['threshold']:.4g} | "
                          f"{t['calibration_sparsity']:.1%} | {_num(evaluation, '.1%')} |")
     return lines
+
+
+def _quantization(artifact: dict) -> str:
+    """How a model file's weights were quantized, in a few words ("-" for float weights)."""
+    if "method" not in artifact:
+        return "-"
+    words = [artifact["method"].upper(), f"{artifact['bits']}-bit", f"groups of {artifact['group_size']}",
+             "symmetric" if artifact["sym"] else "asymmetric"]
+    if artifact.get("act_order"):
+        words.append("act-order")
+    if artifact.get("joint"):
+        words.append("joint sweep")
+    kept = artifact.get("pruned_zeros_kept")
+    return ", ".join(words) + ("" if kept is None else f"; pruned zeros kept: {'yes' if kept else 'NO'}")
 
 
 def _forms(summary: dict) -> str:

@@ -101,7 +101,8 @@ def open_onnx(path: str | Path) -> onnx.ModelProto:
 
 
 def inspect_onnx(path: str | Path, nm: tuple[int, int] | None = (2, 4)) -> list[OnnxLayer]:
-    """Every MatMul/Gemm of the ONNX file at ``path`` whose B input is a (possibly transformed) initializer."""
+    """Every MatMul/Gemm of the ONNX file at ``path`` whose B input is a (possibly transformed) initializer, and every
+    MatMulNBits (quantized weights: zero where the code is the zero point)."""
     path = Path(path)
     model = open_onnx(path)
     graph = model.graph
@@ -109,6 +110,9 @@ def inspect_onnx(path: str | Path, nm: tuple[int, int] | None = (2, 4)) -> list[
     producers = {output: node for node in graph.node for output in node.output}
     layers = []
     for node in graph.node:
+        if node.op_type == "MatMulNBits":
+            layers.append(_describe_nbits(node, initializers, path.parent, nm))
+            continue
         if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
             continue
         traced = _trace_weight(node.input[1], initializers, producers)
@@ -215,6 +219,20 @@ def _describe(op: str, weight: str, form: str, tensor: onnx.TensorProto, base_di
         sparsity=float(zeros / (k * n)) if k * n else 0.0,
         nm_valid=None if nm is None else bool(valid),
     )
+
+
+def _describe_nbits(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto], base_dir: Path,
+                    nm: tuple[int, int] | None) -> OnnxLayer:
+    """A quantized layer's facts: a weight is zero where its code is the zero point (it dequantizes to exactly 0)."""
+    from .quantize import nbits_codes, nbits_layer
+
+    arrays = {name: numpy_helper.to_array(initializers[name], str(base_dir)) for name in node.input[1:4]
+              if name in initializers}
+    codes, zero, k, n = nbits_codes(node, arrays)
+    zeros_kn = (codes == zero).reshape(n, -1)[:, :k].T
+    valid = nm is not None and nm_groups_valid(zeros_kn, *nm, zeros_given=True)
+    return OnnxLayer(layer=nbits_layer(node), op="MatMulNBits", weight=node.input[1], form="quantized", k=k, n=n,
+                     sparsity=float(zeros_kn.mean()) if k * n else 0.0, nm_valid=None if nm is None else bool(valid))
 
 
 def summarize(layers: list[OnnxLayer], targets: set[str] | None = None) -> dict:

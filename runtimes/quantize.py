@@ -72,20 +72,30 @@ def dequantized_weights(path: str | Path) -> dict[str, np.ndarray]:
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     out = {}
     for node in model.graph.node:
-        if node.op_type != "MatMulNBits":
-            continue
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        k, n, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
-        blocks = -(-k // block)
-        codes = _unpack(inits[node.input[1]].reshape(n, -1), bits)[:, : blocks * block].astype(np.float32)
-        scales = inits[node.input[2]].reshape(n, -1).astype(np.float32)
-        if len(node.input) > 3 and node.input[3]:
-            zero = _unpack(inits[node.input[3]].reshape(n, -1), bits)[:, :blocks].astype(np.float32)[:, :, None]
-        else:
-            zero = np.float32(2 ** (bits - 1))
-        w = ((codes.reshape(n, blocks, block) - zero) * scales[:, :, None]).reshape(n, -1)[:, :k]
-        out[layer_name(node.input[1].split("_Q")[0])] = w.T
+        if node.op_type == "MatMulNBits":
+            codes, zero, k, n = nbits_codes(node, inits)
+            scales = inits[node.input[2]].reshape(n, -1).astype(np.float32)
+            w = ((codes.astype(np.float32) - zero) * scales[:, :, None]).reshape(n, -1)[:, :k]
+            out[nbits_layer(node)] = w.T
     return out
+
+
+def nbits_layer(node: onnx.NodeProto) -> str:
+    """The layer a MatMulNBits node computes (its weight's name before quantization)."""
+    return layer_name(node.input[1].split("_Q")[0])
+
+
+def nbits_codes(node: onnx.NodeProto, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """A MatMulNBits node's codes [N, blocks, block] (uint8), zero points broadcastable to them, K and N."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    k, n, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
+    blocks = -(-k // block)
+    codes = _unpack(arrays[node.input[1]].reshape(n, -1), bits)[:, : blocks * block].reshape(n, blocks, block)
+    if len(node.input) > 3 and node.input[3]:
+        zero = _unpack(arrays[node.input[3]].reshape(n, -1), bits)[:, :blocks][:, :, None]
+    else:
+        zero = np.full((1, 1, 1), 2 ** (bits - 1), dtype=np.uint8)
+    return codes, zero, k, n
 
 
 def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:

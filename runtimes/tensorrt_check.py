@@ -37,7 +37,10 @@ def check_tensorrt(path: str | Path) -> list[TrtLayer]:
     rows = []
     for layer in inspect_onnx(path, nm=(2, 4)):
         reasons = []
-        if layer.form != "constant":
+        if layer.form == "quantized":
+            reasons.append("MatMulNBits (onnxruntime's weight-only int4/int8 op): TensorRT builds from the float "
+                           "model.onnx")
+        elif layer.form != "constant":
             reasons.append(f"weight is {layer.form}, not a constant on the op")
         if layer.k % 4:
             reasons.append(f"K={layer.k} is not a multiple of 4")

@@ -10,6 +10,7 @@ from nexus_export.passbase import PassContext
 from passes.gptq import GPTQPass, quantization_grids
 from passes.magnitude import MagnitudePass
 from runtimes import ort
+from runtimes.onnx_check import inspect_onnx
 from runtimes.onnx_export import lower_to_onnx
 from runtimes.quantize import dequantized_weights, write_grids, zeros_kept
 
@@ -33,6 +34,9 @@ def test_matmulnbits_computes_the_programs_weights(tmp_path, bits, sym):
     for name, w in weights.items():
         np.testing.assert_array_equal(w, program.weight(name).numpy().T)  # the same numbers, not close ones
     assert zeros_kept(fp32, q)
+    layers = [layer for layer in inspect_onnx(q) if layer.op == "MatMulNBits"]  # check-onnx reads the codes
+    assert len(layers) == 14 and all(layer.nm_valid and layer.form == "quantized" for layer in layers)
+    assert all(layer.sparsity == pytest.approx(float((weights[layer.layer] == 0).mean())) for layer in layers)
     ids = torch.arange(64).reshape(2, 32)
     expected = program.logits(ids).numpy()
     assert np.abs(ort.logits(ort.session(q), ids.numpy()) - expected).max() < 1e-4
