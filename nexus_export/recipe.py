@@ -85,7 +85,8 @@ def output_dtype(name: str) -> torch.dtype | None:
 
 @dataclass(frozen=True)
 class QuantizeSettings:
-    """Weight-only quantization of the block linears' weights to MatMulNBits (the fp32 model is kept beside it)."""
+    """Weight-only quantization to MatMulNBits, written beside the float model: GPTQ on the decoder linears, or round
+    to nearest on every MatMul weight."""
 
     bits: int = 4  # 4 or 8
     group_size: int = 32  # inputs per scale (MatMulNBits block size)
@@ -262,9 +263,10 @@ def _quantize(data: Any, passes: tuple[PassStep, ...]) -> QuantizeSettings | Non
             if on:
                 raise UserError(f"quantize.{flag} needs the gptq method (--quantize-method gptq); round to nearest "
                                 "has no column order or sweep")
-    if settings.joint and not any(step.name in JOINT_METHODS for step in passes):
+    joinable = get_pass("gptq").joint_methods
+    if settings.joint and not any(step.name in joinable for step in passes):
         raise UserError(f"quantize.joint (--joint) prunes and quantizes in one sweep and needs a "
-                        f"{' or '.join(JOINT_METHODS)} pass to join; the recipe has "
+                        f"{' or '.join(joinable)} pass to join; the recipe has "
                         f"{', '.join(step.name for step in passes) or 'no passes'}")
     return settings
 
@@ -280,15 +282,12 @@ def run_steps(recipe: Recipe) -> tuple[PassStep, ...]:
     steps = list(recipe.passes)
     if not q.joint:
         return (*steps, PassStep("gptq", get_pass("gptq").config_class.from_options(options, "gptq")))
-    i = max(i for i, step in enumerate(steps) if step.name in JOINT_METHODS)
+    i = max(i for i, step in enumerate(steps) if step.name in get_pass("gptq").joint_methods)
     mask = steps[i].config.to_dict()
     calibration = {k: mask.pop(k) for k in ("batch_size", "true_sequential", "blocksize", "percdamp") if k in mask}
     options.update(calibration, prune={"method": steps[i].name, **_clean(mask)})
     steps[i] = PassStep("gptq", get_pass("gptq").config_class.from_options(options, "gptq"))
     return tuple(steps)
-
-
-JOINT_METHODS = ("sparsegpt", "wanda")
 
 
 def _clean(options: dict) -> dict:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -30,7 +31,7 @@ from .wanda import wanda_mask
 
 log = logging.getLogger(__name__)
 
-JOINT_METHODS = ("sparsegpt", "wanda")
+JOINT_METHODS = ("sparsegpt", "wanda")  # the masking passes the joint sweep can run inside itself
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class GPTQPass(Pass):
     name = "gptq"
     config_class = GPTQConfig
     needs_calibration = True
+    joint_methods: ClassVar[tuple[str, ...]] = JOINT_METHODS
 
     def check(self, program: Program) -> None:
         cfg: GPTQConfig = self.config
