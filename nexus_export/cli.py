@@ -46,7 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--remove", type=int, help="shortgpt: number of blocks (or attention sublayers) to remove")
     prune.add_argument("--remove-ratio", type=float, help="shortgpt: fraction of blocks to remove")
     prune.add_argument("--layers", help="shortgpt: exactly these blocks, e.g. 20,21,22")
-    prune.add_argument("--strategy", help="shortgpt: similarity (default), attention or gradient")
+    prune.add_argument("--strategy", help="shortgpt: similarity (default), attention, gradient or perplexity")
+    prune.add_argument("--rank-windows", type=int,
+                       help="shortgpt perplexity: calibration windows the loss is measured on (default 8)")
+    prune.add_argument("--iterative", action="store_true", help="shortgpt perplexity: re-rank after each removal")
     prune.add_argument("--slicing", type=float,
                        help="slicegpt: fraction of the hidden width to slice off, in [0, 1) (0.25); 0 = rotate only")
     prune.add_argument("--round-to", type=int, help="slicegpt: round the kept width down to a multiple of this (8)")
@@ -189,11 +192,12 @@ def _prune(args: argparse.Namespace) -> int:
             options["schedule"] = json.loads(args.schedule)
         except json.JSONDecodeError as exc:
             raise UserError(f"--schedule is not valid JSON ({exc.msg}); e.g. '{{\"layer_0-5\": 0.3}}'") from None
-    for flag in ("per_row", "true_sequential"):
+    for flag in ("per_row", "true_sequential", "iterative"):
         if getattr(args, flag):
             options[flag] = True
     options.update(blocksize=args.blocksize, percdamp=args.percdamp, remove=args.remove,
                    remove_ratio=args.remove_ratio, layers=args.layers, strategy=args.strategy,
+                   rank_windows=args.rank_windows,
                    slicing=args.slicing, round_to=args.round_to)
     options = {k: v for k, v in options.items() if v is not None}
     activation = {"sparsity": args.activation_sparsity, "allocation": args.activation_allocation,

@@ -12,17 +12,22 @@ Strategies:
   add); only attention sublayers are removed, the MLPs stay.
 - ``gradient``: first-order Taylor importance |sum over tokens (h_out - h_in) . dL/dh_out| of each block on the
   calibration language-modelling loss.
+- ``perplexity``: the calibration loss (mean next-token NLL on ``rank_windows`` of the calibration windows) of the
+  model with that block removed alone (Kim et al., "Shortened LLaMA"); with ``iterative`` the blocks are re-ranked
+  after each removal, on the model without the blocks removed so far.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
 
 from nexus_export.calibration import Checkpoint, Resumed, open_checkpoint
 from nexus_export.errors import UserError
+from nexus_export.metrics import next_token_nll
 from nexus_export.passbase import Pass, PassConfig, PassContext
 from nexus_export.program import Program
 from nexus_export.progress import Progress
@@ -31,7 +36,8 @@ from nexus_export.surgery import remove_attention, remove_blocks
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("similarity", "attention", "gradient")
+STRATEGIES = ("similarity", "attention", "gradient", "perplexity")
+DEFAULT_RANK_WINDOWS = 8  # calibration windows the perplexity strategy scores on (each costs ~n/2 forward passes)
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,8 @@ class ShortGPTConfig(PassConfig):
     layers: list | str | None = None  # or exactly which (e.g. [20, 21, 22] or "20,21,22"); no scoring needed
     strategy: str = "similarity"
     batch_size: int = 8  # calibration windows per forward (gradient: per backward)
+    rank_windows: int | None = None  # perplexity: calibration windows the loss is measured on (default 8)
+    iterative: bool = False  # perplexity: re-rank after each removal
 
     def validate(self) -> None:
         given = [x for x in (self.remove, self.remove_ratio, self.layers) if x is not None]
@@ -57,6 +65,14 @@ class ShortGPTConfig(PassConfig):
             raise UserError(f"batch_size must be positive, got {self.batch_size}")
         if self.layers is not None:
             self.layer_list()
+        if self.strategy != "perplexity" and (self.rank_windows is not None or self.iterative):
+            raise UserError("rank_windows (--rank-windows) and iterative (--iterative) belong to strategy perplexity; "
+                            "add --strategy perplexity")
+        if self.rank_windows is not None and self.rank_windows < 1:
+            raise UserError(f"rank_windows must be a positive number of windows, got {self.rank_windows}")
+
+    def windows_to_rank(self) -> int:
+        return self.rank_windows if self.rank_windows is not None else DEFAULT_RANK_WINDOWS
 
     def layer_list(self) -> list[int]:
         items = self.layers.split(",") if isinstance(self.layers, str) else list(self.layers)
@@ -86,6 +102,12 @@ class ShortGPTPass(Pass):
             return ("strategy attention removes attention sublayers and leaves blocks without one, which no "
                     "transformers class holds")
         return None
+
+    def check_calibration(self, program: Program, windows) -> None:
+        if self.config.strategy == "perplexity" and self.config.layers is None and windows is not None \
+                and self.config.rank_windows is not None and self.config.rank_windows > len(windows):
+            raise UserError(f"--rank-windows {self.config.rank_windows} is more than the {len(windows)} calibration "
+                            "windows; use at most that many (or raise --calib-samples)")
 
     def count(self, program: Program) -> int:
         n = len(program.structure.blocks)
@@ -124,10 +146,19 @@ class ShortGPTPass(Pass):
             windows = ctx.calibration_windows
             if windows is None or len(windows) == 0:
                 raise UserError("shortgpt needs calibration data to rank blocks, or an explicit list of layers")
-            checkpoint, resumed = open_checkpoint(ctx, program, self.name, cfg.to_dict(), windows)
-            scores = score_blocks(program, windows, cfg.strategy, cfg.batch_size, checkpoint, resumed)
-            ranked = sorted(scores, key=lambda k: scores[k])
-            chosen = sorted(ranked[: self.count(program)])
+            start = time.perf_counter()
+            if cfg.strategy == "perplexity":
+                self.check_calibration(program, windows)
+                ranking = windows[: cfg.windows_to_rank()]
+                scores, order = rank_by_loss(program, ranking, self.count(program), cfg.iterative, cfg.batch_size)
+                extra = {"rank_windows": len(ranking), "iterative": cfg.iterative, "removal_order": order}
+            else:
+                checkpoint, resumed = open_checkpoint(ctx, program, self.name, cfg.to_dict(), windows)
+                scores = score_blocks(program, windows, cfg.strategy, cfg.batch_size, checkpoint, resumed)
+                order = sorted(scores, key=lambda k: scores[k])[: self.count(program)]
+                extra = {}
+            extra["ranking_s"] = round(time.perf_counter() - start, 2)
+            chosen = sorted(order)
         n_before = len(program.structure.blocks)
         if cfg.strategy == "attention":
             new = remove_attention(program, chosen)
@@ -140,6 +171,7 @@ class ShortGPTPass(Pass):
             "removed": chosen,
             "blocks_before": n_before,
             "blocks_after": len(new.structure.blocks),
+            **(extra if cfg.layers is None else {}),
         }
         log.info("shortgpt: removed %s %s", changes["unit"] + "s", chosen)
         return new, changes
@@ -151,6 +183,8 @@ def score_blocks(program: Program, windows: torch.Tensor, strategy: str, batch_s
     (gradient: each batch) done goes into ``checkpoint``; ``resumed`` continues after what it holds."""
     if strategy == "gradient":
         return _taylor_scores(program, windows, max(1, min(batch_size, 2)), checkpoint, resumed)
+    if strategy == "perplexity":  # every given window (the pass gives it rank_windows of them)
+        return loss_without_each(program, windows, set(), batch_size)
     runner = BlockRunner(program, windows, batch_size)
     sums: dict[int, float] = {}
     tokens: dict[int, int] = {}
@@ -180,6 +214,53 @@ def score_blocks(program: Program, windows: torch.Tensor, strategy: str, batch_s
             checkpoint.save(k, {}, runner.streams(), {"sums": sums, "tokens": tokens})
         progress.update(k + 1)
     return {k: sums[k] / tokens[k] for k in sums}
+
+
+def rank_by_loss(program: Program, windows: torch.Tensor, count: int, iterative: bool, batch_size: int = 8
+                 ) -> tuple[dict[int, float], list[int]]:
+    """The calibration loss without each block alone (the scores: lower = removed first) and the ``count`` blocks to
+    remove, in the order chosen: the lowest scores, or (``iterative``) the lowest loss again after each removal."""
+    scores = loss_without_each(program, windows, set(), batch_size)
+    order = sorted(scores, key=scores.get)[:count]
+    if iterative and count > 1:
+        order = order[:1]
+        while len(order) < count:
+            again = loss_without_each(program, windows, set(order), batch_size)
+            order.append(min(again, key=again.get))
+            log.info("shortgpt perplexity: removing %s (calibration loss %.4f)", order, again[order[-1]])
+    return scores, order
+
+
+@torch.no_grad()
+def loss_without_each(program: Program, windows: torch.Tensor, removed: set[int], batch_size: int = 8
+                      ) -> dict[int, float]:
+    """Mean next-token NLL on ``windows`` of the model without the blocks in ``removed`` and without block k, for
+    every other block k. One walk through the blocks: each block's weights are loaded once per micro-batch and run on
+    the stream of every candidate that skipped an earlier block (up to n streams alive at once)."""
+    runner = BlockRunner(program, windows, batch_size)
+    n = len(program.structure.blocks)
+    suffix = runner.load(runner.graphs.suffix)
+    totals: dict[int, float] = {}
+    tokens = 0
+    progress = Progress("shortgpt perplexity", runner.batches, "batches", every_s=10.0)
+    for i in range(runner.batches):
+        h = runner.inputs(0, i)[0]
+        alive: dict[int, torch.Tensor] = {}  # candidate k -> the stream of the model without k
+        for j in range(n):
+            if j in removed:
+                continue
+            block = runner.graphs.blocks[j]
+            weights = runner.load(block)
+            alive = {k: block(weights, *runner.inputs(j, i, s))[0] for k, s in alive.items()}
+            alive[j] = h
+            h = block(weights, *runner.inputs(j, i, h))[0]
+            del weights
+        ids = windows[i * runner.micro:(i + 1) * runner.micro].to(runner.device)
+        for k, stream in alive.items():
+            totals[k] = totals.get(k, 0.0) + next_token_nll(runner.logits(i, stream, suffix), ids)[0]
+        tokens += ids.shape[0] * (ids.shape[1] - 1)
+        progress.update(i + 1)
+    return {k: totals[k] / tokens for k in sorted(totals)}
 
 
 def _taylor_scores(program: Program, windows: torch.Tensor, batch_size: int, checkpoint: Checkpoint | None,

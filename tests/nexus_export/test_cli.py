@@ -377,3 +377,17 @@ def test_quantization_method_defaults_to_gptq_when_the_run_calibrates():
     assert step.name == "gptq" and step.config.prune == {"method": "sparsegpt", "pattern": "2:4"}
     assert step.config.percdamp == 0.02
     assert Recipe.from_dict(joint.to_dict()) == joint  # recipe.yaml round-trips
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--remove", "1", "--strategy", "perplexity", "--rank-windows", "9", "--calib-samples", "4"],
+     "--rank-windows 9 is more than the 4 calibration windows"),
+    (["--remove", "1", "--iterative"], "belong to strategy perplexity"),
+])
+def test_bad_perplexity_ranking_input(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    assert main(["-q", "prune", "--model", "tiny-llama", "--method", "shortgpt", *args, "--eval-windows", "1",
+                 "--seq-len", "32", "--no-latency", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []

@@ -11,7 +11,7 @@ from nexus_export.errors import UserError
 from nexus_export.hf_export import save_hf
 from nexus_export.passbase import PassContext
 from nexus_export.program import Program
-from passes.shortgpt import ShortGPTPass, score_blocks
+from passes.shortgpt import ShortGPTPass, loss_without_each, score_blocks
 from runtimes.onnx_export import lower_to_onnx
 
 
@@ -95,6 +95,38 @@ def test_gradient_strategy_scores_every_block():
     assert result.report.changes["removed"] == [min(scores, key=scores.get)]
 
 
+def loss_of(program, ids):
+    """Mean next-token NLL of ``program`` on ``ids``, by plain logits."""
+    logits = program.logits(ids)
+    return float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                   ids[:, 1:].reshape(-1)))
+
+
+def test_perplexity_strategy_scores_are_the_loss_without_each_block():
+    """Each score is exactly the calibration loss of the model with that block deleted by surgery."""
+    from nexus_export.surgery import remove_blocks
+
+    program = tiny_program("llama", layers=4)
+    ids = calib()
+    scores = loss_without_each(program, ids, set())
+    assert sorted(scores) == [0, 1, 2, 3]
+    for k, score in scores.items():
+        assert score == pytest.approx(loss_of(remove_blocks(program, [k]), ids), rel=1e-5)
+    without_1 = loss_without_each(program, ids, {1})  # iterative rounds: block 1 already gone
+    assert sorted(without_1) == [0, 2, 3]
+    assert without_1[3] == pytest.approx(loss_of(remove_blocks(program, [1, 3]), ids), rel=1e-5)
+
+    result = ShortGPTPass({"remove": 2, "strategy": "perplexity", "rank_windows": 3, "iterative": True}).run(
+        program, ctx())
+    changes = result.report.changes
+    first = changes["removal_order"][0]
+    assert str(first) == min(changes["scores"], key=changes["scores"].get)  # the first round's scores
+    assert changes["rank_windows"] == 3 and changes["iterative"] and len(changes["removal_order"]) == 2
+    assert changes["removed"] == sorted(changes["removal_order"]) and changes["ranking_s"] >= 0
+    again = loss_without_each(program, calib()[:3], {first})  # the second removal is the best given the first
+    assert changes["removal_order"][1] == min(again, key=again.get)
+
+
 @pytest.mark.parametrize("options, message", [
     ({"remove": 4}, "cannot remove 4 of 4 blocks"),
     ({"remove": -1}, "0 or more"),
@@ -102,6 +134,9 @@ def test_gradient_strategy_scores_every_block():
     ({"layers": "1,1"}, "more than once"),
     ({"remove": 1, "layers": [1]}, "exactly one"),
     ({"remove": 1, "strategy": "bogus"}, "unknown strategy"),
+    ({"remove": 1, "rank_windows": 4}, "belong to strategy perplexity"),
+    ({"remove": 1, "iterative": True}, "belong to strategy perplexity"),
+    ({"remove": 1, "strategy": "perplexity", "rank_windows": 0}, "positive number of windows"),
 ])
 def test_bad_input(options, message):
     program = tiny_program("llama", layers=4)
@@ -162,3 +197,10 @@ def test_hugging_face_folder_refused_after_attention_removal(tmp_path):
     new = ShortGPTPass({"layers": [1], "strategy": "attention"}).run(program).program
     with pytest.raises(UserError, match="attention sublayers were removed"):
         save_hf(new, tmp_path / "hf")
+
+
+def test_rank_windows_beyond_the_calibration_set_is_refused():
+    program = tiny_program("llama", layers=4)
+    pass_ = ShortGPTPass({"remove": 1, "strategy": "perplexity", "rank_windows": 5})
+    with pytest.raises(UserError, match="--rank-windows 5 is more than the 4 calibration windows"):
+        pass_.check_calibration(program, calib())
