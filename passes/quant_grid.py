@@ -3,8 +3,11 @@
 A group is ``group_size`` consecutive inputs of one output row; its weights become ``scale * (code - zero)`` with
 integer codes in [0, 2^b - 1]. Symmetric grids fix ``zero`` at 2^(b-1) (onnxruntime's MatMulNBits default, so no zero
 points are stored); asymmetric grids take the integer zero point that fits the group's range. Either grid holds 0
-exactly (code == zero), so a pruned weight stays exactly zero after quantization. The scales follow GPTQ's reference
-quantizer: the range always includes 0, and a group of zeros gets a scale as if its range were [-1, 1].
+exactly (code == zero), so a pruned weight stays exactly zero after quantization. Symmetric scales are onnxruntime's
+round-to-nearest convention: the group's weight of largest magnitude maps exactly to code 0 (scale = that weight /
+-2^(b-1), so a scale may be negative), which uses all 2^b codes; GPTQ's reference range [-max|w|, max|w|] over 2^b - 1
+steps is coarser and clips the positive end (measured on SmolLM2's first four blocks: 20-60% more rounding error).
+Asymmetric grids span the group's [min, max] (always including 0) in 2^b - 1 steps, as GPTQ's reference does.
 """
 
 from __future__ import annotations
@@ -40,19 +43,17 @@ class Grid:
     def params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point [rows] (float32; zero holds whole numbers) of the grid for the weights ``w`` [rows, g]."""
         w = w.float()
+        if self.sym:  # the weight of largest magnitude lands exactly on the grid's end code 0 (-2^(b-1))
+            half = (self.maxq + 1) // 2
+            extreme = w.gather(1, w.abs().argmax(dim=1, keepdim=True))[:, 0]
+            scale = torch.where(extreme == 0, 1.0, extreme / -half)
+            return scale, torch.full_like(scale, float(half))
         lo = torch.clamp(w.min(dim=1).values, max=0.0)
         hi = torch.clamp(w.max(dim=1).values, min=0.0)
-        if self.sym:
-            hi = torch.maximum(-lo, hi)
-            lo = -hi
         empty = (lo == 0) & (hi == 0)
         lo, hi = torch.where(empty, -1.0, lo), torch.where(empty, 1.0, hi)
         scale = (hi - lo) / self.maxq
-        if self.sym:
-            zero = torch.full_like(scale, float((self.maxq + 1) // 2))
-        else:
-            zero = torch.round(-lo / scale)
-        return scale, zero
+        return scale, torch.round(-lo / scale)
 
     def quantize(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """``x`` rounded to the grid and dequantized (same shape; ``scale``/``zero`` broadcast against it)."""

@@ -12,7 +12,8 @@ from passes.magnitude import MagnitudePass
 from runtimes import ort
 from runtimes.onnx_check import inspect_onnx
 from runtimes.onnx_export import lower_to_onnx
-from runtimes.quantize import dequantized_weights, write_grids, zeros_kept
+from passes.quant_grid import Grid
+from runtimes.quantize import dequantized_weights, quantize_onnx, write_grids, zeros_kept
 
 
 def quantized(tmp_path, bits, sym):
@@ -56,3 +57,16 @@ def test_a_weight_off_its_grid_is_refused(tmp_path):
         write_grids(fp32, tmp_path / "bad.onnx", GPTQPass({"group_size": 32}).config.grid(),
                     {"no.such.layer": (scales, zeros)})
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_symmetric_grid_is_onnxruntimes_round_to_nearest(tmp_path):
+    """Rounding to our symmetric grid gives the weights onnxruntime's own RTN quantizer writes: one convention."""
+    program = tiny_program("llama")
+    fp32 = lower_to_onnx(program, tmp_path / "model.onnx")
+    theirs = dequantized_weights(quantize_onnx(fp32, tmp_path / "model.q4.onnx", 4, 32))
+    grid = Grid(4, 32)
+    for lin in program.structure.in_blocks():
+        w = program.weight(lin.name).float()
+        scales, zeros = grid.group_params(w)
+        ours = grid.dequantize(grid.layer_codes(w, scales, zeros), scales, zeros)
+        np.testing.assert_allclose(ours.numpy().T, theirs[lin.name], rtol=0, atol=1e-6)
