@@ -1,12 +1,13 @@
 """Compression table: dense and pruned SmolLM2, fp32 and int4 (RTN and GPTQ), in onnxruntime on the CPU.
 
-Rows: dense fp32; 2:4 fp32 (SparseGPT); dense int4 by round to nearest (onnxruntime's quantizer) and by GPTQ; 2:4
-int4 by RTN, by GPTQ after SparseGPT, and by the joint SparseGPT + GPTQ sweep; ShortGPT (7 blocks removed) + RTN int4.
-Columns: files on disk (ONNX + external data), onnxruntime perplexity on the evaluation windows and on other text
-(the license texts), the PyTorch perplexity of the dequantized GPTQ weights beside it, the pass's time, and latency
-at 1 x 128 and 8 x 512 (median of runs interleaved across the models, so noise hits all alike).
+Rows: dense fp32; 2:4 fp32 (SparseGPT); dense int4 by round to nearest (onnxruntime's quantizer) and by GPTQ (in
+stored column order, and with act-order); 2:4 int4 by RTN, by GPTQ after SparseGPT (both orders), and by the joint
+SparseGPT + GPTQ sweep; ShortGPT (7 blocks removed) + RTN int4. Columns: files on disk (ONNX + external data),
+onnxruntime perplexity on the evaluation windows and on other text (the license texts), with --pytorch the PyTorch
+perplexity of the dequantized GPTQ weights beside it, the pass's time, and latency at 1 x 128 and 8 x 512 (median of
+runs interleaved across the models, so noise hits all alike).
 
-    .venv/bin/python bench/compression.py --model smollm2-135m           # ~45 min on 2 cores
+    .venv/bin/python bench/compression.py --model smollm2-135m           # ~55 min on 2 cores
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def main() -> int:
     ap = protocol_parser(__doc__.splitlines()[0], other_text=True)
     ap.add_argument("--remove", type=int, default=7)
     ap.add_argument("--group-size", "--block-size", dest="group_size", type=int, default=32)
-    ap.add_argument("--act-order", action="store_true", help="also a dense GPTQ row with act-order")
+    ap.add_argument("--pytorch", action="store_true", help="also the PyTorch perplexity of each GPTQ model")
     ap.add_argument("--shapes", default="1x128,8x512")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
@@ -54,8 +55,9 @@ def main() -> int:
         return result.program
 
     def quantized(program, label: str, folder: Path) -> None:
-        """Lower a GPTQ program, write its MatMulNBits from its own grids, note its PyTorch perplexity."""
-        facts[label]["ppl_pytorch"] = program_perplexity(program, evals, 2, f"{label} (PyTorch)")[0]
+        """Lower a GPTQ program, write its MatMulNBits from its own grids (and note its PyTorch perplexity)."""
+        if args.pytorch:
+            facts[label]["ppl_pytorch"] = program_perplexity(program, evals, 2, f"{label} (PyTorch)")[0]
         fp32 = lower_to_onnx(program, folder / "model.onnx")
         models[label] = write_grids(fp32, folder / "model.q4.onnx", grid, quantization_grids(program))
 
@@ -65,15 +67,16 @@ def main() -> int:
         models["dense int4 RTN"] = quantize_onnx(models["dense fp32"], tmp / "dense" / "model.q4.onnx", 4,
                                                  args.group_size)
         quantized(run(dense.fork(), "gptq", gptq, "dense int4 GPTQ"), "dense int4 GPTQ", tmp / "dense-gptq")
-        if args.act_order:
-            label = "dense int4 GPTQ act-order"
-            quantized(run(dense.fork(), "gptq", {**gptq, "act_order": True}, label), label, tmp / "dense-gptq-act")
+        label = "dense int4 GPTQ act-order"
+        quantized(run(dense.fork(), "gptq", {**gptq, "act_order": True}, label), label, tmp / "dense-gptq-act")
         sparse = run(dense.fork(), "sparsegpt", {"pattern": "2:4"}, "2:4 fp32")
         models["2:4 fp32"] = lower_to_onnx(sparse, tmp / "sparse" / "model.onnx")
         models["2:4 int4 RTN"] = quantize_onnx(models["2:4 fp32"], tmp / "sparse" / "model.q4.onnx", 4,
                                                args.group_size)
         label = "2:4 int4 SparseGPT then GPTQ"
         quantized(run(sparse.fork(), "gptq", gptq, label), label, tmp / "sparse-gptq")
+        label = "2:4 int4 SparseGPT then GPTQ act-order"
+        quantized(run(sparse.fork(), "gptq", {**gptq, "act_order": True}, label), label, tmp / "sparse-gptq-act")
         del sparse
         label = "2:4 int4 joint sweep"
         joint = {**gptq, "prune": {"method": "sparsegpt", "pattern": "2:4"}}

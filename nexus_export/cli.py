@@ -68,8 +68,9 @@ def _parser() -> argparse.ArgumentParser:
                             "rtn: round to nearest (default otherwise)")
     prune.add_argument("--group-size", "--block-size", dest="group_size", type=int,
                        help="inputs per quantization scale: 32 (default), 64, 128")
-    prune.add_argument("--act-order", action="store_true",
-                       help="gptq: quantize columns in decreasing Hessian diagonal order")
+    prune.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                       help="gptq: quantize columns in decreasing Hessian diagonal order (default, except in the joint "
+                            "sparsegpt sweep)")
     prune.add_argument("--quantize-sym", action=argparse.BooleanOptionalAction, default=None,
                        help="symmetric grid (default); --no-quantize-sym: a zero point per group")
     prune.add_argument("--joint", action="store_true",
@@ -229,7 +230,7 @@ def _prune(args: argparse.Namespace) -> int:
 def _quantize_options(args: argparse.Namespace) -> dict:
     """The recipe's quantize section from the flags; a quantization flag without --quantize-bits is an error."""
     given = {"method": args.quantize_method, "group_size": args.group_size, "sym": args.quantize_sym,
-             "act_order": args.act_order or None, "joint": args.joint or None}
+             "act_order": args.act_order, "joint": args.joint or None}
     given = {k: v for k, v in given.items() if v is not None}
     if args.quantize_bits is None:
         if given:

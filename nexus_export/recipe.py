@@ -93,7 +93,8 @@ class QuantizeSettings:
     method: str = "auto"  # gptq (error-compensated, calibrated) or rtn (round to nearest); auto: gptq when the run
     # calibrates anyway, else rtn
     sym: bool = True  # symmetric grid; False: a zero point per group (0 is still exact)
-    act_order: bool = False  # gptq: columns in decreasing Hessian diagonal order
+    act_order: bool | None = None  # gptq: columns in decreasing Hessian diagonal order; default on (off for rtn and
+    # for the joint sparsegpt sweep, which chooses N:M groups in stored order)
     joint: bool = False  # gptq: prune (the last sparsegpt or wanda pass) and quantize in one sweep per layer
     percdamp: float = 0.01  # gptq: damping, as a fraction of the mean Hessian diagonal
 
@@ -268,6 +269,9 @@ def _quantize(data: Any, passes: tuple[PassStep, ...]) -> QuantizeSettings | Non
         raise UserError(f"quantize.joint (--joint) prunes and quantizes in one sweep and needs a "
                         f"{' or '.join(joinable)} pass to join; the recipe has "
                         f"{', '.join(step.name for step in passes) or 'no passes'}")
+    if settings.act_order is None:
+        joined = [step.name for step in passes if step.name in joinable][-1:] if settings.joint else []
+        settings = dataclasses.replace(settings, act_order=settings.method == "gptq" and joined != ["sparsegpt"])
     return settings
 
 

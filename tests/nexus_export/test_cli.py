@@ -367,15 +367,19 @@ def test_quantization_method_defaults_to_gptq_when_the_run_calibrates():
 
     calibrated = Recipe.from_dict({"model": "tiny-llama", "passes": [{"sparsegpt": {"pattern": "2:4"}}],
                                    "quantize": {"bits": 4}})
-    assert calibrated.quantize.method == "gptq"
+    assert calibrated.quantize.method == "gptq" and calibrated.quantize.act_order is True
     assert [s.name for s in run_steps(calibrated)] == ["sparsegpt", "gptq"]
     plain = Recipe.from_dict({"model": "tiny-llama", "passes": ["magnitude"], "quantize": {"bits": 4, "block_size": 64}})
     assert plain.quantize.method == "rtn" and plain.quantize.group_size == 64 and run_steps(plain) == plain.passes
+    assert plain.quantize.act_order is False
     joint = Recipe.from_dict({"model": "tiny-llama", "passes": [{"sparsegpt": {"pattern": "2:4", "percdamp": 0.02}}],
                               "quantize": {"bits": 4, "joint": True}})
     (step,) = run_steps(joint)
     assert step.name == "gptq" and step.config.prune == {"method": "sparsegpt", "pattern": "2:4"}
-    assert step.config.percdamp == 0.02
+    assert step.config.percdamp == 0.02 and step.config.act_order is False  # N:M groups follow the stored order
+    wanda = Recipe.from_dict({"model": "tiny-llama", "passes": [{"wanda": {"pattern": "2:4"}}],
+                              "quantize": {"bits": 4, "joint": True}})
+    assert run_steps(wanda)[0].config.act_order is True  # Wanda's mask is fixed before the sweep
     assert Recipe.from_dict(joint.to_dict()) == joint  # recipe.yaml round-trips
 
 
