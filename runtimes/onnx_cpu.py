@@ -11,12 +11,11 @@ from pathlib import Path
 import torch
 
 from nexus_export.program import Program
+from passes.quant_grid import Grid
 
 from . import onnx_check, ort, parity
 from .onnx_export import lower_to_onnx
 from .precision import to_fp16_weights
-from passes.quant_grid import Grid
-
 from .quantize import quantize_onnx, write_grids, zeros_kept
 
 

@@ -1,7 +1,7 @@
 """Prune, then quantize: block-wise weight-only quantization of an ONNX model's MatMul weights (MatMulNBits).
 
 Two ways in, one format out (onnxruntime's MatMulNBits, 4 or 8 bits, a scale per block of K):
-- ``quantize_onnx``: round to nearest (RTN, symmetric) with onnxruntime's own quantizer, every constant MatMul weight;
+- ``quantize_onnx``: round to nearest (RTN) with onnxruntime's own quantizer, every constant MatMul weight;
 - ``write_grids``: the weights a GPTQ pass already put on its grids, written with that pass's scales and zero
   points (the ONNX weights must lie exactly on them; the layers without a grid stay float).
 Either grid holds zero exactly, so a weight that pruning set to zero dequantizes to exactly zero: the sparsity survives
@@ -55,8 +55,7 @@ def quantize_onnx(src: str | Path, dst: str | Path, bits: int = 4, block_size: i
     check_quantization(src, bits, block_size)
     start = time.perf_counter()
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=block_size,
-                                     is_symmetric=sym)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=block_size, is_symmetric=sym)
     quantizer.process()
     model = quantizer.model.model
     quantized = sum(1 for n in model.graph.node if n.op_type == "MatMulNBits")
