@@ -14,7 +14,8 @@ Strategies:
   calibration language-modelling loss.
 - ``perplexity``: the calibration loss (mean next-token NLL on ``rank_windows`` of the calibration windows) of the
   model with that block removed alone (Kim et al., "Shortened LLaMA"); with ``iterative`` the blocks are re-ranked
-  after each removal, on the model without the blocks removed so far.
+  after each removal, on the model without the blocks removed so far. Not checkpointed: an interrupted ranking starts
+  over with --resume.
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ def score_blocks(program: Program, windows: torch.Tensor, strategy: str, batch_s
     (gradient: each batch) done goes into ``checkpoint``; ``resumed`` continues after what it holds."""
     if strategy == "gradient":
         return _taylor_scores(program, windows, max(1, min(batch_size, 2)), checkpoint, resumed)
-    if strategy == "perplexity":  # every given window (the pass gives it rank_windows of them)
+    if strategy == "perplexity":  # on every given window: callers pass the rank windows
         return loss_without_each(program, windows, set(), batch_size)
     runner = BlockRunner(program, windows, batch_size)
     sums: dict[int, float] = {}
