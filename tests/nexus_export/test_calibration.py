@@ -150,7 +150,9 @@ def test_every_long_pass_resumes_to_the_same_result(tmp_path, monkeypatch, name,
     monkeypatch.setattr(Checkpoint, "save", lambda self, k, *args: saved.append(k) or real_save(self, k, *args))
     resumed = run(PassContext(calibration_windows=ids, checkpoint_dir=tmp_path, resume=True))
     assert saved[0] == 2  # it went on from the checkpoint, not from the start
-    assert resumed.report.changes == reference.report.changes
+    timing = ("ranking_s",)  # wall time differs from run to run
+    assert {k: v for k, v in resumed.report.changes.items() if k not in timing} == \
+        {k: v for k, v in reference.report.changes.items() if k not in timing}
     ref, got = reference.program, resumed.program
     assert got.weight_names() == ref.weight_names()
     for param in ref.weight_names():

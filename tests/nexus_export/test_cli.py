@@ -230,9 +230,11 @@ def test_readme_recipe_is_valid_and_structural_then_masking_runs(tmp_path):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
     assert main(["-q", "run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")]) == 0
     report = json.loads((tmp_path / "o" / "report.json").read_text())
-    short, sparse = report["passes"]
+    short, sparse, gptq = report["passes"]  # the quantize section runs GPTQ after the recipe's passes
     assert short["changes"]["blocks_after"] == 1 and sparse["changes"]["targeted_layers"] == 7
+    assert gptq["name"] == "gptq" and gptq["changes"]["layers"] == 7 and gptq["changes"]["act_order"] is True
     assert report["onnx"]["summary"]["all_nm_valid"] and report["deploy"]["variant"] == "int4"
+    assert report["artifacts"][1]["pruned_zeros_kept"] and report["artifacts"][1]["vs_pytorch_rel"] < 1e-4
 
 
 @pytest.mark.slow
