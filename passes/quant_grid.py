@@ -6,7 +6,7 @@ points are stored); asymmetric grids take the integer zero point that fits the g
 exactly (code == zero), so a pruned weight stays exactly zero after quantization. Symmetric scales are onnxruntime's
 round-to-nearest convention: the group's weight of largest magnitude maps exactly to code 0 (scale = that weight /
 -2^(b-1), so a scale may be negative), which uses all 2^b codes; GPTQ's reference range [-max|w|, max|w|] over 2^b - 1
-steps is coarser and clips the positive end (measured on SmolLM2's first four blocks: 20-60% more rounding error).
+steps is coarser and clips the positive end.
 Asymmetric grids span the group's [min, max] (always including 0) in 2^b - 1 steps, as GPTQ's reference does.
 """
 

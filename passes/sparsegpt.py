@@ -11,7 +11,6 @@ on the already-updated weights.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +25,6 @@ from .obs import HessianFactor, factor_hessian, obs_sweep, reconstruction_error,
 from .quant_grid import Grid
 from .sparsity import NMPattern, Target
 
-log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SparseGPTConfig(CalibratedConfig):

@@ -61,7 +61,7 @@ def test_sweep_lands_on_the_grid_and_beats_rounding(sym, act_order):
     result = obs_sweep(w, factor_hessian(h, 0.01, act_order), grid=grid, blocksize=64)
     assert on_grid(result.weight, grid, result.scales, result.zeros)
     ours, rounded = reconstruction_error(w, result.weight, h), reconstruction_error(w, rtn(w, grid), h)
-    assert ours < 0.75 * rounded  # the compensation is the point of GPTQ (measured 0.55-0.65)
+    assert ours < 0.75 * rounded  # the compensation is the point of GPTQ (0.53-0.60 on this problem)
 
 
 def test_fixed_mask_stays_zero_and_helps():
