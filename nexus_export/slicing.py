@@ -51,7 +51,7 @@ class NormNotFusable(UserError):
 
 @dataclass
 class NormSite:
-    """One norm in the graph: its output node, what it reads from the stream, its parameters."""
+    """One norm in the graph: its output node, what it reads from the stream, its parameters, the linears it feeds."""
 
     kind: str  # "layernorm" or "rmsnorm"
     output: fx.Node  # the node the readers consume (the scaled output)
@@ -61,6 +61,8 @@ class NormSite:
     eps: float
     mean: fx.Node | None = None  # rmsnorm: the mean(x^2) node
     normalized: fx.Node | None = None  # rmsnorm: the value before the scale
+    offset: float = 0.0  # the scale is weight + offset (Gemma's RMSNorm multiplies by 1 + weight)
+    readers: list[str] = dataclasses.field(default_factory=list)  # the linears reading this norm's output
 
 
 # ---------------------------------------------------------------------------------------------------- graph helpers
@@ -104,17 +106,33 @@ def stream_width(program: Program) -> int:
     return int(program.linear(program.structure.sublayers[0].readers[0]).in_features)
 
 
-def find_norms(program: Program, exported: ExportedProgram) -> dict[str, NormSite]:
-    """The norm in front of each sublayer's readers and the lm_head, keyed by the first reader's linear name."""
+def find_norms(program: Program, exported: ExportedProgram) -> list[NormSite]:
+    """The norm in front of every linear that reads the stream (the sublayers' readers and the lm_head), one site per
+    norm with the linears it feeds: a parallel block may read the stream through one norm per branch."""
     nodes = {n.name: n for n in exported.graph.nodes}
-    groups = [list(sub.readers) for sub in program.structure.sublayers] + [[program.structure.lm_head]]
-    sites: dict[str, NormSite] = {}
-    for readers in groups:
-        lin = program.linear(readers[0])
-        node = nodes[lin.node]
-        x = node.args[1] if op_name(node) == "addmm" else node.args[0]
-        sites[readers[0]] = _norm_site(exported, through(x), readers[0])
-    return sites
+    structure = program.structure
+    sites: dict[fx.Node, NormSite] = {}
+    for name in [n for sub in structure.sublayers for n in sub.readers] + [structure.lm_head]:
+        node = nodes[program.linear(name).node]
+        x = through(node.args[1] if op_name(node) == "addmm" else node.args[0])
+        if x not in sites:
+            sites[x] = _norm_site(exported, x, name)
+        sites[x].readers.append(name)
+    return list(sites.values())
+
+
+def check_fusable(program: Program) -> None:
+    """Raise NormNotFusable, before any work, when SliceGPT cannot make this model's norms scale-free exactly: a norm
+    after a sublayer (before its residual add) measures the full-width output, so no rotation and slicing of the
+    stream commutes with it; any other norm form is named by ``find_norms``."""
+    for sub in program.structure.sublayers:
+        if sub.post_norm:
+            raise NormNotFusable(
+                f"slicegpt cannot slice this model: {sub.post_norm} normalizes the output of block {sub.block}'s "
+                f"{sub.kind} sublayer before the residual add (a post-sublayer norm, as in Gemma 2/3 and OLMo 2); it "
+                "measures the full-width output, so rotating and slicing the stream would change what it computes. "
+                "Use a masking method (magnitude, wanda, sparsegpt) or shortgpt on this model")
+    find_norms(program, program.exported)
 
 
 def _norm_site(exported: ExportedProgram, node: fx.Node, reader: str) -> NormSite:
@@ -126,21 +144,32 @@ def _norm_site(exported: ExportedProgram, node: fx.Node, reader: str) -> NormSit
         x, _shape, w, b, eps = node.args[0].args
         return NormSite("layernorm", node, x, param_of(exported, w), param_of(exported, b), float(eps))
     if op == "mul":
-        a, b = node.args
-        weight, other = (a, b) if param_of(exported, a) else (b, a)
-        if param_of(exported, weight):
-            inner = through(other)
-            site = _rms_core(inner)
+        for scale, other in (node.args, tuple(reversed(node.args))):
+            weight, offset = _scale_param(exported, scale)
+            site = _rms_core(through(other)) if weight else None
             if site is not None:
                 x, mean, eps = site
-                return NormSite("rmsnorm", node, x, param_of(exported, weight), None, eps, mean=mean,
-                                normalized=other)
+                return NormSite("rmsnorm", node, x, weight, None, eps, mean=mean, normalized=other, offset=offset)
     if op == "mul" and _rms_core(node) is not None:  # already scale-free
         x, mean, eps = _rms_core(node)
         return NormSite("rmsnorm", node, x, None, None, eps, mean=mean, normalized=node)
     raise NormNotFusable(f"cannot fuse the norm in front of {reader}: it reads {node.name} ({op}), which is neither a "
                          "LayerNorm nor an RMSNorm of the form x * rsqrt(mean(x^2) + eps) * weight; SliceGPT needs "
                          "norms it can make scale-free")
+
+
+def _scale_param(exported: ExportedProgram, node) -> tuple[str | None, float]:
+    """(parameter, offset) when ``node`` is a norm's scale: a parameter, or a parameter plus a constant (1 + weight)."""
+    if not isinstance(node, fx.Node):
+        return None, 0.0
+    node = through(node)
+    if param_of(exported, node):
+        return param_of(exported, node), 0.0
+    if op_name(node) == "add" and len(node.args) == 2:
+        for p, c in (node.args, tuple(reversed(node.args))):
+            if isinstance(c, (int, float)) and isinstance(p, fx.Node) and param_of(exported, through(p)):
+                return param_of(exported, through(p)), float(c)
+    return None, 0.0
 
 
 def _rms_core(node: fx.Node) -> tuple[fx.Node, fx.Node, float] | None:
@@ -174,12 +203,10 @@ def fuse_norms(program: Program) -> Program:
         _untie(structure, exported, store, nodes)
 
     with torch.no_grad():
-        groups = {sub.readers[0]: sub.readers for sub in structure.sublayers}
-        groups[structure.lm_head] = (structure.lm_head,)
-        for first, site in sites.items():
-            gamma = store.get(site.weight, torch.float64) if site.weight else None
+        for site in sites:
+            gamma = store.get(site.weight, torch.float64) + site.offset if site.weight else None
             beta = store.get(site.bias, torch.float64) if site.bias else None
-            for name in groups[first]:
+            for name in site.readers:
                 lin = structure.linears[name]
                 node = nodes[lin.node]
                 param = param_of(exported, node.args[-1] if op_name(node) in ("addmm", "mm") else node.args[1])
@@ -196,12 +223,12 @@ def fuse_norms(program: Program) -> Program:
                 if gamma is not None:
                     scaled = _by_rows(w_oi, lambda w: w * gamma[None, :], store.dtype_for(param, torch.float32))
                     store.set(param, _oriented(scaled, lin.weight_layout))
-        if any(site.kind == "layernorm" for site in sites.values()):
+        if any(site.kind == "layernorm" for site in sites):
             _center_writers(program, exported, store)
-        for site in sites.values():
+        for site in sites:
             _make_scale_free(graph, site, width)
     fused = rebuild(exported, store, retrace=True)
-    log.info("fused %d norms (%s)", len(sites), ", ".join(sorted({s.kind for s in sites.values()})))
+    log.info("fused %d norms (%s)", len(sites), ", ".join(sorted({s.kind for s in sites})))
     return program.derive(fused, store)
 
 

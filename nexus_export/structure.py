@@ -7,6 +7,10 @@ How roles are found (topology first, names never):
 - A sublayer is everything between the stream and a residual add. It is attention when it holds a scaled-dot-product
   attention (or a softmax), otherwise an MLP. Its linears with no linear before them *read* the stream (``attn_in`` /
   ``mlp_in``); those with no linear after them *write* to it (``attn_out`` / ``mlp_out``).
+- A sublayer holding attention and a branch without it side by side (GPT-J, GPT-NeoX, Phi: ``x + attn(n(x)) +
+  mlp(n'(x))``) is "parallel": its linears take attention roles on the attention path and MLP roles on the other.
+- The lm_head is the last linear on the path to the logits; elementwise post-processing after it (soft-capping
+  ``tanh(x / c) * c``, a logit scale, casts) stays in the graph and is listed in ``head_postprocess``.
 - Blocks are the entries of the repeated module list seen in ``nn_module_stack`` (the path component that is an index).
 - A residual connection may carry a matrix (SliceGPT's shortcut: ``add(linear(stream), branch(stream))``); such a
   linear has the role ``shortcut`` and is not a pruning target.
@@ -54,11 +58,12 @@ class Linear:
 
 @dataclass(frozen=True)
 class Sublayer:
-    kind: str  # "attention" or "mlp"
+    kind: str  # "attention", "mlp", or "parallel" (attention and an MLP side by side on one residual add)
     block: int
     readers: tuple[str, ...]
     writers: tuple[str, ...]
     norm: str | None  # module name of the norm between the stream and the readers
+    post_norm: str | None = None  # module name of a norm (or scale) between the writers and the residual add
 
 
 @dataclass
@@ -74,6 +79,7 @@ class Structure:
     tied_embedding: bool
     block_list: str = ""  # module path of the repeated block list, e.g. "model.layers"
     residual_adds: list[str] = field(default_factory=list)
+    head_postprocess: tuple[str, ...] = ()  # elementwise ops between the lm_head and the logits, e.g. (div, tanh, mul)
 
     def in_blocks(self) -> list[Linear]:
         """Every linear inside a decoder block, in graph order (the default pruning scope); shortcuts excluded."""
@@ -93,6 +99,9 @@ class Structure:
             "lm_head": self.lm_head,
             "final_norm": self.final_norm,
             "tied_embedding": self.tied_embedding,
+            "sublayer_kinds": sorted({s.kind for s in self.sublayers}),
+            "post_norms": sum(1 for s in self.sublayers if s.post_norm),
+            "head_postprocess": list(self.head_postprocess),
         }
 
 
@@ -177,12 +186,10 @@ def read_structure(exported: torch.export.ExportedProgram) -> Structure:
     if not raw_linears:
         raise UnsupportedArchitecture("no linear layers found in the captured graph; expected a transformer causal LM")
 
-    # 2. lm_head: the linear whose output reaches the graph output through pass-through ops only.
+    # 2. lm_head: the last linear on the path to the logits, through elementwise post-processing.
     output_node = next(n for n in graph.nodes if n.op == "output")
-    logits = through(output_node.args[0][0] if isinstance(output_node.args[0], (tuple, list)) else output_node.args[0])
-    head = logits if logits in raw_linears else None
-    if head is None:
-        raise UnsupportedArchitecture("the logits are not produced by a linear layer (lm_head); unsupported model head")
+    logits = output_node.args[0][0] if isinstance(output_node.args[0], (tuple, list)) else output_node.args[0]
+    head, head_postprocess = _head_of(logits, raw_linears, param_of)
 
     # 3. Residual stream, walked back from the lm_head.
     head_ancestors = ancestors(head)
@@ -245,30 +252,36 @@ def read_structure(exported: torch.export.ExportedProgram) -> Structure:
         if not lins:
             raise UnsupportedArchitecture(f"the residual branch ending at {add.name} holds no linear layer")
         lin_set = set(lins)
-        upstream = {n: ancestors(n, stop=stream_anc) & lin_set for n in lins}
+        reach = {n: ancestors(n, stop=stream_anc) for n in lins}
+        upstream = {n: reach[n] & lin_set for n in lins}
         readers = [n for n in lins if not upstream[n]]
         writers = [n for n in lins if not any(n in upstream[o] for o in lins if o is not n)]
         middle = [n for n in lins if n not in readers and n not in writers]
         if middle:
             names = ", ".join(layer_name(raw_linears[n]["weight"]) for n in middle)
             raise UnsupportedArchitecture(f"linears neither reading nor writing the residual stream: {names}")
-        is_attention = any(n.op == "call_function" and op_name(n) in ATTENTION_OPS for n in region)
-        kind = "attention" if is_attention else "mlp"
-        prefix = "attn" if is_attention else "mlp"
+        attention = [n for n in region if n.op == "call_function" and op_name(n) in ATTENTION_OPS]
+        # the attention path: the writers computed from an attention op, and every linear those writers read from
+        attention_writers = [n for n in writers if any(a in reach[n] for a in attention)]
+        on_path = set(attention_writers).union(*(reach[n] & lin_set for n in attention_writers))
+        kind = "mlp" if not attention else "attention" if on_path == lin_set else "parallel"
         for n in readers:
-            roles[n] = (f"{prefix}_in", blk[1])
+            roles[n] = ("attn_in" if n in on_path else "mlp_in", blk[1])
         for n in writers:
             if n in roles:
                 raise UnsupportedArchitecture(
                     f"{layer_name(raw_linears[n]['weight'])} both reads and writes the residual stream (a sublayer "
-                    "with a single linear, or parallel attention and MLP branches): unsupported architecture")
-            roles[n] = (f"{prefix}_out", blk[1])
+                    "with a single linear): unsupported architecture")
+            roles[n] = ("attn_out" if n in on_path else "mlp_out", blk[1])
+        # what the branch computes after its writers (with the parameters it reads there): a post-sublayer norm
+        after_writers = region - set(writers) - set().union(*(reach[n] for n in writers))
         norm_region = set().union(*(ancestors(n, stop=stream_anc) for n in readers)) - stream_anc
         sublayers.append(Sublayer(
             kind=kind, block=blk[1],
             readers=tuple(layer_name(raw_linears[n]["weight"]) for n in sorted(readers, key=order.get)),
             writers=tuple(layer_name(raw_linears[n]["weight"]) for n in sorted(writers, key=order.get)),
-            norm=_norm_module(norm_region, param_of),
+            norm=_norm_module(norm_region, param_of, order),
+            post_norm=_norm_module(after_writers, param_of, order),
         ))
     if len(block_lists) != 1:
         raise UnsupportedArchitecture(f"decoder blocks found in more than one module list: {sorted(block_lists)}")
@@ -303,16 +316,40 @@ def read_structure(exported: torch.export.ExportedProgram) -> Structure:
         sublayers=sublayers,
         embeddings=embeddings,
         lm_head=layer_name(_module_path(head) + ".weight"),
-        final_norm=_norm_module(final_region, param_of),
+        final_norm=_norm_module(final_region, param_of, order),
         tied_embedding=head_weight in embeddings.values(),
         block_list=layer_name(next(iter(block_lists))),
         residual_adds=[a.name for a, _, _ in residual],
+        head_postprocess=head_postprocess,
     )
 
 
-def _norm_module(region: set[Node], param_of) -> str | None:
-    """Module name of the norm in a region: the module owning the parameters used there (None when parameter-free)."""
-    for node in region:
+# Elementwise ops that may follow the lm_head on the way to the logits (soft-capping, a logit scale), with at most one
+# tensor operand that is not a constant.
+POSTPROCESS_OPS = {"mul", "div", "tanh", "add", "sub", "clamp", "neg", "sigmoid"}
+
+
+def _head_of(logits: Node, raw_linears: dict, param_of) -> tuple[Node, tuple[str, ...]]:
+    """The linear producing the logits, walking back through pass-through and elementwise post-processing ops."""
+    post: list[str] = []
+    node = through(logits)
+    while node not in raw_linears:
+        op = op_name(node) if node.op == "call_function" else node.op
+        tensors = [a for a in _tensor_args(node) if not param_of(a) and a.op != "get_attr"]
+        if op not in POSTPROCESS_OPS or len(tensors) != 1:
+            raise UnsupportedArchitecture(
+                f"the logits are not produced by a linear layer (lm_head): the path back from the output meets "
+                f"{op} ({node.name}), which is not an elementwise post-processing op ({', '.join(sorted(POSTPROCESS_OPS))}) "
+                "on the lm_head's output; unsupported model head")
+        post.append(op)
+        node = through(tensors[0])
+    return node, tuple(reversed(post))
+
+
+def _norm_module(region: set[Node], param_of, order: dict) -> str | None:
+    """Module name of the norm in a region: the module owning the first parameter used there (None when
+    parameter-free)."""
+    for node in sorted(region, key=order.get):
         if node.op == "call_function" and any(param_of(a) for a in node.args):
             return layer_name(_module_path(node))
     return None

@@ -29,7 +29,8 @@ from nexus_export.passbase import Pass, PassConfig, PassContext
 from nexus_export.program import Program
 from nexus_export.progress import Progress
 from nexus_export.runner import BlockRunner
-from nexus_export.slicing import StoredBases, fuse_norms, rotate_and_slice, stream_width, with_projections
+from nexus_export.slicing import (StoredBases, check_fusable, fuse_norms, rotate_and_slice, stream_width,
+                                  with_projections)
 from nexus_export.structure import SHORTCUT
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ class SliceGPTPass(Pass):
         self.block_widths(program)
         if program.origin.get("sliced_widths"):
             raise UserError("this model was already sliced by slicegpt; slice the original model once instead")
+        check_fusable(program)
 
     def apply(self, program: Program, ctx: PassContext) -> tuple[Program, dict]:
         cfg: SliceGPTConfig = self.config

@@ -23,7 +23,7 @@ def test_fusion_keeps_logits_and_leaves_scale_free_norms(arch):
     assert rel(fused.logits(IDS), program.logits(IDS)) < 1e-5
     sites = find_norms(fused, fused.exported)
     assert len(sites) == 2 * 2 + 1  # two sublayers per block, plus the final norm
-    assert all(s.kind == "rmsnorm" and s.weight is None and s.bias is None for s in sites.values())
+    assert all(s.kind == "rmsnorm" and s.weight is None and s.bias is None for s in sites)
     assert not fused.structure.tied_embedding
     head = fused.structure.linears[fused.structure.lm_head].weight
     assert head not in fused.structure.embeddings.values()
