@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--joint", action="store_true",
                        help="gptq: prune (sparsegpt or wanda) and quantize each layer in one sweep")
     prune.add_argument("--fp16", action="store_true", help="also write model.fp16.onnx with float16 weights")
+    prune.add_argument("--bos", default="auto", choices=("auto", "always", "never"),
+                       help="start every calibration and evaluation window with the tokenizer's BOS token; auto "
+                            "(default): when the tokenizer adds one or the model family needs one (Gemma)")
     prune.add_argument("--calib-source", default="austen", help="calibration text: austen, a .txt file or folder")
     prune.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default 64)")
     prune.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration window offsets (0)")
@@ -222,6 +225,7 @@ def _prune(args: argparse.Namespace) -> int:
                        "latency": not args.no_latency, "onnx": args.onnx_eval},
         "execution": {"device": args.device, "dtype": args.dtype, "memory_budget": args.memory_budget},
         "lowering": {"save_hf": args.save_hf, "precision": "fp16" if args.fp16 else "fp32"},
+        "bos": args.bos,
         **_quantize_options(args),
     })
     return _execute(recipe, args)

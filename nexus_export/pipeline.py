@@ -24,7 +24,7 @@ import torch
 
 from . import __version__
 from .activation_stats import input_sparsity, summarize_inputs
-from .data import calibration_windows, evaluation_windows
+from .data import calibration_windows, choose_bos, evaluation_windows
 from .errors import UserError
 from .evaluate import program_perplexity
 from .hf_export import save_hf
@@ -102,9 +102,13 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
                 check_context(loaded.model, ev.seq_len, "evaluation")
                 if needs_calibration:
                     check_context(loaded.model, cal.seq_len, "calibration")
-                windows = evaluation_windows(loaded.tokenizer, ev.source, ev.windows, ev.seq_len)
-                cal_windows = calibration_windows(loaded.tokenizer, cal.source, cal.samples, cal.seq_len, cal.seed) \
-                    if needs_calibration else None
+                bos = choose_bos(loaded.tokenizer, getattr(loaded.model.config, "model_type", None), recipe.bos)
+                if bos.token_id is not None:
+                    log.info("every window starts with the BOS token %s (id %d): %s", bos.token, bos.token_id,
+                             bos.reason)
+                windows = evaluation_windows(loaded.tokenizer, ev.source, ev.windows, ev.seq_len, bos.token_id)
+                cal_windows = calibration_windows(loaded.tokenizer, cal.source, cal.samples, cal.seq_len, cal.seed,
+                                                  bos.token_id) if needs_calibration else None
             with stage("capture"):
                 program = Program.from_loaded(loaded, store_dtype=dtype, budget=budget, scratch=scratch)
                 program.device = str(device)
@@ -209,7 +213,10 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
                 "sparsity": {"overall": round(overall, 6), "pattern": _pattern_label(pattern, pass_reports),
                              "per_layer": {n: round(v, 6) for n, v in per_layer.items()}},
                 **({"activation_sparsity": activations} if activations is not None else {}),
-                "perplexity": {"dataset": f"{ev.source} evaluation, {ev.windows} windows x {ev.seq_len} tokens",
+                "bos": bos.to_dict(),
+                "perplexity": {"dataset": f"{ev.source} evaluation, {ev.windows} windows x {ev.seq_len} tokens"
+                                          + (f" (a BOS token and {ev.seq_len - 1} of text)" if bos.token_id is not None
+                                             else ""),
                                "tokens": tokens, "dense": dense_ppl, "pruned": pruned_ppl, "onnx": onnx_ppl,
                                "onnx_vs_pytorch_rel": abs(onnx_ppl - pruned_ppl) / pruned_ppl if onnx_eval else None,
                                "onnx_eval": "run" if onnx_eval else f"skipped: {onnx_eval_why}"},

@@ -341,14 +341,15 @@ class GPTQQuantizer:
 
 
 def _builtin_windows(model, tokenizer, nsamples: int) -> torch.Tensor:
-    from .data import calibration_windows
+    from .data import calibration_windows, choose_bos
     from .zoo import tokenizer_for
 
     tokenizer = tokenizer or tokenizer_for(model)
     if tokenizer is None:
         raise UserError("no calibration data and no tokenizer: pass calibration_dataloader, or tokenizer= so the "
                         "built-in calibration text can be used")
-    return calibration_windows(tokenizer, "austen", nsamples, 128, 0)
+    bos = choose_bos(tokenizer, getattr(getattr(model, "config", None), "model_type", None))
+    return calibration_windows(tokenizer, "austen", nsamples, 128, 0, bos.token_id)
 
 
 def export_onnx(model_or_program: torch.nn.Module | Program, path: str | Path) -> Path:
@@ -374,11 +375,12 @@ def export_onnx(model_or_program: torch.nn.Module | Program, path: str | Path) -
 
 
 def evaluate_perplexity(model: torch.nn.Module | Program, text_or_dataset: str | torch.Tensor = "austen",
-                        tokenizer=None, windows: int = 64, seq_len: int = 512) -> float:
+                        tokenizer=None, windows: int = 64, seq_len: int = 512, bos: str = "auto") -> float:
     """Perplexity on token windows: a tensor [n, seq], or a source for the evaluation split (``austen``, a text file,
-    a folder) tokenized with ``tokenizer`` (by default the model's own, when it came from a local folder)."""
+    a folder) tokenized with ``tokenizer`` (by default the model's own, when it came from a local folder); ``bos``
+    (auto, always, never) starts each window with the BOS token, as ``--bos`` does."""
     from .capture import CausalLM
-    from .data import evaluation_windows
+    from .data import choose_bos, evaluation_windows
     from .evaluate import program_perplexity
     from .metrics import next_token_nll, perplexity
     from .zoo import tokenizer_for
@@ -390,7 +392,8 @@ def evaluate_perplexity(model: torch.nn.Module | Program, text_or_dataset: str |
             tokenizer = model.tokenizer if isinstance(model, Program) else tokenizer_for(model)
         if tokenizer is None:
             raise UserError("evaluating on text needs a tokenizer: pass tokenizer=")
-        ids = evaluation_windows(tokenizer, text_or_dataset, windows, seq_len)
+        choice = choose_bos(tokenizer, getattr(getattr(model, "config", None), "model_type", None), bos)
+        ids = evaluation_windows(tokenizer, text_or_dataset, windows, seq_len, choice.token_id)
     if isinstance(model, Program):
         return program_perplexity(model, ids)[0]
     module, total, tokens = CausalLM(model), 0.0, 0  # plain forward passes: no capture, the model is left as it is

@@ -8,6 +8,7 @@ YAML form::
     calibration: {source: austen, samples: 64, seq_len: 512, seed: 0}
     evaluation: {source: austen, windows: 64, seq_len: 512, onnx: auto}
     lowering: {opset: 18, external_data: true}
+    bos: auto                     # a BOS token at the start of every window: auto, always, never
     quantize: {bits: 4, group_size: 32, method: gptq}     # optional: also write model.q4.onnx (MatMulNBits)
     execution: {device: auto, dtype: auto, memory_budget: 2GiB}
 
@@ -134,12 +135,13 @@ class Recipe:
     lowering: LoweringSettings = field(default_factory=LoweringSettings)
     quantize: QuantizeSettings | None = None
     execution: ExecutionSettings = field(default_factory=ExecutionSettings)
+    bos: str = "auto"  # start every calibration and evaluation window with the BOS token: auto, always, never
 
     @classmethod
     def from_dict(cls, data: Any) -> "Recipe":
         if not isinstance(data, dict):
             raise UserError("a recipe must be a mapping with at least 'model' and 'passes'")
-        valid = {"model", "passes", "calibration", "evaluation", "lowering", "quantize", "execution"}
+        valid = {"model", "passes", "calibration", "evaluation", "lowering", "quantize", "execution", "bos"}
         unknown = sorted(set(data) - valid)
         if unknown:
             raise UserError(f"unknown recipe key(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
@@ -175,6 +177,7 @@ class Recipe:
             lowering=_lowering(data.get("lowering")),
             quantize=_quantize(data.get("quantize"), tuple(steps)),
             execution=_execution(data.get("execution")),
+            bos=_bos(data.get("bos", "auto")),
         )
         run_steps(recipe)  # the joint pass's options are checked now, not after the work
         return recipe
@@ -206,6 +209,7 @@ class Recipe:
             "lowering": dataclasses.asdict(self.lowering),
             **({"quantize": dataclasses.asdict(self.quantize)} if self.quantize else {}),
             "execution": dataclasses.asdict(self.execution),
+            "bos": self.bos,
         }
 
     def to_yaml(self) -> str:
@@ -217,6 +221,14 @@ def _evaluation(data: Any) -> EvaluationSettings:
     if settings.onnx not in ("auto", "on", "off"):
         raise UserError(f"evaluation.onnx (--onnx-eval) must be auto, on or off, got {settings.onnx!r}")
     return settings
+
+
+def _bos(value: Any) -> str:
+    from .data.bos import BOS_MODES
+
+    if value not in BOS_MODES:
+        raise UserError(f"bos (--bos) must be one of {', '.join(BOS_MODES)}, got {value!r}")
+    return value
 
 
 def _execution(data: Any) -> ExecutionSettings:

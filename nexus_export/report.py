@@ -35,6 +35,13 @@ def headline(report: dict) -> str:
             f"({onnx}) | parity max|diff| " + (f"{parity:.2e}" if parity is not None else "-"))
 
 
+def _bos_line(bos: dict) -> str:
+    """One sentence on the BOS choice (--bos) and why."""
+    if bos["token_id"] is None:
+        return f"Windows start without a BOS token (bos {bos['mode']}: {bos['reason']})."
+    return f"Every window starts with the BOS token {bos['token']} (id {bos['token_id']}; bos {bos['mode']}: {bos['reason']})."
+
+
 def render_markdown(report: dict) -> str:
     ppl = report["perplexity"]
     onnx = report["onnx"]
@@ -46,7 +53,7 @@ def render_markdown(report: dict) -> str:
         "",
         "## Perplexity",
         f"Dataset: {ppl['dataset']} ({ppl['tokens']} predicted tokens).",
-        "",
+        *([_bos_line(report["bos"]), ""] if report.get("bos") else [""]),
         "| | perplexity |",
         "|---|---|",
         f"| dense (PyTorch) | {ppl['dense']:.3f} |",

@@ -9,6 +9,18 @@ import torch
 import transformers
 
 ARCHS = ("llama", "qwen2", "mistral", "opt", "gpt2")
+# Families whose blocks take other forms, tested in tests/nexus_export/test_architectures.py: Gemma's (1 + weight)
+# norms, Gemma 2's post-sublayer norms and logit soft-capping, Gemma 3's and Qwen3's query/key norms, OLMo 2's norms
+# after the sublayers only, Phi's and GPT-NeoX's parallel attention and MLP branches.
+BLOCK_FORMS = {
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=16)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=16, sliding_window=32, final_logit_softcapping=30.0)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(head_dim=16, sliding_window=32)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16, tie_word_embeddings=False)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict()),
+    "phi": ("PhiConfig", "PhiForCausalLM", dict()),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(use_parallel_residual=True)),
+}
 
 
 def archs(*names: str) -> list:
@@ -37,6 +49,12 @@ def make_tiny(arch: str, layers: int = 2, seed: int = 0) -> transformers.PreTrai
     elif arch == "gpt2":
         config_cls, model_cls = transformers.GPT2Config, transformers.GPT2LMHeadModel
         config = config_cls(n_embd=64, n_layer=layers, n_head=4, vocab_size=300, n_positions=512)
+    elif arch in BLOCK_FORMS:
+        config_cls, model_cls, extra = BLOCK_FORMS[arch]
+        config = getattr(transformers, config_cls)(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                                   num_attention_heads=4, num_key_value_heads=2, bos_token_id=257,
+                                                   eos_token_id=256, pad_token_id=256, **extra, **common)
+        model_cls = getattr(transformers, model_cls)
     else:
         raise ValueError(arch)
     with torch.random.fork_rng():
@@ -51,7 +69,7 @@ def with_random_norms(arch: str, layers: int = 2) -> torch.nn.Module:
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for module in model.modules():
-            if "Norm" in type(module).__name__:
+            if "Norm" in type(module).__name__ and getattr(module, "weight", None) is not None:
                 module.weight.copy_(0.5 + torch.rand(module.weight.shape, generator=g))
                 if getattr(module, "bias", None) is not None:
                     module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=g))

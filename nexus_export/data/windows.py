@@ -2,7 +2,8 @@
 
 The default protocol (see shared/data/README.md): calibration = ``n`` windows of ``seq_len`` tokens at random offsets
 ``torch.randint(0, len(stream) - seq_len, (n,))`` from ``torch.Generator().manual_seed(seed)``; evaluation = the first
-``n`` non-overlapping windows of the evaluation stream. Streams are tokenized whole, without special tokens, once per
+``n`` non-overlapping windows of the evaluation stream. With a BOS token (``bos``, see ``nexus_export.data.bos``) every
+window is that token followed by ``seq_len - 1`` tokens of text, cut the same way. Streams are tokenized whole, without special tokens, once per
 (tokenizer, source, split) in a process: tokenizing the Austen streams with a real tokenizer takes seconds.
 A local file edited while a process runs is therefore not re-read by that process.
 """
@@ -28,42 +29,55 @@ log = logging.getLogger(__name__)
 
 
 def calibration_windows(
-    tokenizer, source: str | os.PathLike = "austen", n: int = 64, seq_len: int = 512, seed: int = 0
+    tokenizer, source: str | os.PathLike = "austen", n: int = 64, seq_len: int = 512, seed: int = 0,
+    bos: int | None = None,
 ) -> torch.Tensor:
     """``n`` windows of ``seq_len`` tokens at seeded random offsets in the calibration stream: LongTensor [n, seq_len].
 
-    Windows may overlap; the same seed gives the same windows.
+    Windows may overlap; the same seed gives the same windows. ``bos``: a token id that starts every window.
     """
-    _check_sizes(n, seq_len)
+    _check_sizes(n, seq_len, bos)
     stream = _stream(tokenizer, source, "calibration")
-    needed = seq_len + 1  # randint needs a non-empty range
+    body = seq_len - (bos is not None)
+    needed = body + 1  # randint needs a non-empty range
     if len(stream) < needed:
         raise _too_short(source, "calibration", len(stream), needed, f"{n} random windows of {seq_len} tokens")
     generator = torch.Generator().manual_seed(seed)
-    offsets = torch.randint(0, len(stream) - seq_len, (n,), generator=generator)
-    return torch.stack([stream[o : o + seq_len] for o in offsets.tolist()])
+    offsets = torch.randint(0, len(stream) - body, (n,), generator=generator)
+    return _with_bos(torch.stack([stream[o : o + body] for o in offsets.tolist()]), bos)
 
 
 def evaluation_windows(
-    tokenizer, source: str | os.PathLike = "austen", n: int = 64, seq_len: int = 512
+    tokenizer, source: str | os.PathLike = "austen", n: int = 64, seq_len: int = 512, bos: int | None = None
 ) -> torch.Tensor:
-    """The first ``n`` disjoint windows of ``seq_len`` tokens of the evaluation stream: LongTensor [n, seq_len]."""
-    _check_sizes(n, seq_len)
+    """The first ``n`` disjoint windows of ``seq_len`` tokens of the evaluation stream: LongTensor [n, seq_len]
+    (``bos``: a token id that starts every window, followed by ``seq_len - 1`` tokens of the stream)."""
+    _check_sizes(n, seq_len, bos)
     stream = _stream(tokenizer, source, "evaluation")
-    needed = n * seq_len
+    body = seq_len - (bos is not None)
+    needed = n * body
     if len(stream) < needed:
         raise _too_short(source, "evaluation", len(stream), needed, f"{n} windows of {seq_len} tokens")
-    return stream[:needed].reshape(n, seq_len).clone()  # a copy: the cached stream must not be changed by callers
+    return _with_bos(stream[:needed].reshape(n, body).clone(), bos)  # a copy: callers must not change the stream
+
+
+def _with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """``windows`` with a column of ``bos`` in front (unchanged when ``bos`` is None)."""
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), int(bos), dtype=windows.dtype), windows], dim=1)
 
 
 MAX_TOKENS = 2**30  # windows x length: 8 GiB of token ids; more is a typo, not a calibration set
 
 
-def _check_sizes(n: int, seq_len: int) -> None:
+def _check_sizes(n: int, seq_len: int, bos: int | None = None) -> None:
     """Reject window counts and lengths that are not positive integers, or absurdly many tokens."""
     for label, value in (("n", n), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"{label} must be a positive integer, got {value!r}")
+    if bos is not None and seq_len < 2:
+        raise UserError(f"seq_len {seq_len} leaves no room for text after the BOS token; use at least 2")
     if n * seq_len > MAX_TOKENS:
         raise UserError(f"{n} windows of {seq_len} tokens are {n * seq_len:.3g} tokens, more than the {MAX_TOKENS:,} "
                         "this tool windows; use fewer or shorter windows")

@@ -82,10 +82,12 @@ def cli(*args) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, args", [("sparsegpt", ["--pattern", "2:4"]), ("slicegpt", ["--slicing", "0.25"])])
+@pytest.mark.parametrize("method, args", [("sparsegpt", ["--pattern", "2:4"])])
 def test_sigkill_then_resume_gives_the_same_bytes(tmp_path, deep_folder, method, args):
-    """A real SIGKILL, for one masking and one structural pass (each CLI run is a process start and a capture: the
-    resume of every pass is checked in process by test_calibration.test_every_long_pass_resumes_to_the_same_result)."""
+    """A real SIGKILL, for one pass (each CLI run is a process start and a capture, 20 s here: the resume of every
+    pass, structural ones included, is checked in process by
+    test_calibration.test_every_long_pass_resumes_to_the_same_result; the checkpoint and partial-output code a kill
+    tests is the same for every pass)."""
     common = ["prune", "--model", str(deep_folder), "--method", method, *args, "--calib-samples", "8",
               "--seq-len", "64", "--eval-windows", "2", "--no-latency", "--onnx-eval", "off"]
     subprocess.run(cli(*common, "--out", str(tmp_path / "a")), check=True, capture_output=True)
