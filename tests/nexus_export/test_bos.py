@@ -105,3 +105,26 @@ def test_bos_always_without_a_bos_token_stops_before_any_output(tmp_path, gemma_
                  "--out", str(out)]) == 2
     assert "--bos always: the tokenizer has no BOS token" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_the_recipe_carries_bos_and_refuses_other_values():
+    from nexus_export.recipe import Recipe
+
+    recipe = Recipe.from_dict({"model": "tiny-llama", "passes": [], "bos": "never"})
+    assert recipe.bos == "never" and Recipe.from_dict(recipe.to_dict()).bos == "never"
+    assert Recipe.from_dict({"model": "tiny-llama"}).bos == "auto"
+    with pytest.raises(UserError, match=r"bos \(--bos\) must be one of auto, always, never, got True"):
+        Recipe.from_dict({"model": "tiny-llama", "bos": True})  # YAML reads an unquoted yes as true
+
+
+def test_the_python_api_prepends_the_bos_as_the_cli_does():
+    from nexus_export.pruning import evaluate_perplexity
+
+    model, tok = make_tiny("gemma"), byte_level_tokenizer(512)  # gemma: a BOS by family, though the tokenizer adds none
+    windows = evaluation_windows(tok, "austen", 2, 32, bos=tok.bos_token_id)
+    with torch.no_grad():
+        nll, tokens = next_token_nll(model(input_ids=windows).logits, windows)
+    assert evaluate_perplexity(model, "austen", tok, windows=2, seq_len=32) == pytest.approx(perplexity(nll, tokens),
+                                                                                             rel=1e-5)
+    without = evaluate_perplexity(model, "austen", tok, windows=2, seq_len=32, bos="never")
+    assert without != pytest.approx(perplexity(nll, tokens), rel=1e-5)
