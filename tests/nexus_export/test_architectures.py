@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+import transformers
 
 from conftest import ARCHS, BLOCK_FORMS, make_tiny, with_random_norms
 from nexus_export.errors import UserError
@@ -121,6 +122,28 @@ def test_every_pass_runs_and_onnxruntime_matches(arch, tmp_path):
     chain = SparseGPTPass({"sparsity": 0.5, "pattern": "2:4"}).run(chain, ctx).program
     assert all(nm_valid(chain.weight(lin.name), NMPattern(2, 4)) for lin in chain.structure.in_blocks())
     assert onnx_matches(chain, tmp_path) < 1e-3
+
+
+class SoftCapped(transformers.LlamaForCausalLM):
+    """A LLaMA with Gemma 2's final logit soft-capping after its head."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = torch.tanh(out.logits / 3.0) * 3.0
+        return out
+
+
+@pytest.mark.slow
+def test_the_head_is_sliced_and_its_post_processing_kept(tmp_path):
+    base = with_random_norms("llama")
+    model = SoftCapped(base.config)
+    model.load_state_dict(base.state_dict())
+    program = Program.from_model(model.eval())
+    assert program.structure.head_postprocess == ("div", "tanh", "mul")
+    sliced = SliceGPTPass({"slicing": 0.25}).run(program, PassContext(calibration_windows=CALIB)).program
+    assert sliced.linear("lm_head").in_features == 48
+    assert float(sliced.logits(EVAL).abs().max()) <= 3.0  # the capping is still there
+    assert onnx_matches(sliced, tmp_path) < 1e-3
 
 
 def test_a_head_the_structure_cannot_trace_is_named():
