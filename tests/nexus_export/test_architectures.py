@@ -90,7 +90,8 @@ def test_fusion_keeps_the_function_or_slicegpt_names_the_norm_in_the_way(arch):
     assert all(site.weight is None and site.bias is None for site in find_norms(fused, fused.exported))
 
 
-@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) for a in ARCHS] + forms())
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", list(ARCHS) + list(BLOCK_FORMS))
 def test_every_pass_runs_and_onnxruntime_matches(arch, tmp_path):
     """Each masking pass on the dense model; then ShortGPT, SliceGPT (where the form allows it) and SparseGPT 2:4 in
     one chain, lowered once: masking rewrites weights only (every masking result lowers through the graph checked
