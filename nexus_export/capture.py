@@ -130,7 +130,20 @@ def capture(model: torch.nn.Module, vocab_size: int | None = None) -> torch.expo
     finally:
         model.train(was_training)
     log.info("captured %s with torch.export in %.1f s", type(model).__name__, time.perf_counter() - start)
+    _check_constants(exported, type(model).__name__)
     return rebuild(exported, None)  # one input per tensor: a tied weight's unused second placeholder goes
+
+
+def _check_constants(exported: torch.export.ExportedProgram, what: str) -> None:
+    """Refuse a capture whose graph kept tensors made while tracing (lifted constants) that have no values: they were
+    computed from the meta weights, so the program could never run. A transformers model called with its KV cache on
+    inside a wrapper's forward builds such tensors."""
+    empty = sorted(name for name, value in exported.constants.items()
+                   if isinstance(value, torch.Tensor) and value.device.type == "meta")
+    if empty:
+        raise UserError(f"capturing {what} kept {len(empty)} tensor(s) computed while tracing ({', '.join(empty[:3])}"
+                        f"{', ...' if len(empty) > 3 else ''}) that have no values; if its forward calls a "
+                        "transformers model, call it with use_cache=False")
 
 
 def describe_export_failure(exc: Exception) -> str:

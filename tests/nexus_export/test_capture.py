@@ -67,3 +67,24 @@ def test_untraceable_model_names_the_failing_construct():
     message = str(info.value)
     assert "torch.export could not capture DataDependent" in message
     assert "test_capture.py" in message  # the user source line of the data-dependent branch
+
+
+class CachedWrapper(torch.nn.Module):
+    """A module around a transformers model that calls it with its KV cache on (the default)."""
+
+    def __init__(self, use_cache: bool):
+        super().__init__()
+        self.inner, self.use_cache = make_tiny("llama"), use_cache
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=self.use_cache).logits
+
+
+def test_a_wrapper_that_builds_a_cache_while_traced_is_refused_with_the_fix():
+    with pytest.raises(UserError, match=r"capturing CachedWrapper kept 4 tensor\(s\) computed while tracing "
+                                        r"\(lm\.inner\.model\.layers\.0\.self_attn\.lifted_tensor_0.*use_cache=False"):
+        capture(CachedWrapper(use_cache=True))
+    ids = torch.randint(0, 300, (1, 8), generator=torch.Generator().manual_seed(0))
+    wrapper = CachedWrapper(use_cache=False)
+    with torch.no_grad():
+        assert torch.allclose(Program.from_model(wrapper).logits(ids), wrapper(ids), atol=1e-5)
