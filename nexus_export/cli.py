@@ -306,6 +306,10 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"{loaded.name}: {len(s.blocks)} blocks ({s.block_list}), {program.num_parameters():,} parameters, "
           f"tied embedding: {s.tied_embedding}")
     print(f"embeddings: {', '.join(s.embeddings)}; final norm: {s.final_norm}")
+    post = sum(1 for sub in s.sublayers if sub.post_norm)
+    print(f"sublayers: {', '.join(sorted({sub.kind for sub in s.sublayers}))}"
+          + (f"; {post} with a norm after the sublayer (slicegpt refuses these)" if post else "")
+          + (f"; after the lm_head: {', '.join(s.head_postprocess)}" if s.head_postprocess else ""))
     print(f"{'linear':<48} {'role':<9} {'block':>5} {'in':>6} {'out':>6} {'params':>10}")
     for lin in s.linears.values():
         block = "-" if lin.block is None else str(lin.block)

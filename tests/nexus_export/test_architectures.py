@@ -160,3 +160,16 @@ def test_a_head_the_structure_cannot_trace_is_named():
 
     with pytest.raises(UserError, match=r"meets cumsum .*not an elementwise post-processing op"):
         Program.from_model(Cumulative())
+
+
+@pytest.mark.slow
+def test_inspect_says_what_the_structure_read(tmp_path, capsys):
+    from nexus_export.cli import main
+    from nexus_export.zoo import byte_level_tokenizer
+
+    make_tiny("gemma2").save_pretrained(tmp_path, safe_serialization=True)
+    byte_level_tokenizer(512).save_pretrained(tmp_path)
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "sublayers: attention, mlp; 4 with a norm after the sublayer (slicegpt refuses these); after the lm_head: " \
+           "div, tanh, mul" in out
