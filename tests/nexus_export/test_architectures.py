@@ -77,7 +77,7 @@ def test_the_structure_reads_every_block_form(arch):
 
 
 @pytest.mark.parametrize("arch", forms())
-def test_fusion_keeps_the_function_or_slicegpt_names_the_norm_in_the_way(arch):
+def test_slicing_zero_keeps_the_function_or_slicegpt_names_the_norm_in_the_way(arch):
     program = program_of(arch)
     if arch in POST_NORM_FAMILIES:
         with pytest.raises(NormNotFusable, match=f"{POST_NORM_FAMILIES[arch]} normalizes the output of block 0's "
@@ -88,6 +88,8 @@ def test_fusion_keeps_the_function_or_slicegpt_names_the_norm_in_the_way(arch):
     dense = program.logits(EVAL)
     assert float((fused.logits(EVAL) - dense).abs().max() / dense.abs().max()) < 1e-5
     assert all(site.weight is None and site.bias is None for site in find_norms(fused, fused.exported))
+    rotated = SliceGPTPass({"slicing": 0.0}).run(program, PassContext(calibration_windows=CALIB)).program
+    assert float((rotated.logits(EVAL) - dense).abs().max() / dense.abs().max()) < 1e-5
 
 
 @pytest.mark.slow
