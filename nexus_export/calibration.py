@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import distributed
 from .errors import UserError
 from .memory import trim
 from .program import Program
@@ -52,6 +53,14 @@ class InputStats:
         self.sq_sum += (x * x).sum(dim=0, dtype=torch.float64)
         if self.xtx is not None:
             self.xtx += (x.t() @ x).double()
+
+    def reduce(self) -> None:
+        """Sum the statistics over every process of a distributed run (each ran its share of the windows)."""
+        if not distributed.world().active:
+            return
+        tokens = torch.tensor([self.tokens], dtype=torch.float64, device=self.sq_sum.device)
+        distributed.sum_(tokens, self.sq_sum, *([self.xtx] if self.xtx is not None else []))
+        self.tokens = int(tokens.item())
 
     def finite(self) -> bool:
         """False when a NaN or Inf reached the input (it shows in the sum of squares): one check per input and
@@ -94,6 +103,8 @@ def collect(runner: BlockRunner, k: int, linears: list[Linear], hessian: bool) -
             stats.add(out[1 + j])
 
     runner.run(k, visit, [1 + j for j in by_input])
+    for stats in by_input.values():  # the windows of every rank (a no-op in a single process)
+        stats.reduce()
     for j, stats in by_input.items():
         if not stats.finite():
             names = [lin.name for lin in linears if index[lin.name] == j]
@@ -124,6 +135,14 @@ class Resumed:
     notes: dict
     files: list[Path]
     streams: list[torch.Tensor]
+
+    def local_streams(self, count: int, unit: int) -> list[torch.Tensor]:
+        """The saved streams of this process's share of ``count`` windows (all of them in a single process): a
+        checkpoint holds every window's stream, so a run may resume with another number of processes."""
+        if not distributed.world().active:
+            return self.streams
+        mine = distributed.share(count, unit)
+        return [torch.cat(self.streams)[mine.start:mine.stop]]
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every saved tensor, one unit's file at a time (a resumed run never holds all of them at once)."""
@@ -158,7 +177,12 @@ class Checkpoint:
         os.replace(tmp, self.folder / name)
 
     def save(self, k: int, tensors: dict[str, torch.Tensor], streams: list[torch.Tensor] | None, notes: dict) -> None:
-        """Unit ``k`` is done: keep its ``tensors``, the ``streams`` (None: none to keep) and the ``notes``."""
+        """Unit ``k`` is done: keep its ``tensors``, the ``streams`` (None: none to keep) and the ``notes``. In a
+        distributed run every rank calls this with its share of the streams; rank 0 writes them all."""
+        if streams is not None:
+            streams = distributed.gather_tensors(streams)
+        if not distributed.world().writer:
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         self._write(f"block_{k}.safetensors", tensors)
         stream_file = None
@@ -200,7 +224,8 @@ class Checkpoint:
         return Resumed(done + 1, notes, files, [streams[str(i)] for i in range(len(streams))])
 
     def clear(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if distributed.world().writer:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def open_checkpoint(ctx, program: Program, what: str, options: dict, windows: torch.Tensor
@@ -233,13 +258,14 @@ def calibrate_blocks(program: Program, windows: torch.Tensor,
     """For each block in order: collect statistics of each stage's inputs, let ``prune_stage`` prune it (it returns
     per-layer notes for the report), then move on with the pruned block's outputs. Returns the notes of every layer.
     Each finished block goes into ``checkpoint``; ``resumed`` continues after the blocks it holds."""
-    runner = BlockRunner(program, windows, batch_size)
+    mine = distributed.share(len(windows), batch_size)  # this process's windows (all of them in a single one)
+    runner = BlockRunner(program, windows[mine.start:mine.stop], batch_size)
     n_blocks = len(program.structure.blocks)
     start, notes = 0, {}
     if resumed is not None:
         for name, tensor in resumed.tensors():
             program.set_parameter(name, tensor)
-        runner.set_streams([s.to(runner.device) for s in resumed.streams])
+        runner.set_streams([s.to(runner.device) for s in resumed.local_streams(len(windows), batch_size)])
         start, notes = resumed.next, resumed.notes
     progress = Progress(what, n_blocks, "blocks", every_s=10.0)
     for k in range(start, n_blocks):

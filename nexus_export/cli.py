@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                     "build-engine": _build_engine, "package": _package, "verify": _verify}
         return commands[args.command](args)
     except UserError as exc:
-        print(f"nexus-export: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"nexus-export: error: {_rank_prefix()}{_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         terminated = isinstance(exc, _Terminated)
@@ -166,12 +166,19 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # the last line of defence: a bug, said in one line (the traceback with -v)
         if args.verbose:
             traceback.print_exc()
-        print(f"nexus-export: internal error: {type(exc).__name__}: {_one_line(exc)} (run with -v for the "
-              "traceback)", file=sys.stderr)
+        print(f"nexus-export: internal error: {_rank_prefix()}{type(exc).__name__}: {_one_line(exc)} (run with -v "
+              "for the traceback)", file=sys.stderr)
         return 1
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _rank_prefix() -> str:
+    """``rank R of N: `` when torchrun started this process as one of several (errors name the failing rank)."""
+    from .distributed import prefix
+
+    return prefix()
 
 
 class _Terminated(KeyboardInterrupt):
@@ -260,6 +267,8 @@ def _execute(recipe, args: argparse.Namespace) -> int:
         bundle = check_output_dir(args.bundle, False, "--bundle")
         check_distinct(check_output_dir(args.out, args.force), bundle, ("--out", "--bundle"))
     report = run_recipe(recipe, args.out, force=args.force, resume=args.resume)
+    if report is None:  # a rank other than 0 of a distributed run: rank 0 writes and says what it wrote
+        return 0
     print(headline(report))
     for variant in report["artifacts"]:
         ppl = variant["perplexity"]

@@ -2,12 +2,14 @@
 
 The windows walk the program block by block (one block's weights loaded at a time), then the suffix scores them a
 window at a time, so evaluation needs the memory of one block and the windows' activations, never the whole model.
+In a distributed run each process scores its share of the windows and the sums are added.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import distributed
 from .metrics import perplexity
 from .program import Program
 from .progress import Progress
@@ -18,7 +20,8 @@ from .runner import BlockRunner
 def program_perplexity(program: Program, windows: torch.Tensor, batch_size: int = 4,
                        what: str = "perplexity") -> tuple[float, int]:
     """exp(mean next-token NLL) over ``windows`` [n, seq_len], and the number of predicted tokens."""
-    runner = BlockRunner(program, windows, batch_size)
+    mine = distributed.share(len(windows), batch_size)
+    runner = BlockRunner(program, windows[mine.start:mine.stop], batch_size)
     runner.run_blocks(Progress(what, len(program.structure.blocks), "blocks"))
-    total_nll, tokens = runner.nll()
-    return perplexity(total_nll, tokens), tokens
+    total_nll, tokens = distributed.sum_float(*runner.nll())
+    return perplexity(total_nll, int(tokens)), int(tokens)

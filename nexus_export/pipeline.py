@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import shutil
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Iterator
 
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .activation_stats import input_sparsity, summarize_inputs
 from .data import calibration_windows, choose_bos, evaluation_windows
 from .errors import UserError
@@ -63,12 +64,32 @@ class Stages:
                  current_rss_mb())
 
 
-def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume: bool = False) -> dict:
+def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume: bool = False) -> dict | None:
     """Run ``recipe``; write model.onnx (+ data), recipe.yaml, report.json and report.md into ``out_dir``.
 
     Calibrated passes checkpoint every finished block in a hidden folder beside ``out_dir``; with ``resume`` an
-    interrupted run continues from there. The checkpoint is removed once the run completes.
+    interrupted run continues from there. The checkpoint is removed once the run completes. Launched by torchrun,
+    the processes share the calibration, evaluation and per-layer work (see ``distributed``); rank 0 writes
+    everything and returns the report, the other ranks write nothing and return None.
     """
+    device = distributed.process_device(resolve_device(recipe.execution.device))
+    world = distributed.init(device)
+    try:
+        distributed.check_same("recipe or model", recipe.to_yaml())
+        return _run_recipe(recipe, out_dir, force, resume, device, world)
+    finally:
+        distributed.shutdown()
+
+
+@contextmanager
+def _no_output() -> Iterator[Path]:
+    """What a rank other than 0 writes into: a private temporary folder, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="nexus-export-rank-") as tmp:
+        yield Path(tmp)
+
+
+def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, device: torch.device,
+                world: distributed.World) -> dict | None:
     out_dir = check_output_dir(out_dir, force)
     if Path(recipe.model).is_dir():  # its weights are read until the end: the output must not replace or hold it
         check_distinct(Path(recipe.model).resolve(), out_dir, ("--model", "--out"))
@@ -87,13 +108,16 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
     if recipe.lowering.save_hf and refusals:
         raise UserError(f"--save-hf is not possible: {'; '.join(refusals)} (the ONNX model is written without it)")
     ex = recipe.execution
-    device = resolve_device(ex.device)
+    if world.size > recipe.evaluation.windows or (needs_calibration and world.size > recipe.calibration.samples):
+        raise UserError(f"{world.size} processes cannot share {recipe.evaluation.windows} evaluation and "
+                        f"{recipe.calibration.samples} calibration windows; use at least one window of each per "
+                        "process, or fewer processes")
     dtype = output_dtype(ex.dtype)
     budget = parse_bytes(ex.memory_budget)
     stage = Stages()
     t0 = time.perf_counter()
     try:
-        with staged_output(out_dir, force) as tmp:
+        with staged_output(out_dir, force) if world.writer else _no_output() as tmp:
             with stage("load"):
                 loaded = open_model(recipe.model)
                 if loaded.tokenizer is None:
@@ -136,13 +160,17 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
                     result = pass_.run(program, ctx)
                 program = result.program
                 pass_reports.append(result.report.to_dict())
+                if world.active:
+                    pass_reports[-1]["rank_wall_s"] = distributed.gather_objects(pass_reports[-1]["wall_s"])
                 del result
 
             parity_ids = windows[:PARITY_WINDOWS, : min(PARITY_TOKENS, windows.shape[1])]
             with stage("eval_pruned"):
                 pruned_ppl, _ = program_perplexity(program, windows, ev.batch_size, "pruned perplexity")
-                expected = program.logits(parity_ids) if onnx_eval else None
+                expected = program.logits(parity_ids) if onnx_eval and world.writer else None
             log.info("pruned perplexity %.3f", pruned_ppl)
+            if not world.writer:  # the shared work is done: rank 0 lowers, checks and writes
+                return None
             activations = None
             if any(pass_.sparsifies_activations for pass_ in passes):
                 with stage("activation_sparsity"):
@@ -206,7 +234,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
                          "python": platform.python_version()},
                 "model": {**model_report, "checkpoint_bytes": checkpoint_bytes},
                 "execution": {"device": str(device), "dtype": dtype_name(out_dtype),
-                              "compute_dtype": dtype_name(COMPUTE_DTYPE), "memory_budget_bytes": budget},
+                              "compute_dtype": dtype_name(COMPUTE_DTYPE), "memory_budget_bytes": budget,
+                              "world_size": world.size, "backend": world.backend},
                 "recipe": recipe.to_dict(),
                 "calibration": recipe.to_dict()["calibration"] if needs_calibration else None,
                 "passes": pass_reports,
@@ -238,7 +267,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
             (tmp / "report.md").write_text(render_markdown(report))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    shutil.rmtree(checkpoints, ignore_errors=True)
+    if world.writer:
+        shutil.rmtree(checkpoints, ignore_errors=True)
     log.info("wrote %s", out_dir)
     return report
 

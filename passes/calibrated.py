@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from nexus_export import distributed
 from nexus_export.calibration import InputStats, calibrate_blocks, open_checkpoint
 from nexus_export.errors import UserError
 from nexus_export.passbase import PassContext
@@ -63,18 +64,41 @@ def calibrate_linears(program: Program, ctx: PassContext, names: list[str], work
                         f"(use magnitude for the embeddings or the lm_head)")
 
     def stage(block: int, linears, stats: dict[str, InputStats]) -> dict:
+        jobs = [lin for lin in linears if lin.name in wanted]
+        owner = distributed.owners([lin.out_features * lin.in_features * (lin.in_features if hessian else 1)
+                                    for lin in jobs])  # every job on this process in a single one
+        mine = {lin.name for lin, rank in zip(jobs, owner) if rank == distributed.world().rank}
         notes = {}
         for i, lin in enumerate(linears):
-            if lin.name in wanted:
+            if lin.name in mine:
                 notes[lin.name] = work(lin.name, stats[lin.name]) or {}
             if all(stats[later.name] is not stats[lin.name] for later in linears[i + 1:]):
                 stats[lin.name].free()  # no later linear reads this input: its Hessian goes before the next one's math
+        if distributed.world().active:
+            notes = _share_results(program, jobs, owner, notes)
         return notes
 
     checkpoint, resumed = open_checkpoint(ctx, program, what, options, windows)
     with torch.no_grad():
         return calibrate_blocks(program, windows, stage, hessian=hessian, true_sequential=true_sequential,
                                 batch_size=batch_size, what=what, checkpoint=checkpoint, resumed=resumed)
+
+
+def _share_results(program: Program, jobs: list, owner: list[int], notes: dict) -> dict:
+    """After a distributed stage: every rank receives the tensors each owner wrote for its linears (the weight and
+    what travels beside it, e.g. GPTQ's scales) and every rank's notes, in the order of ``jobs``."""
+    world = distributed.world()
+    for rank in range(world.size):
+        names = [n for lin, r in zip(jobs, owner) if r == rank
+                 for n in (lin.weight, *program.store.companions(lin.weight))]
+        sent = {n: program.parameter(n) for n in names} if rank == world.rank else None
+        for name, tensor in distributed.broadcast_tensors(sent, rank).items():
+            if rank != world.rank:
+                program.set_parameter(name, tensor, dtype=tensor.dtype)
+    merged: dict = {}
+    for part in distributed.gather_objects(notes):
+        merged.update(part)
+    return {lin.name: merged[lin.name] for lin in jobs}
 
 
 def calibration_facts(ctx: PassContext, true_sequential: bool) -> dict:

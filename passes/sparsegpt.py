@@ -65,7 +65,6 @@ class SparseGPTPass(MaskingPass):
     def apply(self, program: Program, ctx: PassContext) -> tuple[Program, dict]:
         cfg: SparseGPTConfig = self.config
         pattern = cfg.pattern_obj()
-        retried: list[str] = []
 
         def prune(target: Target, stats) -> dict:
             hessian = stats.hessian()
@@ -75,10 +74,9 @@ class SparseGPTPass(MaskingPass):
             new, facts = sparsegpt_prune(weight, hessian, target.sparsity, pattern, cfg.blocksize, cfg.percdamp,
                                          stats.derived["sparsegpt"])
             program.set_weight(target.name, new)
-            if facts["damping"] != cfg.percdamp:
-                retried.append(target.name)
             return {k: round(v, 6) for k, v in facts.items()}
 
         changes = run_calibrated(program, ctx, cfg, prune, hessian=True, what="sparsegpt")
-        changes["damping_increased"] = retried
+        changes["damping_increased"] = [name for name, layer in changes["per_layer"].items()  # from every process
+                                        if layer.get("damping", cfg.percdamp) != cfg.percdamp]
         return program, changes

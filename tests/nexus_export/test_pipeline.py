@@ -41,7 +41,7 @@ def test_a_bf16_checkpoint_stays_bf16_and_every_stage_is_reported(tmp_path, bf16
     assert prune(out, bf16_folder) == 0
     report = report_of(out)
     assert report["execution"] == {"device": "cpu", "dtype": "bf16", "compute_dtype": "fp32",
-                                   "memory_budget_bytes": 2 * 2**30}
+                                   "memory_budget_bytes": 2 * 2**30, "world_size": 1, "backend": None}
     assert report["model"]["checkpoint_bytes"] == report["model"]["params_dense"] * 2
     stages = [row["stage"] for row in report["stages"]]
     assert stages == ["load", "capture", "eval_dense", "pass:magnitude", "eval_pruned", "lower", "check_onnx",
