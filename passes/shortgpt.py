@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nexus_export import distributed
 from nexus_export.calibration import Checkpoint, Resumed, open_checkpoint
 from nexus_export.errors import UserError
 from nexus_export.metrics import next_token_nll
@@ -186,12 +187,13 @@ def score_blocks(program: Program, windows: torch.Tensor, strategy: str, batch_s
         return _taylor_scores(program, windows, max(1, min(batch_size, 2)), checkpoint, resumed)
     if strategy == "perplexity":  # on every given window: callers pass the rank windows
         return loss_without_each(program, windows, set(), batch_size)
-    runner = BlockRunner(program, windows, batch_size)
+    mine = distributed.share(len(windows), batch_size)  # this process's windows (all in a single process)
+    runner = BlockRunner(program, windows[mine.start:mine.stop], batch_size)
     sums: dict[int, float] = {}
     tokens: dict[int, int] = {}
     start = 0
     if resumed is not None:
-        runner.set_streams([s.to(runner.device) for s in resumed.streams])
+        runner.set_streams([s.to(runner.device) for s in resumed.local_streams(len(windows), batch_size)])
         sums = {int(k): v for k, v in resumed.notes["sums"].items()}
         tokens = {int(k): v for k, v in resumed.notes["tokens"].items()}
         start = resumed.next
@@ -211,6 +213,9 @@ def score_blocks(program: Program, windows: torch.Tensor, strategy: str, batch_s
             tokens[k] = tokens.get(k, 0) + cos.numel()
 
         runner.step(k, visit, [0, *runner.graphs.residuals[k].values()])
+        if k in sums and distributed.world().active:  # block k over every process's windows
+            total, count = distributed.sum_float(sums[k], tokens[k])
+            sums[k], tokens[k] = total, int(count)
         if checkpoint is not None:
             checkpoint.save(k, {}, runner.streams(), {"sums": sums, "tokens": tokens})
         progress.update(k + 1)
@@ -237,7 +242,10 @@ def loss_without_each(program: Program, windows: torch.Tensor, removed: set[int]
                       ) -> dict[int, float]:
     """Mean next-token NLL on ``windows`` of the model without the blocks in ``removed`` and without block k, for
     every other block k. One walk through the blocks: each block's weights are loaded once per micro-batch and run on
-    the stream of every candidate that skipped an earlier block (up to n streams alive at once)."""
+    the stream of every candidate that skipped an earlier block (up to n streams alive at once). In a distributed run
+    each process walks its share of the windows and the losses are summed."""
+    mine = distributed.share(len(windows), batch_size)
+    windows = windows[mine.start:mine.stop]
     runner = BlockRunner(program, windows, batch_size)
     n = len(program.structure.blocks)
     suffix = runner.load(runner.graphs.suffix)
@@ -261,7 +269,9 @@ def loss_without_each(program: Program, windows: torch.Tensor, removed: set[int]
             totals[k] = totals.get(k, 0.0) + next_token_nll(runner.logits(i, stream, suffix), ids)[0]
         tokens += ids.shape[0] * (ids.shape[1] - 1)
         progress.update(i + 1)
-    return {k: totals[k] / tokens for k in sorted(totals)}
+    keys = [k for k in range(n) if k not in removed]
+    *sums, tokens = distributed.sum_float(*(totals.get(k, 0.0) for k in keys), tokens)
+    return {k: total / tokens for k, total in zip(keys, sums)}
 
 
 def _taylor_scores(program: Program, windows: torch.Tensor, batch_size: int, checkpoint: Checkpoint | None,

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nexus_export import distributed
 from nexus_export.calibration import InputStats, open_checkpoint
 from nexus_export.errors import UserError
 from nexus_export.passbase import Pass, PassConfig, PassContext
@@ -129,7 +130,8 @@ class SliceGPTPass(Pass):
         first, block_widths = self.block_widths(program)
         fused = fuse_norms(program)
         projected, projections = with_projections(fused)
-        runner = BlockRunner(projected, windows, cfg.batch_size)
+        mine = distributed.share(len(windows), cfg.batch_size)  # this process's windows (all in a single process)
+        runner = BlockRunner(projected, windows[mine.start:mine.stop], cfg.batch_size)
         structure = fused.structure
 
         bases = StoredBases(projected.store)  # per stream point: [D, d] (the d strongest principal directions)
@@ -142,7 +144,12 @@ class SliceGPTPass(Pass):
             return projection.to(runner.device)
 
         def settle(cov: InputStats, width: int) -> torch.Tensor:
-            return place(pca_basis(cov.xtx, cfg.damping)[:, :width].cpu())
+            cov.reduce()  # every process's windows
+            basis = pca_basis(cov.xtx, cfg.damping)[:, :width].cpu()
+            if distributed.world().active:  # one basis for all: rank 0's (eigenvectors are not unique)
+                basis = distributed.broadcast_tensors({"basis": basis} if distributed.world().rank == 0 else None,
+                                                      0)["basis"]
+            return place(basis)
 
         checkpoint, resumed = open_checkpoint(ctx, program, self.name, cfg.to_dict(), windows)
         start = 0
@@ -155,7 +162,7 @@ class SliceGPTPass(Pass):
         else:
             for _, basis in sorted(resumed.tensors(), key=lambda item: item[0]):  # basis_00000, basis_00001, ...
                 place(basis)
-            runner.set_streams([s.to(runner.device) for s in resumed.streams])
+            runner.set_streams([s.to(runner.device) for s in resumed.local_streams(len(windows), cfg.batch_size)])
             start = resumed.next
 
         progress = Progress("slicegpt", len(structure.blocks), "blocks", every_s=10.0)
