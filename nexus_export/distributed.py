@@ -93,10 +93,13 @@ def init(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> World:
     return _WORLD
 
 
-def shutdown() -> None:
-    """Leave the process group (every rank, at the end of a run)."""
+def shutdown(done: bool = True) -> None:
+    """Leave the process group at the end of a run. ``done``: every rank got here (they meet first, so no rank leaves
+    while another still talks to it; after a failure each leaves at once)."""
     global _WORLD
     if dist.is_initialized():
+        if done:
+            dist.barrier()
         dist.destroy_process_group()
     _WORLD = World()
 

@@ -78,7 +78,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, force: bool = False, resume:
         distributed.check_same("recipe or model", recipe.to_yaml())
         return _run_recipe(recipe, out_dir, force, resume, device, world)
     finally:
-        distributed.shutdown()
+        distributed.shutdown(done=False)  # after a failure (a finished run has left the group already)
 
 
 @contextmanager
@@ -169,7 +169,8 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
                 pruned_ppl, _ = program_perplexity(program, windows, ev.batch_size, "pruned perplexity")
                 expected = program.logits(parity_ids) if onnx_eval and world.writer else None
             log.info("pruned perplexity %.3f", pruned_ppl)
-            if not world.writer:  # the shared work is done: rank 0 lowers, checks and writes
+            distributed.shutdown()  # the shared work is done: rank 0 lowers, checks and writes alone
+            if not world.writer:
                 return None
             activations = None
             if any(pass_.sparsifies_activations for pass_ in passes):

@@ -1,0 +1,179 @@
+"""Distributed runs with torch.distributed (gloo) as torchrun launches them: two processes give what one gives, two
+"nodes" on one machine, ranks that disagree or die stop the run, and how work is shared."""
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_tiny
+from nexus_export import distributed
+from nexus_export.distributed import World
+from nexus_export.errors import UserError
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+WORKER = HERE / "distributed_worker.py"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def run_here(out: Path, methods: list[str]) -> None:
+    """The worker's passes in this process: the single-process reference."""
+    spec = importlib.util.spec_from_file_location("distributed_worker", WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.run(out, methods)
+
+
+@pytest.fixture()
+def world(monkeypatch):
+    """Pretend to be rank ``r`` of ``n`` (no process group: only what needs none)."""
+    def be(rank: int, size: int) -> None:
+        monkeypatch.setattr(distributed, "_WORLD", World(rank, size, rank, "gloo"))
+    return be
+
+
+def test_windows_are_shared_in_whole_batches(world):
+    world(0, 2)
+    assert distributed.share(64, 8) == range(0, 32)
+    world(1, 2)
+    assert distributed.share(64, 8) == range(32, 64)
+    assert distributed.share(20, 8) == range(8, 20)  # 3 batches: 1 and 2
+    assert distributed.share(3, 8) == range(1, 3)  # fewer batches than processes: windows split evenly
+    with pytest.raises(UserError, match="1 calibration or evaluation windows cannot be shared by 2 processes"):
+        distributed.share(1, 8)
+
+
+def test_the_most_expensive_solves_are_dealt_first_to_the_least_loaded(world):
+    world(0, 2)
+    assert distributed.owners([1.0, 5.0, 4.0, 2.0]) == [0, 0, 1, 1]  # 5 + 1 | 4 + 2
+    world(0, 1)
+    assert distributed.owners([1.0, 5.0]) == [0, 0]
+
+
+def test_more_processes_than_windows_is_refused_before_any_work(tmp_path):
+    from nexus_export.pipeline import _run_recipe
+    from nexus_export.recipe import Recipe
+
+    recipe = Recipe.from_dict({"model": "tiny-llama", "passes": [{"wanda": {"sparsity": 0.5}}],
+                               "evaluation": {"windows": 2}, "calibration": {"samples": 8}})
+    with pytest.raises(UserError, match="4 processes cannot share 2 evaluation and 8 calibration windows"):
+        _run_recipe(recipe, tmp_path / "out", False, False, torch.device("cpu"), World(0, 4, 0, "gloo"))
+    assert not (tmp_path / "out").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def compare(single: Path, spread: Path, method: str) -> dict:
+    """How far the distributed result is from the single-process one."""
+    a, b = load_file(str(single / f"{method}.safetensors")), load_file(str(spread / f"{method}.safetensors"))
+    ja, jb = json.loads((single / f"{method}.json").read_text()), json.loads((spread / f"{method}.json").read_text())
+    assert jb["world_size"] == 2 and ja["world_size"] == 1
+    weights = [k for k in a if k != "logits"]
+    same = sum(int(((a[k] == 0) == (b[k] == 0)).sum()) for k in weights)
+    return {"masks_equal": same / sum(a[k].numel() for k in weights),
+            "weights": max(float((a[k] - b[k]).abs().max()) for k in weights) if weights[0] in b else None,
+            "logits": float((a["logits"] - b["logits"]).abs().max()),
+            "perplexity": abs(jb["perplexity"] - ja["perplexity"]) / ja["perplexity"],
+            "changes": (ja["changes"], jb["changes"])}
+
+
+@pytest.mark.slow
+def test_two_processes_give_what_one_gives(tmp_path):
+    methods = ["wanda", "sparsegpt", "shortgpt", "slicegpt"]
+    spread = tmp_path / "two"
+    done = subprocess.run([*TORCHRUN, "--nproc-per-node", "2", "--master-port", str(free_port()), str(WORKER),
+                           str(spread), ",".join(methods)], env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_here(tmp_path / "one", methods)  # this process: a world of one
+    for method in ("wanda", "sparsegpt"):  # the same statistics, summed in another order: the same masks
+        diff = compare(tmp_path / "one", spread, method)
+        assert diff["masks_equal"] == 1.0 and diff["weights"] < 1e-4 and diff["perplexity"] < 1e-5, (method, diff)
+    short = compare(tmp_path / "one", spread, "shortgpt")
+    assert short["changes"][0]["removed"] == short["changes"][1]["removed"] and short["logits"] < 1e-5
+    for k, score in short["changes"][0]["scores"].items():
+        assert short["changes"][1]["scores"][k] == pytest.approx(score, rel=1e-9)
+    sliced = compare(tmp_path / "one", spread, "slicegpt")
+    assert sliced["perplexity"] < 2e-3 and sliced["logits"] < 1e-3, sliced
+
+
+@pytest.mark.slow
+def test_two_nodes_on_one_machine(tmp_path):
+    """Two torchrun launches with one process each meet at a c10d rendezvous on localhost, as two nodes would."""
+    port = free_port()
+    launches = [subprocess.Popen([*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                                  "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", str(WORKER),
+                                  str(tmp_path / "nodes"), "sparsegpt"], env=env(), stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in launches]
+    assert [p.returncode for p in launches] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    run_here(tmp_path / "one", ["sparsegpt"])
+    diff = compare(tmp_path / "one", tmp_path / "nodes", "sparsegpt")
+    assert diff["masks_equal"] == 1.0 and diff["perplexity"] < 1e-5, diff
+
+
+def cli(*args: str) -> list[str]:
+    return [*TORCHRUN, *args, "-m", "nexus_export", "-q"]
+
+
+COMMON = ["prune", "--model", "tiny-llama", "--method", "sparsegpt", "--seq-len", "64", "--eval-windows", "2",
+          "--calib-samples", "8", "--no-latency", "--onnx-eval", "off"]
+
+
+@pytest.mark.slow
+def test_ranks_started_with_different_recipes_stop_before_any_work(tmp_path):
+    port = free_port()
+    launches = [subprocess.Popen([*cli("--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                                       "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "disagree"),
+                                  *COMMON, "--sparsity", sparsity, "--out", str(tmp_path / "out")],
+                                 env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for sparsity in ("0.5", "0.6")]
+    outputs = [p.communicate(timeout=300)[0] for p in launches]
+    assert all(p.returncode != 0 for p in launches)
+    said = "\n".join(outputs)
+    assert "were started with a different recipe or model than rank 0; launch every rank with the same command" in said
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+@pytest.mark.slow
+def test_a_killed_rank_stops_the_whole_run_and_nothing_is_written(tmp_path):
+    from nexus_export.zoo import byte_level_tokenizer
+
+    folder = tmp_path / "deep"
+    make_tiny("llama", layers=8).save_pretrained(folder, safe_serialization=True)
+    byte_level_tokenizer(512).save_pretrained(folder)
+    args = [*COMMON[:2], str(folder), *COMMON[3:], "--pattern", "2:4", "--out", str(tmp_path / "out")]
+    launch = subprocess.Popen([*cli("--nproc-per-node", "2", "--master-port", str(free_port())), *args],
+                              env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    state = tmp_path / ".out.checkpoint" / "0-sparsegpt" / "state.json"
+    deadline = time.monotonic() + 120
+    while not state.is_file() and launch.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert launch.poll() is None, "the run ended before a rank could be killed"
+    workers = [int(p) for p in Path(f"/proc/{launch.pid}/task/{launch.pid}/children").read_text().split()]
+    rank1 = next(pid for pid in workers
+                 if b"RANK=1\x00" in Path(f"/proc/{pid}/environ").read_bytes().replace(b"LOCAL_RANK", b"L"))
+    os.kill(rank1, signal.SIGKILL)
+    start = time.monotonic()
+    out, _ = launch.communicate(timeout=120)
+    assert launch.returncode != 0 and time.monotonic() - start < 60
+    assert "Signal 9 (SIGKILL) received by PID" in out and "rank" in out
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
