@@ -157,7 +157,7 @@ def test_a_head_the_structure_cannot_trace_is_named():
             self.config = self.inner.config
 
         def forward(self, input_ids, attention_mask=None):
-            logits = self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
+            logits = self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             return torch.cumsum(logits, dim=-1)
 
     with pytest.raises(UserError, match=r"meets cumsum .*not an elementwise post-processing op"):
