@@ -127,16 +127,6 @@ def check_same(what: str, value: str) -> None:
                         "same command")
 
 
-def agree(ok: bool, why: str) -> None:
-    """Raise on every rank when any rank is not ok (so no rank goes on alone into a collective)."""
-    if not _WORLD.active:
-        return
-    flags = torch.tensor([0 if ok else 1], dtype=torch.int64)
-    dist.all_reduce(flags)
-    if int(flags) and ok:
-        raise UserError(f"another rank failed: {why}")
-
-
 # ---------------------------------------------------------------------------------------------------- sharing work
 
 def share(count: int, unit: int) -> range:
@@ -162,11 +152,25 @@ def sum_(*tensors: torch.Tensor) -> None:
             dist.all_reduce(t)
 
 
+def _wire() -> torch.device:
+    """Where tensors must be for a collective: the process's GPU with nccl, the CPU with gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if _WORLD.backend == "nccl" else torch.device("cpu")
+
+
+def _send(t: torch.Tensor, src: int) -> torch.Tensor:
+    """``t`` (rank ``src``'s values, any dtype, sent as bytes) on every rank, on the CPU."""
+    if not t.numel():
+        return t
+    wire = t.to(_wire()).contiguous()
+    dist.broadcast(wire.reshape(-1).view(torch.uint8), src=src)
+    return wire.cpu()
+
+
 def sum_float(*values: float) -> list[float]:
     """Sums of Python numbers over all ranks (float64)."""
     if not _WORLD.active:
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=_wire())
     dist.all_reduce(t)
     return t.tolist()
 
@@ -190,12 +194,8 @@ def broadcast_tensors(tensors: dict[str, torch.Tensor] | None, src: int) -> dict
     dist.broadcast_object_list(meta, src=src)
     out = {}
     for name, shape, dtype in meta[0]:
-        if _WORLD.rank == src:
-            t = tensors[name].detach().to("cpu").contiguous()
-        else:
-            t = torch.empty(shape, dtype=getattr(torch, dtype))
-        dist.broadcast(t.reshape(-1).view(torch.uint8) if t.numel() else t, src=src)
-        out[name] = t
+        mine = tensors[name].detach() if _WORLD.rank == src else torch.empty(shape, dtype=getattr(torch, dtype))
+        out[name] = _send(mine, src)
     return out
 
 
@@ -216,8 +216,8 @@ def gather_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
     out: list[torch.Tensor] = []
     for src, metas in enumerate(lists):
         for i, (shape, dtype) in enumerate(metas):
-            t = tensors[i].detach().to("cpu").contiguous() if src == _WORLD.rank else \
-                torch.empty(shape, dtype=getattr(torch, dtype))
-            dist.broadcast(t.reshape(-1).view(torch.uint8) if t.numel() else t, src=src)
-            out.append(t)
+            mine = tensors[i].detach() if src == _WORLD.rank else torch.empty(shape, dtype=getattr(torch, dtype))
+            sent = _send(mine, src)
+            if _WORLD.rank == 0:  # the others take part in the broadcast and drop what they received
+                out.append(sent)
     return out if _WORLD.rank == 0 else None

@@ -1,7 +1,8 @@
 """Run by torchrun from test_distributed.py (and in process for the single-process reference): each pass on a tiny
 4-block LLaMA, distributed over the processes torchrun started; rank 0 saves what each pass produced.
 
-Usage: torchrun --nproc-per-node N tests/nexus_export/distributed_worker.py OUT METHOD[,METHOD...]
+Usage: torchrun --nproc-per-node N tests/nexus_export/distributed_worker.py OUT METHOD[,METHOD...] [CHECKPOINT]
+(with CHECKPOINT: resume each method from CHECKPOINT/METHOD)
 """
 
 from __future__ import annotations
@@ -33,14 +34,16 @@ METHODS = {
 }
 
 
-def run(out: Path, methods: list[str]) -> None:
+def run(out: Path, methods: list[str], checkpoint: Path | None = None, resume: bool = False) -> None:
     """Each method on a fork of the same program; rank 0 (or the only process) writes OUT/METHOD.safetensors (the
-    blocks' weights and the logits on EVAL) and OUT/METHOD.json (perplexity, the pass's changes)."""
+    blocks' weights and the logits on EVAL) and OUT/METHOD.json (perplexity, the pass's changes). ``checkpoint``:
+    each method checkpoints into CHECKPOINT/METHOD (and resumes from there with ``resume``)."""
     program = Program.from_model(make_tiny("llama", layers=4))
     for method in methods:
         name, options = METHODS[method]
-        result = get_pass(name)(get_pass(name).config_class.from_options(options, name)).run(
-            program.fork(), PassContext(calibration_windows=CALIB))
+        ctx = PassContext(calibration_windows=CALIB, checkpoint_dir=checkpoint / method if checkpoint else None,
+                          resume=resume)
+        result = get_pass(name)(get_pass(name).config_class.from_options(options, name)).run(program.fork(), ctx)
         pruned = result.program
         ppl, _ = program_perplexity(pruned, EVAL)
         if not distributed.world().writer:
@@ -55,5 +58,6 @@ def run(out: Path, methods: list[str]) -> None:
 
 if __name__ == "__main__":
     distributed.init(torch.device("cpu"))
-    run(Path(sys.argv[1]), sys.argv[2].split(","))
+    resume_from = Path(sys.argv[3]) if len(sys.argv) > 3 else None
+    run(Path(sys.argv[1]), sys.argv[2].split(","), resume_from, resume=resume_from is not None)
     distributed.shutdown()

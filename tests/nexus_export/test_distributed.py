@@ -26,12 +26,12 @@ WORKER = HERE / "distributed_worker.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
-def run_here(out: Path, methods: list[str]) -> None:
+def run_here(out: Path, methods: list[str], checkpoint: Path | None = None) -> None:
     """The worker's passes in this process: the single-process reference."""
     spec = importlib.util.spec_from_file_location("distributed_worker", WORKER)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.run(out, methods)
+    module.run(out, methods, checkpoint)
 
 
 @pytest.fixture()
@@ -96,36 +96,56 @@ def compare(single: Path, spread: Path, method: str) -> dict:
 
 
 @pytest.mark.slow
-def test_two_processes_give_what_one_gives(tmp_path):
+def test_two_nodes_of_one_process_give_what_one_process_gives(tmp_path):
+    """Two torchrun launches of one process each meet at a c10d rendezvous on localhost, as two nodes would, and run
+    every calibrated pass as a 2-process gloo group; one process in this test gives the reference."""
     methods = ["wanda", "sparsegpt", "shortgpt", "slicegpt"]
-    spread = tmp_path / "two"
-    done = subprocess.run([*TORCHRUN, "--nproc-per-node", "2", "--master-port", str(free_port()), str(WORKER),
-                           str(spread), ",".join(methods)], env=env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    port = free_port()
+    launches = [subprocess.Popen([*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                                  "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", str(WORKER),
+                                  str(tmp_path / "two"), ",".join(methods)], env=env(), stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in launches]
+    assert [p.returncode for p in launches] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     run_here(tmp_path / "one", methods)  # this process: a world of one
     for method in ("wanda", "sparsegpt"):  # the same statistics, summed in another order: the same masks
-        diff = compare(tmp_path / "one", spread, method)
+        diff = compare(tmp_path / "one", tmp_path / "two", method)
         assert diff["masks_equal"] == 1.0 and diff["weights"] < 1e-4 and diff["perplexity"] < 1e-5, (method, diff)
-    short = compare(tmp_path / "one", spread, "shortgpt")
+    short = compare(tmp_path / "one", tmp_path / "two", "shortgpt")
     assert short["changes"][0]["removed"] == short["changes"][1]["removed"] and short["logits"] < 1e-5
     for k, score in short["changes"][0]["scores"].items():
         assert short["changes"][1]["scores"][k] == pytest.approx(score, rel=1e-9)
-    sliced = compare(tmp_path / "one", spread, "slicegpt")
+    sliced = compare(tmp_path / "one", tmp_path / "two", "slicegpt")
     assert sliced["perplexity"] < 2e-3 and sliced["logits"] < 1e-3, sliced
 
 
 @pytest.mark.slow
-def test_two_nodes_on_one_machine(tmp_path):
-    """Two torchrun launches with one process each meet at a c10d rendezvous on localhost, as two nodes would."""
-    port = free_port()
-    launches = [subprocess.Popen([*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-                                  "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", str(WORKER),
-                                  str(tmp_path / "nodes"), "sparsegpt"], env=env(), stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    outputs = [p.communicate(timeout=300)[0] for p in launches]
-    assert [p.returncode for p in launches] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+def test_two_processes_resume_a_single_process_checkpoint(tmp_path, monkeypatch):
+    """A single process stops after two of four blocks; two processes finish from its checkpoint, and the result is
+    the uninterrupted one (the checkpoint holds every window's stream, so any number of processes can go on)."""
+    import passes.sparsegpt as sparsegpt
+
+    real, calls = sparsegpt.sparsegpt_prune, []
+
+    def stop_in_block_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2 * 7:  # tiny LLaMA: 7 linears per block
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sparsegpt, "sparsegpt_prune", stop_in_block_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_here(tmp_path / "stopped", ["sparsegpt"], checkpoint=tmp_path / "ck")
+    monkeypatch.setattr(sparsegpt, "sparsegpt_prune", real)
+    state = json.loads((tmp_path / "ck" / "sparsegpt" / "state.json").read_text())
+    assert state["done"] == 1
+    done = subprocess.run([*TORCHRUN, "--nproc-per-node", "2", "--master-port", str(free_port()), str(WORKER),
+                           str(tmp_path / "resumed"), "sparsegpt", str(tmp_path / "ck")], env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
     run_here(tmp_path / "one", ["sparsegpt"])
-    diff = compare(tmp_path / "one", tmp_path / "nodes", "sparsegpt")
+    assert json.loads((tmp_path / "resumed" / "sparsegpt.json").read_text())["world_size"] == 2
+    diff = compare(tmp_path / "one", tmp_path / "resumed", "sparsegpt")
     assert diff["masks_equal"] == 1.0 and diff["perplexity"] < 1e-5, diff
 
 
