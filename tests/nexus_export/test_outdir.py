@@ -1,5 +1,6 @@
-"""Crash-safe output folders: staging folders of dead runs are removed (never a live run's), SIGTERM unwinds like
-Ctrl-C, and a run killed with SIGKILL resumes to the bytes of an uninterrupted run."""
+"""Crash-safe output folders: staging folders of dead runs are removed (never a live run's) and SIGTERM unwinds like
+Ctrl-C. A run killed with SIGKILL and resumed is test_distributed's killed writer (a 2-process run resumed by one
+process, to the uninterrupted result)."""
 
 import json
 import os
@@ -10,7 +11,6 @@ import time
 
 import pytest
 
-from conftest import make_tiny
 from nexus_export.errors import UserError
 from nexus_export.outdir import check_output_dir, remove_stale, staged_output
 
@@ -66,44 +66,8 @@ def test_a_read_only_parent_is_refused(tmp_path):
         locked.chmod(0o700)
 
 
-@pytest.fixture(scope="module")
-def deep_folder(tmp_path_factory):
-    """A 4-block tiny LLaMA saved as a Hugging Face folder, so passes checkpoint several blocks."""
-    from nexus_export.zoo import byte_level_tokenizer
-
-    folder = tmp_path_factory.mktemp("deep")
-    make_tiny("llama", layers=4).save_pretrained(folder, safe_serialization=True)
-    byte_level_tokenizer(512).save_pretrained(folder)
-    return folder
-
-
 def cli(*args) -> list[str]:
     return [sys.executable, "-m", "nexus_export", "-q", *args]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("method, args", [("sparsegpt", ["--pattern", "2:4"])])
-def test_sigkill_then_resume_gives_the_same_bytes(tmp_path, deep_folder, method, args):
-    """A real SIGKILL, for one pass (each CLI run is a process start and a capture, 20 s here: the resume of every
-    pass, structural ones included, is checked in process by
-    test_calibration.test_every_long_pass_resumes_to_the_same_result; the checkpoint and partial-output code a kill
-    tests is the same for every pass)."""
-    common = ["prune", "--model", str(deep_folder), "--method", method, *args, "--calib-samples", "8",
-              "--seq-len", "64", "--eval-windows", "2", "--no-latency", "--onnx-eval", "off"]
-    subprocess.run(cli(*common, "--out", str(tmp_path / "a")), check=True, capture_output=True)
-    proc = subprocess.Popen(cli(*common, "--out", str(tmp_path / "b")), stderr=subprocess.DEVNULL)
-    state = tmp_path / ".b.checkpoint" / f"0-{method}" / "state.json"
-    deadline = time.monotonic() + 120
-    while not state.is_file() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert not (tmp_path / "b").exists() and list(tmp_path.glob(".b.partial-*"))
-    done = subprocess.run(cli(*common, "--out", str(tmp_path / "b"), "--resume"), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # partial and checkpoint folders are gone
-    assert (tmp_path / "a" / "model.onnx.data").read_bytes() == (tmp_path / "b" / "model.onnx.data").read_bytes()
 
 
 @pytest.mark.slow
