@@ -33,6 +33,8 @@ DEFAULT_TIMEOUT_S = 600.0  # how long a collective waits for a rank before the r
 
 @dataclass(frozen=True)
 class World:
+    """This process's place in the run: a world of one without torchrun."""
+
     rank: int = 0
     size: int = 1
     local_rank: int = 0

@@ -39,7 +39,8 @@ def _bos_line(bos: dict) -> str:
     """One sentence on the BOS choice (--bos) and why."""
     if bos["token_id"] is None:
         return f"Windows start without a BOS token (bos {bos['mode']}: {bos['reason']})."
-    return f"Every window starts with the BOS token {bos['token']} (id {bos['token_id']}; bos {bos['mode']}: {bos['reason']})."
+    return (f"Every window starts with the BOS token {bos['token']} (id {bos['token_id']}; bos {bos['mode']}: "
+            f"{bos['reason']}).")
 
 
 def render_markdown(report: dict) -> str:

@@ -339,8 +339,8 @@ def _head_of(logits: Node, raw_linears: dict, param_of) -> tuple[Node, tuple[str
         if op not in POSTPROCESS_OPS or len(tensors) != 1:
             raise UnsupportedArchitecture(
                 f"the logits are not produced by a linear layer (lm_head): the path back from the output meets "
-                f"{op} ({node.name}), which is not an elementwise post-processing op ({', '.join(sorted(POSTPROCESS_OPS))}) "
-                "on the lm_head's output; unsupported model head")
+                f"{op} ({node.name}), which is not an elementwise post-processing op "
+                f"({', '.join(sorted(POSTPROCESS_OPS))}) on the lm_head's output; unsupported model head")
         post.append(op)
         node = through(tensors[0])
     return node, tuple(reversed(post))

@@ -3,8 +3,9 @@
 The default protocol (see shared/data/README.md): calibration = ``n`` windows of ``seq_len`` tokens at random offsets
 ``torch.randint(0, len(stream) - seq_len, (n,))`` from ``torch.Generator().manual_seed(seed)``; evaluation = the first
 ``n`` non-overlapping windows of the evaluation stream. With a BOS token (``bos``, see ``nexus_export.data.bos``) every
-window is that token followed by ``seq_len - 1`` tokens of text, cut the same way. Streams are tokenized whole, without special tokens, once per
-(tokenizer, source, split) in a process: tokenizing the Austen streams with a real tokenizer takes seconds.
+window is that token followed by ``seq_len - 1`` tokens of text, cut the same way. Streams are tokenized whole, without
+special tokens, once per (tokenizer, source, split) in a process: tokenizing the Austen streams with a real tokenizer
+takes seconds.
 A local file edited while a process runs is therefore not re-read by that process.
 """
 
