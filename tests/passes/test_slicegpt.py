@@ -37,8 +37,8 @@ def quarter_sliced(arch: str = "llama", random_norms: bool = False):
     return program, result.program.fork(), result.report
 
 
-@pytest.mark.parametrize("arch", archs())
-def test_rotation_only_keeps_logits(arch):
+@pytest.mark.parametrize("arch", archs("llama", "gpt2"))  # RMSNorm and LayerNorm; fusion and rotation of every
+def test_rotation_only_keeps_logits(arch):  # family: tests/nexus_export/test_slicing.py and test_architectures.py
     program = tiny_program(arch, random_norms=True)
     result = SliceGPTPass({"slicing": 0.0}).run(program, ctx())
     assert float((result.program.logits(IDS) - program.logits(IDS)).abs().max()) < 1e-4
