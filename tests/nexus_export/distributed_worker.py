@@ -1,5 +1,5 @@
 """Run by torchrun from test_distributed.py (and in process for the single-process reference): each pass on a tiny
-3-block LLaMA, distributed over the processes torchrun started; rank 0 saves what each pass produced.
+2-block LLaMA, distributed over the processes torchrun started; rank 0 saves what each pass produced.
 
 Usage: torchrun --nproc-per-node N tests/nexus_export/distributed_worker.py OUT METHOD[,METHOD...] [CHECKPOINT]
 (with CHECKPOINT: resume each method from CHECKPOINT/METHOD)
@@ -38,7 +38,7 @@ def run(out: Path, methods: list[str], checkpoint: Path | None = None, resume: b
     """Each method on a fork of the same program; rank 0 (or the only process) writes OUT/METHOD.safetensors (the
     blocks' weights and the logits on EVAL) and OUT/METHOD.json (perplexity, the pass's changes). ``checkpoint``:
     each method checkpoints into CHECKPOINT/METHOD (and resumes from there with ``resume``)."""
-    program = Program.from_model(make_tiny("llama", layers=3))
+    program = Program.from_model(make_tiny("llama", layers=2))
     for method in methods:
         name, options = METHODS[method]
         ctx = PassContext(calibration_windows=CALIB, checkpoint_dir=checkpoint / method if checkpoint else None,

@@ -193,6 +193,7 @@ def test_shortgpt_end_to_end_with_hugging_face_folder(tmp_path, capsys):
     assert len(p["changes"]["removed"]) == 1 and set(p["changes"]["scores"]) == {"0", "1"}
     assert p["params_after"] < p["params_before"]
     assert report["onnx"]["summary"]["layers"] == 8  # 7 linears of the remaining block + lm_head
+    assert report["perplexity"]["onnx_vs_pytorch_rel"] < 1e-3
     assert report["parity"]["hf_folder_max_abs_diff"] < 1e-5
     assert transformers.AutoConfig.from_pretrained(out / "hf").num_hidden_layers == 1
     md = (out / "report.md").read_text()

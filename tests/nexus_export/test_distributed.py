@@ -120,7 +120,7 @@ def test_two_nodes_of_one_process_give_what_one_process_gives(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_resume_a_single_process_checkpoint(tmp_path, monkeypatch):
-    """A single process stops after one of three blocks; two processes finish from its checkpoint, and the result is
+    """A single process stops after one of two blocks; two processes finish from its checkpoint, and the result is
     the uninterrupted one (the checkpoint holds every window's stream, so any number of processes can go on)."""
     import passes.sparsegpt as sparsegpt
 
@@ -195,7 +195,7 @@ def test_a_killed_writer_stops_every_rank_and_one_process_resumes_its_checkpoint
     from nexus_export.zoo import byte_level_tokenizer
 
     folder = tmp_path / "deep"
-    make_tiny("llama", layers=4).save_pretrained(folder, safe_serialization=True)
+    make_tiny("llama", layers=3).save_pretrained(folder, safe_serialization=True)
     byte_level_tokenizer(512).save_pretrained(folder)
     args = [*COMMON[:2], str(folder), *COMMON[3:], "--pattern", "2:4"]
     single = [sys.executable, "-m", "nexus_export", "-q", *args]
