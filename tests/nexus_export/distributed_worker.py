@@ -57,6 +57,10 @@ def run(out: Path, methods: list[str], checkpoint: Path | None = None, resume: b
 
 
 if __name__ == "__main__":
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("nexus_export.calibration").setLevel(logging.INFO)  # "resuming from ..." for the test to see
     distributed.init(torch.device("cpu"))
     resume_from = Path(sys.argv[3]) if len(sys.argv) > 3 else None
     run(Path(sys.argv[1]), sys.argv[2].split(","), resume_from, resume=resume_from is not None)

@@ -94,18 +94,42 @@ def compare(single: Path, spread: Path, method: str) -> dict:
             "changes": (ja["changes"], jb["changes"])}
 
 
+def stop_after_first_block(monkeypatch, tmp_path: Path) -> Path:
+    """A single-process SparseGPT run of the worker's model stopped after its first block: the checkpoint it left."""
+    import passes.sparsegpt as sparsegpt
+
+    real, calls = sparsegpt.sparsegpt_prune, []
+
+    def stop_in_block_1(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 7:  # tiny LLaMA: 7 linears per block
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sparsegpt, "sparsegpt_prune", stop_in_block_1)
+    with pytest.raises(KeyboardInterrupt):
+        run_here(tmp_path / "stopped", ["sparsegpt"], checkpoint=tmp_path / "ck")
+    monkeypatch.setattr(sparsegpt, "sparsegpt_prune", real)
+    assert json.loads((tmp_path / "ck" / "sparsegpt" / "state.json").read_text())["done"] == 0
+    return tmp_path / "ck"
+
+
 @pytest.mark.slow
-def test_two_nodes_of_one_process_give_what_one_process_gives(tmp_path):
+def test_two_nodes_of_one_process_give_what_one_process_gives(tmp_path, monkeypatch):
     """Two torchrun launches of one process each meet at a c10d rendezvous on localhost, as two nodes would, and run
-    every calibrated pass as a 2-process gloo group; one process in this test gives the reference."""
+    every calibrated pass as a 2-process gloo group; one process in this test gives the reference. SparseGPT resumes
+    a single-process checkpoint (the checkpoint holds every window's stream, so any number of processes can go on);
+    the other passes find no checkpoint and start afresh."""
     methods = ["wanda", "sparsegpt", "shortgpt", "slicegpt"]
+    checkpoint = stop_after_first_block(monkeypatch, tmp_path)
     port = free_port()
     launches = [subprocess.Popen([*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
                                   "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", str(WORKER),
-                                  str(tmp_path / "two"), ",".join(methods)], env=env(), stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+                                  str(tmp_path / "two"), ",".join(methods), str(checkpoint)], env=env(),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=300)[0] for p in launches]
     assert [p.returncode for p in launches] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "resuming from" in "".join(outputs) and "units 0-0 already done" in "".join(outputs)
     run_here(tmp_path / "one", methods)  # this process: a world of one
     for method in ("wanda", "sparsegpt"):  # the same statistics, summed in another order: (nearly) the same masks
         diff = compare(tmp_path / "one", tmp_path / "two", method)
@@ -116,36 +140,6 @@ def test_two_nodes_of_one_process_give_what_one_process_gives(tmp_path):
         assert short["changes"][1]["scores"][k] == pytest.approx(score, rel=1e-9)
     sliced = compare(tmp_path / "one", tmp_path / "two", "slicegpt")
     assert sliced["perplexity"] < 2e-3 and sliced["logits"] < 1e-3, sliced
-
-
-@pytest.mark.slow
-def test_two_processes_resume_a_single_process_checkpoint(tmp_path, monkeypatch):
-    """A single process stops after one of two blocks; two processes finish from its checkpoint, and the result is
-    the uninterrupted one (the checkpoint holds every window's stream, so any number of processes can go on)."""
-    import passes.sparsegpt as sparsegpt
-
-    real, calls = sparsegpt.sparsegpt_prune, []
-
-    def stop_in_block_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > 7:  # tiny LLaMA: 7 linears per block
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(sparsegpt, "sparsegpt_prune", stop_in_block_2)
-    with pytest.raises(KeyboardInterrupt):
-        run_here(tmp_path / "stopped", ["sparsegpt"], checkpoint=tmp_path / "ck")
-    monkeypatch.setattr(sparsegpt, "sparsegpt_prune", real)
-    state = json.loads((tmp_path / "ck" / "sparsegpt" / "state.json").read_text())
-    assert state["done"] == 0
-    done = subprocess.run([*TORCHRUN, "--nproc-per-node", "2", "--master-port", str(free_port()), str(WORKER),
-                           str(tmp_path / "resumed"), "sparsegpt", str(tmp_path / "ck")], env=env(),
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    run_here(tmp_path / "one", ["sparsegpt"])
-    assert json.loads((tmp_path / "resumed" / "sparsegpt.json").read_text())["world_size"] == 2
-    diff = compare(tmp_path / "one", tmp_path / "resumed", "sparsegpt")
-    assert diff["masks_equal"] >= 0.999 and diff["perplexity"] < 2e-3, diff
 
 
 def cli(*args: str) -> list[str]:
