@@ -117,6 +117,7 @@ def test_the_recipe_carries_bos_and_refuses_other_values():
         Recipe.from_dict({"model": "tiny-llama", "bos": True})  # YAML reads an unquoted yes as true
 
 
+@pytest.mark.slow
 def test_the_python_api_prepends_the_bos_as_the_cli_does():
     from nexus_export.pruning import evaluate_perplexity
 

@@ -80,6 +80,7 @@ class CachedWrapper(torch.nn.Module):
         return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=self.use_cache).logits
 
 
+@pytest.mark.slow
 def test_a_wrapper_that_builds_a_cache_while_traced_is_refused_with_the_fix():
     with pytest.raises(UserError, match=r"capturing CachedWrapper kept 4 tensor\(s\) computed while tracing "
                                         r"\(lm\.inner\.model\.layers\.0\.self_attn\.lifted_tensor_0.*use_cache=False"):
