@@ -136,13 +136,12 @@ class Resumed:
     files: list[Path]
     streams: list[torch.Tensor]
 
-    def local_streams(self, count: int, unit: int) -> list[torch.Tensor]:
-        """The saved streams of this process's share of ``count`` windows (all of them in a single process): a
-        checkpoint holds every window's stream, so a run may resume with another number of processes."""
+    def local_streams(self, unit: int) -> list[torch.Tensor]:
+        """The saved streams of this process's share of the windows (all of them in a single process): a checkpoint
+        holds every window's stream, so a run may resume with another number of processes."""
         if not distributed.world().active:
             return self.streams
-        mine = distributed.share(count, unit)
-        return [torch.cat(self.streams)[mine.start:mine.stop]]
+        return [distributed.local(torch.cat(self.streams), unit)]  # the fingerprint ties it to these windows
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every saved tensor, one unit's file at a time (a resumed run never holds all of them at once)."""
@@ -258,14 +257,13 @@ def calibrate_blocks(program: Program, windows: torch.Tensor,
     """For each block in order: collect statistics of each stage's inputs, let ``prune_stage`` prune it (it returns
     per-layer notes for the report), then move on with the pruned block's outputs. Returns the notes of every layer.
     Each finished block goes into ``checkpoint``; ``resumed`` continues after the blocks it holds."""
-    mine = distributed.share(len(windows), batch_size)  # this process's windows (all of them in a single one)
-    runner = BlockRunner(program, windows[mine.start:mine.stop], batch_size)
+    runner = BlockRunner(program, distributed.local(windows, batch_size), batch_size)
     n_blocks = len(program.structure.blocks)
     start, notes = 0, {}
     if resumed is not None:
         for name, tensor in resumed.tensors():
             program.set_parameter(name, tensor)
-        runner.set_streams([s.to(runner.device) for s in resumed.local_streams(len(windows), batch_size)])
+        runner.set_streams([s.to(runner.device) for s in resumed.local_streams(batch_size)])
         start, notes = resumed.next, resumed.notes
     progress = Progress(what, n_blocks, "blocks", every_s=10.0)
     for k in range(start, n_blocks):

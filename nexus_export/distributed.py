@@ -147,6 +147,13 @@ def share(count: int, unit: int) -> range:
     return range(min(lo, count), min(hi, count))
 
 
+def local(rows: torch.Tensor, unit: int) -> torch.Tensor:
+    """This process's contiguous share of ``rows`` (windows, or their saved streams), cut as ``share`` says; all of
+    them in a single process."""
+    mine = share(len(rows), unit)
+    return rows[mine.start:mine.stop]
+
+
 def sum_(*tensors: torch.Tensor) -> None:
     """Add each tensor over all ranks, in place."""
     if _WORLD.active:

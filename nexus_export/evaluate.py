@@ -20,8 +20,7 @@ from .runner import BlockRunner
 def program_perplexity(program: Program, windows: torch.Tensor, batch_size: int = 4,
                        what: str = "perplexity") -> tuple[float, int]:
     """exp(mean next-token NLL) over ``windows`` [n, seq_len], and the number of predicted tokens."""
-    mine = distributed.share(len(windows), batch_size)
-    runner = BlockRunner(program, windows[mine.start:mine.stop], batch_size)
+    runner = BlockRunner(program, distributed.local(windows, batch_size), batch_size)
     runner.run_blocks(Progress(what, len(program.structure.blocks), "blocks"))
     total_nll, tokens = distributed.sum_float(*runner.nll())
     return perplexity(total_nll, int(tokens)), int(tokens)

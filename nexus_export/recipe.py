@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import yaml
 
+from .data.bos import check_mode
 from .errors import UserError
 from .passbase import PassConfig, check_type
 from .registry import get_pass
@@ -177,7 +178,7 @@ class Recipe:
             lowering=_lowering(data.get("lowering")),
             quantize=_quantize(data.get("quantize"), tuple(steps)),
             execution=_execution(data.get("execution")),
-            bos=_bos(data.get("bos", "auto")),
+            bos=check_mode(data.get("bos", "auto")),
         )
         run_steps(recipe)  # the joint pass's options are checked now, not after the work
         return recipe
@@ -221,14 +222,6 @@ def _evaluation(data: Any) -> EvaluationSettings:
     if settings.onnx not in ("auto", "on", "off"):
         raise UserError(f"evaluation.onnx (--onnx-eval) must be auto, on or off, got {settings.onnx!r}")
     return settings
-
-
-def _bos(value: Any) -> str:
-    from .data.bos import BOS_MODES
-
-    if value not in BOS_MODES:
-        raise UserError(f"bos (--bos) must be one of {', '.join(BOS_MODES)}, got {value!r}")
-    return value
 
 
 def _execution(data: Any) -> ExecutionSettings:

@@ -167,8 +167,9 @@ def _scale_param(exported: ExportedProgram, node) -> tuple[str | None, float]:
         return param_of(exported, node), 0.0
     if op_name(node) == "add" and len(node.args) == 2:
         for p, c in (node.args, tuple(reversed(node.args))):
-            if isinstance(c, (int, float)) and isinstance(p, fx.Node) and param_of(exported, through(p)):
-                return param_of(exported, through(p)), float(c)
+            weight = param_of(exported, through(p)) if isinstance(p, fx.Node) else None
+            if weight and isinstance(c, (int, float)):
+                return weight, float(c)
     return None, 0.0
 
 

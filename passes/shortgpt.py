@@ -187,13 +187,12 @@ def score_blocks(program: Program, windows: torch.Tensor, strategy: str, batch_s
         return _taylor_scores(program, windows, max(1, min(batch_size, 2)), checkpoint, resumed)
     if strategy == "perplexity":  # on every given window: callers pass the rank windows
         return loss_without_each(program, windows, set(), batch_size)
-    mine = distributed.share(len(windows), batch_size)  # this process's windows (all in a single process)
-    runner = BlockRunner(program, windows[mine.start:mine.stop], batch_size)
+    runner = BlockRunner(program, distributed.local(windows, batch_size), batch_size)
     sums: dict[int, float] = {}
     tokens: dict[int, int] = {}
     start = 0
     if resumed is not None:
-        runner.set_streams([s.to(runner.device) for s in resumed.local_streams(len(windows), batch_size)])
+        runner.set_streams([s.to(runner.device) for s in resumed.local_streams(batch_size)])
         sums = {int(k): v for k, v in resumed.notes["sums"].items()}
         tokens = {int(k): v for k, v in resumed.notes["tokens"].items()}
         start = resumed.next
@@ -244,8 +243,7 @@ def loss_without_each(program: Program, windows: torch.Tensor, removed: set[int]
     every other block k. One walk through the blocks: each block's weights are loaded once per micro-batch and run on
     the stream of every candidate that skipped an earlier block (up to n streams alive at once). In a distributed run
     each process walks its share of the windows and the losses are summed."""
-    mine = distributed.share(len(windows), batch_size)
-    windows = windows[mine.start:mine.stop]
+    windows = distributed.local(windows, batch_size)
     runner = BlockRunner(program, windows, batch_size)
     n = len(program.structure.blocks)
     suffix = runner.load(runner.graphs.suffix)

@@ -130,8 +130,7 @@ class SliceGPTPass(Pass):
         first, block_widths = self.block_widths(program)
         fused = fuse_norms(program)
         projected, projections = with_projections(fused)
-        mine = distributed.share(len(windows), cfg.batch_size)  # this process's windows (all in a single process)
-        runner = BlockRunner(projected, windows[mine.start:mine.stop], cfg.batch_size)
+        runner = BlockRunner(projected, distributed.local(windows, cfg.batch_size), cfg.batch_size)
         structure = fused.structure
 
         bases = StoredBases(projected.store)  # per stream point: [D, d] (the d strongest principal directions)
@@ -145,11 +144,11 @@ class SliceGPTPass(Pass):
 
         def settle(cov: InputStats, width: int) -> torch.Tensor:
             cov.reduce()  # every process's windows
-            basis = pca_basis(cov.xtx, cfg.damping)[:, :width].cpu()
-            if distributed.world().active:  # one basis for all: rank 0's (eigenvectors are not unique)
-                basis = distributed.broadcast_tensors({"basis": basis} if distributed.world().rank == 0 else None,
-                                                      0)["basis"]
-            return place(basis)
+            if not distributed.world().active:
+                return place(pca_basis(cov.xtx, cfg.damping)[:, :width].cpu())
+            # one eigendecomposition, on rank 0, whose basis every rank takes (eigenvectors are not unique)
+            mine = {"basis": pca_basis(cov.xtx, cfg.damping)[:, :width].cpu()} if distributed.world().writer else None
+            return place(distributed.broadcast_tensors(mine, 0)["basis"])
 
         checkpoint, resumed = open_checkpoint(ctx, program, self.name, cfg.to_dict(), windows)
         start = 0
@@ -162,7 +161,7 @@ class SliceGPTPass(Pass):
         else:
             for _, basis in sorted(resumed.tensors(), key=lambda item: item[0]):  # basis_00000, basis_00001, ...
                 place(basis)
-            runner.set_streams([s.to(runner.device) for s in resumed.local_streams(len(windows), cfg.batch_size)])
+            runner.set_streams([s.to(runner.device) for s in resumed.local_streams(cfg.batch_size)])
             start = resumed.next
 
         progress = Progress("slicegpt", len(structure.blocks), "blocks", every_s=10.0)

@@ -34,11 +34,17 @@ class BosChoice:
         return asdict(self)
 
 
+def check_mode(mode) -> str:
+    """``mode`` when it is one of BOS_MODES; otherwise a UserError listing them."""
+    if mode not in BOS_MODES:
+        raise UserError(f"bos (--bos) must be one of {', '.join(BOS_MODES)}, got {mode!r}")
+    return mode
+
+
 def choose_bos(tokenizer, model_type: str | None, mode: str = "auto") -> BosChoice:
     """The BOS token to prepend to every window (or none) for ``mode``; UserError for an unknown mode, or for
     ``always`` with a tokenizer that has no BOS token."""
-    if mode not in BOS_MODES:
-        raise UserError(f"bos must be one of {', '.join(BOS_MODES)}, got {mode!r}")
+    check_mode(mode)
     token_id = getattr(tokenizer, "bos_token_id", None)
     token = getattr(tokenizer, "bos_token", None)
     if mode == "never":

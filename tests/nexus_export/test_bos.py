@@ -47,7 +47,7 @@ def test_auto_follows_the_tokenizer_and_the_family():
 def test_always_without_a_bos_token_and_an_unknown_mode_are_refused():
     with pytest.raises(UserError, match="--bos always: the tokenizer has no BOS token"):
         choose_bos(without_bos(), "llama", "always")
-    with pytest.raises(UserError, match="bos must be one of auto, always, never, got 'sometimes'"):
+    with pytest.raises(UserError, match=r"bos \(--bos\) must be one of auto, always, never, got 'sometimes'"):
         choose_bos(byte_level_tokenizer(512), "llama", "sometimes")
 
 
