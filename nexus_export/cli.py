@@ -88,6 +88,11 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--no-latency", action="store_true", help="skip the onnxruntime latency measurement")
     prune.add_argument("--onnx-eval", choices=("auto", "on", "off"), default="auto",
                        help="evaluate the ONNX model in onnxruntime (auto: when it fits the memory budget)")
+    prune.add_argument("--eval-runtime", choices=("pytorch", "onnxruntime", "both"), default="pytorch",
+                       help="which runtime scores the pruned model on every window (default pytorch; onnxruntime "
+                            "then checks logits and perplexity on a few parity windows)")
+    prune.add_argument("--no-eval-cache", action="store_true",
+                       help="evaluate the dense model even when an earlier run cached its perplexity")
     prune.add_argument("--device", default="auto", help="where blocks run: auto (CUDA when present), cpu, cuda, cuda:N")
     prune.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                        help="dtype of the weights in every output (auto: the checkpoint's)")
@@ -229,7 +234,8 @@ def _prune(args: argparse.Namespace) -> int:
         "calibration": {"source": args.calib_source, "samples": args.calib_samples, "seq_len": args.seq_len,
                         "seed": args.calib_seed},
         "evaluation": {"source": args.eval_source, "windows": args.eval_windows, "seq_len": args.seq_len,
-                       "latency": not args.no_latency, "onnx": args.onnx_eval},
+                       "latency": not args.no_latency, "onnx": args.onnx_eval, "runtime": args.eval_runtime,
+                       "cache": not args.no_eval_cache},
         "execution": {"device": args.device, "dtype": args.dtype, "memory_budget": args.memory_budget},
         "lowering": {"save_hf": args.save_hf, "precision": "fp16" if args.fp16 else "fp32"},
         "bos": args.bos,

@@ -23,11 +23,12 @@ from typing import Iterator
 
 import torch
 
-from . import __version__, distributed
+from . import __version__, distributed, eval_cache
 from .activation_stats import input_sparsity, summarize_inputs
 from .data import calibration_windows, choose_bos, evaluation_windows
 from .errors import UserError
 from .evaluate import program_perplexity
+from .metrics import next_token_nll, perplexity
 from .hf_export import save_hf
 from .memory import RssSampler, current_rss_mb, peak_rss_mb, release
 from .outdir import check_distinct, check_output_dir, staged_output
@@ -149,8 +150,9 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
                      checkpoint_bytes / 2**30, dtype_name(out_dtype), device)
 
             with stage("eval_dense"):
-                dense_ppl, tokens = program_perplexity(program, windows, ev.batch_size, "dense perplexity")
-            log.info("dense perplexity %.3f on %d tokens", dense_ppl, tokens)
+                dense_ppl, tokens, dense_cached = _dense_perplexity(program, windows, ev, device, world)
+            log.info("dense perplexity %.3f on %d tokens%s", dense_ppl, tokens,
+                     " (from the evaluation cache)" if dense_cached else "")
 
             pass_reports = []
             for i, pass_ in enumerate(passes):
@@ -165,10 +167,13 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
                 del result
 
             parity_ids = windows[:PARITY_WINDOWS, : min(PARITY_TOKENS, windows.shape[1])]
+            score_pytorch = ev.runtime != "onnxruntime" or not onnx_eval
             with stage("eval_pruned"):
-                pruned_ppl, _ = program_perplexity(program, windows, ev.batch_size, "pruned perplexity")
+                pruned_ppl = None
+                if score_pytorch:
+                    pruned_ppl, _ = program_perplexity(program, windows, ev.batch_size, "pruned perplexity")
+                    log.info("pruned perplexity %.3f", pruned_ppl)
                 expected = program.logits(parity_ids) if onnx_eval and world.writer else None
-            log.info("pruned perplexity %.3f", pruned_ppl)
             distributed.shutdown()  # the shared work is done: rank 0 lowers, checks and writes alone
             if not world.writer:
                 return None
@@ -201,19 +206,24 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
             with stage("check_onnx"):
                 onnx_info = runtime.inspect(artifact, pattern, set(targeted))
 
-            onnx_ppl, parity, latency = None, None, {}
+            onnx_ppl, parity, parity_ppl, latency = None, None, {}, {}
             artifacts = [{"name": dtype_name(out_dtype), "path": artifact.name,
                           "bytes": runtime.artifact_bytes(artifact), "perplexity": None}]
             if onnx_eval:
                 with stage("onnxruntime"):
                     sess = runtime.session(artifact)
                     parity = runtime.parity(expected, sess, parity_ids)
-                    onnx_ppl, _ = runtime.perplexity(sess, windows, 1,
-                                                     Progress("onnxruntime perplexity", len(windows), "windows"))
+                    parity_ppl = _parity_perplexities(runtime, sess, expected, parity_ids)
+                    if ev.runtime != "pytorch":
+                        onnx_ppl, _ = runtime.perplexity(sess, windows, 1,
+                                                         Progress("onnxruntime perplexity", len(windows), "windows"))
+                        log.info("onnxruntime perplexity %.3f", onnx_ppl)
                     if ev.latency:
                         latency["onnxruntime_cpu_1x128"] = runtime.latency(sess, 1, 128)
                     del sess
                 artifacts[0]["perplexity"] = onnx_ppl
+            if pruned_ppl is None:
+                pruned_ppl = onnx_ppl  # --eval-runtime onnxruntime: the ONNX model is the pruned model's only score
             for variant in runtime.variants(artifact, recipe, set(targeted), grids):
                 variant["perplexity"] = variant["parity_max_abs_diff"] = None
                 if onnx_eval:
@@ -223,7 +233,7 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
                             sess, windows, 1, Progress(f"{variant['name']} perplexity", len(windows)))
                         variant["parity_max_abs_diff"] = runtime.parity(expected, sess, parity_ids)
                         del sess
-                    if variant.get("method") == "gptq":  # the program holds the dequantized weights GPTQ chose
+                    if variant.get("method") == "gptq" and score_pytorch:  # the program held GPTQ's dequantized weights
                         variant["pytorch_perplexity"] = pruned_ppl
                         variant["vs_pytorch_rel"] = abs(variant["perplexity"] - pruned_ppl) / pruned_ppl
                 artifacts.append(variant)
@@ -247,11 +257,15 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
                 "perplexity": {"dataset": f"{ev.source} evaluation, {ev.windows} windows x {ev.seq_len} tokens"
                                           + (f" (a BOS token and {ev.seq_len - 1} of text)" if bos.token_id is not None
                                              else ""),
-                               "tokens": tokens, "dense": dense_ppl, "pruned": pruned_ppl, "onnx": onnx_ppl,
-                               "onnx_vs_pytorch_rel": abs(onnx_ppl - pruned_ppl) / pruned_ppl if onnx_eval else None,
-                               "onnx_eval": "run" if onnx_eval else f"skipped: {onnx_eval_why}"},
+                               "tokens": tokens, "dense": dense_ppl, "dense_from_cache": dense_cached,
+                               "pruned": pruned_ppl, "pruned_runtime": "pytorch" if score_pytorch else "onnxruntime",
+                               "onnx": onnx_ppl,
+                               "onnx_vs_pytorch_rel": (abs(onnx_ppl - pruned_ppl) / pruned_ppl
+                                                       if onnx_ppl is not None and score_pytorch else None),
+                               "runtime": ev.runtime,
+                               "onnx_eval": _onnx_eval_note(onnx_eval, onnx_eval_why, ev.runtime)},
                 "parity": {"max_abs_diff": parity, "inputs": f"{PARITY_WINDOWS} evaluation windows x "
-                                                             f"{parity_ids.shape[1]} tokens",
+                                                             f"{parity_ids.shape[1]} tokens", **parity_ppl,
                            **({"hf_folder_max_abs_diff": hf_parity} if recipe.lowering.save_hf else {})},
                 "onnx": {"path": artifact.name, "bytes": runtime.artifact_bytes(artifact),
                          "opset": recipe.lowering.opset, **onnx_info},
@@ -272,6 +286,39 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
         shutil.rmtree(checkpoints, ignore_errors=True)
     log.info("wrote %s", out_dir)
     return report
+
+
+def _dense_perplexity(program: Program, windows: torch.Tensor, ev, device: torch.device,
+                      world: distributed.World) -> tuple[float, int, bool]:
+    """The dense model's perplexity and predicted tokens, from the evaluation cache when an earlier run measured it on
+    the same weights and windows (and then whether it came from there). A distributed run always measures it: its
+    processes need not share a disk."""
+    use_cache = ev.cache and not world.active
+    entry = eval_cache.key(program, windows, ev.batch_size, "pytorch", str(device)) if use_cache else None
+    hit = eval_cache.load(entry) if entry else None
+    if hit is not None:
+        return hit["perplexity"], hit["tokens"], True
+    ppl, tokens = program_perplexity(program, windows, ev.batch_size, "dense perplexity")
+    if entry:
+        eval_cache.save(entry, {"perplexity": ppl, "tokens": tokens, "model": program.name,
+                                "written": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return ppl, tokens, False
+
+
+def _parity_perplexities(runtime, sess, expected: torch.Tensor, parity_ids: torch.Tensor) -> dict:
+    """PyTorch's and onnxruntime's perplexity on the parity windows, and their relative difference: the check that
+    stays when onnxruntime does not score every window (--eval-runtime pytorch)."""
+    nll, count = next_token_nll(expected, parity_ids)
+    pytorch = perplexity(nll, count)
+    onnx, _ = runtime.perplexity(sess, parity_ids, len(parity_ids))
+    return {"pytorch_perplexity": pytorch, "onnx_perplexity": onnx, "perplexity_rel": abs(onnx - pytorch) / pytorch}
+
+
+def _onnx_eval_note(ran: bool, why: str, runtime: str) -> str:
+    """What onnxruntime did, in the report's words."""
+    if not ran:
+        return f"skipped: {why}"
+    return "run" if runtime != "pytorch" else "parity windows only (--eval-runtime pytorch)"
 
 
 def _check_variants(recipe: Recipe, program: Program, passes: list, dtype: torch.dtype | None) -> None:

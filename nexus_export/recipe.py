@@ -49,6 +49,8 @@ class EvaluationSettings:
     batch_size: int = 2  # windows per forward pass (memory grows with it; speed hardly does)
     latency: bool = True  # measure onnxruntime latency (median of repeated runs)
     onnx: str = "auto"  # evaluate the ONNX model in onnxruntime: on, off, auto (off when it would not fit the budget)
+    runtime: str = "pytorch"  # which runtime scores the pruned model on every window: pytorch, onnxruntime or both
+    cache: bool = True  # reuse the dense perplexity of an earlier run on the same weights and windows
 
 
 @dataclass(frozen=True)
@@ -217,10 +219,19 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+EVAL_RUNTIMES = ("pytorch", "onnxruntime", "both")
+
+
 def _evaluation(data: Any) -> EvaluationSettings:
     settings = _settings(EvaluationSettings, data, "evaluation")
     if settings.onnx not in ("auto", "on", "off"):
         raise UserError(f"evaluation.onnx (--onnx-eval) must be auto, on or off, got {settings.onnx!r}")
+    if settings.runtime not in EVAL_RUNTIMES:
+        raise UserError(f"evaluation.runtime (--eval-runtime) must be one of {', '.join(EVAL_RUNTIMES)}, got "
+                        f"{settings.runtime!r}")
+    if settings.runtime != "pytorch" and settings.onnx == "off":
+        raise UserError(f"--eval-runtime {settings.runtime} scores the model in onnxruntime, and --onnx-eval off "
+                        "turns onnxruntime off; drop one of them")
     return settings
 
 

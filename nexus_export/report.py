@@ -27,11 +27,15 @@ def headline(report: dict) -> str:
         if widths:
             passes += f" (width {p['changes']['hidden_before']} -> {'/'.join(map(str, sorted(set(widths.values()))))})"
     onnx = f"onnxruntime {ppl['onnx']:.2f}" if ppl.get("onnx") is not None else "onnxruntime not run"
+    rel = report["parity"].get("perplexity_rel")
+    if ppl.get("onnx") is None and rel is not None:
+        onnx = f"onnxruntime within {rel:.2%} on the parity windows"
+    dense = f"{ppl['dense']:.2f}" + (" cached" if ppl.get("dense_from_cache") else "")
     parity = report["parity"]["max_abs_diff"]
     activations = report.get("activation_sparsity")
     acts = f" | activations {activations['sparsity']:.1%} zero" if activations else ""
     return (f"{report['model']['name']} | {passes} | sparsity {report['sparsity']['overall']:.1%} "
-            f"({report['sparsity']['pattern']}){acts} | perplexity dense {ppl['dense']:.2f} -> pruned {ppl['pruned']:.2f} "
+            f"({report['sparsity']['pattern']}){acts} | perplexity dense {dense} -> pruned {ppl['pruned']:.2f} "
             f"({onnx}) | parity max|diff| " + (f"{parity:.2e}" if parity is not None else "-"))
 
 
@@ -57,9 +61,11 @@ def render_markdown(report: dict) -> str:
         *([_bos_line(report["bos"]), ""] if report.get("bos") else [""]),
         "| | perplexity |",
         "|---|---|",
-        f"| dense (PyTorch) | {ppl['dense']:.3f} |",
-        f"| pruned (PyTorch) | {ppl['pruned']:.3f} |",
+        f"| dense (PyTorch) | {ppl['dense']:.3f}{' (from the evaluation cache)' if ppl.get('dense_from_cache') else ''} |",
+        f"| pruned (PyTorch) | {ppl['pruned']:.3f} |" if ppl.get("pruned_runtime", "pytorch") == "pytorch" else
+        "| pruned (PyTorch) | not run (--eval-runtime onnxruntime) |",
         f"| pruned (onnxruntime) | {_num(ppl['onnx'], '.3f', ppl.get('onnx_eval', ''))} |",
+        *_parity_windows(report["parity"]),
         "",
         "## Passes",
         "| pass | wall s | params before | params after | peak RSS MiB |",
@@ -109,6 +115,14 @@ def render_markdown(report: dict) -> str:
     lines += ["", f"Total {report['timings'].get('total_s', 0):.1f} s; peak RSS of the process "
                   f"{report['peak_rss_mb']:.0f} MiB.", ""]
     return "\n".join(lines)
+
+
+def _parity_windows(parity: dict) -> list[str]:
+    """The perplexity row of the parity windows, where both runtimes scored them."""
+    if parity.get("perplexity_rel") is None:
+        return []
+    return [f"| parity windows ({parity['inputs']}): PyTorch / onnxruntime | {parity['pytorch_perplexity']:.3f} / "
+            f"{parity['onnx_perplexity']:.3f} ({parity['perplexity_rel']:.3%} apart) |"]
 
 
 def _num(value, fmt: str, missing: str = "-") -> str:

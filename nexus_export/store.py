@@ -156,14 +156,19 @@ class WeightStore:
             tensor = tensor.to(device, non_blocking=False)
         return tensor
 
-    def identity(self, name: str) -> str:
-        """A cheap signature of a tensor's contents: where it lies in the checkpoint (file, offset, size, modification
-        time), or, for a tensor a pass produced (in memory or spilled to a scratch file whose name changes from run to
-        run), a hash of about 4096 of its values spread over the whole tensor."""
+    def identity(self, name: str, exact: bool = False) -> str:
+        """A cheap signature of a tensor's contents: where it lies in the checkpoint (file, offset, size, the file's
+        size and modification time), or, for a tensor a pass produced or a caller holds (in memory or spilled to a
+        scratch file whose name changes from run to run), a hash of about 4096 of its values spread over the whole
+        tensor; with ``exact``, of all of them (what a cache of results keyed by the weights needs)."""
         entry = self._entry(name)
         if entry.tensor is None and not entry.owned:
             loc = entry.location
-            return f"{loc.path}:{loc.start}:{loc.nbytes}:{loc.path.stat().st_mtime_ns}"
+            stat = loc.path.stat()
+            return f"{loc.path}:{loc.start}:{loc.nbytes}:{stat.st_size}:{stat.st_mtime_ns}"
+        if exact:
+            data = self.get(name).detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            return f"{entry.shape}:{entry.dtype}:{hashlib.sha256(data).hexdigest()}"
         flat = self.get(name).reshape(-1)
         sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes()
         return f"{entry.shape}:{entry.dtype}:{hashlib.sha256(sample).hexdigest()[:16]}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -26,6 +27,10 @@ BLOCK_FORMS = {
 def archs(*names: str) -> list:
     """Architectures to parametrize over (all by default): LLaMA in the quick loop, the others marked slow."""
     return [name if name == "llama" else pytest.param(name, marks=pytest.mark.slow) for name in names or ARCHS]
+
+# Dense perplexities cached by one run are read by the next (nexus_export/eval_cache.py): each test process gets a
+# fresh cache, so no result of an earlier session (or earlier code) is ever read.
+os.environ["NEXUS_EXPORT_EVAL_CACHE"] = tempfile.mkdtemp(prefix="nexus-export-eval-cache-")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one process per core (scripts/test.sh runs -n auto): one thread each
     torch.set_num_threads(1)

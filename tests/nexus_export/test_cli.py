@@ -34,9 +34,11 @@ def test_tiny_llama_two_four_end_to_end(tmp_path, capsys):
     assert report["sparsity"]["overall"] == pytest.approx(0.5)
     assert len(report["sparsity"]["per_layer"]) == 14
     assert report["parity"]["max_abs_diff"] < 1e-4
-    ppl = report["perplexity"]
-    assert abs(ppl["onnx"] - ppl["pruned"]) / ppl["pruned"] < 1e-3
-    assert ppl["tokens"] == 4 * 63 and ppl["dense"] < ppl["pruned"]
+    ppl = report["perplexity"]  # --eval-runtime pytorch (the default): onnxruntime scores the parity windows only
+    assert ppl["onnx"] is None and ppl["pruned_runtime"] == "pytorch" and ppl["onnx_eval"].startswith("parity windows")
+    assert report["parity"]["perplexity_rel"] < 1e-3 and report["parity"]["pytorch_perplexity"] > 1
+    assert "onnxruntime within 0.0" in stdout
+    assert ppl["tokens"] == 4 * 63 and ppl["dense"] < ppl["pruned"] and not ppl["dense_from_cache"]
     targeted = [row for row in report["onnx"]["layers"] if row["layer"] in report["sparsity"]["per_layer"]]
     assert len(targeted) == 14 and all(row["nm_valid"] for row in targeted)
 
@@ -44,9 +46,15 @@ def test_tiny_llama_two_four_end_to_end(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "model.layers.1.mlp.down_proj" in table and "14 targeted layers" in table and "all 2:4-valid" in table
 
-    # --force replaces a finished run only when the new one completes
-    assert prune(out, "--sparsity", "0.3", "--force") == 0
-    assert json.loads((out / "report.json").read_text())["sparsity"]["overall"] == pytest.approx(0.3, abs=0.01)
+    # --force replaces a finished run only when the new one completes; the dense perplexity comes from the cache;
+    # --eval-runtime onnxruntime scores the pruned model in onnxruntime alone
+    assert prune(out, "--sparsity", "0.3", "--force", "--eval-runtime", "onnxruntime") == 0
+    again = json.loads((out / "report.json").read_text())
+    assert again["sparsity"]["overall"] == pytest.approx(0.3, abs=0.01)
+    assert again["perplexity"]["dense_from_cache"] and again["perplexity"]["dense"] == ppl["dense"]
+    assert again["perplexity"]["pruned"] == again["perplexity"]["onnx"]
+    assert again["perplexity"]["pruned_runtime"] == "onnxruntime"
+    assert " cached -> pruned " in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -76,6 +84,8 @@ BAD = [
     (["--schedule", '{"attn_qkv": 0.5}'], "matches no layer"),
     (["--schedule", "{bad json"], "not valid JSON"),
     (["--eval-windows", "100000"], "too short"),
+    (["--eval-runtime", "onnxruntime", "--onnx-eval", "off"], "drop one of them"),
+    (["--eval-runtime", "tensorrt"], "invalid choice"),
 ]
 
 
@@ -186,7 +196,7 @@ def test_shortgpt_end_to_end_with_hugging_face_folder(tmp_path, capsys):
 
     out = tmp_path / "short"
     assert prune(out, "--remove", "1", "--strategy", "similarity", "--calib-samples", "4", "--save-hf",
-                 method="shortgpt") == 0
+                 "--eval-runtime", "both", method="shortgpt") == 0
     report = json.loads((out / "report.json").read_text())
     (p,) = report["passes"]
     assert p["changes"]["blocks_before"] == 2 and p["changes"]["blocks_after"] == 1
@@ -241,7 +251,7 @@ def test_readme_recipe_is_valid_and_structural_then_masking_runs(tmp_path):
 @pytest.mark.slow
 def test_slicegpt_end_to_end(tmp_path, capsys):
     out = tmp_path / "slice"
-    assert prune(out, "--slicing", "0.25", "--calib-samples", "8", method="slicegpt") == 0
+    assert prune(out, "--slicing", "0.25", "--calib-samples", "8", "--eval-runtime", "both", method="slicegpt") == 0
     assert "tiny-llama | slicegpt (width 64 -> 48) | sparsity 0.0% (none) |" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     (p,) = report["passes"]
@@ -283,7 +293,7 @@ def test_activation_sparsity_on_top_of_two_four_end_to_end(tmp_path, capsys):
     0.1% of PyTorch), the evaluation windows' measured sparsity near the target, and the tables in report.md."""
     out = tmp_path / "run"
     assert prune(out, "--pattern", "2:4", "--activation-sparsity", "0.4", "--calib-samples", "8",
-                 method="sparsegpt") == 0
+                 "--eval-runtime", "both", method="sparsegpt") == 0
     assert "| activations 4" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert [p["name"] for p in report["passes"]] == ["sparsegpt", "activation"]

@@ -67,7 +67,7 @@ def test_fp16_weights_halve_the_file_and_keep_parity(pruned_onnx):
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "out"
     assert main(["-q", "prune", "--model", "tiny-llama", "--method", "magnitude", "--pattern", "2:4", *FAST,
-                 "--quantize-bits", "4", "--fp16", "--out", str(out)]) == 0
+                 "--quantize-bits", "4", "--fp16", "--eval-runtime", "both", "--out", str(out)]) == 0
     return out
 
 
