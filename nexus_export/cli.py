@@ -278,9 +278,9 @@ def _execute(recipe, args: argparse.Namespace) -> int:
     print(headline(report))
     for variant in report["artifacts"]:
         ppl = variant["perplexity"]
-        print(f"  {variant['path']}: {variant['bytes'] / 2**20:.1f} MiB, onnxruntime perplexity "
-              + (f"{ppl:.2f}" if ppl is not None else report["perplexity"]["onnx_eval"]))
-    print(f"artifacts in {args.out}: report.json, report.md, recipe.yaml, tokenizer/")
+        print(f"  {variant['path']}: {variant['bytes'] / 2**20:.1f} MiB, onnxruntime "
+              + (f"perplexity {ppl:.2f}" if ppl is not None else report["perplexity"]["onnx_eval"]))
+    print(f"artifacts in {args.out}: report.html, report.md, report.json, plots/, recipe.yaml, tokenizer/")
     if args.bundle:
         from runtimes.bundle import make_bundle
 

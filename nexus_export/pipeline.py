@@ -37,7 +37,7 @@ from .program import COMPUTE_DTYPE, Program
 from .progress import Progress
 from .recipe import Recipe, dtype_name, output_dtype, run_steps
 from .registry import get_pass, get_runtime
-from .report import render_markdown, write_json
+from .report import write_reports
 from .runner import resolve_device
 from .store import parse_bytes
 from .zoo import LoadedModel, open_model
@@ -196,6 +196,8 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
             targeted = _targeted_layers(program, pass_reports)
             per_layer = program.sparsity(targeted)
             sizes = {n: math.prod(program.store.shape(program.linear(n).weight)) for n in targeted}
+            roles = {n: {"block": program.linear(n).block, "role": program.linear(n).role, "params": sizes[n]}
+                     for n in targeted}
             total = sum(sizes.values())
             overall = sum(per_layer[n] * sizes[n] for n in targeted) / total if total else 0.0
             grids = _quantization_grids(program, recipe)
@@ -251,7 +253,7 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
                 "calibration": recipe.to_dict()["calibration"] if needs_calibration else None,
                 "passes": pass_reports,
                 "sparsity": {"overall": round(overall, 6), "pattern": _pattern_label(pattern, pass_reports),
-                             "per_layer": {n: round(v, 6) for n, v in per_layer.items()}},
+                             "per_layer": {n: round(v, 6) for n, v in per_layer.items()}, "roles": roles},
                 **({"activation_sparsity": activations} if activations is not None else {}),
                 "bos": bos.to_dict(),
                 "perplexity": {"dataset": f"{ev.source} evaluation, {ev.windows} windows x {ev.seq_len} tokens"
@@ -278,8 +280,7 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
                 "peak_rss_mb": round(peak_rss_mb(), 1),
             }
             (tmp / "recipe.yaml").write_text(recipe.to_yaml())
-            write_json(report, tmp / "report.json")
-            (tmp / "report.md").write_text(render_markdown(report))
+            write_reports(report, tmp)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if world.writer:

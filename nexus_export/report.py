@@ -6,6 +6,17 @@ import json
 from pathlib import Path
 
 
+def write_reports(report: dict, folder: Path) -> None:
+    """report.json, the plots (``folder/plots``), report.md and report.html of a run."""
+    from .plots import report_plots
+    from .report_html import render_html
+
+    write_json(report, folder / "report.json")
+    plots = report_plots(report, folder / "plots")
+    (folder / "report.md").write_text(render_markdown(report, plots))
+    (folder / "report.html").write_text(render_html(report, folder / "plots", plots))
+
+
 def write_json(report: dict, path: Path) -> None:
     path.write_text(json.dumps(report, indent=2, default=_plain) + "\n")
 
@@ -47,7 +58,8 @@ def _bos_line(bos: dict) -> str:
             f"{bos['reason']}).")
 
 
-def render_markdown(report: dict) -> str:
+def render_markdown(report: dict, plots: list | None = None) -> str:
+    """The Markdown report; ``plots`` (``plots.Plot``s written under plots/) are linked in a section of their own."""
     ppl = report["perplexity"]
     onnx = report["onnx"]
     summary = onnx["summary"]
@@ -114,6 +126,9 @@ def render_markdown(report: dict) -> str:
     lines += [f"| {row['stage']} | {row['wall_s']:.1f} | {row['peak_rss_mb']:.0f} |" for row in report.get("stages", [])]
     lines += ["", f"Total {report['timings'].get('total_s', 0):.1f} s; peak RSS of the process "
                   f"{report['peak_rss_mb']:.0f} MiB.", ""]
+    if plots:
+        lines += ["## Plots", "The same in one page: report.html.", ""]
+        lines += [f"![{p.title}](plots/{p.file})" for p in plots] + [""]
     return "\n".join(lines)
 
 
