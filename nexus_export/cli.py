@@ -33,9 +33,69 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     prune = sub.add_parser("prune", help="prune a model, lower it to ONNX, evaluate and report")
+    _prune_args(prune, sweep=False)
+    _output_args(prune)
+
+    sweep = sub.add_parser("sweep", help="prune at several sparsities (or removals, slicings): a run folder per "
+                                         "point, a table and a plot")
+    _prune_args(sweep, sweep=True)
+    _output_args(sweep, resume=False)
+
+    compare = sub.add_parser("compare", help="side-by-side table (and plot) of finished run folders")
+    compare.add_argument("run_dirs", nargs="+", help="run folders (written by prune, run or sweep)")
+    compare.add_argument("--out", required=True, help="folder for compare.md, compare.html, compare.json, plots/")
+    compare.add_argument("--force", action="store_true", help="replace a non-empty output folder when done")
+
+    run = sub.add_parser("run", help="run a recipe (YAML)")
+    run.add_argument("recipe", help="recipe YAML file")
+    _output_args(run)
+
+    inspect = sub.add_parser("inspect", help="show blocks, linears with roles, parameter counts")
+    inspect.add_argument("model", help="zoo name or local HF model folder")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    engine = sub.add_parser("build-engine", help="build a TensorRT engine (FP16, 2:4 sparse weights) from an ONNX file")
+    engine.add_argument("onnx", help="path of a .onnx file (e.g. DIR/model.onnx of a 2:4 run)")
+    engine.add_argument("--int8", action="store_true", help="also allow INT8 kernels")
+    engine.add_argument("--no-fp16", action="store_true", help="FP32 only")
+    engine.add_argument("--no-sparse", action="store_true", help="do not enable 2:4 sparse weights")
+    engine.add_argument("--max-batch", type=int, default=8, help="largest batch of the optimization profile (8)")
+    engine.add_argument("--max-seq", type=int, default=512, help="longest sequence of the optimization profile (512)")
+    engine.add_argument("--timing-cache", help="timing cache file to reuse and update")
+    _output_args(engine)
+
+    package = sub.add_parser("package", help="package a finished run folder as a deployment bundle")
+    package.add_argument("run_dir", help="output folder of prune/run (holds report.json and the ONNX model)")
+    package.add_argument("--out", required=True, help="bundle folder (must not exist or be empty)")
+    package.add_argument("--archive", action="store_true", help="also write BUNDLE.tar.gz")
+    package.add_argument("--force", action="store_true", help="replace a non-empty bundle folder")
+
+    verify = sub.add_parser("verify", help="re-check a bundle's hashes and run one forward pass")
+    verify.add_argument("bundle", help="bundle folder")
+
+    check = sub.add_parser("check-onnx", help="per-layer sparsity and N:M validity of an ONNX file")
+    check.add_argument("onnx", help="path of a .onnx file")
+    check.add_argument("--pattern", default="2:4", help="N:M pattern to check (default 2:4; 'none' to skip)")
+    check.add_argument("--tensorrt", action="store_true", help="judge each layer against TensorRT's 2:4 rules")
+    check.add_argument("--strict", action="store_true", help="exit 1 when a targeted layer fails the check")
+    check.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def _prune_args(prune: argparse.ArgumentParser, sweep: bool) -> None:
+    """The options of ``prune``; a sweep takes a list for the setting it varies (--sparsities, --remove, --slicings)."""
     prune.add_argument("--model", required=True, help="zoo name (tiny-llama, smollm2-135m) or local HF model folder")
     prune.add_argument("--method", required=True, help="pruning pass, e.g. magnitude")
-    prune.add_argument("--sparsity", type=float, help="fraction of weights to zero in [0, 1) (default: N/M or 0.5)")
+    if sweep:
+        prune.add_argument("--sparsities", help="masking methods: the sparsities to run, e.g. 0.3,0.5,0.6,0.7")
+        prune.add_argument("--remove", help="shortgpt: the numbers of blocks to remove, e.g. 2,4,7")
+        prune.add_argument("--slicings", help="slicegpt: the slicing fractions, e.g. 0.1,0.2,0.3")
+    else:
+        prune.add_argument("--sparsity", type=float, help="fraction of weights to zero in [0, 1) (default: N/M or "
+                                                          "0.5)")
+        prune.add_argument("--remove", type=int, help="shortgpt: number of blocks (or attention sublayers) to remove")
+        prune.add_argument("--slicing", type=float, help="slicegpt: fraction of the hidden width to slice off, in "
+                                                         "[0, 1) (0.25); 0 = rotate only")
     prune.add_argument("--pattern", help="N:M pattern, N zeros in every M consecutive inputs (e.g. 2:4)")
     prune.add_argument("--schedule", help='JSON per role/block/module, e.g. \'{"layer_0-5": 0.3, "mlp_out": 0.5}\'')
     prune.add_argument("--per-row", action="store_true", help="magnitude, unstructured: same sparsity in every row")
@@ -43,15 +103,12 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--percdamp", type=float, help="sparsegpt: damping as a fraction of mean diag(H) (0.01)")
     prune.add_argument("--true-sequential", action="store_true",
                        help="wanda/sparsegpt: prune attention inputs, attention output, MLP inputs, MLP output in turn")
-    prune.add_argument("--remove", type=int, help="shortgpt: number of blocks (or attention sublayers) to remove")
     prune.add_argument("--remove-ratio", type=float, help="shortgpt: fraction of blocks to remove")
     prune.add_argument("--layers", help="shortgpt: exactly these blocks, e.g. 20,21,22")
     prune.add_argument("--strategy", help="shortgpt: similarity (default), attention, gradient or perplexity")
     prune.add_argument("--rank-windows", type=int,
                        help="shortgpt perplexity: calibration windows the loss is measured on (default 8)")
     prune.add_argument("--iterative", action="store_true", help="shortgpt perplexity: re-rank after each removal")
-    prune.add_argument("--slicing", type=float,
-                       help="slicegpt: fraction of the hidden width to slice off, in [0, 1) (0.25); 0 = rotate only")
     prune.add_argument("--round-to", type=int, help="slicegpt: round the kept width down to a multiple of this (8)")
     prune.add_argument("--activation-sparsity", type=float,
                        help="then zero this fraction of the hidden states entering the linears, by calibrated "
@@ -98,50 +155,15 @@ def _parser() -> argparse.ArgumentParser:
                        help="dtype of the weights in every output (auto: the checkpoint's)")
     prune.add_argument("--memory-budget", default="2GiB",
                        help="weights the run keeps in memory, e.g. 8GiB (edits past it spill to a scratch file)")
-    _output_args(prune)
-
-    run = sub.add_parser("run", help="run a recipe (YAML)")
-    run.add_argument("recipe", help="recipe YAML file")
-    _output_args(run)
-
-    inspect = sub.add_parser("inspect", help="show blocks, linears with roles, parameter counts")
-    inspect.add_argument("model", help="zoo name or local HF model folder")
-    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-    engine = sub.add_parser("build-engine", help="build a TensorRT engine (FP16, 2:4 sparse weights) from an ONNX file")
-    engine.add_argument("onnx", help="path of a .onnx file (e.g. DIR/model.onnx of a 2:4 run)")
-    engine.add_argument("--int8", action="store_true", help="also allow INT8 kernels")
-    engine.add_argument("--no-fp16", action="store_true", help="FP32 only")
-    engine.add_argument("--no-sparse", action="store_true", help="do not enable 2:4 sparse weights")
-    engine.add_argument("--max-batch", type=int, default=8, help="largest batch of the optimization profile (8)")
-    engine.add_argument("--max-seq", type=int, default=512, help="longest sequence of the optimization profile (512)")
-    engine.add_argument("--timing-cache", help="timing cache file to reuse and update")
-    _output_args(engine)
-
-    package = sub.add_parser("package", help="package a finished run folder as a deployment bundle")
-    package.add_argument("run_dir", help="output folder of prune/run (holds report.json and the ONNX model)")
-    package.add_argument("--out", required=True, help="bundle folder (must not exist or be empty)")
-    package.add_argument("--archive", action="store_true", help="also write BUNDLE.tar.gz")
-    package.add_argument("--force", action="store_true", help="replace a non-empty bundle folder")
-
-    verify = sub.add_parser("verify", help="re-check a bundle's hashes and run one forward pass")
-    verify.add_argument("bundle", help="bundle folder")
-
-    check = sub.add_parser("check-onnx", help="per-layer sparsity and N:M validity of an ONNX file")
-    check.add_argument("onnx", help="path of a .onnx file")
-    check.add_argument("--pattern", default="2:4", help="N:M pattern to check (default 2:4; 'none' to skip)")
-    check.add_argument("--tensorrt", action="store_true", help="judge each layer against TensorRT's 2:4 rules")
-    check.add_argument("--strict", action="store_true", help="exit 1 when a targeted layer fails the check")
-    check.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    return parser
 
 
-def _output_args(parser: argparse.ArgumentParser) -> None:
+def _output_args(parser: argparse.ArgumentParser, resume: bool = True) -> None:
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output folder when done")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue an interrupted calibrated run from its last finished block")
-    parser.add_argument("--bundle", help="also package the result as a deployment bundle in this folder")
+    if resume:
+        parser.add_argument("--resume", action="store_true",
+                            help="continue an interrupted calibrated run from its last finished block")
+        parser.add_argument("--bundle", help="also package the result as a deployment bundle in this folder")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()  # only there can signals be handled
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # SIGTERM unwinds like Ctrl-C
     try:
-        commands = {"prune": _prune, "run": _run, "inspect": _inspect, "check-onnx": _check_onnx,
+        commands = {"prune": _prune, "sweep": _sweep, "compare": _compare, "run": _run, "inspect": _inspect, "check-onnx": _check_onnx,
                     "build-engine": _build_engine, "package": _package, "verify": _verify}
         return commands[args.command](args)
     except UserError as exc:
@@ -200,6 +222,11 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _prune(args: argparse.Namespace) -> int:
+    return _execute(_prune_recipe(args), args)
+
+
+def _prune_recipe(args: argparse.Namespace):
+    """The recipe the prune options describe (validated)."""
     from .recipe import Recipe
 
     options = {"sparsity": args.sparsity, "pattern": args.pattern}
@@ -241,7 +268,7 @@ def _prune(args: argparse.Namespace) -> int:
         "bos": args.bos,
         **_quantize_options(args),
     })
-    return _execute(recipe, args)
+    return recipe
 
 
 def _quantize_options(args: argparse.Namespace) -> dict:
@@ -255,6 +282,48 @@ def _quantize_options(args: argparse.Namespace) -> dict:
             raise UserError(f"{flags} set how to quantize, but nothing is quantized: add --quantize-bits 4 (or 8)")
         return {}
     return {"quantize": {"bits": args.quantize_bits, **given}}
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .pipeline import run_recipe
+    from .sweep import plan, run_sweep
+
+    given = [axis for axis in ("sparsities", "remove", "slicings") if getattr(args, axis) is not None]
+    if len(given) != 1:
+        raise UserError("a sweep varies one setting: give exactly one of --sparsities (masking methods), --remove "
+                        "(shortgpt) or --slicings (slicegpt)" + (f"; got {', '.join('--' + g for g in given)}"
+                                                                  if given else ""))
+    axis = given[0]
+
+    def make_recipe(option: str, value):
+        point = argparse.Namespace(**{**vars(args), "sparsity": None, "remove": None, "slicing": None, option: value})
+        return _prune_recipe(point)
+
+    points = plan(axis, getattr(args, axis), make_recipe)
+    summary = run_sweep(points, axis, args.out, args.force, lambda recipe, out: run_recipe(recipe, out))
+    from .compare import load_run, row, text_table
+
+    rows = [row(p["run"], load_run(Path(args.out) / p["run"])) for p in summary["points"] if p["ok"]]
+    print(text_table(rows))
+    failed = [p for p in summary["points"] if not p["ok"]]
+    for p in failed:
+        print(f"{summary['axis']} {p['value']} failed: {p['error']}")
+    print(f"sweep in {args.out}: sweep.html, sweep.md, sweep.json, plots/, a run folder per point")
+    return 1 if failed else 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import load_run, row, text_table, write_comparison
+    from .outdir import check_output_dir, staged_output
+
+    reports = [(str(folder), load_run(folder)) for folder in args.run_dirs]
+    out = check_output_dir(args.out, args.force)
+    rows = [row(name, report) for name, report in reports]
+    with staged_output(out, args.force) as tmp:
+        write_comparison(rows, tmp, f"comparison of {len(rows)} runs")
+    print(text_table(rows))
+    print(f"comparison in {args.out}: compare.html, compare.md, compare.json, plots/")
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:

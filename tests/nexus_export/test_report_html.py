@@ -3,7 +3,6 @@ report data of structural passes."""
 
 import base64
 import json
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -11,42 +10,7 @@ import pytest
 from nexus_export import plots
 from nexus_export.cli import main
 from nexus_export.report import write_reports
-
-VOID = {"meta", "img", "br", "hr", "link", "input"}
-PNG = b"\x89PNG\r\n\x1a\n"
-
-
-class StrictPage(HTMLParser):
-    """Every element closed in order; collects the sources of images and links."""
-
-    def __init__(self):
-        super().__init__(convert_charrefs=True)
-        self.stack, self.images, self.links, self.errors = [], [], [], []
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "img":
-            self.images.append(attrs.get("src", ""))
-        if tag in ("a", "link", "script"):
-            self.links.append(attrs.get("href") or attrs.get("src") or "")
-        if tag not in VOID:
-            self.stack.append(tag)
-
-    def handle_endtag(self, tag):
-        if not self.stack or self.stack[-1] != tag:
-            self.errors.append(f"</{tag}> closes {self.stack[-1:] or 'nothing'}")
-        else:
-            self.stack.pop()
-
-
-def parse(text: str) -> StrictPage:
-    parser = StrictPage()
-    parser.feed(text)
-    parser.close()
-    assert not parser.errors and not parser.stack, (parser.errors, parser.stack)
-    assert text.startswith("<!DOCTYPE html>")
-    return parser
-
+from html_check import PNG, StrictPage, parse
 
 def check_page(folder: Path) -> StrictPage:
     """report.html parses strictly, embeds every plot as a PNG, fetches nothing; report.md's links exist."""
