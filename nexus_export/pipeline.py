@@ -30,6 +30,7 @@ from .errors import UserError
 from .evaluate import program_perplexity
 from .metrics import next_token_nll, perplexity
 from .hf_export import save_hf
+from .model_card import hf_card
 from .memory import RssSampler, current_rss_mb, peak_rss_mb, release
 from .outdir import check_distinct, check_output_dir, staged_output
 from .passbase import PassContext
@@ -281,6 +282,8 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
             }
             (tmp / "recipe.yaml").write_text(recipe.to_yaml())
             write_reports(report, tmp)
+            if recipe.lowering.save_hf:
+                (tmp / "hf" / "README.md").write_text(hf_card(report))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if world.writer:

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from nexus_export.errors import UserError
+from nexus_export.model_card import bundle_card
 from nexus_export.outdir import sha256_file, staged_output
 
 from .onnx_check import open_onnx
@@ -57,6 +58,11 @@ def make_bundle(run_dir: str | Path, bundle_dir: str | Path, archive: bool = Fal
     if not model_path.is_file():
         raise UserError(f"{run_dir} holds no {model_name}: the run did not finish, or files were moved")
     open_onnx(model_path)  # its external data there and whole, before anything is copied
+    try:
+        card = bundle_card(report, model_name)
+    except (KeyError, TypeError) as exc:
+        raise UserError(f"{report_path} lacks {exc} (written by another version, or damaged); run the pruning "
+                        "again") from None
     with staged_output(bundle_dir, force) as tmp:
         for path in sorted(run_dir.glob(model_name + "*")):
             shutil.copy2(path, tmp / path.name)
@@ -64,6 +70,7 @@ def make_bundle(run_dir: str | Path, bundle_dir: str | Path, archive: bool = Fal
             shutil.copytree(run_dir / "tokenizer", tmp / "tokenizer")
         if (run_dir / "recipe.yaml").is_file():
             shutil.copy2(run_dir / "recipe.yaml", tmp / "recipe.yaml")
+        (tmp / "README.md").write_text(card)
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {
             "format": FORMAT,

@@ -206,6 +206,9 @@ def test_shortgpt_end_to_end_with_hugging_face_folder(tmp_path, capsys):
     assert report["perplexity"]["onnx_vs_pytorch_rel"] < 1e-3
     assert report["parity"]["hf_folder_max_abs_diff"] < 1e-5
     assert transformers.AutoConfig.from_pretrained(out / "hf").num_hidden_layers == 1
+    card = (out / "hf" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n") and "- shortgpt" in card
+    assert 'AutoModelForCausalLM.from_pretrained("path/to/this/folder")' in card and "shortgpt:" in card
     md = (out / "report.md").read_text()
     assert "| block | score | removed |" in md
 

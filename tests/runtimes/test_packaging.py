@@ -94,6 +94,10 @@ def test_bundle_verifies_and_catches_a_changed_byte(run_dir, tmp_path, capsys):
     assert manifest["inputs"][0] == {"name": "input_ids", "dtype": "int64", "dims": ["batch", "sequence"]}
     assert set(manifest["sha256"]) >= {"model.q4.onnx", "model.q4.onnx.data", "tokenizer/tokenizer.json"}
     assert {"nexus-export", "torch", "onnx"} <= set(manifest["versions"])
+    card = (bundle / "README.md").read_text()  # the model card, hashed like every other file
+    assert "README.md" in manifest["sha256"] and card.startswith("---\nlibrary_name: onnx\n")
+    assert "# tiny-llama, pruned (magnitude 2:4), ONNX" in card and 'ort.InferenceSession("model.q4.onnx")' in card
+    assert "holds MatMulNBits weights" in card and "| weight sparsity of the pruned layers | 50.0% (2:4) |" in card
     assert main(["verify", str(bundle)]) == 0
     assert "verified" in capsys.readouterr().out
 
