@@ -41,6 +41,7 @@ from .registry import get_pass, get_runtime
 from .report import write_reports
 from .runner import resolve_device
 from .store import parse_bytes
+from .zero_shot import ZeroShot
 from .zoo import LoadedModel, open_model
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,7 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
                 windows = evaluation_windows(loaded.tokenizer, ev.source, ev.windows, ev.seq_len, bos.token_id)
                 cal_windows = calibration_windows(loaded.tokenizer, cal.source, cal.samples, cal.seq_len, cal.seed,
                                                   bos.token_id) if needs_calibration else None
+                tasks = ZeroShot.check(ev, loaded) if ev.tasks else None
             with stage("capture"):
                 program = Program.from_loaded(loaded, store_dtype=dtype, budget=budget, scratch=scratch)
                 program.device = str(device)
@@ -154,6 +156,9 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
                 dense_ppl, tokens, dense_cached = _dense_perplexity(program, windows, ev, device, world)
             log.info("dense perplexity %.3f on %d tokens%s", dense_ppl, tokens,
                      " (from the evaluation cache)" if dense_cached else "")
+            if tasks:
+                with stage("zero_shot_dense"):
+                    tasks.dense(program, windows, ev, device, world)
 
             pass_reports = []
             for i, pass_ in enumerate(passes):
@@ -178,6 +183,9 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
             distributed.shutdown()  # the shared work is done: rank 0 lowers, checks and writes alone
             if not world.writer:
                 return None
+            if tasks and score_pytorch:
+                with stage("zero_shot_pruned"):
+                    tasks.score("pruned", lambda ids, mask: program.logits(ids, mask))
             activations = None
             if any(pass_.sparsifies_activations for pass_ in passes):
                 with stage("activation_sparsity"):
@@ -221,6 +229,8 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
                         onnx_ppl, _ = runtime.perplexity(sess, windows, 1,
                                                          Progress("onnxruntime perplexity", len(windows), "windows"))
                         log.info("onnxruntime perplexity %.3f", onnx_ppl)
+                        if tasks:
+                            tasks.score("onnx", lambda ids, mask: runtime.logits(sess, ids, mask))
                     if ev.latency:
                         latency["onnxruntime_cpu_1x128"] = runtime.latency(sess, 1, 128)
                     del sess
@@ -257,6 +267,7 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
                              "per_layer": {n: round(v, 6) for n, v in per_layer.items()}, "roles": roles},
                 **({"activation_sparsity": activations} if activations is not None else {}),
                 "bos": bos.to_dict(),
+                **({"zero_shot": tasks.to_dict()} if tasks else {}),
                 "perplexity": {"dataset": f"{ev.source} evaluation, {ev.windows} windows x {ev.seq_len} tokens"
                                           + (f" (a BOS token and {ev.seq_len - 1} of text)" if bos.token_id is not None
                                              else ""),

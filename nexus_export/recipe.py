@@ -6,7 +6,8 @@ YAML form::
     passes:
       - magnitude: {sparsity: 0.5, pattern: "2:4"}
     calibration: {source: austen, samples: 64, seq_len: 512, seed: 0}
-    evaluation: {source: austen, windows: 64, seq_len: 512, onnx: auto}
+    evaluation: {source: austen, windows: 64, seq_len: 512, onnx: auto, runtime: pytorch}
+    # evaluation may add lm-eval zero-shot tasks: tasks: [hellaswag, arc_easy], task_limit: 200
     lowering: {opset: 18, external_data: true}
     bos: auto                     # a BOS token at the start of every window: auto, always, never
     quantize: {bits: 4, group_size: 32, method: gptq}     # optional: also write model.q4.onnx (MatMulNBits)
@@ -51,6 +52,9 @@ class EvaluationSettings:
     onnx: str = "auto"  # evaluate the ONNX model in onnxruntime: on, off, auto (off when it would not fit the budget)
     runtime: str = "pytorch"  # which runtime scores the pruned model on every window: pytorch, onnxruntime or both
     cache: bool = True  # reuse the dense perplexity of an earlier run on the same weights and windows
+    tasks: list | None = None  # lm-eval tasks for zero-shot accuracy, e.g. [hellaswag, arc_easy] (the eval extra)
+    task_limit: int | None = None  # examples per lm-eval task (None: every one)
+    task_paths: list | None = None  # folders of local lm-eval task YAML files to add to lm-eval's own
 
 
 @dataclass(frozen=True)
@@ -229,6 +233,10 @@ def _evaluation(data: Any) -> EvaluationSettings:
     if settings.runtime not in EVAL_RUNTIMES:
         raise UserError(f"evaluation.runtime (--eval-runtime) must be one of {', '.join(EVAL_RUNTIMES)}, got "
                         f"{settings.runtime!r}")
+    for key in ("tasks", "task_paths"):
+        values = getattr(settings, key)
+        if values is not None and (not values or not all(isinstance(v, str) and v.strip() for v in values)):
+            raise UserError(f"evaluation.{key} must be a non-empty list of names, got {values!r}")
     if settings.runtime != "pytorch" and settings.onnx == "off":
         raise UserError(f"--eval-runtime {settings.runtime} scores the model in onnxruntime, and --onnx-eval off "
                         "turns onnxruntime off; drop one of them")

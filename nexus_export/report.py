@@ -41,7 +41,7 @@ def headline(report: dict) -> str:
     rel = report["parity"].get("perplexity_rel")
     if ppl.get("onnx") is None and rel is not None:
         onnx = f"onnxruntime within {rel:.2%} on the parity windows"
-    dense = f"{ppl['dense']:.2f}" + (" cached" if ppl.get("dense_from_cache") else "")
+    dense = f"{ppl['dense']:.2f}" + (" (cached)" if ppl.get("dense_from_cache") else "")
     parity = report["parity"]["max_abs_diff"]
     activations = report.get("activation_sparsity")
     acts = f" | activations {activations['sparsity']:.1%} zero" if activations else ""
@@ -89,6 +89,7 @@ def render_markdown(report: dict, plots: list | None = None) -> str:
     for p in report["passes"]:
         lines += _changes(p)
     lines += _activations(report)
+    lines += _zero_shot(report)
     lines += [
         "",
         "## ONNX",
@@ -184,6 +185,30 @@ def _activations(report: dict) -> list[str]:
             evaluation = measured["per_input"].get(name, {}).get("sparsity")
             lines.append(f"| {', '.join(t['linears'])} | {t['block']} | {t['threshold']:.4g} | "
                          f"{t['calibration_sparsity']:.1%} | {_num(evaluation, '.1%')} |")
+    return lines
+
+
+def zero_shot_rows(report: dict) -> list[list[str]]:
+    """[task, metric, dense, pruned (PyTorch), ONNX] rows of the run's lm-eval accuracies ("-" where not run)."""
+    rows = []
+    for task, by in report["zero_shot"]["tasks"].items():
+        for metric in sorted(by.get("dense", {})):
+            rows.append([task, metric] + [_num(by.get(what, {}).get(metric), ".1%") for what in ("dense", "pruned",
+                                                                                                    "onnx")])
+    return rows
+
+
+def _zero_shot(report: dict) -> list[str]:
+    """The lm-eval accuracies of the dense and pruned models."""
+    zs = report.get("zero_shot")
+    if not zs:
+        return []
+    limit = f"the first {zs['limit']} examples of each task" if zs["limit"] else "every example"
+    lines = ["", "## Zero-shot accuracy (lm-eval)",
+             f"Multiple-choice accuracy on {limit}; pruned = {'onnxruntime' if zs['runtime'] == 'onnxruntime' else 'PyTorch'}"
+             + (" (dense from the evaluation cache)" if zs.get("dense_from_cache") else "") + ".", "",
+             "| task | metric | dense | pruned | onnxruntime |", "|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in zero_shot_rows(report)]
     return lines
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from .plots import INSTALL, Plot
-from .report import headline
+from .report import headline, zero_shot_rows
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:0.6em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
@@ -77,6 +77,9 @@ def render_html(report: dict, plots_folder: Path, plots: list[Plot]) -> str:
     parts = [f'<p class="headline">{html.escape(headline(report))}</p>',
              f"<p>Evaluation: {html.escape(ppl['dataset'])}, {ppl['tokens']:,} predicted tokens.</p>",
              "<h2>Results</h2>", table(["", "value"], results)]
+    if report.get("zero_shot"):
+        parts += ["<h2>Zero-shot accuracy (lm-eval)</h2>",
+                  table(["task", "metric", "dense", "pruned", "onnxruntime"], zero_shot_rows(report))]
     parts += plots_section(plots_folder, plots)
     parts += ["<h2>Passes</h2>",
               table(["pass", "wall s", "params before", "params after", "peak RSS MiB"],

@@ -37,6 +37,10 @@ class OnnxRuntimeCPU:
     def perplexity(self, sess, windows: torch.Tensor, batch_size: int = 4, progress=None) -> tuple[float, int]:
         return ort.perplexity(sess, windows, batch_size=batch_size, progress=progress)
 
+    def logits(self, sess, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, seq, vocab] of the ONNX model for ``input_ids`` under ``attention_mask``."""
+        return torch.from_numpy(ort.logits(sess, input_ids, attention_mask))
+
     def parity(self, expected: torch.Tensor, sess, input_ids: torch.Tensor) -> float:
         """max |expected - onnxruntime logits| on ``input_ids`` (``expected``: the program's logits on them)."""
         return parity.max_abs_diff(expected, sess, input_ids, torch.ones_like(input_ids))

@@ -31,6 +31,8 @@ def archs(*names: str) -> list:
 # Dense perplexities cached by one run are read by the next (nexus_export/eval_cache.py): each test process gets a
 # fresh cache, so no result of an earlier session (or earlier code) is ever read.
 os.environ["NEXUS_EXPORT_EVAL_CACHE"] = tempfile.mkdtemp(prefix="nexus-export-eval-cache-")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # lm-eval's local test task reads a JSONL file: never the network
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one process per core (scripts/test.sh runs -n auto): one thread each
     torch.set_num_threads(1)

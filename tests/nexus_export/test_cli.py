@@ -54,7 +54,7 @@ def test_tiny_llama_two_four_end_to_end(tmp_path, capsys):
     assert again["perplexity"]["dense_from_cache"] and again["perplexity"]["dense"] == ppl["dense"]
     assert again["perplexity"]["pruned"] == again["perplexity"]["onnx"]
     assert again["perplexity"]["pruned_runtime"] == "onnxruntime"
-    assert " cached -> pruned " in capsys.readouterr().out
+    assert " (cached) -> pruned " in capsys.readouterr().out
 
 
 @pytest.mark.slow

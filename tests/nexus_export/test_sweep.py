@@ -11,6 +11,7 @@ from nexus_export.cli import main
 from html_check import parse
 
 DATA = Path(__file__).parent / "data"
+TASKS = str(DATA / "zero_shot")
 FAST = ["--calib-samples", "4", "--eval-windows", "2", "--seq-len", "64", "--no-latency"]
 
 
@@ -18,6 +19,7 @@ FAST = ["--calib-samples", "4", "--eval-windows", "2", "--seq-len", "64", "--no-
 def test_a_failed_point_does_not_lose_the_others(tmp_path, capsys):
     out = tmp_path / "sweep"
     assert main(["-q", "sweep", "--model", "tiny-llama", "--method", "shortgpt", "--remove", "1,2", *FAST,
+                 "--eval-tasks", "tiny_choice", "--eval-include", TASKS, "--eval-runtime", "both",
                  "--out", str(out)]) == 1  # removing both blocks of two is refused when the model is read
     stdout = capsys.readouterr().out
     assert "blocks removed 2 failed: UserError: cannot remove 2 of 2 blocks" in stdout
@@ -28,6 +30,10 @@ def test_a_failed_point_does_not_lose_the_others(tmp_path, capsys):
     run = json.loads((out / "remove-1" / "report.json").read_text())
     assert ok["perplexity"] == run["perplexity"]["pruned"] and summary["runs"][0]["method"] == "shortgpt remove 1"
     assert (out / "remove-1" / "report.html").is_file() and (out / "plots" / "sweep.png").is_file()
+    accuracy = run["zero_shot"]["tasks"]["tiny_choice"]  # lm-eval on the dense, pruned and ONNX models
+    assert set(accuracy) == {"dense", "pruned", "onnx"} and accuracy["pruned"] == accuracy["onnx"]
+    assert ok["accuracy"] == accuracy["pruned"]["acc"] and "| tiny_choice | acc |" in (out / "remove-1" /
+                                                                                      "report.md").read_text()
     page = parse((out / "sweep.html").read_text())
     assert len(page.images) == 2 and "failed" in (out / "sweep.md").read_text()
 

@@ -1,0 +1,119 @@
+"""Zero-shot accuracy with lm-evaluation-harness (``lm-eval``, the ``eval`` extra) on any model nexus-export scores.
+
+lm-eval asks a model for the log-likelihood of continuations; ``lm_eval_adapter.LogitsLM`` answers from a logits
+function, so one adapter serves the PyTorch program (block by block, through the weight store) and the ONNX model in
+onnxruntime. Multiple-choice tasks (hellaswag, arc_easy, piqa, ...) work; a task that generates text is refused when
+lm-eval asks for it. Task names are checked against lm-eval's registry before any work, with close names suggested.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import eval_cache
+from .errors import UserError
+from .program import Program
+
+log = logging.getLogger(__name__)
+
+INSTALL = "pip install 'nexus-export[eval]' (lm-eval)"
+LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids [b, t], mask [b, t]) -> logits [b, t, v]
+
+
+def task_manager(include: list[str] | None = None, defaults: bool = True):
+    """lm-eval's task registry (its own tasks unless not ``defaults``), with the YAML task folders in ``include``."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise UserError(f"--eval-tasks needs lm-eval, which is not installed: {INSTALL}") from None
+    for folder in include or []:
+        if not Path(folder).is_dir():
+            raise UserError(f"--eval-include {folder} is not a folder of lm-eval task YAML files")
+    return TaskManager(include_path=list(include) if include else None, include_defaults=defaults)
+
+
+def check_tasks(tasks: list[str], include: list[str] | None = None):
+    """The task manager, once every name in ``tasks`` is known to lm-eval; unknown names are refused with the
+    closest known ones. Tasks all found in ``include`` skip indexing lm-eval's own thousands (seconds)."""
+    if include:
+        local = task_manager(include, defaults=False)
+        if all(name in local.all_tasks for name in tasks):
+            return local
+    manager = task_manager(include)
+    known = set(manager.all_tasks)
+    for name in tasks:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=5, cutoff=0.6)
+            raise UserError(f"lm-eval knows no task {name!r}" + (f"; close names: {', '.join(close)}" if close else
+                                                                  "; list them with `lm-eval ls tasks`"))
+    return manager
+
+
+def evaluate_tasks(logits_fn: LogitsFn, tokenizer, tasks: list[str], manager, limit: int | None, max_length: int,
+                   what: str) -> dict[str, dict[str, float]]:
+    """Accuracy (and normalized accuracy where the task has it) of each task: {task: {"acc": .., "acc_norm": ..}}."""
+    import lm_eval
+
+    from .lm_eval_adapter import LogitsLM
+
+    model = LogitsLM(logits_fn, tokenizer, max_length, what)
+    out = lm_eval.simple_evaluate(model=model, tasks=list(tasks), limit=limit, task_manager=manager,
+                                  bootstrap_iters=0, log_samples=False)
+    scores = {}
+    for task in tasks:
+        metrics = out["results"][task]
+        scores[task] = {name.split(",")[0]: float(value) for name, value in metrics.items()
+                        if name.split(",")[0] in ("acc", "acc_norm") and isinstance(value, (int, float))}
+        log.info("%s %s: %s", what, task, ", ".join(f"{k} {v:.3f}" for k, v in scores[task].items()))
+    return scores
+
+
+class ZeroShot:
+    """The run's lm-eval tasks: checked before any work, scored on the dense model (cached like its perplexity), on
+    the pruned program and on the ONNX model, as the recipe's evaluation runtime says."""
+
+    def __init__(self, ev, loaded, manager):
+        self.ev, self.tokenizer, self.manager = ev, loaded.tokenizer, manager
+        config = getattr(loaded.model, "config", None)
+        self.max_length = min(getattr(config, "max_position_embeddings", None) or 2048, 4096)
+        self.scores: dict[str, dict] = {task: {} for task in ev.tasks}
+        self.dense_from_cache = False
+
+    @classmethod
+    def check(cls, ev, loaded) -> "ZeroShot":
+        return cls(ev, loaded, check_tasks(ev.tasks, ev.task_paths))
+
+    def score(self, what: str, logits_fn) -> dict:
+        result = evaluate_tasks(logits_fn, self.tokenizer, self.ev.tasks, self.manager, self.ev.task_limit,
+                                self.max_length, what)
+        for task, metrics in result.items():
+            self.scores[task][what] = metrics
+        return result
+
+    def dense(self, program: Program, windows: torch.Tensor, ev, device: torch.device, world) -> None:
+        """The dense model's accuracies, from the evaluation cache when an earlier run measured them."""
+        entry = None
+        if ev.cache and not world.active:
+            protocol = f"lm-eval:{','.join(ev.tasks)}:{ev.task_limit}:{','.join(ev.task_paths or [])}"
+            entry = eval_cache.key(program, windows[:1], 1, protocol, str(device))
+            hit = eval_cache.load(entry)
+            if hit is not None:
+                for task, metrics in hit["tasks"].items():
+                    self.scores[task]["dense"] = metrics
+                self.dense_from_cache = True
+                return
+        result = self.score("dense", lambda ids, mask: program.logits(ids, mask))
+        if entry:
+            eval_cache.save(entry, {"tasks": result, "model": program.name})
+
+    def to_dict(self) -> dict:
+        tasks = {}
+        for task, by in self.scores.items():
+            tasks[task] = {**by, "pruned": by.get("pruned", by.get("onnx", {}))}
+        return {"tasks": tasks, "limit": self.ev.task_limit, "runtime": self.ev.runtime,
+                "dense_from_cache": self.dense_from_cache}
