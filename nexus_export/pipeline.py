@@ -1,8 +1,9 @@
 """Pipeline: run a validated recipe end to end and write the artifacts and the report.
 
-open (config + shard headers; weights stay on disk) -> capture (meta) -> dense perplexity -> passes -> pruned
-perplexity (and the logits parity compares with) -> Hugging Face folder -> lower to ONNX (weights streamed from the
-store) -> check the ONNX (zeros, N:M) -> onnxruntime perplexity, parity, latency -> report.json / report.md /
+open (config + shard headers; weights stay on disk) -> capture (meta) -> dense perplexity (and lm-eval accuracy;
+both cached) -> passes -> pruned perplexity (and the logits parity compares with) -> Hugging Face folder -> lower to
+ONNX (weights streamed from the store) -> check the ONNX (zeros, N:M) -> onnxruntime parity, perplexity (every window
+or the parity windows, as --eval-runtime says), latency -> report.json / report.md / report.html / plots /
 recipe.yaml. Every stage runs block by block through the weight store, so memory is one block's weights and the
 activations, whatever the model's size; the store's edits stay in memory within the budget and spill to a scratch
 file beside the output past it. Everything is written to a temporary folder renamed into place only when complete.
@@ -158,7 +159,7 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
                      " (from the evaluation cache)" if dense_cached else "")
             if tasks:
                 with stage("zero_shot_dense"):
-                    tasks.dense(program, windows, ev, device, world)
+                    tasks.dense(program, ev, device, world)
 
             pass_reports = []
             for i, pass_ in enumerate(passes):
@@ -325,7 +326,7 @@ def _parity_perplexities(runtime, sess, expected: torch.Tensor, parity_ids: torc
     stays when onnxruntime does not score every window (--eval-runtime pytorch)."""
     nll, count = next_token_nll(expected, parity_ids)
     pytorch = perplexity(nll, count)
-    onnx, _ = runtime.perplexity(sess, parity_ids, len(parity_ids))
+    onnx, _ = runtime.perplexity(sess, parity_ids, 1)  # a window at a time: no more logits held than parity's
     return {"pytorch_perplexity": pytorch, "onnx_perplexity": onnx, "perplexity_rel": abs(onnx - pytorch) / pytorch}
 
 

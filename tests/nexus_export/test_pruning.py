@@ -1,7 +1,5 @@
 """The Python API: the pruner classes as users write them, on tiny-llama, against the CLI and the passes."""
 
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +9,11 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
+from nexus_export.cli import main
 from nexus_export.data import calibration_windows, evaluation_windows
 from nexus_export.errors import UserError
-from nexus_export.pruning import (CubicSparsityScheduler, DynamicPruner, GPTQQuantizer, NMSparsityPruner, ShortGPTPruner, SparseGPTConfig,
-                                  SliceGPTPruner, SparseGPTPruner, WandaPruner, apply_sparsity, calibration_tensor,
+from nexus_export.pruning import (CubicSparsityScheduler, DynamicPruner, GPTQQuantizer, NMSparsityPruner, SparseGPTConfig,
+                                  SparseGPTPruner, WandaPruner, apply_sparsity, calibration_tensor,
                                   evaluate_perplexity, export_onnx)
 from nexus_export.zoo import load_model
 
@@ -34,55 +33,13 @@ def loader(tokenizer, n=8, seq=64, as_dicts=False):
 
 
 @pytest.mark.slow
-def test_the_snippet_runs_as_written(tiny):
-    model, tok = tiny
-    calibration_dataloader = loader(tok)
-    pruner = SparseGPTPruner(pruning_config=SparseGPTConfig(sparsity=0.5, blocksize=128, percdamp=0.01, uniform=True))
-    metrics = pruner.prune_model(model, calibration_dataloader, nsamples=8)
-    assert f"Sparsity: {metrics['achieved_sparsity']:.2%}" == "Sparsity: 50.00%"
-    assert model.model.layers[0].mlp.down_proj.weight.eq(0).float().mean().item() == pytest.approx(0.5)  # in place
-    assert len(metrics["per_layer_sparsity"]) == 14 and metrics["wall_seconds"] > 0
-    assert metrics["params_before"] == metrics["params_after"] and metrics["report"]["name"] == "sparsegpt"
-
-    model, tok = load_model("tiny-llama").model, tok
-    WandaPruner(sparsity=0.5).prune_model(model, loader(tok, as_dicts=True), nsamples=8)
-    assert model.model.layers[1].self_attn.q_proj.weight.eq(0).float().mean().item() == pytest.approx(0.5)
-
-    model = load_model("tiny-llama").model
-    result = ShortGPTPruner(n_layers_to_remove=1, removal_strategy="similarity").prune_model(model, tokenizer=tok)
-    assert len(model.model.layers) == 2  # structural: the given model is untouched
-    assert result["model"].config.num_hidden_layers == 1 and len(result["report"]["changes"]["removed"]) == 1
-
-    model = load_model("tiny-llama").model
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    ids = calibration_windows(tok, "austen", 2, 32, 1)
-    with torch.no_grad():
-        dense_logits = model(ids).logits
-    result = SliceGPTPruner(slice_ratio=0.25).prune_model(model, loader(tok))
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # structural: input untouched
-    assert set(result["widths"].values()) == {48} and result["params_after"] < result["params_before"]
-    sliced_logits = result["model"](ids, torch.ones_like(ids))
-    assert sliced_logits.shape == dense_logits.shape
-    rotated = SliceGPTPruner(slice_ratio=0.0).prune_model(model, loader(tok))["model"]
-    assert float((rotated(ids, torch.ones_like(ids)) - dense_logits).abs().max()) < 1e-4
-
-    model = load_model("tiny-llama").model
-    NMSparsityPruner(n=2, m=4).prune_model(model, loader(tok))
-    w = model.model.layers[0].mlp.up_proj.weight
-    assert bool(((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) >= 2).all())
-
-
-@pytest.mark.slow
 def test_same_masks_as_the_cli(tiny, tmp_path):
     model, tok = tiny
     SparseGPTPruner(SparseGPTConfig(sparsity=0.5)).prune_model(model, loader(tok, n=8, seq=64), nsamples=8)
     out = tmp_path / "cli"
-    exe = Path(sys.executable).parent / "nexus-export"
-    proc = subprocess.run([str(exe), "-q", "prune", "--model", "tiny-llama", "--method", "sparsegpt", "--sparsity",
-                           "0.5", "--calib-samples", "8", "--seq-len", "64", "--eval-windows", "2", "--no-latency",
-                           "--save-hf", "--out", str(out)], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})  # same sums' order
-    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert main(["-q", "prune", "--model", "tiny-llama", "--method", "sparsegpt", "--sparsity", "0.5",
+                 "--calib-samples", "8", "--seq-len", "64", "--eval-windows", "2", "--no-latency", "--save-hf",
+                 "--out", str(out)]) == 0  # in this process: the same threads, so the same sums' order
     cli = load_file(str(out / "hf" / "model.safetensors"))
     for name, param in model.named_parameters():
         if name.endswith("proj.weight"):
@@ -199,9 +156,15 @@ def test_readme_python_snippet_runs(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)
     assert (tmp_path / "out" / "model.onnx").is_file()
-    assert namespace["metrics"]["achieved_sparsity"] == pytest.approx(0.5)
+    metrics, model = namespace["metrics"], namespace["model"]
+    assert metrics["achieved_sparsity"] == pytest.approx(0.5) and len(metrics["per_layer_sparsity"]) == 14
+    assert metrics["params_before"] == metrics["params_after"] and metrics["report"]["name"] == "sparsegpt"
     assert namespace["short"]["model"].config.num_hidden_layers == 1
+    assert len(model.model.layers) == 2  # structural pruners return a new model: the given one keeps its blocks
     assert set(namespace["sliced"]["widths"].values()) == {48}
+    assert namespace["sliced"]["params_after"] < namespace["sliced"]["params_before"]
+    w = model.model.layers[0].mlp.up_proj.weight  # the masking pruners wrote into the model: 2:4 last
+    assert bool(((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) >= 2).all())
 
 
 def test_dynamic_pruner_and_the_seeds_global_threshold(tiny):

@@ -42,18 +42,17 @@ def test_the_dense_accuracy_is_cached_like_the_dense_perplexity():
     model once); the tasks, limit or weights changing is a new entry."""
     loaded = load_model("tiny-llama")
     program = Program.from_loaded(loaded)
-    windows = torch.ones(1, 8, dtype=torch.long)
     ev = EvaluationSettings(tasks=["tiny_choice"], task_limit=4, task_paths=[TASKS])
     first = ZeroShot.check(ev, loaded)
-    first.dense(program, windows, ev, torch.device("cpu"), distributed.world())
+    first.dense(program, ev, torch.device("cpu"), distributed.world())
     second = ZeroShot.check(ev, loaded)
-    second.dense(program, windows, ev, torch.device("cpu"), distributed.world())
+    second.dense(program, ev, torch.device("cpu"), distributed.world())
     assert not first.dense_from_cache and second.dense_from_cache
     assert second.to_dict()["tasks"]["tiny_choice"]["dense"] == first.to_dict()["tasks"]["tiny_choice"]["dense"]
     assert set(first.scores["tiny_choice"]["dense"]) == {"acc", "acc_norm"}
     other = EvaluationSettings(tasks=["tiny_choice"], task_limit=3, task_paths=[TASKS])
     third = ZeroShot.check(other, loaded)
-    third.dense(program, windows, other, torch.device("cpu"), distributed.world())
+    third.dense(program, other, torch.device("cpu"), distributed.world())
     assert not third.dense_from_cache
 
 
