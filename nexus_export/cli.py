@@ -363,7 +363,7 @@ def _execute(recipe, args: argparse.Namespace) -> int:
     for variant in report["artifacts"]:
         ppl = variant["perplexity"]
         print(f"  {variant['path']}: {variant['bytes'] / 2**20:.1f} MiB, onnxruntime "
-              + (f"perplexity {ppl:.2f}" if ppl is not None else report["perplexity"]["onnx_eval"]))
+              + (f"perplexity {ppl:.2f}" if ppl is not None else f"perplexity: {report['perplexity']['onnx_eval']}"))
     print(f"artifacts in {args.out}: report.html, report.md, report.json, plots/, recipe.yaml, tokenizer/")
     if args.bundle:
         from runtimes.bundle import make_bundle

@@ -19,9 +19,12 @@ BATCH = 16
 class LogitsLM(LM):
     """An lm-eval model over ``logits_fn``: log-likelihoods of continuations, scored ``BATCH`` requests at a time."""
 
-    def __init__(self, logits_fn: LogitsFn, tokenizer, max_length: int, what: str):
+    def __init__(self, logits_fn: LogitsFn, tokenizer, max_length: int, what: str, bos: int | None = None):
+        """``bos``: a token id put before every request (the run's --bos choice), so a model trained with one is
+        scored as it was trained."""
         super().__init__()
         self.logits_fn, self.tokenizer, self.max_length, self.what = logits_fn, tokenizer, max_length, what
+        self.bos = bos
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -34,7 +37,9 @@ class LogitsLM(LM):
             if not context or whole[:len(ctx)] != ctx:  # the boundary merged into one token: encode apart
                 whole = ctx + self._encode(continuation)
             n_cont = max(1, len(whole) - len(ctx))
-            if not ctx:  # an empty context: the continuation is predicted from the end-of-text token
+            if self.bos is not None:
+                whole = [self.bos] + whole
+            elif not ctx:  # an empty context: the continuation is predicted from the end-of-text token
                 whole = [self.tokenizer.eos_token_id or 0] + whole
             pairs.append((whole[-(self.max_length + 1):], n_cont))
         return self._score(pairs)

@@ -137,7 +137,7 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
                 windows = evaluation_windows(loaded.tokenizer, ev.source, ev.windows, ev.seq_len, bos.token_id)
                 cal_windows = calibration_windows(loaded.tokenizer, cal.source, cal.samples, cal.seq_len, cal.seed,
                                                   bos.token_id) if needs_calibration else None
-                tasks = ZeroShot.check(ev, loaded) if ev.tasks else None
+                tasks = ZeroShot.check(ev, loaded, bos.token_id) if ev.tasks else None
             with stage("capture"):
                 program = Program.from_loaded(loaded, store_dtype=dtype, budget=budget, scratch=scratch)
                 program.device = str(device)

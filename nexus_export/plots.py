@@ -80,7 +80,7 @@ def sparsity_heatmap(report: dict, folder: Path) -> Plot | None:
     for (b, role), values in cells.items():
         total = sum(n for _, n in values)
         grid[blocks.index(b), ROLES.index(role)] = sum(v * n for v, n in values) / total
-    fig, ax = _figure(4.8, min(1.2 + 0.22 * len(blocks), 9.0))
+    fig, ax = _figure(4.8, min(1.2 + 0.16 * len(blocks), 8.0))
     image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
     ax.set_xticks(range(len(ROLES)), ROLES)
     step = max(1, len(blocks) // 16)

@@ -40,7 +40,7 @@ def headline(report: dict) -> str:
     onnx = f"onnxruntime {ppl['onnx']:.2f}" if ppl.get("onnx") is not None else "onnxruntime not run"
     rel = report["parity"].get("perplexity_rel")
     if ppl.get("onnx") is None and rel is not None:
-        onnx = f"onnxruntime within {rel:.2%} on the parity windows"
+        onnx = f"onnxruntime within {rel:.1e} relative on the parity windows"
     dense = f"{ppl['dense']:.2f}" + (" (cached)" if ppl.get("dense_from_cache") else "")
     parity = report["parity"]["max_abs_diff"]
     activations = report.get("activation_sparsity")

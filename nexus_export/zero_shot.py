@@ -55,13 +55,13 @@ def check_tasks(tasks: list[str], include: list[str] | None = None):
 
 
 def evaluate_tasks(logits_fn: LogitsFn, tokenizer, tasks: list[str], manager, limit: int | None, max_length: int,
-                   what: str) -> dict[str, dict[str, float]]:
+                   what: str, bos: int | None = None) -> dict[str, dict[str, float]]:
     """Accuracy (and normalized accuracy where the task has it) of each task: {task: {"acc": .., "acc_norm": ..}}."""
     import lm_eval
 
     from .lm_eval_adapter import LogitsLM
 
-    model = LogitsLM(logits_fn, tokenizer, max_length, what)
+    model = LogitsLM(logits_fn, tokenizer, max_length, what, bos)
     out = lm_eval.simple_evaluate(model=model, tasks=list(tasks), limit=limit, task_manager=manager,
                                   bootstrap_iters=0, log_samples=False)
     scores = {}
@@ -77,20 +77,20 @@ class ZeroShot:
     """The run's lm-eval tasks: checked before any work, scored on the dense model (cached like its perplexity), on
     the pruned program and on the ONNX model, as the recipe's evaluation runtime says."""
 
-    def __init__(self, ev, loaded, manager):
-        self.ev, self.tokenizer, self.manager = ev, loaded.tokenizer, manager
+    def __init__(self, ev, loaded, manager, bos: int | None = None):
+        self.ev, self.tokenizer, self.manager, self.bos = ev, loaded.tokenizer, manager, bos
         config = getattr(loaded.model, "config", None)
         self.max_length = min(getattr(config, "max_position_embeddings", None) or 2048, 4096)
         self.scores: dict[str, dict] = {task: {} for task in ev.tasks}
         self.dense_from_cache = False
 
     @classmethod
-    def check(cls, ev, loaded) -> "ZeroShot":
-        return cls(ev, loaded, check_tasks(ev.tasks, ev.task_paths))
+    def check(cls, ev, loaded, bos: int | None = None) -> "ZeroShot":
+        return cls(ev, loaded, check_tasks(ev.tasks, ev.task_paths), bos)
 
     def score(self, what: str, logits_fn) -> dict:
         result = evaluate_tasks(logits_fn, self.tokenizer, self.ev.tasks, self.manager, self.ev.task_limit,
-                                self.max_length, what)
+                                self.max_length, what, self.bos)
         for task, metrics in result.items():
             self.scores[task][what] = metrics
         return result
@@ -99,7 +99,8 @@ class ZeroShot:
         """The dense model's accuracies, from the evaluation cache when an earlier run measured them."""
         entry = None
         if ev.cache and not world.active:
-            protocol = f"lm-eval:{','.join(ev.tasks)}:{ev.task_limit}:{','.join(ev.task_paths or [])}"
+            protocol = (f"lm-eval:{','.join(ev.tasks)}:{ev.task_limit}:{','.join(ev.task_paths or [])}:"
+                        f"bos={self.bos}")
             entry = eval_cache.key(program, torch.zeros(0, 0, dtype=torch.long), 1, protocol, str(device))
             hit = eval_cache.load(entry)
             if hit is not None:

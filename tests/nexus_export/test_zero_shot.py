@@ -36,6 +36,15 @@ def test_the_adapter_scores_what_lm_evals_hugging_face_model_scores():
         assert a == pytest.approx(b, rel=1e-5) and greedy_a == greedy_b
     assert len({round(a, 3) for a, _ in ours}) == len(pairs)  # four different answers, not one repeated
 
+    # with the run's BOS (--bos), every request starts with it, as the evaluation windows do
+    with_bos = LogitsLM(lambda ids, mask: program.logits(ids, mask), loaded.tokenizer, 512, "dense", bos=7)
+    (score, _), = with_bos.loglikelihood(requests[:1])
+    ids = [7] + loaded.tokenizer("Mrs. Bennet had five daughters.", add_special_tokens=False)["input_ids"]
+    n = len(loaded.tokenizer(" daughters.", add_special_tokens=False)["input_ids"])
+    logprobs = torch.log_softmax(program.logits(torch.tensor([ids[:-1]])).double(), -1)[0]
+    expected = sum(float(logprobs[t - 1, ids[t]]) for t in range(len(ids) - n, len(ids)))
+    assert score == pytest.approx(expected, rel=1e-6) and score != pytest.approx(ours[0][0], rel=1e-3)
+
 
 def test_the_dense_accuracy_is_cached_like_the_dense_perplexity():
     """A second run on the same weights reads the dense accuracies from the evaluation cache (a sweep scores the dense
