@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     _output_args(sweep, resume=False)
 
     compare = sub.add_parser("compare", help="side-by-side table (and plot) of finished run folders")
-    compare.add_argument("run_dirs", nargs="+", help="run folders (written by prune, run or sweep)")
+    compare.add_argument("run_dirs", nargs="+", help="run folders written by prune or run; a sweep folder stands for "
+                                                     "its points")
     compare.add_argument("--out", required=True, help="folder for compare.md, compare.html, compare.json, plots/")
     compare.add_argument("--force", action="store_true", help="replace a non-empty output folder when done")
 
@@ -328,10 +329,10 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .compare import load_run, row, text_table, write_comparison
+    from .compare import load_runs, row, text_table, write_comparison
     from .outdir import check_output_dir, staged_output
 
-    reports = [(str(folder), load_run(folder)) for folder in args.run_dirs]
+    reports = load_runs(args.run_dirs)
     out = check_output_dir(args.out, args.force)
     rows = [row(name, report) for name, report in reports]
     with staged_output(out, args.force) as tmp:

@@ -1,7 +1,8 @@
 """Side-by-side comparison of finished runs: one row per run folder, read from its report.json.
 
 ``nexus-export compare RUN_DIR... --out DIR`` prints the table and writes compare.md, compare.html (plot embedded),
-compare.json and plots/compare.png; sweeps write the same table for their points.
+compare.json and plots/compare.png; a sweep folder given stands for its points. Sweeps write the same table for
+their points.
 """
 
 from __future__ import annotations
@@ -35,6 +36,22 @@ def load_run(folder: str | Path) -> dict:
     except (ValueError, KeyError, TypeError):
         raise UserError(f"{path / 'report.json'} is not a nexus-export report (unreadable or missing keys)") from None
     return report
+
+
+def load_runs(folders: list[str | Path]) -> list[tuple[str, dict]]:
+    """(name, report) of every run folder given; a sweep folder stands for the points that finished."""
+    runs = []
+    for folder in folders:
+        sweep = Path(folder) / "sweep.json"
+        if sweep.is_file() and not (Path(folder) / "report.json").is_file():
+            try:
+                points = [p["run"] for p in json.loads(sweep.read_text())["points"] if p["ok"]]
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{sweep} is not a nexus-export sweep summary (unreadable or missing keys)") from None
+            runs += [(f"{folder}/{point}", load_run(Path(folder) / point)) for point in points]
+        else:
+            runs.append((str(folder), load_run(folder)))
+    return runs
 
 
 def method_label(report: dict) -> str:

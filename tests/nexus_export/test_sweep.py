@@ -37,6 +37,11 @@ def test_a_failed_point_does_not_lose_the_others(tmp_path, capsys):
     page = parse((out / "sweep.html").read_text())
     assert len(page.images) == 2 and "failed" in (out / "sweep.md").read_text()
 
+    # compare reads a sweep folder as its finished points, beside a plain run folder
+    assert main(["compare", str(out), str(out / "remove-1"), "--out", str(tmp_path / "cmp")]) == 0
+    rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())["runs"]
+    assert [r["run"] for r in rows] == [f"{out}/remove-1", str(out / "remove-1")]
+
 
 @pytest.mark.parametrize("args, message", [
     (["--method", "wanda", "--sparsities", ""], "--sparsities is empty"),
