@@ -127,6 +127,9 @@ def comparison_plot(rows: list[dict], folder: Path) -> Plot | None:
         left.legend(loc="lower right")
     left.set_yticks(range(len(rows)), names)
     left.invert_yaxis()
+    values = [r["pruned"] for r in rows if r["pruned"]] + dense
+    if values and max(values) > 10 * min(values):  # one run far worse than the others: a log axis shows them all
+        left.set_xscale("log")
     left.set_xlabel("perplexity (lower is better)")
     right.barh(range(len(rows)), [r["deploy_mib"] or 0 for r in rows], color="tab:green")
     right.set_xlabel("deployable file, MiB")

@@ -107,6 +107,9 @@ def sweep_plot(results: list[dict], name: str, folder: Path) -> Plot | None:
     xs = [r["value"] for r in done]
     ax.plot(xs, [r["perplexity"] for r in done], marker="o", color="tab:blue", label="pruned")
     ax.axhline(done[0]["dense"], color="gray", linestyle="--", label=f"dense {done[0]['dense']:.2f}")
+    values = [r["perplexity"] for r in done] + [done[0]["dense"]]
+    if max(values) > 10 * min(values):  # perplexity explodes at high sparsity: a log axis keeps the low end readable
+        ax.set_yscale("log")
     ax.set_xlabel(name)
     ax.set_ylabel("perplexity (lower is better)")
     ax.legend(loc="upper left")
