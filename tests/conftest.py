@@ -107,3 +107,15 @@ def tiny_program(arch: str = "llama", layers: int = 2, random_norms: bool = Fals
 def tiny_program_factory():
     """``tiny_program`` as a fixture, for tests that take one per architecture."""
     return tiny_program
+
+
+# The test files that take longest, first: pytest-xdist (--dist loadfile) hands files to its workers in collection
+# order, so the long ones start at once and the short ones fill in at the end instead of one worker finishing a long
+# file alone. Order only; every test still runs.
+LONG_FIRST = ("test_distributed.py", "test_cli.py", "test_pipeline.py", "test_pruning.py", "test_architectures.py",
+              "test_packaging.py", "test_sweep.py", "test_bos.py", "test_calibration.py", "test_bad_input.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))

@@ -24,8 +24,8 @@ def test_tiny_llama_two_four_end_to_end(tmp_path, capsys):
     assert prune(out, "--sparsity", "0.5", "--pattern", "2:4") == 0
     stdout = capsys.readouterr().out
     assert "tiny-llama | magnitude | sparsity 50.0% (2:4)" in stdout
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data", "recipe.yaml", "report.json",
-                                                     "report.md", "tokenizer"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data", "plots", "recipe.yaml",
+                                                     "report.html", "report.json", "report.md", "tokenizer"]
     report = json.loads((out / "report.json").read_text())
     for key in ("model", "recipe", "passes", "sparsity", "perplexity", "parity", "onnx", "latency"):
         assert key in report
@@ -57,14 +57,15 @@ def test_tiny_llama_two_four_end_to_end(tmp_path, capsys):
     assert " (cached) -> pruned " in capsys.readouterr().out
 
 
-@pytest.mark.slow
-def test_run_recipe_matches_prune(tmp_path, capsys):
+def test_a_recipe_reads_as_prune_writes_it(tmp_path):
+    """`run` takes the recipe `prune` builds from its flags (the README recipe runs end to end below)."""
+    from nexus_export.recipe import Recipe
+
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: tiny-llama\npasses:\n  - magnitude: {pattern: '2:4'}\n"
                       "evaluation: {windows: 2, seq_len: 64, latency: false}\n")
-    assert main(["-q", "run", str(recipe), "--out", str(tmp_path / "o")]) == 0
-    report = json.loads((tmp_path / "o" / "report.json").read_text())
-    assert report["recipe"]["passes"] == [{"magnitude": {"pattern": "2:4", "per_row": False, "uniform": True}}]
+    assert Recipe.from_yaml(recipe).to_dict()["passes"] == [{"magnitude": {"pattern": "2:4", "per_row": False,
+                                                                          "uniform": True}}]
 
 
 def test_inspect_lists_roles(capsys):
@@ -168,21 +169,6 @@ def test_bad_calibrated_input(tmp_path, capsys, method, args, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert list(tmp_path.iterdir()) == []
-
-
-@pytest.mark.slow
-def test_sparsegpt_end_to_end_with_calibration_settings(tmp_path, capsys):
-    out = tmp_path / "sg"
-    assert prune(out, "--pattern", "2:4", "--calib-samples", "4", "--blocksize", "32", "--true-sequential",
-                 method="sparsegpt") == 0
-    report = json.loads((out / "report.json").read_text())
-    assert report["calibration"] == {"source": "austen", "samples": 4, "seq_len": 64, "seed": 0}
-    (p,) = report["passes"]
-    assert p["options"]["blocksize"] == 32 and p["options"]["true_sequential"] is True
-    assert p["changes"]["calibration"] == {"windows": 4, "seq_len": 64, "true_sequential": True}
-    assert p["peak_rss_mb"] > 0 and p["wall_s"] > 0
-    assert report["onnx"]["summary"]["all_nm_valid"]
-    assert not any(x.name.endswith(".checkpoint") for x in tmp_path.iterdir())  # removed once complete
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path, capsys):
@@ -332,11 +318,17 @@ def test_sparsegpt_then_gptq_end_to_end(tmp_path, capsys):
     """The default quantization of a calibrated run is GPTQ: MatMulNBits from the pass's grids, onnxruntime's
     perplexity equal to PyTorch's dequantized one, the 2:4 zeros kept."""
     out = tmp_path / "run"
-    assert prune(out, "--pattern", "2:4", "--calib-samples", "8", "--quantize-bits", "4", "--dtype", "fp32",
-                 method="sparsegpt") == 0
+    assert prune(out, "--pattern", "2:4", "--calib-samples", "4", "--blocksize", "32", "--true-sequential",
+                 "--quantize-bits", "4", "--dtype", "fp32", method="sparsegpt") == 0
     assert "sparsegpt + gptq" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert [p["name"] for p in report["passes"]] == ["sparsegpt", "gptq"]
+    assert report["calibration"] == {"source": "austen", "samples": 4, "seq_len": 64, "seed": 0}
+    sparsegpt = report["passes"][0]
+    assert sparsegpt["options"]["blocksize"] == 32 and sparsegpt["options"]["true_sequential"] is True
+    assert sparsegpt["changes"]["calibration"] == {"windows": 4, "seq_len": 64, "true_sequential": True}
+    assert sparsegpt["peak_rss_mb"] > 0 and sparsegpt["wall_s"] > 0 and report["onnx"]["summary"]["all_nm_valid"]
+    assert not any(x.name.endswith(".checkpoint") for x in tmp_path.iterdir())  # removed once complete
     assert report["recipe"]["quantize"]["method"] == "gptq"
     fp32, int4 = report["artifacts"]
     assert int4["method"] == "gptq" and int4["layers"] == 14 and int4["pruned_zeros_kept"] is True

@@ -32,15 +32,15 @@ def check_page(folder: Path) -> StrictPage:
 @pytest.mark.slow
 def test_a_run_writes_a_valid_self_contained_page(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["-q", "prune", "--model", "tiny-llama", "--method", "sparsegpt", "--pattern", "2:4", "--calib-samples",
-                 "4", "--eval-windows", "2", "--seq-len", "64", "--fp16", "--out", str(out)]) == 0
+    assert main(["-q", "prune", "--model", "tiny-llama", "--method", "magnitude", "--pattern", "2:4",
+                 "--eval-windows", "2", "--seq-len", "64", "--fp16", "--out", str(out)]) == 0
     assert "report.html" in capsys.readouterr().out
     check_page(out)
     assert sorted(p.name for p in (out / "plots").iterdir()) == ["latency.png", "perplexity.png", "sizes.png",
                                                                  "sparsity.png"]
     text = (out / "report.html").read_text()
     report = json.loads((out / "report.json").read_text())
-    assert "tiny-llama | sparsegpt | sparsity 50.0% (2:4)" in text and "sparsegpt:" in text  # headline and recipe
+    assert "tiny-llama | magnitude | sparsity 50.0% (2:4)" in text and "magnitude:" in text  # headline and recipe
     assert f"{report['perplexity']['dense']:.3f}" in text and "model.fp16.onnx" in text
     roles = report["sparsity"]["roles"]
     assert roles["model.layers.1.mlp.down_proj"] == {"block": 1, "role": "mlp_out", "params": 128 * 64}

@@ -113,3 +113,25 @@ def test_fixed_shape_program_is_a_user_error_and_writes_nothing(tmp_path):
     with pytest.raises(UserError, match="opset >= 18"):
         export_graph(exported, 17)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_graph_lowered_before_is_reused_and_its_weights_are_the_new_ones(tmp_path, caplog):
+    """Masking changes weights, not the graph: the second lowering reuses the first one's export and writes the new
+    weights (onnxruntime computes the pruned program's logits); a graph of another shape is exported afresh."""
+    from passes.magnitude import MagnitudePass
+
+    dense = tiny_program("llama")
+    first = lower_to_onnx(dense, tmp_path / "dense" / "model.onnx")
+    pruned = MagnitudePass({"sparsity": 0.5}).run(tiny_program("llama")).program
+    with caplog.at_level("INFO", logger="runtimes.onnx_export"):
+        second = lower_to_onnx(pruned, tmp_path / "pruned" / "model.onnx")
+        third = lower_to_onnx(tiny_program("llama", layers=1), tmp_path / "short" / "model.onnx")
+    reused = [r.message for r in caplog.records if "reused" in r.message]
+    assert len(reused) == 1  # the pruned program's lowering, not the one-block model's
+    assert first.read_bytes() == second.read_bytes()  # the same graph ...
+    assert (tmp_path / "dense" / "model.onnx.data").read_bytes() != (tmp_path / "pruned" / "model.onnx.data").read_bytes()
+    ids = torch.randint(0, 300, (2, 16))
+    assert parity.max_abs_diff(pruned.logits(ids), ort.session(second), ids, torch.ones_like(ids)) < 1e-4
+    assert parity.max_abs_diff(dense.logits(ids), ort.session(first), ids, torch.ones_like(ids)) < 1e-4
+    assert len(onnx.load(str(third), load_external_data=False).graph.node) < len(
+        onnx.load(str(first), load_external_data=False).graph.node)
