@@ -1,4 +1,4 @@
-"""The ``nexus-export`` command line: prune, run, inspect, check-onnx.
+"""The ``nexus-export`` command line: prune, sweep, compare, run, inspect, check-onnx, package, verify, build-engine.
 
 Bad input ends with one line on stderr and exit code 2, and no output folder left behind.
 """
@@ -14,7 +14,12 @@ import threading
 import traceback
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
 
 log = logging.getLogger("nexus_export.cli")
 
@@ -185,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()  # only there can signals be handled
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # SIGTERM unwinds like Ctrl-C
     try:
-        commands = {"prune": _prune, "sweep": _sweep, "compare": _compare, "run": _run, "inspect": _inspect, "check-onnx": _check_onnx,
-                    "build-engine": _build_engine, "package": _package, "verify": _verify}
+        commands = {"prune": _prune, "sweep": _sweep, "compare": _compare, "run": _run, "inspect": _inspect,
+                    "check-onnx": _check_onnx, "build-engine": _build_engine, "package": _package, "verify": _verify}
         return commands[args.command](args)
     except UserError as exc:
         print(f"nexus-export: error: {_rank_prefix()}{_one_line(exc)}", file=sys.stderr)
@@ -230,7 +235,7 @@ def _prune(args: argparse.Namespace) -> int:
     return _execute(_prune_recipe(args), args)
 
 
-def _prune_recipe(args: argparse.Namespace):
+def _prune_recipe(args: argparse.Namespace) -> "Recipe":
     """The recipe the prune options describe (validated)."""
     from .recipe import Recipe
 
@@ -301,9 +306,13 @@ def _quantize_options(args: argparse.Namespace) -> dict:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from .distributed import launched
     from .pipeline import run_recipe
     from .sweep import plan, run_sweep
 
+    if launched():
+        raise UserError("a sweep runs in one process: launch `nexus-export sweep` without torchrun (or run each point "
+                        "with `torchrun ... nexus-export prune`)")
     given = [axis for axis in ("sparsities", "remove", "slicings") if getattr(args, axis) is not None]
     if len(given) != 1:
         raise UserError("a sweep varies one setting: give exactly one of --sparsities (masking methods), --remove "

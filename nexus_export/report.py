@@ -6,6 +6,9 @@ import json
 from pathlib import Path
 
 
+CACHED = " (from the evaluation cache)"
+
+
 def write_reports(report: dict, folder: Path) -> None:
     """report.json, the plots (``folder/plots``), report.md and report.html of a run."""
     from .plots import report_plots
@@ -73,7 +76,7 @@ def render_markdown(report: dict, plots: list | None = None) -> str:
         *([_bos_line(report["bos"]), ""] if report.get("bos") else [""]),
         "| | perplexity |",
         "|---|---|",
-        f"| dense (PyTorch) | {ppl['dense']:.3f}{' (from the evaluation cache)' if ppl.get('dense_from_cache') else ''} |",
+        f"| dense (PyTorch) | {ppl['dense']:.3f}{CACHED if ppl.get('dense_from_cache') else ''} |",
         f"| pruned (PyTorch) | {ppl['pruned']:.3f} |" if ppl.get("pruned_runtime", "pytorch") == "pytorch" else
         "| pruned (PyTorch) | not run (--eval-runtime onnxruntime) |",
         f"| pruned (onnxruntime) | {_num(ppl['onnx'], '.3f', ppl.get('onnx_eval', ''))} |",
@@ -205,7 +208,8 @@ def _zero_shot(report: dict) -> list[str]:
         return []
     limit = f"the first {zs['limit']} examples of each task" if zs["limit"] else "every example"
     lines = ["", "## Zero-shot accuracy (lm-eval)",
-             f"Multiple-choice accuracy on {limit}; pruned = {'onnxruntime' if zs['runtime'] == 'onnxruntime' else 'PyTorch'}"
+             f"Multiple-choice accuracy on {limit}; pruned = "
+             f"{'onnxruntime' if zs['runtime'] == 'onnxruntime' else 'PyTorch'}"
              + (" (dense from the evaluation cache)" if zs.get("dense_from_cache") else "") + ".", "",
              "| task | metric | dense | pruned | onnxruntime |", "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in zero_shot_rows(report)]

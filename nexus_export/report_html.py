@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from .plots import INSTALL, Plot
-from .report import headline, zero_shot_rows
+from .report import CACHED, headline, zero_shot_rows
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:0.6em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
@@ -59,14 +59,13 @@ def render_html(report: dict, plots_folder: Path, plots: list[Plot]) -> str:
     """The run's page."""
     ppl, parity = report["perplexity"], report["parity"]
     results = [
-        ["dense (PyTorch)", _fmt(ppl["dense"], ".3f") + (" (from the evaluation cache)" if ppl.get("dense_from_cache")
-                                                          else "")],
+        ["dense (PyTorch)", _fmt(ppl["dense"], ".3f") + (CACHED if ppl.get("dense_from_cache") else "")],
         ["pruned (" + ("PyTorch" if ppl.get("pruned_runtime", "pytorch") == "pytorch" else "onnxruntime") + ")",
          _fmt(ppl["pruned"], ".3f")],
         ["pruned (onnxruntime, every window)", _fmt(ppl.get("onnx"), ".3f") or ppl.get("onnx_eval")],
     ]
     if parity.get("perplexity_rel") is not None:
-        results.append([f"parity windows: PyTorch / onnxruntime", f"{parity['pytorch_perplexity']:.3f} / "
+        results.append(["parity windows: PyTorch / onnxruntime", f"{parity['pytorch_perplexity']:.3f} / "
                                                                   f"{parity['onnx_perplexity']:.3f}"])
     results += [["max |logits diff| PyTorch vs onnxruntime", _fmt(parity.get("max_abs_diff"), ".2e")],
                 ["weight sparsity of the targeted layers", f"{report['sparsity']['overall']:.1%} "

@@ -1,5 +1,6 @@
 """Sweeps: one method at several settings (sparsities, blocks removed, slicings), one run folder per point, then a
-table (sweep.md, sweep.html, sweep.json) and a plot of perplexity (and zero-shot accuracy when the runs measured it) against the setting.
+table (sweep.md, sweep.html, sweep.json) and a plot of perplexity (and zero-shot accuracy when the runs measured it)
+against the setting.
 
 Every point's recipe is built and validated before the first one runs, so bad input stops the sweep before any
 work. A point that fails is recorded with its error; the others are kept. The dense evaluation is computed once:

@@ -43,6 +43,13 @@ def test_a_failed_point_does_not_lose_the_others(tmp_path, capsys):
     assert [r["run"] for r in rows] == [f"{out}/remove-1", str(out / "remove-1")]
 
 
+def test_a_sweep_under_torchrun_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["sweep", "--model", "tiny-llama", "--method", "wanda", "--sparsities", "0.3", "--out",
+                 str(tmp_path / "out")]) == 2
+    assert "a sweep runs in one process" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("args, message", [
     (["--method", "wanda", "--sparsities", ""], "--sparsities is empty"),
     (["--method", "wanda", "--sparsities", "0.3,,0.5"], "'' is not a number"),

@@ -31,7 +31,8 @@ def test_the_adapter_scores_what_lm_evals_hugging_face_model_scores():
              ("", "Hello there"), ("It is a truth universally acknowledged", ",")]
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
     ours = LogitsLM(lambda ids, mask: program.logits(ids, mask), loaded.tokenizer, 512, "dense").loglikelihood(requests)
-    theirs = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=1, device="cpu").loglikelihood(requests)
+    hflm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=1, device="cpu")
+    theirs = hflm.loglikelihood(requests)
     for (a, greedy_a), (b, greedy_b) in zip(ours, theirs):
         assert a == pytest.approx(b, rel=1e-5) and greedy_a == greedy_b
     assert len({round(a, 3) for a, _ in ours}) == len(pairs)  # four different answers, not one repeated
