@@ -159,7 +159,7 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
                      " (from the evaluation cache)" if dense_cached else "")
             if tasks:
                 with stage("zero_shot_dense"):
-                    tasks.dense(program, ev, device, world)
+                    tasks.dense(program, device, world)
 
             pass_reports = []
             for i, pass_ in enumerate(passes):

@@ -95,9 +95,9 @@ class ZeroShot:
             self.scores[task][what] = metrics
         return result
 
-    def dense(self, program: Program, ev, device: torch.device, world) -> None:
+    def dense(self, program: Program, device: torch.device, world) -> None:
         """The dense model's accuracies, from the evaluation cache when an earlier run measured them."""
-        entry = None
+        ev, entry = self.ev, None
         if ev.cache and not world.active:
             protocol = (f"lm-eval:{','.join(ev.tasks)}:{ev.task_limit}:{','.join(ev.task_paths or [])}:"
                         f"bos={self.bos}")

@@ -54,15 +54,15 @@ def test_the_dense_accuracy_is_cached_like_the_dense_perplexity():
     program = Program.from_loaded(loaded)
     ev = EvaluationSettings(tasks=["tiny_choice"], task_limit=4, task_paths=[TASKS])
     first = ZeroShot.check(ev, loaded)
-    first.dense(program, ev, torch.device("cpu"), distributed.world())
+    first.dense(program, torch.device("cpu"), distributed.world())
     second = ZeroShot.check(ev, loaded)
-    second.dense(program, ev, torch.device("cpu"), distributed.world())
+    second.dense(program, torch.device("cpu"), distributed.world())
     assert not first.dense_from_cache and second.dense_from_cache
     assert second.to_dict()["tasks"]["tiny_choice"]["dense"] == first.to_dict()["tasks"]["tiny_choice"]["dense"]
     assert set(first.scores["tiny_choice"]["dense"]) == {"acc", "acc_norm"}
     other = EvaluationSettings(tasks=["tiny_choice"], task_limit=3, task_paths=[TASKS])
     third = ZeroShot.check(other, loaded)
-    third.dense(program, other, torch.device("cpu"), distributed.world())
+    third.dense(program, torch.device("cpu"), distributed.world())
     assert not third.dense_from_cache
 
 
