@@ -81,7 +81,7 @@ def main() -> None:
         print(f"| {r['layout']} | {r['pass_s']:.1f} | {', '.join(f'{v:.1f}' for v in r['rank_pass_s'])} | "
               f"{r['pass_s'] / base['pass_s']:.2f}x | {r['pruned']:.3f} | "
               f"{(r['pruned'] - base['pruned']) / base['pruned']:+.4%} | {r['total_s']:.0f} | "
-              f"{r['peak_rss_mib_outside']:.0f} |")
+              f"{r['peak_rss_mib_outside'] or 0:.0f} |")
 
 
 if __name__ == "__main__":

@@ -33,9 +33,9 @@ def run_demo(out: Path, cache: Path, extra: list[str]) -> dict:
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"the demo failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
     report = json.loads((out / "report.json").read_text())
-    return {"wall_s": wall, "outside_peak_mib": peak_kb / 1024, "report": report}
+    return {"wall_s": wall, "outside_peak_mib": int(peak.group(1)) / 1024 if peak else float("nan"), "report": report}
 
 
 def main() -> None:
@@ -64,9 +64,10 @@ def main() -> None:
         print(f"| {stage} | {' | '.join(cells)} |")
     first, second = runs["first"]["report"], runs["second"]["report"]
     print()
+    rel = [r["parity"].get("perplexity_rel") for r in (first, second)]
     print(f"perplexity: dense {first['perplexity']['dense']:.3f} / {second['perplexity']['dense']:.3f} (cached), "
           f"pruned {first['perplexity']['pruned']:.3f} / {second['perplexity']['pruned']:.3f}; onnxruntime on the "
-          f"parity windows within {first['parity']['perplexity_rel']:.4%} / {second['parity']['perplexity_rel']:.4%}")
+          f"parity windows within " + " / ".join("not run" if v is None else f"{v:.2e}" for v in rel) + " relative")
 
 
 if __name__ == "__main__":

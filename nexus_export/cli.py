@@ -151,9 +151,9 @@ def _prune_args(prune: argparse.ArgumentParser, sweep: bool) -> None:
     prune.add_argument("--no-latency", action="store_true", help="skip the onnxruntime latency measurement")
     prune.add_argument("--onnx-eval", choices=("auto", "on", "off"), default="auto",
                        help="evaluate the ONNX model in onnxruntime (auto: when it fits the memory budget)")
-    prune.add_argument("--eval-runtime", choices=("pytorch", "onnxruntime", "both"), default="pytorch",
-                       help="which runtime scores the pruned model on every window (default pytorch; onnxruntime "
-                            "then checks logits and perplexity on a few parity windows)")
+    prune.add_argument("--eval-runtime", default="pytorch",
+                       help="pytorch, onnxruntime or both: which runtime scores the pruned model on every window "
+                            "(default pytorch; onnxruntime then checks logits and perplexity on a few parity windows)")
     prune.add_argument("--eval-tasks", help="lm-eval tasks for zero-shot accuracy of the dense and pruned model, e.g. "
                                             "hellaswag,arc_easy (needs the eval extra)")
     prune.add_argument("--eval-limit", type=int, help="examples per lm-eval task (default: all)")
@@ -272,7 +272,7 @@ def _prune_recipe(args: argparse.Namespace) -> "Recipe":
                         "seed": args.calib_seed},
         "evaluation": {"source": args.eval_source, "windows": args.eval_windows, "seq_len": args.seq_len,
                        "latency": not args.no_latency, "onnx": args.onnx_eval, "runtime": args.eval_runtime,
-                       "cache": not args.no_eval_cache, "tasks": _names(args.eval_tasks, "--eval-tasks"),
+                       "cache": not args.no_eval_cache, "tasks": _task_names(args.eval_tasks),
                        "task_limit": args.eval_limit, "task_paths": [args.eval_include] if args.eval_include else None},
         "execution": {"device": args.device, "dtype": args.dtype, "memory_budget": args.memory_budget},
         "lowering": {"save_hf": args.save_hf, "precision": "fp16" if args.fp16 else "fp32"},
@@ -282,14 +282,10 @@ def _prune_recipe(args: argparse.Namespace) -> "Recipe":
     return recipe
 
 
-def _names(text: str | None, flag: str) -> list[str] | None:
-    """``a,b`` -> ["a", "b"]; an empty entry is refused."""
-    if text is None:
-        return None
-    names = [n.strip() for n in text.split(",")]
-    if not all(names):
-        raise UserError(f"{flag} {text!r} has an empty name; e.g. {flag} hellaswag,arc_easy")
-    return names
+def _task_names(text: str | None) -> list[str] | None:
+    from .sweep import parse_values
+
+    return None if text is None else parse_values(text, "eval-tasks", str)
 
 
 def _quantize_options(args: argparse.Namespace) -> dict:

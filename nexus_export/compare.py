@@ -13,7 +13,8 @@ import logging
 from pathlib import Path
 
 from .errors import UserError
-from .plots import Plot, available
+from .plots import Plot, available, figure, save
+from .report import num
 from .report_html import page, plots_section, table
 
 log = logging.getLogger(__name__)
@@ -87,22 +88,21 @@ def row(name: str, report: dict) -> dict:
             "peak_mib": report.get("peak_rss_mb")}
 
 
-def _cells(r: dict) -> list:
-    f = lambda v, spec: None if v is None else format(v, spec)  # noqa: E731
-    return [r["run"], r["method"], f"{r['sparsity']:.1%} ({r['pattern']})", f(r["params"], ","),
-            f(r["deploy_mib"], ".1f"), f(r["dense"], ".3f"), f(r["pruned"], ".3f"), f(r["onnx"], ".3f"),
-            f(r["accuracy"], ".1%"), f(r["time_s"], ".1f"), f(r["peak_mib"], ".0f")]
+def _cells(r: dict) -> list[str]:
+    return [r["run"], r["method"], f"{r['sparsity']:.1%} ({r['pattern']})", num(r["params"], ","),
+            num(r["deploy_mib"], ".1f"), num(r["dense"], ".3f"), num(r["pruned"], ".3f"), num(r["onnx"], ".3f"),
+            num(r["accuracy"], ".1%"), num(r["time_s"], ".1f"), num(r["peak_mib"], ".0f")]
 
 
 def markdown_table(rows: list[dict]) -> list[str]:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join("-" if c is None else str(c) for c in _cells(r)) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
     return lines
 
 
 def text_table(rows: list[dict]) -> str:
     """The table as aligned plain text, for the terminal."""
-    cells = [list(COLUMNS)] + [["-" if c is None else str(c) for c in _cells(r)] for r in rows]
+    cells = [list(COLUMNS)] + [_cells(r) for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
 
@@ -115,10 +115,7 @@ def comparison_plot(rows: list[dict], folder: Path) -> Plot | None:
     """Perplexity of each run (pruned, with the dense model as a line), and the deployable file's size."""
     if not available()[0] or not rows:
         return None
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8.0, 1.4 + 0.45 * len(rows)), dpi=90, layout="constrained")
-    left, right = fig.subplots(1, 2, sharey=True)
+    fig, (left, right) = figure(8.0, 1.4 + 0.45 * len(rows), columns=2)
     names = [r["run"] for r in rows]
     left.barh(range(len(rows)), [r["pruned"] or 0 for r in rows], color="tab:blue")
     dense = [r["dense"] for r in rows if r["dense"] is not None]
@@ -133,9 +130,7 @@ def comparison_plot(rows: list[dict], folder: Path) -> Plot | None:
     left.set_xlabel("perplexity (lower is better)")
     right.barh(range(len(rows)), [r["deploy_mib"] or 0 for r in rows], color="tab:green")
     right.set_xlabel("deployable file, MiB")
-    folder.mkdir(parents=True, exist_ok=True)
-    fig.savefig(folder / "compare.png", dpi=90)
-    return Plot("Perplexity and size of each run", "compare.png")
+    return save(fig, folder, "compare.png", "Perplexity and size of each run")
 
 
 def write_comparison(rows: list[dict], folder: Path, title: str, stem: str = "compare",

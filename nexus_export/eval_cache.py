@@ -1,9 +1,10 @@
 """A cache of dense perplexities, so that a second run on the same model and windows does not evaluate it again.
 
-The key is (the model's weights, the evaluation protocol, the runtime): every weight's identity (its place in the
-checkpoint and the file's size and modification time; the whole content's hash for weights held in memory), the
-exact token windows (source, count, length and BOS are all in them), the batch size, the compute dtype, the device
-type, and the versions of torch and nexus-export. Entries are small JSON files under
+The key is (the model, the evaluation protocol): every weight's identity (its place in the checkpoint and the file's
+size and modification time; the whole content's hash for weights held in memory), the captured graph's code (a
+config change such as a rope or norm setting changes it), the exact token windows (source, count, length and BOS are
+all in them), what the caller adds (runtime, batch size, tasks), the compute dtype, the device type, and the versions
+of torch, transformers and nexus-export. Entries are small JSON files under
 ``$NEXUS_EXPORT_EVAL_CACHE`` (default ``$NEXUS_EXPORT_CACHE/evaluations``), written atomically.
 """
 
@@ -16,6 +17,7 @@ import os
 from pathlib import Path
 
 import torch
+import transformers
 
 from . import __version__
 from .program import COMPUTE_DTYPE, Program
@@ -40,13 +42,17 @@ def weights_fingerprint(program: Program) -> str:
     return digest.hexdigest()
 
 
-def key(program: Program, windows: torch.Tensor, batch_size: int, runtime: str, device: str) -> str:
-    """The cache key of one dense evaluation."""
+def key(program: Program, parts: list, device: str, windows: torch.Tensor | None = None) -> str:
+    """The cache key of one dense evaluation: ``parts`` (JSON-able: the runtime and its settings), on ``windows`` if
+    the evaluation reads them."""
     digest = hashlib.sha256()
-    protocol = [PROTOCOL, runtime, batch_size, str(COMPUTE_DTYPE), torch.device(device).type, torch.__version__,
-                __version__, list(windows.shape)]
-    digest.update(json.dumps(protocol).encode())
-    digest.update(windows.numpy().tobytes())
+    protocol = [PROTOCOL, parts, str(COMPUTE_DTYPE), torch.device(device).type, torch.__version__,
+                transformers.__version__, __version__]
+    digest.update(json.dumps(protocol, default=str).encode())
+    digest.update(program.exported.graph_module.code.encode())
+    if windows is not None:
+        digest.update(json.dumps(list(windows.shape)).encode())
+        digest.update(windows.numpy().tobytes())
     digest.update(weights_fingerprint(program).encode())
     return digest.hexdigest()[:40]
 

@@ -57,12 +57,12 @@ class LogitsLM(LM):
             for row, x in enumerate(inputs):
                 ids[row, :len(x)] = torch.tensor(x)
                 mask[row, :len(x)] = 1
-            logprobs = torch.log_softmax(torch.as_tensor(self.logits_fn(ids, mask)).double(), dim=-1)
+            logits = torch.as_tensor(self.logits_fn(ids, mask))
             for row, i in enumerate(chunk):
                 tokens, n_cont = pairs[i]
                 targets = torch.tensor(tokens[-n_cont:])
                 positions = torch.arange(len(tokens) - 1 - n_cont, len(tokens) - 1)
-                picked = logprobs[row, positions]
+                picked = torch.log_softmax(logits[row, positions].double(), dim=-1)  # the continuation's rows only
                 results[i] = (float(picked.gather(1, targets[:, None]).sum()),
                               bool((picked.argmax(-1) == targets).all()))
             progress.update(min(start + BATCH, len(order)))

@@ -31,7 +31,7 @@ def _results(report: dict) -> list[str]:
     ppl, sparsity = report["perplexity"], report["sparsity"]
     rows = [("dense perplexity (PyTorch)", f"{ppl['dense']:.3f}"),
             (f"pruned perplexity ({ppl.get('pruned_runtime', 'pytorch')})", f"{ppl['pruned']:.3f}")]
-    if ppl.get("onnx") is not None:
+    if ppl.get("onnx") is not None and ppl.get("pruned_runtime", "pytorch") == "pytorch":  # else the row above
         rows.append(("pruned perplexity (onnxruntime)", f"{ppl['onnx']:.3f}"))
     for a in report.get("artifacts", [])[1:]:
         if a.get("perplexity") is not None:

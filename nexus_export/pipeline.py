@@ -224,8 +224,7 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
             if onnx_eval:
                 with stage("onnxruntime"):
                     sess = runtime.session(artifact)
-                    parity = runtime.parity(expected, sess, parity_ids)
-                    parity_ppl = _parity_perplexities(runtime, sess, expected, parity_ids)
+                    parity, parity_ppl = _parity(runtime, sess, expected, parity_ids)
                     if ev.runtime != "pytorch":
                         onnx_ppl, _ = runtime.perplexity(sess, windows, 1,
                                                          Progress("onnxruntime perplexity", len(windows), "windows"))
@@ -238,6 +237,7 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
                 artifacts[0]["perplexity"] = onnx_ppl
             if pruned_ppl is None:
                 pruned_ppl = onnx_ppl  # --eval-runtime onnxruntime: the ONNX model is the pruned model's only score
+            pruned_runtime = "pytorch" if score_pytorch else "onnxruntime"
             for variant in runtime.variants(artifact, recipe, set(targeted), grids):
                 variant["perplexity"] = variant["parity_max_abs_diff"] = None
                 if onnx_eval:
@@ -268,16 +268,14 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
                              "per_layer": {n: round(v, 6) for n, v in per_layer.items()}, "roles": roles},
                 **({"activation_sparsity": activations} if activations is not None else {}),
                 "bos": bos.to_dict(),
-                **({"zero_shot": tasks.to_dict()} if tasks else {}),
+                **({"zero_shot": tasks.to_dict(pruned_runtime)} if tasks else {}),
                 "perplexity": {"dataset": f"{ev.source} evaluation, {ev.windows} windows x {ev.seq_len} tokens"
                                           + (f" (a BOS token and {ev.seq_len - 1} of text)" if bos.token_id is not None
                                              else ""),
                                "tokens": tokens, "dense": dense_ppl, "dense_from_cache": dense_cached,
-                               "pruned": pruned_ppl, "pruned_runtime": "pytorch" if score_pytorch else "onnxruntime",
-                               "onnx": onnx_ppl,
+                               "pruned": pruned_ppl, "pruned_runtime": pruned_runtime, "onnx": onnx_ppl,
                                "onnx_vs_pytorch_rel": (abs(onnx_ppl - pruned_ppl) / pruned_ppl
                                                        if onnx_ppl is not None and score_pytorch else None),
-                               "runtime": ev.runtime,
                                "onnx_eval": _onnx_eval_note(onnx_eval, onnx_eval_why, ev.runtime)},
                 "parity": {"max_abs_diff": parity, "inputs": f"{PARITY_WINDOWS} evaluation windows x "
                                                              f"{parity_ids.shape[1]} tokens", **parity_ppl,
@@ -310,7 +308,7 @@ def _dense_perplexity(program: Program, windows: torch.Tensor, ev, device: torch
     the same weights and windows (and then whether it came from there). A distributed run always measures it: its
     processes need not share a disk."""
     use_cache = ev.cache and not world.active
-    entry = eval_cache.key(program, windows, ev.batch_size, "pytorch", str(device)) if use_cache else None
+    entry = eval_cache.key(program, ["pytorch perplexity", ev.batch_size], str(device), windows) if use_cache else None
     hit = eval_cache.load(entry) if entry else None
     if hit is not None:
         return hit["perplexity"], hit["tokens"], True
@@ -321,13 +319,18 @@ def _dense_perplexity(program: Program, windows: torch.Tensor, ev, device: torch
     return ppl, tokens, False
 
 
-def _parity_perplexities(runtime, sess, expected: torch.Tensor, parity_ids: torch.Tensor) -> dict:
-    """PyTorch's and onnxruntime's perplexity on the parity windows, and their relative difference: the check that
-    stays when onnxruntime does not score every window (--eval-runtime pytorch)."""
-    nll, count = next_token_nll(expected, parity_ids)
-    pytorch = perplexity(nll, count)
-    onnx, _ = runtime.perplexity(sess, parity_ids, 1)  # a window at a time: no more logits held than parity's
-    return {"pytorch_perplexity": pytorch, "onnx_perplexity": onnx, "perplexity_rel": abs(onnx - pytorch) / pytorch}
+def _parity(runtime, sess, expected: torch.Tensor, parity_ids: torch.Tensor) -> tuple[float, dict]:
+    """From one onnxruntime call on the parity windows: max |logits difference| against the program's ``expected``
+    logits, and both runtimes' perplexity there with their relative difference (the check that stays when onnxruntime
+    does not score every window, --eval-runtime pytorch)."""
+    actual = runtime.logits(sess, parity_ids, torch.ones_like(parity_ids))
+    if actual.shape != expected.shape:
+        raise ValueError(f"logit shapes differ: program {tuple(expected.shape)}, onnxruntime {tuple(actual.shape)}")
+    diff = float((expected.double() - actual.double()).abs().max())
+    log.info("parity on %s: max abs diff %.3g", tuple(parity_ids.shape), diff)
+    pytorch, onnx = (perplexity(*next_token_nll(logits, parity_ids)) for logits in (expected, actual))
+    return diff, {"pytorch_perplexity": pytorch, "onnx_perplexity": onnx,
+                  "perplexity_rel": abs(onnx - pytorch) / pytorch}
 
 
 def _onnx_eval_note(ran: bool, why: str, runtime: str) -> str:

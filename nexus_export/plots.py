@@ -12,9 +12,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from .structure import ROLES as STRUCTURE_ROLES
+
 log = logging.getLogger(__name__)
 
-ROLES = ("attn_in", "attn_out", "mlp_in", "mlp_out")
+ROLES = tuple(role for role in STRUCTURE_ROLES if role != "lm_head")  # the roles inside the blocks
 DPI = 90
 INSTALL = "pip install 'nexus-export[report]' (matplotlib) to get the plots"
 
@@ -35,14 +37,17 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
-def _figure(width: float = 6.0, height: float = 3.2):
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+def figure(width: float = 6.0, height: float = 3.2, columns: int = 1):
+    """A matplotlib figure (no pyplot: no GUI backend, no global state) and its axes (a list of ``columns``
+    sharing the y axis when more than one)."""
+    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-    return fig, fig.add_subplot()
+    return fig, (fig.add_subplot() if columns == 1 else list(fig.subplots(1, columns, sharey=True)))
 
 
-def _save(fig, folder: Path, name: str, title: str) -> Plot:
+def save(fig, folder: Path, name: str, title: str) -> Plot:
+    """Write ``fig`` as ``folder/name`` (PNG)."""
     folder.mkdir(parents=True, exist_ok=True)
     fig.savefig(folder / name, dpi=DPI)
     return Plot(title, name)
@@ -80,7 +85,7 @@ def sparsity_heatmap(report: dict, folder: Path) -> Plot | None:
     for (b, role), values in cells.items():
         total = sum(n for _, n in values)
         grid[blocks.index(b), ROLES.index(role)] = sum(v * n for v, n in values) / total
-    fig, ax = _figure(4.8, min(1.2 + 0.16 * len(blocks), 8.0))
+    fig, ax = figure(4.8, min(1.2 + 0.16 * len(blocks), 8.0))
     image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
     ax.set_xticks(range(len(ROLES)), ROLES)
     step = max(1, len(blocks) // 16)
@@ -88,7 +93,7 @@ def sparsity_heatmap(report: dict, folder: Path) -> Plot | None:
     ax.set_ylabel("block")
     ax.set_title("weight sparsity by block and role")
     fig.colorbar(image, ax=ax, label="sparsity")
-    return _save(fig, folder, "sparsity.png", "Weight sparsity by block and role")
+    return save(fig, folder, "sparsity.png", "Weight sparsity by block and role")
 
 
 def block_widths(report: dict, folder: Path) -> Plot | None:
@@ -98,7 +103,7 @@ def block_widths(report: dict, folder: Path) -> Plot | None:
         if widths:
             before = p["changes"].get("hidden_before")
             blocks = sorted(widths, key=int)
-            fig, ax = _figure()
+            fig, ax = figure()
             ax.bar([int(b) for b in blocks], [widths[b] for b in blocks], color="tab:blue", label="kept")
             if before:
                 ax.axhline(before, color="gray", linestyle="--", label=f"before ({before})")
@@ -106,7 +111,7 @@ def block_widths(report: dict, folder: Path) -> Plot | None:
             ax.set_ylabel("stream width")
             ax.set_title(f"{p['name']}: stream width per block")
             ax.legend(loc="lower right")
-            return _save(fig, folder, "widths.png", "Stream width per block")
+            return save(fig, folder, "widths.png", "Stream width per block")
     return None
 
 
@@ -117,13 +122,13 @@ def block_scores(report: dict, folder: Path) -> Plot | None:
         if scores:
             removed = {int(b) for b in p["changes"].get("removed", [])}
             blocks = sorted(scores, key=int)
-            fig, ax = _figure()
+            fig, ax = figure()
             ax.bar([int(b) for b in blocks], [scores[b] for b in blocks],
                    color=["tab:red" if int(b) in removed else "tab:blue" for b in blocks])
             ax.set_xlabel("block (red: removed)")
             ax.set_ylabel("score")
             ax.set_title(f"{p['name']}: block scores ({p['changes'].get('strategy', 'similarity')})")
-            return _save(fig, folder, "block_scores.png", "Block scores and the removed blocks")
+            return save(fig, folder, "block_scores.png", "Block scores and the removed blocks")
     return None
 
 
@@ -141,7 +146,7 @@ def _perplexity_bars(report: dict) -> list[tuple[str, float]]:
 def perplexities(report: dict, folder: Path) -> Plot | None:
     """Perplexity of the dense model, the pruned model and every model file that was scored."""
     bars = _perplexity_bars(report)
-    fig, ax = _figure()
+    fig, ax = figure()
     names, values = zip(*bars)
     ax.barh(range(len(bars)), values, color=["gray"] + ["tab:blue"] * (len(bars) - 1))
     ax.set_yticks(range(len(bars)), names)
@@ -151,7 +156,7 @@ def perplexities(report: dict, folder: Path) -> Plot | None:
     ax.set_xlabel("perplexity (lower is better)")
     ax.set_xlim(0, max(values) * 1.2)
     ax.set_title("perplexity")
-    return _save(fig, folder, "perplexity.png", "Perplexity of every variant against dense")
+    return save(fig, folder, "perplexity.png", "Perplexity of every variant against dense")
 
 
 def sizes(report: dict, folder: Path) -> Plot | None:
@@ -159,7 +164,7 @@ def sizes(report: dict, folder: Path) -> Plot | None:
     artifacts = report.get("artifacts", [])
     if not artifacts:
         return None
-    fig, ax = _figure(6.0, 1.2 + 0.4 * len(artifacts))
+    fig, ax = figure(6.0, 1.2 + 0.4 * len(artifacts))
     values = [a["bytes"] / 2**20 for a in artifacts]
     ax.barh(range(len(artifacts)), values, color="tab:green")
     ax.set_yticks(range(len(artifacts)), [a["path"] for a in artifacts])
@@ -169,7 +174,7 @@ def sizes(report: dict, folder: Path) -> Plot | None:
     ax.set_xlim(0, max(values) * 1.25)
     ax.set_xlabel("MiB")
     ax.set_title("model files")
-    return _save(fig, folder, "sizes.png", "Size of each model file")
+    return save(fig, folder, "sizes.png", "Size of each model file")
 
 
 def latency(report: dict, folder: Path) -> Plot | None:
@@ -177,7 +182,7 @@ def latency(report: dict, folder: Path) -> Plot | None:
     measured = report.get("latency") or {}
     if not measured:
         return None
-    fig, ax = _figure(6.0, 1.2 + 0.4 * len(measured))
+    fig, ax = figure(6.0, 1.2 + 0.4 * len(measured))
     shapes = list(measured)
     ax.barh(range(len(shapes)), [measured[s]["median_ms"] for s in shapes], color="tab:purple", label="median")
     ax.scatter([measured[s]["p90_ms"] for s in shapes], range(len(shapes)), color="black", marker="|", s=200,
@@ -187,4 +192,4 @@ def latency(report: dict, folder: Path) -> Plot | None:
     ax.set_xlabel("ms")
     ax.legend(loc="lower right")
     ax.set_title("latency")
-    return _save(fig, folder, "latency.png", "Latency")
+    return save(fig, folder, "latency.png", "Latency")

@@ -79,7 +79,7 @@ def render_markdown(report: dict, plots: list | None = None) -> str:
         f"| dense (PyTorch) | {ppl['dense']:.3f}{CACHED if ppl.get('dense_from_cache') else ''} |",
         f"| pruned (PyTorch) | {ppl['pruned']:.3f} |" if ppl.get("pruned_runtime", "pytorch") == "pytorch" else
         "| pruned (PyTorch) | not run (--eval-runtime onnxruntime) |",
-        f"| pruned (onnxruntime) | {_num(ppl['onnx'], '.3f', ppl.get('onnx_eval', ''))} |",
+        f"| pruned (onnxruntime) | {num(ppl['onnx'], '.3f', ppl.get('onnx_eval', ''))} |",
         *_parity_windows(report["parity"]),
         "",
         "## Passes",
@@ -99,7 +99,7 @@ def render_markdown(report: dict, plots: list | None = None) -> str:
         f"`{onnx['path']}`: {onnx['bytes'] / 2**20:.1f} MiB, opset {onnx['opset']}; {summary['layers']} MatMul/Gemm "
         f"layers with a weight ({_forms(summary)}); weight sparsity {summary['sparsity']:.1%}; "
         f"{summary['targeted_layers']} targeted, {summary['nm_valid_layers']} of them N:M-valid. "
-        f"Parity with PyTorch: max |logits diff| {_num(report['parity']['max_abs_diff'], '.2e', 'not measured')}.",
+        f"Parity with PyTorch: max |logits diff| {num(report['parity']['max_abs_diff'], '.2e', 'not measured')}.",
         "",
         "| layer | k | n | sparsity | N:M valid | form | targeted |",
         "|---|---|---|---|---|---|---|",
@@ -115,7 +115,7 @@ def render_markdown(report: dict, plots: list | None = None) -> str:
             parity = a.get("parity_max_abs_diff", report["parity"]["max_abs_diff"])
             pytorch = a.get("pytorch_perplexity", report["perplexity"]["pruned"] if a is report["artifacts"][0] else None)
             lines.append(f"| {a['name']} | {a['path']} | {a['bytes'] / 2**20:.1f} | {_quantization(a)} | "
-                         f"{_num(a['perplexity'], '.3f')} | {_num(pytorch, '.3f')} | {_num(parity, '.2e')} |")
+                         f"{num(a['perplexity'], '.3f')} | {num(pytorch, '.3f')} | {num(parity, '.2e')} |")
         lines.append(f"Deployable: {report['deploy']['model']}.")
     if report.get("latency"):
         lines += ["", "## Latency (onnxruntime CPU)", "| shape | median ms | p90 ms | runs |", "|---|---|---|---|"]
@@ -144,7 +144,7 @@ def _parity_windows(parity: dict) -> list[str]:
             f"{parity['onnx_perplexity']:.3f} ({parity['perplexity_rel']:.3%} apart) |"]
 
 
-def _num(value, fmt: str, missing: str = "-") -> str:
+def num(value, fmt: str, missing: str = "-") -> str:
     """A number formatted, or ``missing`` when it was not measured."""
     return format(value, fmt) if value is not None else (missing or "-")
 
@@ -187,7 +187,7 @@ def _activations(report: dict) -> list[str]:
         for name, t in p.get("changes", {}).get("thresholds", {}).items():
             evaluation = measured["per_input"].get(name, {}).get("sparsity")
             lines.append(f"| {', '.join(t['linears'])} | {t['block']} | {t['threshold']:.4g} | "
-                         f"{t['calibration_sparsity']:.1%} | {_num(evaluation, '.1%')} |")
+                         f"{t['calibration_sparsity']:.1%} | {num(evaluation, '.1%')} |")
     return lines
 
 
@@ -196,7 +196,7 @@ def zero_shot_rows(report: dict) -> list[list[str]]:
     rows = []
     for task, by in report["zero_shot"]["tasks"].items():
         for metric in sorted(by.get("dense", {})):
-            rows.append([task, metric] + [_num(by.get(what, {}).get(metric), ".1%") for what in ("dense", "pruned",
+            rows.append([task, metric] + [num(by.get(what, {}).get(metric), ".1%") for what in ("dense", "pruned",
                                                                                                     "onnx")])
     return rows
 

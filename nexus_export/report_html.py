@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from .plots import INSTALL, Plot
-from .report import CACHED, headline, zero_shot_rows
+from .report import CACHED, num, headline, zero_shot_rows
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:0.6em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
@@ -51,23 +51,19 @@ def plots_section(folder: Path, plots: list[Plot]) -> list[str]:
     return ["<h2>Plots</h2>", "<div>" + "".join(image(folder, p) for p in plots) + "</div>"]
 
 
-def _fmt(value, spec: str):
-    return None if value is None else format(value, spec)
-
-
 def render_html(report: dict, plots_folder: Path, plots: list[Plot]) -> str:
     """The run's page."""
     ppl, parity = report["perplexity"], report["parity"]
     results = [
-        ["dense (PyTorch)", _fmt(ppl["dense"], ".3f") + (CACHED if ppl.get("dense_from_cache") else "")],
-        ["pruned (" + ("PyTorch" if ppl.get("pruned_runtime", "pytorch") == "pytorch" else "onnxruntime") + ")",
-         _fmt(ppl["pruned"], ".3f")],
-        ["pruned (onnxruntime, every window)", _fmt(ppl.get("onnx"), ".3f") or ppl.get("onnx_eval")],
+        ["dense (PyTorch)", num(ppl["dense"], ".3f") + (CACHED if ppl.get("dense_from_cache") else "")],
+        ["pruned (PyTorch)", num(ppl["pruned"], ".3f") if ppl.get("pruned_runtime", "pytorch") == "pytorch" else
+         "not run (--eval-runtime onnxruntime)"],
+        ["pruned (onnxruntime, every window)", num(ppl.get("onnx"), ".3f", ppl.get("onnx_eval", ""))],
     ]
     if parity.get("perplexity_rel") is not None:
         results.append(["parity windows: PyTorch / onnxruntime", f"{parity['pytorch_perplexity']:.3f} / "
                                                                   f"{parity['onnx_perplexity']:.3f}"])
-    results += [["max |logits diff| PyTorch vs onnxruntime", _fmt(parity.get("max_abs_diff"), ".2e")],
+    results += [["max |logits diff| PyTorch vs onnxruntime", num(parity.get("max_abs_diff"), ".2e")],
                 ["weight sparsity of the targeted layers", f"{report['sparsity']['overall']:.1%} "
                                                            f"({report['sparsity']['pattern']})"],
                 ["parameters", f"{report['model']['params_dense']:,} -> {report['model']['params_pruned']:,}"],
@@ -95,7 +91,7 @@ def render_html(report: dict, plots_folder: Path, plots: list[Plot]) -> str:
     if report.get("artifacts"):
         parts += ["<h2>Model files</h2>",
                   table(["variant", "file", "MiB", "onnxruntime perplexity"],
-                        [[a["name"], a["path"], f"{a['bytes'] / 2**20:.1f}", _fmt(a.get("perplexity"), ".3f")]
+                        [[a["name"], a["path"], f"{a['bytes'] / 2**20:.1f}", num(a.get("perplexity"), ".3f")]
                          for a in report["artifacts"]])]
     if report.get("latency"):
         parts += ["<h2>Latency (onnxruntime CPU)</h2>",

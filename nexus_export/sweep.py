@@ -18,7 +18,7 @@ from typing import Callable
 from .compare import load_run, row, write_comparison
 from .errors import UserError
 from .outdir import check_output_dir, staged_output
-from .plots import Plot, available
+from .plots import Plot, available, figure, save
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -35,21 +35,26 @@ class Point:
     recipe: Recipe
 
 
+EXAMPLES = {int: "2,4,7", float: "0.3,0.5,0.7", str: "hellaswag,arc_easy"}
+KINDS = {int: "a whole number", float: "a number"}
+
+
 def parse_values(text: str | None, flag: str, kind: type) -> list:
-    """``0.3,0.5,0.7`` -> [0.3, 0.5, 0.7]; an empty, malformed or repeating list is refused."""
+    """``0.3,0.5,0.7`` -> [0.3, 0.5, 0.7] (``kind`` int, float or str); an empty, malformed or repeating list, or an
+    empty entry, is refused."""
+    example = f"; e.g. --{flag} {EXAMPLES[kind]}"
     if text is None or not text.strip():
-        raise UserError(f"--{flag} is empty; give a comma-separated list, e.g. --{flag} "
-                        + ("2,4,7" if kind is int else "0.3,0.5,0.7"))
+        raise UserError(f"--{flag} is empty; give a comma-separated list{example}")
     values = []
-    for item in text.split(","):
+    for item in (item.strip() for item in text.split(",")):
+        if not item:
+            raise UserError(f"--{flag} {text!r} has an empty entry{example}")
         try:
-            values.append(kind(item.strip()))
+            values.append(kind(item))
         except ValueError:
-            raise UserError(f"--{flag} {text!r}: {item.strip()!r} is not "
-                            + ("a whole number" if kind is int else "a number") + "; e.g. --{flag} "
-                            + ("2,4,7" if kind is int else "0.3,0.5,0.7")) from None
+            raise UserError(f"--{flag} {text!r}: {item!r} is not {KINDS[kind]}{example}") from None
     if len(set(values)) != len(values):
-        raise UserError(f"--{flag} {text!r} names a value twice; give each setting once")
+        raise UserError(f"--{flag} {text!r} names a value twice; give each once")
     return values
 
 
@@ -101,10 +106,7 @@ def sweep_plot(results: list[dict], name: str, folder: Path) -> Plot | None:
     done = [r for r in results if r["ok"] and r.get("perplexity") is not None]
     if not available()[0] or not done:
         return None
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.0, 3.4), dpi=90, layout="constrained")
-    ax = fig.add_subplot()
+    fig, ax = figure(6.0, 3.4)
     xs = [r["value"] for r in done]
     ax.plot(xs, [r["perplexity"] for r in done], marker="o", color="tab:blue", label="pruned")
     ax.axhline(done[0]["dense"], color="gray", linestyle="--", label=f"dense {done[0]['dense']:.2f}")
@@ -121,6 +123,4 @@ def sweep_plot(results: list[dict], name: str, folder: Path) -> Plot | None:
         twin.set_ylabel("mean zero-shot accuracy")
         twin.legend(loc="lower right")
     ax.set_title(f"perplexity against {name}")
-    folder.mkdir(parents=True, exist_ok=True)
-    fig.savefig(folder / "sweep.png", dpi=90)
-    return Plot(f"Perplexity against {name}", "sweep.png")
+    return save(fig, folder, "sweep.png", f"Perplexity against {name}")

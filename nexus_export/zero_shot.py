@@ -9,7 +9,9 @@ lm-eval asks for it. Task names are checked against lm-eval's registry before an
 from __future__ import annotations
 
 import difflib
+import hashlib
 import logging
+from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
 
@@ -73,6 +75,16 @@ def evaluate_tasks(logits_fn: LogitsFn, tokenizer, tasks: list[str], manager, li
     return scores
 
 
+def _task_files(folders: list[str] | None) -> str:
+    """A hash of the local task YAML files (and the data beside them): editing one is a new cache entry."""
+    digest = hashlib.sha256()
+    for folder in folders or []:
+        for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+            digest.update(str(path.relative_to(folder)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 class ZeroShot:
     """The run's lm-eval tasks: checked before any work, scored on the dense model (cached like its perplexity), on
     the pruned program and on the ONNX model, as the recipe's evaluation runtime says."""
@@ -99,9 +111,8 @@ class ZeroShot:
         """The dense model's accuracies, from the evaluation cache when an earlier run measured them."""
         ev, entry = self.ev, None
         if ev.cache and not world.active:
-            protocol = (f"lm-eval:{','.join(ev.tasks)}:{ev.task_limit}:{','.join(ev.task_paths or [])}:"
-                        f"bos={self.bos}")
-            entry = eval_cache.key(program, torch.zeros(0, 0, dtype=torch.long), 1, protocol, str(device))
+            entry = eval_cache.key(program, ["lm-eval", version("lm_eval"), ev.tasks, ev.task_limit, self.bos,
+                                             _task_files(ev.task_paths)], str(device))
             hit = eval_cache.load(entry)
             if hit is not None:
                 for task, metrics in hit["tasks"].items():
@@ -112,9 +123,11 @@ class ZeroShot:
         if entry:
             eval_cache.save(entry, {"tasks": result, "model": program.name})
 
-    def to_dict(self) -> dict:
+    def to_dict(self, pruned_runtime: str) -> dict:
+        """The report's ``zero_shot``; ``pruned_runtime`` is the runtime that scored the pruned model (the one asked
+        for, or PyTorch when onnxruntime was skipped)."""
         tasks = {}
         for task, by in self.scores.items():
             tasks[task] = {**by, "pruned": by.get("pruned", by.get("onnx", {}))}
-        return {"tasks": tasks, "limit": self.ev.task_limit, "runtime": self.ev.runtime,
+        return {"tasks": tasks, "limit": self.ev.task_limit, "runtime": pruned_runtime,
                 "dense_from_cache": self.dense_from_cache}

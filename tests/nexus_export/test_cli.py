@@ -86,7 +86,7 @@ BAD = [
     (["--schedule", "{bad json"], "not valid JSON"),
     (["--eval-windows", "100000"], "too short"),
     (["--eval-runtime", "onnxruntime", "--onnx-eval", "off"], "drop one of them"),
-    (["--eval-runtime", "tensorrt"], "invalid choice"),
+    (["--eval-runtime", "tensorrt"], "must be one of pytorch, onnxruntime, both, got 'tensorrt'"),
 ]
 
 

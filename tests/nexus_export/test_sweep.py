@@ -52,8 +52,8 @@ def test_a_sweep_under_torchrun_is_refused(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("args, message", [
     (["--method", "wanda", "--sparsities", ""], "--sparsities is empty"),
-    (["--method", "wanda", "--sparsities", "0.3,,0.5"], "'' is not a number"),
-    (["--method", "wanda", "--sparsities", "0.3,half"], "'half' is not a number"),
+    (["--method", "wanda", "--sparsities", "0.3,,0.5"], "has an empty entry; e.g. --sparsities 0.3,0.5,0.7"),
+    (["--method", "wanda", "--sparsities", "0.3,half"], "'half' is not a number; e.g. --sparsities 0.3,0.5,0.7"),
     (["--method", "wanda", "--sparsities", "0.3,0.3"], "names a value twice"),
     (["--method", "wanda", "--sparsities", "0.3,1.5"], "--sparsities point 1.5: "),
     (["--method", "wanda"], "give exactly one of --sparsities"),

@@ -58,7 +58,7 @@ def test_the_dense_accuracy_is_cached_like_the_dense_perplexity():
     second = ZeroShot.check(ev, loaded)
     second.dense(program, torch.device("cpu"), distributed.world())
     assert not first.dense_from_cache and second.dense_from_cache
-    assert second.to_dict()["tasks"]["tiny_choice"]["dense"] == first.to_dict()["tasks"]["tiny_choice"]["dense"]
+    assert second.scores["tiny_choice"]["dense"] == first.scores["tiny_choice"]["dense"]
     assert set(first.scores["tiny_choice"]["dense"]) == {"acc", "acc_norm"}
     other = EvaluationSettings(tasks=["tiny_choice"], task_limit=3, task_paths=[TASKS])
     third = ZeroShot.check(other, loaded)
@@ -74,7 +74,7 @@ def test_task_folders_are_checked():
 
 @pytest.mark.parametrize("args, message", [
     (["--eval-tasks", "tiny_choise", "--eval-include", TASKS], "close names: tiny_choice"),
-    (["--eval-tasks", "tiny_choice,", "--eval-include", TASKS], "has an empty name"),
+    (["--eval-tasks", "tiny_choice,", "--eval-include", TASKS], "has an empty entry; e.g. --eval-tasks hellaswag"),
     (["--eval-tasks", "tiny_choice", "--eval-limit", "0", "--eval-include", TASKS], "task_limit must be positive"),
 ])
 def test_bad_task_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, args, message):
