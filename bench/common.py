@@ -40,16 +40,16 @@ def interleaved_latency_ms(sessions: dict, batch: int, seq: int, repeats: int, s
     return {name: statistics.median(values) for name, values in runs.items()}
 
 
-def load_protocol(model: str, eval_windows: int, calib_samples: int, seq_len: int):
+def load_protocol(model: str, eval_windows: int, calib_samples: int, seq_len: int, calib_source: str = "austen"):
     """The model (its weights left on disk), its captured program, and the default protocol's evaluation and
-    calibration windows."""
+    calibration windows (``calib_source``: another calibration source or a mix, e.g. austen:0.5,FILE:0.5)."""
     from nexus_export.data import calibration_windows, evaluation_windows
     from nexus_export.program import Program
     from nexus_export.zoo import open_model
 
     loaded = open_model(model)
     evals = evaluation_windows(loaded.tokenizer, "austen", eval_windows, seq_len)
-    calib = calibration_windows(loaded.tokenizer, "austen", calib_samples, seq_len, 0)
+    calib = calibration_windows(loaded.tokenizer, calib_source, calib_samples, seq_len, 0)
     program = Program.from_loaded(loaded)
     return loaded, program, evals, calib
 
@@ -59,6 +59,7 @@ def protocol_parser(description: str, other_text: bool = False) -> argparse.Argu
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--calib-source", default="austen", help="calibration text, or a mix such as austen:0.5,FILE:0.5")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=64)
     if other_text:

@@ -41,7 +41,8 @@ def main() -> int:
     args = ap.parse_args()
     setup_logging()
 
-    loaded, dense, evals, calib = load_protocol(args.model, args.eval_windows, args.calib_samples, args.seq_len)
+    loaded, dense, evals, calib = load_protocol(args.model, args.eval_windows, args.calib_samples, args.seq_len,
+                                                args.calib_source)
     other = other_text_windows(loaded.tokenizer, args.ood_windows, args.seq_len)
     ctx = PassContext(calibration_windows=calib)
     grid = Grid(4, args.group_size)

@@ -28,14 +28,17 @@ ROWS = [
 def main() -> int:
     ap = protocol_parser(__doc__.splitlines()[0], other_text=True)
     ap.add_argument("--methods", default="", help="comma-separated subset of magnitude,wanda,sparsegpt")
+    ap.add_argument("--patterns", default="", help="comma-separated subset of unstructured,2:4")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = ap.parse_args()
     setup_logging()
 
-    loaded, program, evals, calib = load_protocol(args.model, args.eval_windows, args.calib_samples, args.seq_len)
+    loaded, program, evals, calib = load_protocol(args.model, args.eval_windows, args.calib_samples, args.seq_len,
+                                                  args.calib_source)
     ood = other_text_windows(loaded.tokenizer, args.ood_windows, args.seq_len)
     targets = [lin.name for lin in program.structure.in_blocks()]
     wanted = set(filter(None, args.methods.split(",")))
+    patterns = set(filter(None, args.patterns.split(",")))
     rows = []
 
     def measure(pruned, label: str, pattern: str, wall, rss) -> None:
@@ -47,7 +50,7 @@ def main() -> int:
 
     measure(program, "dense", "-", None, None)
     for name, options in ROWS:
-        if wanted and name not in wanted:
+        if (wanted and name not in wanted) or (patterns and options.get("pattern", "unstructured") not in patterns):
             continue
         pruned = program.fork()  # every row starts from the dense weights
         report = get_pass(name)(options).run(pruned, PassContext(calibration_windows=calib)).report

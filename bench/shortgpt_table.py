@@ -28,7 +28,8 @@ def main() -> int:
     args = ap.parse_args()
     setup_logging()
 
-    _, program, evals, calib = load_protocol(args.model, args.eval_windows, args.calib_samples, args.seq_len)
+    _, program, evals, calib = load_protocol(args.model, args.eval_windows, args.calib_samples, args.seq_len,
+                                             args.calib_source)
     counts = [int(c) for c in args.counts.split(",")]
     strategies = args.strategies.split(",")
     table: dict[int, dict[str, str]] = {n: {} for n in counts}

@@ -105,6 +105,14 @@ def _prune_args(prune: argparse.ArgumentParser, sweep: bool) -> None:
     prune.add_argument("--pattern", help="N:M pattern, N zeros in every M consecutive inputs (e.g. 2:4)")
     prune.add_argument("--schedule", help='JSON per role/block/module, e.g. \'{"layer_0-5": 0.3, "mlp_out": 0.5}\'')
     prune.add_argument("--per-row", action="store_true", help="magnitude, unstructured: same sparsity in every row")
+    prune.add_argument("--permute", action="store_true",
+                       help="N:M: first reorder the channels of the residual stream and the MLPs (an exact rewrite) so "
+                            "the groups keep more importance")
+    prune.add_argument("--layerwise", choices=("uniform", "owl"),
+                       help="unstructured: the same sparsity in every block (uniform, default) or OWL's per-block "
+                            "sparsity from the share of outlier weights (blocks with more are pruned less)")
+    prune.add_argument("--owl-m", type=float, help="owl: an outlier scores above this many times its block's mean (5)")
+    prune.add_argument("--owl-lambda", type=float, help="owl: per-block sparsities within +-lambda of the target (0.08)")
     prune.add_argument("--blocksize", type=int, help="sparsegpt: columns per block (default 128)")
     prune.add_argument("--percdamp", type=float, help="sparsegpt: damping as a fraction of mean diag(H) (0.01)")
     prune.add_argument("--true-sequential", action="store_true",
@@ -142,7 +150,9 @@ def _prune_args(prune: argparse.ArgumentParser, sweep: bool) -> None:
     prune.add_argument("--bos", default="auto", choices=("auto", "always", "never"),
                        help="start every calibration and evaluation window with the tokenizer's BOS token; auto "
                             "(default): when the tokenizer adds one or the model family needs one (Gemma)")
-    prune.add_argument("--calib-source", default="austen", help="calibration text: austen, a .txt file or folder")
+    prune.add_argument("--calib-source", default="austen",
+                       help="calibration text: austen, a .txt file or folder, or a mix such as austen:0.5,FILE:0.5 "
+                            "(each source gives that share of the windows)")
     prune.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default 64)")
     prune.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration window offsets (0)")
     prune.add_argument("--eval-source", default="austen", help="evaluation text: austen, a .txt file or folder")
@@ -245,12 +255,13 @@ def _prune_recipe(args: argparse.Namespace) -> "Recipe":
             options["schedule"] = json.loads(args.schedule)
         except json.JSONDecodeError as exc:
             raise UserError(f"--schedule is not valid JSON ({exc.msg}); e.g. '{{\"layer_0-5\": 0.3}}'") from None
-    for flag in ("per_row", "true_sequential", "iterative"):
+    for flag in ("per_row", "true_sequential", "iterative", "permute"):
         if getattr(args, flag):
             options[flag] = True
     options.update(blocksize=args.blocksize, percdamp=args.percdamp, remove=args.remove,
                    remove_ratio=args.remove_ratio, layers=args.layers, strategy=args.strategy,
-                   rank_windows=args.rank_windows,
+                   rank_windows=args.rank_windows, layerwise=args.layerwise, owl_m=args.owl_m,
+                   owl_lambda=args.owl_lambda,
                    slicing=args.slicing, round_to=args.round_to)
     options = {k: v for k, v in options.items() if v is not None}
     activation = {"sparsity": args.activation_sparsity, "allocation": args.activation_allocation,

@@ -11,6 +11,7 @@ file beside the output past it. Everything is written to a temporary folder rena
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -27,6 +28,7 @@ import torch
 from . import __version__, distributed, eval_cache
 from .activation_stats import input_sparsity, summarize_inputs
 from .data import calibration_windows, choose_bos, evaluation_windows
+from .data.sources import mix_counts, parse_mix
 from .errors import UserError
 from .evaluate import program_perplexity
 from .metrics import next_token_nll, perplexity
@@ -262,7 +264,7 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
                               "compute_dtype": dtype_name(COMPUTE_DTYPE), "memory_budget_bytes": budget,
                               "world_size": world.size, "backend": world.backend},
                 "recipe": recipe.to_dict(),
-                "calibration": recipe.to_dict()["calibration"] if needs_calibration else None,
+                "calibration": _calibration_report(cal) if needs_calibration else None,
                 "passes": pass_reports,
                 "sparsity": {"overall": round(overall, 6), "pattern": _pattern_label(pattern, pass_reports),
                              "per_layer": {n: round(v, 6) for n, v in per_layer.items()}, "roles": roles},
@@ -338,6 +340,14 @@ def _onnx_eval_note(ran: bool, why: str, runtime: str) -> str:
     if not ran:
         return f"skipped: {why}"
     return "run" if runtime != "pytorch" else "parity windows only (--eval-runtime pytorch)"
+
+
+def _calibration_report(cal) -> dict:
+    """The calibration settings, and for a mix each source's share and number of windows."""
+    parts = parse_mix(cal.source)
+    mix = None if parts is None else [{"source": name, "share": share, "windows": count}
+                                      for (name, share), count in zip(parts, mix_counts(parts, cal.samples))]
+    return {**dataclasses.asdict(cal), **({"mix": mix} if mix else {})}
 
 
 def _check_variants(recipe: Recipe, program: Program, passes: list, dtype: torch.dtype | None) -> None:

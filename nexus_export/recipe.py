@@ -5,7 +5,7 @@ YAML form::
     model: smollm2-135m
     passes:
       - magnitude: {sparsity: 0.5, pattern: "2:4"}
-    calibration: {source: austen, samples: 64, seq_len: 512, seed: 0}
+    calibration: {source: austen, samples: 64, seq_len: 512, seed: 0}   # or source: "austen:0.5,notes.txt:0.5"
     evaluation: {source: austen, windows: 64, seq_len: 512, onnx: auto, runtime: pytorch}
     # evaluation may add lm-eval zero-shot tasks: tasks: [hellaswag, arc_easy], task_limit: 200
     lowering: {opset: 18, external_data: true}
@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from .data.bos import check_mode
+from .data.sources import is_mix, parse_mix
 from .errors import UserError
 from .passbase import PassConfig, check_type
 from .registry import get_pass
@@ -179,7 +180,7 @@ class Recipe:
         recipe = cls(
             model=str(data["model"]),
             passes=tuple(steps),
-            calibration=_settings(CalibrationSettings, data.get("calibration"), "calibration"),
+            calibration=_calibration(data.get("calibration")),
             evaluation=_evaluation(data.get("evaluation")),
             lowering=_lowering(data.get("lowering")),
             quantize=_quantize(data.get("quantize"), tuple(steps)),
@@ -226,10 +227,19 @@ class Recipe:
 EVAL_RUNTIMES = ("pytorch", "onnxruntime", "both")
 
 
+def _calibration(data: Any) -> CalibrationSettings:
+    settings = _settings(CalibrationSettings, data, "calibration")
+    parse_mix(settings.source)  # a mix's form and shares are checked now, its files when they are read
+    return settings
+
+
 def _evaluation(data: Any) -> EvaluationSettings:
     settings = _settings(EvaluationSettings, data, "evaluation")
     if settings.onnx not in ("auto", "on", "off"):
         raise UserError(f"evaluation.onnx (--onnx-eval) must be auto, on or off, got {settings.onnx!r}")
+    if is_mix(settings.source):
+        raise UserError(f"evaluation.source (--eval-source) {settings.source!r} is a mix; mixes are for calibration, "
+                        "evaluate on one source at a time")
     if settings.runtime not in EVAL_RUNTIMES:
         raise UserError(f"evaluation.runtime (--eval-runtime) must be one of {', '.join(EVAL_RUNTIMES)}, got "
                         f"{settings.runtime!r}")
@@ -281,7 +291,7 @@ def _quantize(data: Any, passes: tuple[PassStep, ...]) -> QuantizeSettings | Non
     if settings.method not in ("auto", "gptq", "rtn"):
         raise UserError(f"quantize.method (--quantize-method) must be gptq or rtn, got {settings.method!r}")
     if settings.method == "auto":
-        calibrates = any(get_pass(step.name).needs_calibration for step in passes)
+        calibrates = any(get_pass(step.name)(step.config).needs_calibration for step in passes)
         settings = dataclasses.replace(settings, method="gptq" if calibrates else "rtn")
     if settings.method == "rtn":
         for flag, on in (("act_order (--act-order)", settings.act_order), ("joint (--joint)", settings.joint)):

@@ -61,6 +61,15 @@ def _bos_line(bos: dict) -> str:
             f"{bos['reason']}).")
 
 
+def calibration_line(cal: dict | None) -> str | None:
+    """One sentence on the calibration windows and, for a mix, each source's share (None without calibration)."""
+    if not cal:
+        return None
+    where = (", ".join(f"{m['source']} {m['share']:.0%} ({m['windows']} windows)" for m in cal["mix"])
+             if cal.get("mix") else cal["source"])
+    return f"Calibration: {cal['samples']} windows x {cal['seq_len']} tokens (seed {cal['seed']}) of {where}."
+
+
 def render_markdown(report: dict, plots: list | None = None) -> str:
     """The Markdown report; ``plots`` (``plots.Plot``s written under plots/) are linked in a section of their own."""
     ppl = report["perplexity"]
@@ -73,6 +82,7 @@ def render_markdown(report: dict, plots: list | None = None) -> str:
         "",
         "## Perplexity",
         f"Dataset: {ppl['dataset']} ({ppl['tokens']} predicted tokens).",
+        *([calibration_line(report["calibration"])] if report.get("calibration") else []),
         *([_bos_line(report["bos"]), ""] if report.get("bos") else [""]),
         "| | perplexity |",
         "|---|---|",

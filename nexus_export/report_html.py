@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from .plots import INSTALL, Plot
-from .report import CACHED, num, headline, zero_shot_rows
+from .report import CACHED, calibration_line, headline, num, zero_shot_rows
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:0.6em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
@@ -71,6 +71,7 @@ def render_html(report: dict, plots_folder: Path, plots: list[Plot]) -> str:
                 ["peak resident memory", f"{report['peak_rss_mb']:.0f} MiB"]]
     parts = [f'<p class="headline">{html.escape(headline(report))}</p>',
              f"<p>Evaluation: {html.escape(ppl['dataset'])}, {ppl['tokens']:,} predicted tokens.</p>",
+             *([f"<p>{html.escape(calibration_line(report['calibration']))}</p>"] if report.get("calibration") else []),
              "<h2>Results</h2>", table(["", "value"], results)]
     if report.get("zero_shot"):
         parts += ["<h2>Zero-shot accuracy (lm-eval)</h2>",

@@ -14,6 +14,7 @@ from nexus_export.errors import UserError
 from nexus_export.passbase import PassContext
 from nexus_export.program import Program
 
+from .mask_plan import plan_targets
 from .masking import MaskConfig, masking_changes
 from .sparsity import Target
 
@@ -37,7 +38,8 @@ def run_calibrated(program: Program, ctx: PassContext, cfg: CalibratedConfig,
 
     ``prune`` returns per-layer extras for the report (e.g. SparseGPT's damping); they are merged into per_layer.
     """
-    targets = {t.name: t for t in cfg.targets(program)}
+    planned, plan_facts = plan_targets(program, ctx, cfg, calibrated=True)
+    targets = {t.name: t for t in planned}
     extras = calibrate_linears(program, ctx, list(targets), lambda name, stats: prune(targets[name], stats),
                                hessian=hessian, what=what, options=cfg.to_dict(), true_sequential=cfg.true_sequential,
                                batch_size=cfg.batch_size)
@@ -45,7 +47,7 @@ def run_calibrated(program: Program, ctx: PassContext, cfg: CalibratedConfig,
     for name, extra in extras.items():
         changes["per_layer"][name].update(extra)
     changes["calibration"] = calibration_facts(ctx, cfg.true_sequential)
-    return changes
+    return {**changes, **plan_facts}
 
 
 def calibrate_linears(program: Program, ctx: PassContext, names: list[str], work: Callable[[str, InputStats], dict],

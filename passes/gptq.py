@@ -24,6 +24,7 @@ from nexus_export.program import Program
 from nexus_export.registry import get_pass
 
 from .calibrated import calibrate_linears, calibration_facts
+from .mask_plan import plan_targets
 from .masking import MaskConfig, masking_changes
 from .obs import factor_hessian, obs_sweep, reconstruction_error
 from .quant_grid import Grid, check_groups, grid_names
@@ -93,7 +94,8 @@ class GPTQPass(Pass):
         self.check(program)  # float32 weights and dividing groups, also when called outside the pipeline
         grid = cfg.grid()
         method, mask = cfg.mask() if cfg.prune is not None else (None, None)
-        targets = {t.name: t for t in mask.targets(program)} if mask is not None else {}
+        planned, plan_facts = plan_targets(program, ctx, mask, calibrated=True) if mask is not None else ([], {})
+        targets = {t.name: t for t in planned}
         pattern = mask.pattern_obj() if mask is not None else None
         names = [lin.name for lin in program.structure.in_blocks()]
         key = "gptq-act-order" if cfg.act_order else "gptq"
@@ -127,7 +129,7 @@ class GPTQPass(Pass):
                    "quantized": notes, "calibration": calibration_facts(ctx, cfg.true_sequential),
                    "damping_increased": [n for n, note in notes.items() if note["damping"] != cfg.percdamp]}
         if mask is not None:
-            changes.update(masking_changes(program, list(targets.values()), pattern))
+            changes.update(masking_changes(program, list(targets.values()), pattern), **plan_facts)
         log.info("gptq: %d layers on a %d-bit grid (groups of %d, %s%s)", len(names), grid.bits, grid.group_size,
                  "symmetric" if grid.sym else "asymmetric", f", pruned by {method} in the same sweep" if method else "")
         return program, changes

@@ -19,6 +19,7 @@ from nexus_export.memory import trim
 from nexus_export.passbase import PassContext
 from nexus_export.program import Program
 
+from .mask_plan import plan_targets
 from .masking import MaskConfig, MaskingPass, apply_mask, masking_changes
 from .sparsity import nm_mask, unstructured_mask
 
@@ -34,16 +35,23 @@ class MagnitudeConfig(MaskConfig):
         super().validate()
         if self.pattern_obj() is not None and not self.uniform:
             raise UserError("uniform: false applies to unstructured sparsity only; N:M is uniform by construction")
+        if self.layerwise == "owl" and not self.uniform:
+            raise UserError("uniform: false (one global threshold) and layerwise owl (a sparsity per block) are two "
+                            "ways to vary the sparsity; choose one")
 
 
 class MagnitudePass(MaskingPass):
     name = "magnitude"
     config_class = MagnitudeConfig
 
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return self.config.layerwise == "owl"  # OWL measures outliers with activations
+
     def apply(self, program: Program, ctx: PassContext) -> tuple[Program, dict]:
         cfg: MagnitudeConfig = self.config
         pattern = cfg.pattern_obj()
-        targets = cfg.targets(program)
+        targets, plan_facts = plan_targets(program, ctx, cfg, calibrated=False)
         threshold = None
         if not cfg.uniform and targets:
             threshold = _global_threshold(program, targets)
@@ -60,7 +68,7 @@ class MagnitudePass(MaskingPass):
                 del scores, keep
                 trim()  # one matrix's temporaries at a time, not a heap that grows with depth
                 log.debug("magnitude: %d/%d %s", i + 1, len(targets), target.name)
-        return program, masking_changes(program, targets, pattern)
+        return program, {**masking_changes(program, targets, pattern), **plan_facts}
 
 
 def _global_threshold(program: Program, targets) -> float:

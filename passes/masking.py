@@ -20,9 +20,28 @@ class MaskConfig(PassConfig):
     sparsity: float | None = None  # default: the pattern's N/M, or 0.5
     pattern: str | None = None  # "2:4", "4:8", ...; None = unstructured
     schedule: dict | None = None  # per role / block / module sparsities (see passes.sparsity)
+    permute: bool = False  # N:M: reorder channels first so the groups keep more importance (passes.permute)
+    layerwise: str = "uniform"  # unstructured: uniform, or owl (per-block sparsity from outliers, passes.owl)
+    owl_m: float = 5.0  # owl: a score is an outlier above owl_m times its block's mean score
+    owl_lambda: float = 0.08  # owl: per-block sparsities spread over at most 2 * owl_lambda around the target
 
     def validate(self) -> None:
         pattern = parse_pattern(self.pattern)
+        if self.permute and pattern is None:
+            raise UserError("--permute reorders channels so that N:M groups prune better; it needs --pattern N:M "
+                            "(e.g. 2:4)")
+        if self.layerwise not in ("uniform", "owl"):
+            raise UserError(f"layerwise must be uniform or owl, got {self.layerwise!r}")
+        if self.layerwise == "owl":
+            if pattern is not None:
+                raise UserError(f"--layerwise owl sets a sparsity per block, but N:M fixes every layer's at N/M "
+                                f"({pattern} = {pattern.sparsity:.0%}); use unstructured sparsity (drop --pattern)")
+            if self.schedule is not None:
+                raise UserError("--layerwise owl chooses the per-block sparsities itself; drop --schedule")
+            if not 0.0 < self.owl_lambda < 0.5:
+                raise UserError(f"--owl-lambda must be in (0, 0.5), e.g. 0.08; got {self.owl_lambda}")
+            if not self.owl_m > 0:
+                raise UserError(f"--owl-m must be positive, e.g. 5; got {self.owl_m}")
         if self.sparsity is not None:
             check_sparsity(self.sparsity)
             if pattern is not None and abs(self.sparsity - pattern.sparsity) > 1e-9:

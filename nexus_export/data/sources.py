@@ -11,12 +11,16 @@ A source is one of:
   second the evaluation split; otherwise every file serves both splits.
 - ``"wikitext2"`` or ``"c4"``: fetched with the Hugging Face ``datasets`` package, which needs a network. Not available
   offline; use a local text file instead.
+
+A calibration source may also be a mix, ``"austen:0.5,notes.txt:0.5"``: sources with the share of the calibration
+windows each gives (see ``parse_mix``; the windows are cut from each source's own stream).
 """
 
 from __future__ import annotations
 
 import gzip
 import logging
+import math
 import os
 from importlib import resources
 from pathlib import Path
@@ -147,3 +151,58 @@ def _c4(split: str) -> str:
     except Exception as exc:  # network, hub and cache errors all come here
         raise _download_failed("c4", exc) from exc
     return "\n\n".join(texts)
+
+
+def parse_mix(source: str | os.PathLike) -> list[tuple[str, float]] | None:
+    """The parts of a mix, ``"austen:0.5,notes.txt:0.5"`` -> ``[("austen", 0.5), ("notes.txt", 0.5)]``; None for a
+    single source (no share given). Shares must be positive and sum to 1; a source may appear once."""
+    text = os.fspath(source)
+    if not is_mix(text):
+        return None
+    parts: list[tuple[str, float]] = []
+    for item in text.split(","):
+        name, sep, share = item.strip().rpartition(":")
+        if not sep or not name or not _share_suffix(item.strip()):
+            raise UserError(f"calibration mix part {item.strip()!r} is not SOURCE:SHARE; write the mix as e.g. "
+                            "austen:0.5,notes.txt:0.5 (shares summing to 1)")
+        value = float(share)
+        if not 0.0 < value <= 1.0:
+            raise UserError(f"calibration mix share {share} of {name!r} is outside (0, 1]; shares are fractions of "
+                            "the calibration windows, summing to 1")
+        if name in (n for n, _ in parts):
+            raise UserError(f"calibration mix names {name!r} twice; give each source once with its whole share")
+        parts.append((name, value))
+    total = sum(v for _, v in parts)
+    if not math.isclose(total, 1.0, abs_tol=1e-6):
+        raise UserError(f"calibration mix shares sum to {total:g}, not 1: {text!r}; e.g. austen:0.5,notes.txt:0.5")
+    return parts
+
+
+def is_mix(source: str | os.PathLike) -> bool:
+    """Whether a source is written as a mix (several sources, or one with a share)."""
+    text = os.fspath(source)
+    return "," in text or _share_suffix(text)
+
+
+def _share_suffix(text: str) -> bool:
+    """Whether ``text`` ends with ``:<number>`` (a share)."""
+    _, sep, tail = text.rpartition(":")
+    try:
+        float(tail)
+    except ValueError:
+        return False
+    return bool(sep)
+
+
+def mix_counts(parts: list[tuple[str, float]], n: int) -> list[int]:
+    """How many of ``n`` windows each part of a mix gives: its share of ``n``, rounded by largest remainder so the
+    counts sum to ``n``; every part gives at least one window or the mix is refused."""
+    exact = [share * n for _, share in parts]
+    counts = [math.floor(x) for x in exact]
+    for i in sorted(range(len(parts)), key=lambda i: exact[i] - counts[i], reverse=True)[: n - sum(counts)]:
+        counts[i] += 1
+    empty = [name for (name, _), c in zip(parts, counts) if c == 0]
+    if empty:
+        raise UserError(f"the calibration mix gives {', '.join(empty)} no window of {n}; raise the number of "
+                        "calibration windows (--calib-samples) or that source's share")
+    return counts

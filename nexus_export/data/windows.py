@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from nexus_export.data.sources import load_text
+from nexus_export.data.sources import load_text, mix_counts, parse_mix
 from nexus_export.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,17 @@ def calibration_windows(
     """``n`` windows of ``seq_len`` tokens at seeded random offsets in the calibration stream: LongTensor [n, seq_len].
 
     Windows may overlap; the same seed gives the same windows. ``bos``: a token id that starts every window.
+    A mix (``"austen:0.5,notes.txt:0.5"``) takes each source's share of the windows from its own stream, as a single
+    source would give them, and interleaves them in a seeded order (so every prefix, e.g. ShortGPT's rank windows,
+    holds a mix).
     """
     _check_sizes(n, seq_len, bos)
+    parts = parse_mix(source)
+    if parts is not None:
+        pieces = [calibration_windows(tokenizer, name, count, seq_len, seed, bos)
+                  for (name, _), count in zip(parts, mix_counts(parts, n))]
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        return torch.cat(pieces)[order]
     stream = _stream(tokenizer, source, "calibration")
     body = seq_len - (bos is not None)
     needed = body + 1  # randint needs a non-empty range

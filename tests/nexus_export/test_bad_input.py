@@ -146,6 +146,11 @@ CASES = {
     "--out holds the model folder": lambda f, out: ["prune", "--model", str(f / "model"), "--method", "magnitude",
                                                     *FAST, "--out", str(f), "--force"],
     "memory budget infinite": lambda f, out: [*PRUNE, "--memory-budget", "infGiB", "--out", out],
+    "calibration mix not summing to 1": lambda f, out: [*PRUNE[:4], "wanda", *FAST, "--calib-source",
+                                                        "austen:0.5,austen2:0.2", "--out", out],
+    "calibration mix of an unknown source": lambda f, out: [*PRUNE[:4], "wanda", *FAST, "--calib-source",
+                                                            f"austen:0.5,{f / 'nope.txt'}:0.5", "--out", out],
+    "evaluation on a mix": lambda f, out: [*PRUNE, "--eval-source", "austen:0.5,austen:0.5", "--out", out],
 }
 
 

@@ -1,11 +1,13 @@
 """Text sources and token windows, with the byte-level tokenizer of tiny-llama (one token per byte, fast)."""
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from nexus_export.data import calibration_windows, evaluation_windows, load_text
+from nexus_export.data.sources import mix_counts, parse_mix
 from nexus_export.errors import UserError
 from nexus_export.zoo import byte_level_tokenizer
 
@@ -125,3 +127,37 @@ def test_online_sources_without_datasets_suggest_a_local_file():
             load_text("wikitext2")
     else:
         pytest.skip("datasets is installed; fetching WikiText-2 would need the network")
+
+
+def test_a_mix_parses_into_sources_and_shares():
+    assert parse_mix("austen") is None and parse_mix("notes/v2:draft.txt") is None
+    assert parse_mix("austen:0.25, notes.txt:0.75") == [("austen", 0.25), ("notes.txt", 0.75)]
+    assert parse_mix("austen:1") == [("austen", 1.0)]
+
+
+@pytest.mark.parametrize("text, says", [
+    ("austen:0.5,notes.txt:0.4", "sum to 0.9"), ("austen:0.5,notes.txt", "SOURCE:SHARE"),
+    ("austen:0.5,austen:0.5", "twice"), ("austen:1.5,notes.txt:-0.5", "outside (0, 1]"), (":1", "SOURCE:SHARE"),
+])
+def test_a_bad_mix_is_refused_with_its_reason(text, says):
+    with pytest.raises(UserError, match=re.escape(says)):
+        parse_mix(text)
+
+
+def test_mix_counts_sum_to_the_windows_by_largest_remainder():
+    assert mix_counts([("a", 0.5), ("b", 0.5)], 7) == [4, 3]
+    assert mix_counts([("a", 0.2), ("b", 0.3), ("c", 0.5)], 64) == [13, 19, 32]
+    with pytest.raises(UserError, match="gives b no window of 4; raise"):
+        mix_counts([("a", 0.9), ("b", 0.1)], 4)
+
+
+def test_a_mix_takes_each_sources_windows_as_that_source_alone_gives_them(tmp_path, tokenizer):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("Another kind of English: manuals, licences and notes. " * 40)
+    mixed = calibration_windows(tokenizer, f"austen:0.75,{notes}:0.25", n=8, seq_len=32, seed=2)
+    austen = calibration_windows(tokenizer, "austen", n=6, seq_len=32, seed=2)
+    other = calibration_windows(tokenizer, str(notes), n=2, seq_len=32, seed=2)
+    assert mixed.shape == (8, 32)
+    assert sorted(map(tuple, mixed.tolist())) == sorted(map(tuple, torch.cat([austen, other]).tolist()))
+    assert mixed[:4].tolist() != austen[:4].tolist()  # interleaved: a prefix is a mix, not the first source
+    assert torch.equal(mixed, calibration_windows(tokenizer, f"austen:0.75,{notes}:0.25", n=8, seq_len=32, seed=2))
