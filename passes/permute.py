@@ -5,6 +5,9 @@ reads is exact when everything that produces or scales those channels is reorder
 sets ("spaces") are permuted:
 
 - the MLP's inner dimension, per block: rows (and biases) of the mlp_in linears and columns of the mlp_out linear;
+- the attention's value dimension, per block and key/value head: the head's rows of the value projection and, in every
+  query head that reads that value head, the columns of the attention output (softmax(QK^T) V mixes positions, not
+  channels; found where the value projection feeds scaled_dot_product_attention through reshapes only);
 - the residual stream, once for the whole model: columns of every reader (attn_in, mlp_in, lm_head), rows and biases
   of every writer (attn_out, mlp_out), the embeddings' columns and every other per-channel parameter of the stream
   (the norms' scales and shifts: RMSNorm and LayerNorm commute with a permutation).
@@ -23,9 +26,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from torch.fx import Node
 
 from nexus_export.program import Program
-from nexus_export.structure import SHORTCUT, Linear
+from nexus_export.structure import SHORTCUT, Linear, op_name
 
 from .sparsity import NMPattern
 
@@ -39,21 +43,22 @@ EXACT_REL = 1e-4  # largest |logits change| / max |logit| accepted as "the funct
 
 @dataclass(frozen=True)
 class Use:
-    """Where a space's channels sit in one tensor: along ``axis`` of parameter ``param``."""
+    """Where a space's channels sit in one tensor: ``size`` entries from each offset along ``axis`` of ``param``."""
 
     param: str
     axis: int
+    offsets: tuple[int, ...] = (0,)
 
 
 @dataclass
 class Space:
     """Channels permuted together, the tensors holding them, and the targeted linears whose scores choose the order."""
 
-    kind: str  # "stream" or "mlp"
+    kind: str  # "stream", "mlp" or "value"
     name: str
     size: int
     uses: list[Use]
-    scored: list[str]  # linears reading these channels as their inputs
+    scored: list[tuple[str, int]]  # (linear, first input column) of each targeted linear reading these channels
     perm: torch.Tensor | None = None
     gain: float = 0.0  # kept score after / before - 1
     notes: dict = field(default_factory=dict)
@@ -67,9 +72,9 @@ def _out_axis(lin: Linear) -> int:
     return 0 if lin.weight_layout == "out_in" else 1
 
 
-def _writes(lin: Linear) -> list[Use]:
-    uses = [Use(lin.weight, _out_axis(lin))]
-    return uses + ([Use(lin.bias, 0)] if lin.bias else [])
+def _writes(lin: Linear, offsets: tuple[int, ...] = (0,)) -> list[Use]:
+    uses = [Use(lin.weight, _out_axis(lin), offsets)]
+    return uses + ([Use(lin.bias, 0, offsets)] if lin.bias else [])
 
 
 def find_spaces(program: Program, targets: set[str], pattern: NMPattern) -> list[Space]:
@@ -85,9 +90,52 @@ def find_spaces(program: Program, targets: set[str], pattern: NMPattern) -> list
         if down.in_features % pattern.m or any(u.out_features != down.in_features for u in ups):
             continue
         uses = [u for r in ups for u in _writes(r)] + [Use(down.weight, _in_axis(down))]
-        spaces.append(Space("mlp", f"block {sub.block} mlp", down.in_features, uses, [down.name]))
+        spaces.append(Space("mlp", f"block {sub.block} mlp", down.in_features, uses, [(down.name, 0)]))
+    for sub in s.sublayers:
+        if sub.kind == "attention" and len(sub.writers) == 1 and sub.writers[0] in targets:
+            spaces += _value_spaces(program, sub, pattern)
     stream = _stream_space(program, targets, pattern)
     return ([stream] if stream is not None else []) + spaces
+
+
+# ops between the value projection and the attention that only reshape, reorder heads or repeat key/value heads
+_RESHAPES = {"view", "reshape", "_unsafe_view", "transpose", "permute", "contiguous", "clone", "expand", "unsqueeze",
+             "to", "_to_copy", "alias", "detach"}
+
+
+def _value_spaces(program: Program, sub, pattern: NMPattern) -> list[Space]:
+    """One space per key/value head of an attention sublayer whose value projection reaches the attention op through
+    reshapes only (none for a fused q/k/v projection, or without scaled_dot_product_attention)."""
+    by_node = {program.linear(n).node: program.linear(n) for n in sub.readers}
+    out = program.linear(sub.writers[0])
+    attention = [n for n in program.exported.graph.nodes if n.op == "call_function"
+                 and op_name(n) == "scaled_dot_product_attention" and isinstance(n.args[2], Node)
+                 and _source(n.args[2], by_node) is not None]
+    if len(attention) != 1:
+        return []
+    value = _source(attention[0].args[2], by_node)
+    head_dim = int(attention[0].args[2].meta["val"].shape[-1])
+    kv_heads, q_heads = value.out_features // head_dim, out.in_features // head_dim
+    if (head_dim % pattern.m or value.out_features % head_dim or out.in_features != q_heads * head_dim
+            or q_heads % kv_heads):
+        return []
+    rep = q_heads // kv_heads  # query heads h * rep .. h * rep + rep - 1 read key/value head h
+    spaces = []
+    for h in range(kv_heads):
+        columns = tuple((h * rep + r) * head_dim for r in range(rep))
+        uses = _writes(value, (h * head_dim,)) + [Use(out.weight, _in_axis(out), columns)]
+        spaces.append(Space("value", f"block {sub.block} value head {h}", head_dim, uses,
+                            [(out.name, c) for c in columns]))
+    return spaces
+
+
+def _source(node: Node, linears: dict[str, Linear]) -> Linear | None:
+    """The linear among ``linears`` (by graph node name) that ``node`` is a reshape of, or None."""
+    while node.op == "call_function" and node.name not in linears:
+        if op_name(node) not in _RESHAPES or not node.args or not isinstance(node.args[0], Node):
+            return None
+        node = node.args[0]
+    return linears.get(node.name)
 
 
 def _stream_space(program: Program, targets: set[str], pattern: NMPattern) -> Space | None:
@@ -102,7 +150,7 @@ def _stream_space(program: Program, targets: set[str], pattern: NMPattern) -> Sp
     if width % pattern.m or any(r.in_features != width for r in readers) or any(w.out_features != width
                                                                                  for w in writers):
         return None
-    scored = [r.name for r in readers if r.name in targets]
+    scored = [(r.name, 0) for r in readers if r.name in targets]
     if not scored:
         return None
     uses = {Use(r.weight, _in_axis(r)) for r in readers} | {u for w in writers for u in _writes(w)}
@@ -120,15 +168,16 @@ def space_scores(program: Program, space: Space, norms: dict[str, torch.Tensor] 
                  ) -> torch.Tensor:
     """[rows, size] float32 importance of the space's channels: |W| * ||X_j|| (or |W|) of its scored linears' rows,
     a seeded sample of at most MAX_ROWS rows in all, in proportion to each linear's rows."""
-    total = sum(program.linear(n).out_features for n in space.scored)
+    total = sum(program.linear(n).out_features for n, _ in space.scored)
     keep = min(1.0, MAX_ROWS / total)
     gen = torch.Generator().manual_seed(seed)
     parts = []
-    for name in space.scored:
-        w = program.weight(name, torch.float32).abs()
+    for name, first in space.scored:
+        cols = slice(first, first + space.size)
+        w = program.weight(name, torch.float32)[:, cols].abs()
         if keep < 1.0:
             w = w[torch.randperm(w.shape[0], generator=gen)[: max(1, round(w.shape[0] * keep))]]
-        parts.append(w * norms[name].float().reshape(1, -1) if norms is not None else w)
+        parts.append(w * norms[name][cols].float().reshape(1, -1) if norms is not None else w)
         del w
     return torch.cat(parts)
 
@@ -183,7 +232,10 @@ def apply(program: Program, space: Space, perm: torch.Tensor) -> None:
     """Reorder the space's channels in every tensor holding them: position i gets channel ``perm[i]``."""
     for use in space.uses:
         t = program.parameter(use.param)
-        program.set_parameter(use.param, t.index_select(use.axis, perm), dtype=t.dtype)
+        index = torch.arange(t.shape[use.axis])
+        for first in use.offsets:
+            index[first:first + space.size] = first + perm
+        program.set_parameter(use.param, t.index_select(use.axis, index), dtype=t.dtype)
 
 
 def permute(program: Program, targets: list, pattern: NMPattern, norms: dict[str, torch.Tensor] | None,
@@ -205,7 +257,7 @@ def permute(program: Program, targets: list, pattern: NMPattern, norms: dict[str
     facts = {"spaces": len(spaces), "applied": True,
              "kept_score_gain": {kind: round(sum(s.gain for s in spaces if s.kind == kind) /
                                              max(1, sum(s.kind == kind for s in spaces)), 6)
-                                 for kind in ("stream", "mlp") if any(s.kind == kind for s in spaces)}}
+                                 for kind in ("stream", "mlp", "value") if any(s.kind == kind for s in spaces)}}
     if before is not None and spaces:
         after = program.logits(check_ids)
         rel = float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))

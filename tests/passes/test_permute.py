@@ -29,8 +29,11 @@ def test_the_permuted_model_computes_the_same_logits(arch):
     before = program.logits(IDS)
     targets = MaskConfig(pattern="2:4").targets(program)
     facts = P.permute(program, targets, PATTERN, random_norms(program), IDS[:1])
-    # the stream and each block's MLP were permuted, and the check on one window found the same function
-    assert facts["applied"] and facts["spaces"] == 3 and set(facts["kept_score_gain"]) == {"stream", "mlp"}
+    # the stream, each block's MLP and (a separate value projection) each key/value head were permuted, and the check
+    # on one window found the same function
+    value_heads = {"gpt2": 0, "opt": 4}.get(arch, 2)  # GPT-2 projects q, k and v together; OPT has 4 key/value heads
+    assert facts["applied"] and facts["spaces"] == 1 + 2 + 2 * value_heads
+    assert set(facts["kept_score_gain"]) == {"stream", "mlp", "value"} - ({"value"} if arch == "gpt2" else set())
     assert all(gain >= 0 for gain in facts["kept_score_gain"].values())
     after = program.logits(IDS)
     assert float((after - before).abs().max() / before.abs().max()) < 1e-5
@@ -90,7 +93,7 @@ def test_wanda_with_permute_reports_it_and_keeps_a_valid_two_four_mask():
     dense = program.logits(IDS)
     result = WandaPass({"pattern": "2:4", "permute": True}).run(program, ctx_of(CALIB))
     changes = result.report.changes
-    assert changes["permutation"]["applied"] and changes["permutation"]["spaces"] == 3
+    assert changes["permutation"]["applied"] and changes["permutation"]["spaces"] == 7
     assert changes["overall_sparsity"] == 0.5
     assert all(nm_valid(result.program.weight(lin.name), PATTERN) for lin in result.program.structure.in_blocks())
     assert torch.isfinite(result.program.logits(IDS)).all() and not torch.equal(result.program.logits(IDS), dense)
