@@ -1,11 +1,15 @@
 """Pruning quality benchmark: dense, magnitude, Wanda and SparseGPT at 50% unstructured and 2:4 on one model.
 
+``--set permute``: Wanda and SparseGPT 2:4 without and with the channel permutation (--permute); ``--set owl``: Wanda
+and SparseGPT at 60% and 70% unstructured, uniform and with OWL's per-block sparsities (--layerwise owl).
+
 Prints one Markdown table: perplexity on the evaluation windows in PyTorch and onnxruntime, perplexity on text the
 calibration never saw (the license texts in /usr/share/common-licenses, when present), achieved sparsity, pruning
 seconds and the pass's peak RSS. Every pruned model starts from the same dense weights, captured once.
 
     .venv/bin/python bench/prune_quality.py --model smollm2-135m            # the default protocol (~35 min)
     .venv/bin/python bench/prune_quality.py --model tiny-llama --eval-windows 4 --seq-len 64 --calib-samples 4
+    .venv/bin/python bench/prune_quality.py --set permute
 """
 
 from __future__ import annotations
@@ -18,17 +22,27 @@ from common import cell, load_protocol, other_cell, other_text_windows, protocol
 from nexus_export.passbase import PassContext
 from nexus_export.registry import get_pass
 
-ROWS = [
-    ("magnitude", {"sparsity": 0.5}), ("magnitude", {"pattern": "2:4"}),
-    ("wanda", {"sparsity": 0.5}), ("wanda", {"pattern": "2:4"}),
-    ("sparsegpt", {"sparsity": 0.5}), ("sparsegpt", {"pattern": "2:4"}),
-]
+SETS = {
+    "methods": [("magnitude", {"sparsity": 0.5}), ("magnitude", {"pattern": "2:4"}),
+                ("wanda", {"sparsity": 0.5}), ("wanda", {"pattern": "2:4"}),
+                ("sparsegpt", {"sparsity": 0.5}), ("sparsegpt", {"pattern": "2:4"})],
+    "permute": [(m, {"pattern": "2:4", **extra}) for m in ("wanda", "sparsegpt") for extra in ({}, {"permute": True})],
+    "owl": [(m, {"sparsity": s, **extra}) for m in ("wanda", "sparsegpt") for s in (0.6, 0.7)
+            for extra in ({}, {"layerwise": "owl"})],
+}
+
+
+def label(options: dict) -> str:
+    """The pattern column: N:M or the unstructured sparsity, and what was added (permute, owl)."""
+    text = options.get("pattern") or f"{options['sparsity']:.0%} unstructured"
+    return text + (" permuted" if options.get("permute") else "") + (" owl" if options.get("layerwise") else "")
 
 
 def main() -> int:
     ap = protocol_parser(__doc__.splitlines()[0], other_text=True)
     ap.add_argument("--methods", default="", help="comma-separated subset of magnitude,wanda,sparsegpt")
     ap.add_argument("--patterns", default="", help="comma-separated subset of unstructured,2:4")
+    ap.add_argument("--set", default="methods", choices=sorted(SETS), help="which rows (default: methods)")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = ap.parse_args()
     setup_logging()
@@ -49,12 +63,12 @@ def main() -> int:
         print_table(rows, flush=True)
 
     measure(program, "dense", "-", None, None)
-    for name, options in ROWS:
+    for name, options in SETS[args.set]:
         if (wanted and name not in wanted) or (patterns and options.get("pattern", "unstructured") not in patterns):
             continue
         pruned = program.fork()  # every row starts from the dense weights
         report = get_pass(name)(options).run(pruned, PassContext(calibration_windows=calib)).report
-        measure(pruned, name, options.get("pattern", "50% unstructured"), report.wall_s, report.peak_rss_mb)
+        measure(pruned, name, label(options), report.wall_s, report.peak_rss_mb)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0

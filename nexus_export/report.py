@@ -164,9 +164,22 @@ def _changes(p: dict) -> list[str]:
     changes = p.get("changes", {})
     lines = ["", f"### {p['name']}"]
     for key, value in changes.items():
-        if key in ("per_layer", "scores", "widths", "thresholds", "quantized"):
+        if key in ("per_layer", "scores", "widths", "thresholds", "quantized", "layerwise", "permutation"):
             continue
         lines.append(f"- {key}: {value}")
+    perm = changes.get("permutation")
+    if perm:
+        gains = ", ".join(f"{kind} {gain:+.2%}" for kind, gain in perm["kept_score_gain"].items())
+        lines.append(f"- channel permutation: {perm['spaces']} spaces, kept score {gains}; " +
+                     (f"logits unchanged (relative change {perm['logits_rel_change']:.1e})" if perm["applied"] else
+                      f"NOT applied: the logits changed by {perm['logits_rel_change']:.1e} (relative)") +
+                     f"; {perm['seconds']:.1f} s")
+    owl = changes.get("layerwise")
+    if owl:
+        lines += [f"- OWL per-block sparsity (M {owl['m']}, lambda {owl['lambda']}):", "",
+                  "| block | outlier share | sparsity |", "|---|---|---|"]
+        lines += [f"| {block} | {share:.4%} | {owl['block_sparsity'][block]:.1%} |"
+                  for block, share in owl["outlier_share"].items()]
     if changes.get("widths"):
         widths = changes["widths"]
         if len(set(widths.values())) == 1:

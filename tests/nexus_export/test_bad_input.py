@@ -151,6 +151,11 @@ CASES = {
     "calibration mix of an unknown source": lambda f, out: [*PRUNE[:4], "wanda", *FAST, "--calib-source",
                                                             f"austen:0.5,{f / 'nope.txt'}:0.5", "--out", out],
     "evaluation on a mix": lambda f, out: [*PRUNE, "--eval-source", "austen:0.5,austen:0.5", "--out", out],
+    "--permute without N:M": lambda f, out: [*PRUNE[:4], "wanda", *FAST, "--permute", "--out", out],
+    "owl with N:M": lambda f, out: [*PRUNE[:4], "wanda", *FAST, "--pattern", "2:4", "--layerwise", "owl",
+                                    "--out", out],
+    "owl lambda outside (0, 0.5)": lambda f, out: [*PRUNE[:4], "sparsegpt", *FAST, "--sparsity", "0.6", "--layerwise",
+                                                   "owl", "--owl-lambda", "0.5", "--out", out],
 }
 
 
