@@ -64,8 +64,9 @@ def test_a_recipe_reads_as_prune_writes_it(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: tiny-llama\npasses:\n  - magnitude: {pattern: '2:4'}\n"
                       "evaluation: {windows: 2, seq_len: 64, latency: false}\n")
-    assert Recipe.from_yaml(recipe).to_dict()["passes"] == [{"magnitude": {"pattern": "2:4", "per_row": False,
-                                                                          "uniform": True}}]
+    assert Recipe.from_yaml(recipe).to_dict()["passes"] == [{"magnitude": {
+        "pattern": "2:4", "permute": False, "layerwise": "uniform", "owl_m": 5.0, "owl_lambda": 0.08, "per_row": False,
+        "uniform": True}}]
 
 
 def test_inspect_lists_roles(capsys):
@@ -383,7 +384,8 @@ def test_quantization_method_defaults_to_gptq_when_the_run_calibrates():
     joint = Recipe.from_dict({"model": "tiny-llama", "passes": [{"sparsegpt": {"pattern": "2:4", "percdamp": 0.02}}],
                               "quantize": {"bits": 4, "joint": True}})
     (step,) = run_steps(joint)
-    assert step.name == "gptq" and step.config.prune == {"method": "sparsegpt", "pattern": "2:4"}
+    assert step.name == "gptq" and step.config.prune == {"method": "sparsegpt", "pattern": "2:4", "permute": False,
+                                                         "layerwise": "uniform", "owl_m": 5.0, "owl_lambda": 0.08}
     assert step.config.percdamp == 0.02 and step.config.act_order is False  # N:M groups follow the stored order
     wanda = Recipe.from_dict({"model": "tiny-llama", "passes": [{"wanda": {"pattern": "2:4"}}],
                               "quantize": {"bits": 4, "joint": True}})
