@@ -173,9 +173,10 @@ class MagnitudePruner(_Pruner):
 
 class NMSparsityPruner(_Pruner):
     """N:M sparsity (N zeros in every M inputs) with a calibrated method: ``sparsegpt`` (default), ``wanda`` or
-    ``magnitude``."""
+    ``magnitude``. ``permute``: first reorder the channels (residual stream, MLP inner, attention values) so the
+    groups keep more importance; the model's function is unchanged and its weights are written back permuted."""
 
-    def __init__(self, n: int = 2, m: int = 4, method: str = "sparsegpt"):
+    def __init__(self, n: int = 2, m: int = 4, method: str = "sparsegpt", permute: bool = False):
         if any(isinstance(v, bool) or not isinstance(v, int) for v in (n, m)):
             raise UserError(f"n and m must be whole numbers (n zeros in every m weights), got n={n!r}, m={m!r}")
         if not 0 < n < m:
@@ -183,7 +184,7 @@ class NMSparsityPruner(_Pruner):
         if method not in ("sparsegpt", "wanda", "magnitude"):
             raise UserError(f"method must be sparsegpt, wanda or magnitude, got {method!r}")
         self.method = method
-        self._options = {"pattern": f"{n}:{m}"}
+        self._options = {"pattern": f"{n}:{m}", "permute": permute}
         self._check()
 
     def options(self) -> dict:

@@ -235,3 +235,20 @@ def test_gptq_quantizer_refusals(tiny):
         GPTQQuantizer(group_size=128).quantize_model(model, torch.ones(2, 16, dtype=torch.long))
     with pytest.raises(UserError, match=r"model.float\(\)"):
         GPTQQuantizer(group_size=32).quantize_model(model.to(torch.bfloat16), torch.ones(2, 16, dtype=torch.long))
+
+
+
+def test_an_n_m_pruner_with_permute_writes_the_permuted_model_back(tiny):
+    model, tok = tiny
+    ids = evaluation_windows(tok, "austen", 1, 32)
+    embed = model.model.embed_tokens.weight.detach().clone()
+    metrics = NMSparsityPruner(n=2, m=4, method="magnitude", permute=True).prune_model(model)
+    assert metrics["report"]["changes"]["permutation"]["applied"]
+    # the stream's channels moved: the embedding holds the same columns in another order
+    moved = model.model.embed_tokens.weight.detach()
+    assert not torch.equal(moved, embed)
+    assert torch.equal(moved.sort(dim=1).values, embed.sort(dim=1).values)
+    # and every permuted tensor went back into the model: it computes what the pruned program computes
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert torch.allclose(logits, metrics["program"].logits(ids), atol=1e-4)
