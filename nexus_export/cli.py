@@ -112,7 +112,8 @@ def _prune_args(prune: argparse.ArgumentParser, sweep: bool) -> None:
                        help="unstructured: the same sparsity in every block (uniform, default) or OWL's per-block "
                             "sparsity from the share of outlier weights (blocks with more are pruned less)")
     prune.add_argument("--owl-m", type=float, help="owl: an outlier scores above this many times its block's mean (5)")
-    prune.add_argument("--owl-lambda", type=float, help="owl: per-block sparsities within +-lambda of the target (0.08)")
+    prune.add_argument("--owl-lambda", type=float,
+                       help="owl: per-block sparsities within +-lambda of the target (0.08)")
     prune.add_argument("--blocksize", type=int, help="sparsegpt: columns per block (default 128)")
     prune.add_argument("--percdamp", type=float, help="sparsegpt: damping as a fraction of mean diag(H) (0.01)")
     prune.add_argument("--true-sequential", action="store_true",

@@ -44,7 +44,8 @@ def block_sparsities(shares: dict[int, float], sparsity: float, lam: float) -> d
     out = {k: sparsity + mean - v for k, v in r.items()}
     if min(out.values()) < 0 or max(out.values()) >= 1:
         raise UserError(f"OWL's per-block sparsities reach {min(out.values()):.3f}-{max(out.values()):.3f}, outside "
-                        f"[0, 1); lower --owl-lambda (now {lam}) or move the sparsity (now {sparsity}) away from 0 and 1")
+                        f"[0, 1); lower --owl-lambda (now {lam}) or move the sparsity (now {sparsity}) away from 0 "
+                        "and 1")
     return out
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch.fx import Node
@@ -61,7 +61,6 @@ class Space:
     scored: list[tuple[str, int]]  # (linear, first input column) of each targeted linear reading these channels
     perm: torch.Tensor | None = None
     gain: float = 0.0  # kept score after / before - 1
-    notes: dict = field(default_factory=dict)
 
 
 def _in_axis(lin: Linear) -> int:
