@@ -1,8 +1,8 @@
 """Channel permutation for N:M sparsity: reorder the channels linears read so that their N:M groups prune better.
 
 Which M weights of a row share a group depends on the order of the input channels. Reordering the channels a linear
-reads is exact when everything that produces or scales those channels is reordered the same way. Two kinds of channel
-sets ("spaces") are permuted:
+reads is exact when everything that produces or scales those channels is reordered the same way. Three kinds of
+channel sets ("spaces") are permuted:
 
 - the MLP's inner dimension, per block: rows (and biases) of the mlp_in linears and columns of the mlp_out linear;
 - the attention's value dimension, per block and key/value head: the head's rows of the value projection and, in every
@@ -12,11 +12,11 @@ sets ("spaces") are permuted:
   of every writer (attn_out, mlp_out), the embeddings' columns and every other per-channel parameter of the stream
   (the norms' scales and shifts: RMSNorm and LayerNorm commute with a permutation).
 
-A space's permutation is chosen to keep the most importance under the pattern: scores |W_ij| * ||X_j|| (Wanda's
-metric, from a dense calibration sweep; |W| without calibration) of the targeted linears reading it. It starts from a
-balanced assignment (each group gets one channel of every importance tier) and is improved by optimal reassignment,
-one position of every group at a time (scipy's linear_sum_assignment over chunks of groups), while the kept score
-grows. The rewrite is checked on one calibration window's logits and undone if the function changed.
+A space's permutation is chosen to keep the most importance under the pattern: scores (|W_ij| * ||X_j||)^2 (Wanda's
+metric squared, from a dense calibration sweep; W^2 without calibration) of the targeted linears reading it. It starts
+from a balanced assignment (each group gets one channel of every importance tier) and is improved by optimal
+reassignment, one position of every group at a time (scipy's linear_sum_assignment over chunks of groups). The rewrite
+is checked on the logits of a seeded window and undone if the function changed.
 """
 
 from __future__ import annotations
@@ -165,8 +165,10 @@ def _stream_space(program: Program, targets: set[str], pattern: NMPattern) -> Sp
 
 def space_scores(program: Program, space: Space, norms: dict[str, torch.Tensor] | None, seed: int = 0
                  ) -> torch.Tensor:
-    """[rows, size] float32 importance of the space's channels: |W| * ||X_j|| (or |W|) of its scored linears' rows,
-    a seeded sample of at most MAX_ROWS rows in all, in proportion to each linear's rows."""
+    """[rows, size] float32 importance of the space's channels: (|W| * ||X_j||)^2 (or W^2) of its scored linears'
+    rows, a seeded sample of at most MAX_ROWS rows in all, in proportion to each linear's rows. Squared, the scores a
+    group drops add up to the output error pruning them causes (inputs taken as uncorrelated), which is what the
+    permutation should keep small."""
     total = sum(program.linear(n).out_features for n, _ in space.scored)
     keep = min(1.0, MAX_ROWS / total)
     gen = torch.Generator().manual_seed(seed)
@@ -176,8 +178,9 @@ def space_scores(program: Program, space: Space, norms: dict[str, torch.Tensor] 
         w = program.weight(name, torch.float32)[:, cols].abs()
         if keep < 1.0:
             w = w[torch.randperm(w.shape[0], generator=gen)[: max(1, round(w.shape[0] * keep))]]
-        parts.append(w * norms[name][cols].float().reshape(1, -1) if norms is not None else w)
-        del w
+        scores = w * norms[name][cols].float().reshape(1, -1) if norms is not None else w
+        parts.append(scores.square_())
+        del w, scores
     return torch.cat(parts)
 
 
