@@ -16,7 +16,7 @@ from .owl import owl_targets
 from .permute import permute
 from .sparsity import Target
 
-PERMUTE_WINDOWS = 16  # column norms settle long before the pass's calibration set is used up
+PERMUTE_WINDOWS = 8  # column norms settle long before the pass's calibration set is used up (4096 tokens at 512)
 CHECK_TOKENS = 32  # length of the seeded window whose logits must not change under the permutation
 
 
