@@ -4,8 +4,11 @@ sweep before the pass's own (all windows for OWL; the first ``PERMUTE_WINDOWS`` 
 
 from __future__ import annotations
 
+import time
+
 import torch
 
+from nexus_export import distributed
 from nexus_export.calibration import calibrate_blocks
 from nexus_export.errors import UserError
 from nexus_export.passbase import PassContext
@@ -52,8 +55,10 @@ def plan_targets(program: Program, ctx: PassContext, cfg: MaskConfig, calibrated
         if windows is None or len(windows) == 0:
             raise UserError("OWL needs calibration data (the outliers are measured on it); give calibration "
                             "settings" if owl else "the permutation needs calibration data; give calibration settings")
-        norms = dense_norms(program, windows if owl else windows[:PERMUTE_WINDOWS], [t.name for t in targets],
-                            getattr(cfg, "batch_size", 8))
+        used = windows if owl else windows[:max(PERMUTE_WINDOWS, distributed.world().size)]  # a window per process
+        start = time.perf_counter()
+        norms = dense_norms(program, used, [t.name for t in targets], getattr(cfg, "batch_size", 8))
+        facts["dense_sweep"] = {"windows": int(used.shape[0]), "seconds": round(time.perf_counter() - start, 3)}
     if cfg.permute:
         facts["permutation"] = permute(program, targets, cfg.pattern_obj(), norms, _check_window(program))
     if owl:
