@@ -38,7 +38,7 @@ def run_calibrated(program: Program, ctx: PassContext, cfg: CalibratedConfig,
 
     ``prune`` returns per-layer extras for the report (e.g. SparseGPT's damping); they are merged into per_layer.
     """
-    planned, plan_facts = plan_targets(program, ctx, cfg, calibrated=True)
+    planned, plan_facts = plan_targets(program, ctx, cfg, calibrated=True, obs=hessian)
     targets = {t.name: t for t in planned}
     extras = calibrate_linears(program, ctx, list(targets), lambda name, stats: prune(targets[name], stats),
                                hessian=hessian, what=what, options=cfg.to_dict(), true_sequential=cfg.true_sequential,

@@ -94,7 +94,8 @@ class GPTQPass(Pass):
         self.check(program)  # float32 weights and dividing groups, also when called outside the pipeline
         grid = cfg.grid()
         method, mask = cfg.mask() if cfg.prune is not None else (None, None)
-        planned, plan_facts = plan_targets(program, ctx, mask, calibrated=True) if mask is not None else ([], {})
+        planned, plan_facts = (plan_targets(program, ctx, mask, calibrated=True, obs=method == "sparsegpt")
+                               if mask is not None else ([], {}))
         targets = {t.name: t for t in planned}
         pattern = mask.pattern_obj() if mask is not None else None
         names = [lin.name for lin in program.structure.in_blocks()]

@@ -11,6 +11,7 @@ from passes import permute as P
 from passes.mask_plan import plan_targets
 from passes.masking import MaskConfig
 from passes.sparsity import NMPattern, nm_mask, nm_valid
+from passes.sparsegpt import SparseGPTPass
 from passes.wanda import WandaPass
 
 PATTERN = NMPattern(2, 4)
@@ -119,3 +120,21 @@ def ctx_of(windows):
     from nexus_export.passbase import PassContext
 
     return PassContext(calibration_windows=windows)
+
+
+def test_sparsegpt_chooses_its_permutation_by_obs_saliency():
+    from passes.mask_plan import dense_scales
+
+    program = tiny_program()
+    names = [lin.name for lin in program.structure.in_blocks()]
+    norms = dense_scales(program, CALIB, names)
+    obs = dense_scales(program, CALIB, names, obs=True, percdamp=0.01)
+    tokens = CALIB.numel()
+    for name in names:  # [H^-1]_jj >= 1 / H_jj for any positive definite H: the OBS scale never exceeds sqrt(H_jj)
+        diag = 2 / tokens * norms[name].double() ** 2
+        damped = diag + 0.01 * diag.mean()
+        assert (obs[name].double() <= damped.sqrt() * (1 + 1e-4)).all(), name
+        assert (obs[name].double() < 0.99 * damped.sqrt()).any(), name  # correlated inputs: strictly below somewhere
+    result = SparseGPTPass({"pattern": "2:4", "permute": True}).run(program, ctx_of(CALIB))
+    assert result.report.changes["permutation"]["applied"]
+    assert result.report.changes["dense_sweep"]["windows"] == 8  # PERMUTE_WINDOWS of the 8 x 32 calibration set
