@@ -12,8 +12,9 @@ channel sets ("spaces") are permuted:
   of every writer (attn_out, mlp_out), the embeddings' columns and every other per-channel parameter of the stream
   (the norms' scales and shifts: RMSNorm and LayerNorm commute with a permutation).
 
-A space's permutation is chosen to keep the most importance under the pattern: scores (|W_ij| * ||X_j||)^2 (Wanda's
-metric squared, from a dense calibration sweep; W^2 without calibration) of the targeted linears reading it. It starts
+A space's permutation is chosen to keep the most importance under the pattern: scores (|W_ij| * s_j)^2 of the targeted
+linears reading it, with s_j a column scale from a dense calibration sweep (passes.mask_plan: ||X_j|| for Wanda,
+1 / sqrt([H^-1]_jj) for SparseGPT's saliency w^2 / [H^-1]_jj; 1 without calibration). It starts
 from a balanced assignment (each group gets one channel of every importance tier) and is improved by optimal
 reassignment, one position of every group at a time (scipy's linear_sum_assignment over chunks of groups). The rewrite
 is checked on the logits of a seeded window and undone if the function changed.
@@ -165,7 +166,7 @@ def _stream_space(program: Program, targets: set[str], pattern: NMPattern) -> Sp
 
 def space_scores(program: Program, space: Space, norms: dict[str, torch.Tensor] | None, seed: int = 0
                  ) -> torch.Tensor:
-    """[rows, size] float32 importance of the space's channels: (|W| * ||X_j||)^2 (or W^2) of its scored linears'
+    """[rows, size] float32 importance of the space's channels: (|W| * scale_j)^2 (or W^2) of its scored linears'
     rows, a seeded sample of at most MAX_ROWS rows in all, in proportion to each linear's rows. Squared, the scores a
     group drops add up to the output error pruning them causes (inputs taken as uncorrelated), which is what the
     permutation should keep small."""
@@ -243,7 +244,7 @@ def apply(program: Program, space: Space, perm: torch.Tensor) -> None:
 def permute(program: Program, targets: list, pattern: NMPattern, norms: dict[str, torch.Tensor] | None,
             check_ids: torch.Tensor | None) -> dict:
     """Choose and apply a permutation of every space the targets read; return the report's facts. ``norms``: each
-    targeted linear's input column norms on the dense model (None: magnitude scores). ``check_ids``: a window whose
+    targeted linear's input column scales on the dense model (``mask_plan.dense_scales``; None: magnitude scores). ``check_ids``: a window whose
     logits must not change (None: no check)."""
     start = time.perf_counter()
     spaces = find_spaces(program, {t.name for t in targets}, pattern)
