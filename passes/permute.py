@@ -164,7 +164,7 @@ def _stream_space(program: Program, targets: set[str], pattern: NMPattern) -> Sp
     return Space("stream", "residual stream", width, sorted(uses, key=lambda u: (u.param, u.axis)), scored)
 
 
-def space_scores(program: Program, space: Space, norms: dict[str, torch.Tensor] | None, seed: int = 0
+def space_scores(program: Program, space: Space, scales: dict[str, torch.Tensor] | None, seed: int = 0
                  ) -> torch.Tensor:
     """[rows, size] float32 importance of the space's channels: (|W| * scale_j)^2 (or W^2) of its scored linears'
     rows, a seeded sample of at most MAX_ROWS rows in all, in proportion to each linear's rows. Squared, the scores a
@@ -179,7 +179,7 @@ def space_scores(program: Program, space: Space, norms: dict[str, torch.Tensor] 
         w = program.weight(name, torch.float32)[:, cols].abs()
         if keep < 1.0:
             w = w[torch.randperm(w.shape[0], generator=gen)[: max(1, round(w.shape[0] * keep))]]
-        scores = w * norms[name][cols].float().reshape(1, -1) if norms is not None else w
+        scores = w * scales[name][cols].float().reshape(1, -1) if scales is not None else w
         parts.append(scores.square_())
         del w, scores
     return torch.cat(parts)
@@ -241,16 +241,16 @@ def apply(program: Program, space: Space, perm: torch.Tensor) -> None:
         program.set_parameter(use.param, t.index_select(use.axis, index), dtype=t.dtype)
 
 
-def permute(program: Program, targets: list, pattern: NMPattern, norms: dict[str, torch.Tensor] | None,
+def permute(program: Program, targets: list, pattern: NMPattern, scales: dict[str, torch.Tensor] | None,
             check_ids: torch.Tensor | None) -> dict:
-    """Choose and apply a permutation of every space the targets read; return the report's facts. ``norms``: each
-    targeted linear's input column scales on the dense model (``mask_plan.dense_scales``; None: magnitude scores). ``check_ids``: a window whose
-    logits must not change (None: no check)."""
+    """Choose and apply a permutation of every space the targets read; return the report's facts. ``scales``: each
+    targeted linear's input column scales on the dense model (``mask_plan.dense_scales``; None: magnitude scores).
+    ``check_ids``: a window whose logits must not change (None: no check)."""
     start = time.perf_counter()
     spaces = find_spaces(program, {t.name for t in targets}, pattern)
     before = program.logits(check_ids) if check_ids is not None else None
     for space in spaces:
-        scores = space_scores(program, space, norms)
+        scores = space_scores(program, space, scales)
         space.perm = choose_permutation(scores, pattern)
         base = kept_score(scores, torch.arange(space.size), pattern)
         space.gain = kept_score(scores, space.perm, pattern) / base - 1 if base > 0 else 0.0
