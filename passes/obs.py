@@ -155,7 +155,10 @@ def obs_sweep(weight: torch.Tensor, factor: HessianFactor, *, sparsity: float = 
                     group = (i1 + i) // grid.group_size
                     if (i1 + i) % grid.group_size == 0:
                         span = slice(i, i + grid.group_size)
-                        scales[:, group], zeros[:, group] = grid.params(W1[:, span] * ~prune_mask[:, span])
+                        pruned = prune_mask[:, span]
+                        if pattern is not None:  # N:M groups after this one are not chosen yet: guess them now
+                            pruned = pruned | _nm_guess(W1[:, span], d[span], pattern)
+                        scales[:, group], zeros[:, group] = grid.params(W1[:, span] * ~pruned)
                 else:
                     group = int(perm[i1 + i]) // grid.group_size
                 q = grid.quantize(q, scales[:, group], zeros[:, group])  # a zero stays exactly zero
@@ -169,6 +172,17 @@ def obs_sweep(weight: torch.Tensor, factor: HessianFactor, *, sparsity: float = 
     if perm is not None:
         W = W[:, torch.argsort(perm)]
     return SweepResult(W, scales, zeros)
+
+
+def _nm_guess(W: torch.Tensor, d: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
+    """The N:M mask (True = pruned) that the sweep's rule would choose on ``W`` [rows, k*M] as it stands, so that a
+    quantization group's scale is fitted to the weights likely to stay rather than to ones about to be zeroed."""
+    rows, cols = W.shape
+    if cols % pattern.m:
+        return torch.zeros_like(W, dtype=torch.bool)
+    scores = (W ** 2 / d.reshape(1, -1) ** 2).reshape(rows, cols // pattern.m, pattern.m)
+    low = torch.topk(scores, pattern.n, dim=2, largest=False).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(2, low, True).reshape(rows, cols)
 
 
 def reconstruction_error(old: torch.Tensor, new: torch.Tensor, hessian: torch.Tensor) -> float:

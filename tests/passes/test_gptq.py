@@ -87,6 +87,22 @@ def test_joint_sweep_prunes_and_quantizes(pattern):
         assert float((result.weight == 0).float().mean()) >= 0.5
 
 
+def test_joint_n_m_scales_fit_the_weights_that_stay():
+    """A quantization group spans several N:M groups whose masks are chosen later in the sweep: the group's scale
+    must come from the weights likely to stay, not from a large weight about to be zeroed. Column 5 is large but
+    nearly free to remove (its input is almost never active), so 2:4 prunes it in every row; with a diagonal Hessian
+    nothing moves between columns, so the kept weights are the stored ones, all within 1 in magnitude."""
+    gen = torch.Generator().manual_seed(0)
+    w = (0.5 + 0.5 * torch.rand(4, 32, generator=gen)) * torch.sign(torch.randn(4, 32, generator=gen))
+    w[:, 5] = 5.0
+    h = torch.ones(32, dtype=torch.float64)
+    h[5] = 1e-6
+    result = obs_sweep(w, factor_hessian(torch.diag(h), 1e-4), pattern=NMPattern(2, 4), grid=Grid(4, 32))
+    assert torch.all(result.weight[:, 5] == 0) and nm_valid(result.weight, NMPattern(2, 4))
+    assert torch.all(result.scales.abs() * 8 <= 1.0)  # the grid's end (-8 steps) is a kept weight, not 5.0
+    assert on_grid(result.weight, Grid(4, 32), result.scales, result.zeros)
+
+
 def test_act_order_refuses_to_choose_a_mask():
     w, h = problem()
     with pytest.raises(UserError, match="act-order"):
