@@ -315,8 +315,11 @@ def _quantize_options(args: argparse.Namespace) -> dict:
 
 def _sweep(args: argparse.Namespace) -> int:
     from .distributed import launched
+    from .memory import freeze_imports
     from .pipeline import run_recipe
     from .sweep import plan, run_sweep
+
+    freeze_imports()
 
     if launched():
         raise UserError("a sweep runs in one process: launch `nexus-export sweep` without torchrun (or run each point "
@@ -366,8 +369,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _execute(recipe, args: argparse.Namespace) -> int:
+    from .memory import freeze_imports
     from .pipeline import run_recipe
     from .report import headline
+
+    freeze_imports()
 
     if args.bundle is not None:
         from .outdir import check_distinct, check_output_dir

@@ -36,6 +36,21 @@ def release() -> None:
     trim()
 
 
+_FROZEN = False
+
+
+def freeze_imports() -> None:
+    """Collect, then move every object alive now (the modules torch, transformers and onnx imported) to the
+    collector's permanent generation, once per process: the full collection that ends every stage (``release``) then
+    scans only what the run created since (measured on tiny-llama: 0.33 s -> 0.15 s a collection, a stage ends with
+    one). For processes the command line owns: a cycle among the frozen objects is never collected afterwards."""
+    global _FROZEN
+    if not _FROZEN:
+        gc.collect()
+        gc.freeze()
+        _FROZEN = True
+
+
 def trim() -> None:
     """Return the free pages inside the C heap to the operating system (``malloc_trim``), without a garbage
     collection: cheap (well under a millisecond), so it can follow every freed weight. Needed because glibc raises its
