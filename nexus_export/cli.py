@@ -143,6 +143,9 @@ def _prune_args(prune: argparse.ArgumentParser, sweep: bool) -> None:
     prune.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                        help="gptq: quantize columns in decreasing Hessian diagonal order (default, except in the joint "
                             "sparsegpt sweep)")
+    prune.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
+                       help="gptq: shrink each group's range where that rounds its weights closer (default); "
+                            "--no-clip-search: the whole range, as the GPTQ reference")
     prune.add_argument("--quantize-sym", action=argparse.BooleanOptionalAction, default=None,
                        help="symmetric grid (default); --no-quantize-sym: a zero point per group")
     prune.add_argument("--joint", action="store_true",
@@ -303,7 +306,7 @@ def _task_names(text: str | None) -> list[str] | None:
 def _quantize_options(args: argparse.Namespace) -> dict:
     """The recipe's quantize section from the flags; a quantization flag without --quantize-bits is an error."""
     given = {"method": args.quantize_method, "group_size": args.group_size, "sym": args.quantize_sym,
-             "act_order": args.act_order, "joint": args.joint or None}
+             "act_order": args.act_order, "clip_search": args.clip_search, "joint": args.joint or None}
     given = {k: v for k, v in given.items() if v is not None}
     if args.quantize_bits is None:
         if given:

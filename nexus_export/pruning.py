@@ -308,14 +308,15 @@ class DynamicPruner(_Pruner):
 class GPTQQuantizer:
     """GPTQ 4- or 8-bit weights over the ``gptq`` pass: every linear of the decoder blocks is rounded to its grid with
     the rounding error compensated on the calibration data, and the dequantized weights (exactly on the grid) are
-    written into the float32 model in place; weights already zero (a pruner before it) stay zero.
+    written into the float32 model in place; weights already zero (a pruner before it) stay zero. ``clip_search``
+    shrinks a group's range where that rounds its weights closer (False: the whole range, as GPTQ's reference).
     ``metrics["program"]`` keeps the scales: ``export_onnx(metrics["program"], path)`` writes MatMulNBits, while
     ``export_onnx(model, path)`` writes the dequantized weights in float32."""
 
     def __init__(self, bits: int = 4, group_size: int = 128, act_order: bool = False, sym: bool = True,
-                 percdamp: float = 0.01, blocksize: int = 128):
+                 percdamp: float = 0.01, blocksize: int = 128, clip_search: bool = True):
         self._options = {"bits": bits, "group_size": group_size, "act_order": act_order, "sym": sym,
-                         "percdamp": percdamp, "blocksize": blocksize}
+                         "percdamp": percdamp, "blocksize": blocksize, "clip_search": clip_search}
         get_pass("gptq")(self._options)  # bad options fail here, with the CLI's messages
 
     def quantize_model(self, model: torch.nn.Module, calibration_data: Iterable | torch.Tensor | None = None,

@@ -104,6 +104,8 @@ class QuantizeSettings:
     sym: bool = True  # symmetric grid; False: a zero point per group (0 is still exact)
     act_order: bool | None = None  # gptq: columns in decreasing Hessian diagonal order; default on (off for rtn and
     # for the joint sparsegpt sweep, which chooses N:M groups in stored order)
+    clip_search: bool | None = None  # gptq: each group's range shrunk where that rounds closer; default on (off for
+    # rtn, onnxruntime's quantizer, and for the joint sparsegpt sweep, which fits a group's range before its mask)
     joint: bool = False  # gptq: prune (the last sparsegpt or wanda pass) and quantize in one sweep per layer
     percdamp: float = 0.01  # gptq: damping, as a fraction of the mean Hessian diagonal
 
@@ -294,18 +296,24 @@ def _quantize(data: Any, passes: tuple[PassStep, ...]) -> QuantizeSettings | Non
         calibrates = any(get_pass(step.name)(step.config).needs_calibration for step in passes)
         settings = dataclasses.replace(settings, method="gptq" if calibrates else "rtn")
     if settings.method == "rtn":
-        for flag, on in (("act_order (--act-order)", settings.act_order), ("joint (--joint)", settings.joint)):
+        for flag, on in (("act_order (--act-order)", settings.act_order), ("joint (--joint)", settings.joint),
+                         ("clip_search (--clip-search)", settings.clip_search)):
             if on:
                 raise UserError(f"quantize.{flag} needs the gptq method (--quantize-method gptq); round to nearest "
-                                "has no column order or sweep")
+                                "has no column order, sweep or range search")
     joinable = get_pass("gptq").joint_methods
     if settings.joint and not any(step.name in joinable for step in passes):
         raise UserError(f"quantize.joint (--joint) prunes and quantizes in one sweep and needs a "
                         f"{' or '.join(joinable)} pass to join; the recipe has "
                         f"{', '.join(step.name for step in passes) or 'no passes'}")
+    # the joint SparseGPT sweep chooses N:M groups in stored order as it goes: no act-order, and no range search (a
+    # group's range is fitted before its mask is final; measured on SmolLM2-135M 2:4: 73.08 whole, 74.74 searched)
+    joined = [step.name for step in passes if step.name in joinable][-1:] if settings.joint else []
+    in_sweep = settings.method == "gptq" and joined != ["sparsegpt"]
+    if settings.clip_search is None:
+        settings = dataclasses.replace(settings, clip_search=in_sweep)
     if settings.act_order is None:
-        joined = [step.name for step in passes if step.name in joinable][-1:] if settings.joint else []
-        settings = dataclasses.replace(settings, act_order=settings.method == "gptq" and joined != ["sparsegpt"])
+        settings = dataclasses.replace(settings, act_order=in_sweep)
     return settings
 
 
@@ -316,7 +324,7 @@ def run_steps(recipe: Recipe) -> tuple[PassStep, ...]:
     if q is None or q.method != "gptq":
         return recipe.passes
     options = {"bits": q.bits, "group_size": q.group_size, "sym": q.sym, "act_order": q.act_order,
-               "percdamp": q.percdamp}
+               "clip_search": q.clip_search, "percdamp": q.percdamp}
     steps = list(recipe.passes)
     if not q.joint:
         return (*steps, PassStep("gptq", get_pass("gptq").config_class.from_options(options, "gptq")))

@@ -247,6 +247,8 @@ def _quantization(artifact: dict) -> str:
              "symmetric" if artifact["sym"] else "asymmetric"]
     if artifact.get("act_order"):
         words.append("act-order")
+    if artifact.get("clip_search"):
+        words.append("ranges searched")
     if artifact.get("joint"):
         words.append("joint sweep")
     kept = artifact.get("pruned_zeros_kept")

@@ -40,6 +40,7 @@ class GPTQConfig(PassConfig):
     bits: int = 4
     group_size: int = 128  # inputs per scale (and zero point)
     sym: bool = True  # symmetric grid (zero point 2^(bits-1)); False: a zero point per group
+    clip_search: bool = True  # each group's range shrunk where that rounds its weights closer (quant_grid.Grid)
     act_order: bool = False  # columns in decreasing Hessian diagonal order (scales still per stored group)
     blocksize: int = 128  # columns per lazy batch update
     percdamp: float = 0.01  # damping, as a fraction of the mean Hessian diagonal
@@ -62,7 +63,7 @@ class GPTQConfig(PassConfig):
                                 "stored column order); drop --act-order or --joint")
 
     def grid(self) -> Grid:
-        return Grid(self.bits, self.group_size, self.sym)
+        return Grid(self.bits, self.group_size, self.sym, self.clip_search)
 
     def mask(self) -> tuple[str, MaskConfig]:
         """The joint mode's masking method and its validated options."""

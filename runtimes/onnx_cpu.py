@@ -68,7 +68,8 @@ class OnnxRuntimeCPU:
                 path = quantize_onnx(artifact, dst, q.bits, q.group_size, q.sym)
             out.append({"name": f"int{q.bits}", "path": path.name, "bytes": self.artifact_bytes(path),
                         "method": q.method, "bits": q.bits, "group_size": q.group_size, "sym": q.sym,
-                        **({"act_order": q.act_order, "joint": q.joint, "layers": len(grids or {})}
+                        **({"act_order": q.act_order, "clip_search": q.clip_search, "joint": q.joint,
+                            "layers": len(grids or {})}
                            if q.method == "gptq" else {}),
                         "pruned_zeros_kept": zeros_kept(artifact, path, targets)})
         return out

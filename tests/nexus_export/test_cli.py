@@ -333,6 +333,7 @@ def test_sparsegpt_then_gptq_end_to_end(tmp_path, capsys):
     assert report["recipe"]["quantize"]["method"] == "gptq"
     fp32, int4 = report["artifacts"]
     assert int4["method"] == "gptq" and int4["layers"] == 14 and int4["pruned_zeros_kept"] is True
+    assert int4["clip_search"] is True and "act-order, ranges searched" in (out / "report.md").read_text()
     assert int4["pytorch_perplexity"] == report["perplexity"]["pruned"] and int4["vs_pytorch_rel"] < 1e-4
     assert int4["bytes"] < 0.6 * fp32["bytes"]
 
@@ -341,10 +342,11 @@ def test_sparsegpt_then_gptq_end_to_end(tmp_path, capsys):
 def test_joint_sweep_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     assert prune(out, "--pattern", "2:4", "--calib-samples", "8", "--quantize-bits", "4", "--dtype", "fp32",
-                 "--joint", "--no-quantize-sym", method="wanda") == 0
+                 "--joint", "--no-quantize-sym", "--no-clip-search", method="wanda") == 0
     report = json.loads((out / "report.json").read_text())
     (gptq,) = report["passes"]  # the wanda pass runs inside the sweep
     assert gptq["name"] == "gptq" and gptq["changes"]["joint"] == "wanda" and gptq["changes"]["sym"] is False
+    assert gptq["changes"]["clip_search"] is False and report["artifacts"][1]["clip_search"] is False
     assert report["sparsity"]["pattern"] == "2:4" and report["onnx"]["summary"]["all_nm_valid"]
     assert report["artifacts"][1]["vs_pytorch_rel"] < 1e-4
 
@@ -358,6 +360,7 @@ def test_joint_sweep_end_to_end(tmp_path, capsys):
     (["--method", "magnitude", "--quantize-bits", "4", "--quantize-method", "gptq", "--joint"],
      "needs a sparsegpt or wanda pass"),
     (["--method", "magnitude", "--quantize-bits", "4", "--act-order"], "needs the gptq method"),
+    (["--method", "magnitude", "--quantize-bits", "4", "--clip-search"], "clip_search .--clip-search. needs the gptq"),
     (["--method", "sparsegpt", "--pattern", "2:4", "--quantize-bits", "4", "--joint", "--act-order"],
      "act-order cannot be combined"),
     (["--method", "sparsegpt", "--act-order"], "--act-order set how to quantize, but nothing is quantized"),
@@ -377,19 +380,22 @@ def test_quantization_method_defaults_to_gptq_when_the_run_calibrates():
     calibrated = Recipe.from_dict({"model": "tiny-llama", "passes": [{"sparsegpt": {"pattern": "2:4"}}],
                                    "quantize": {"bits": 4}})
     assert calibrated.quantize.method == "gptq" and calibrated.quantize.act_order is True
+    assert calibrated.quantize.clip_search is True and run_steps(calibrated)[1].config.clip_search is True
     assert [s.name for s in run_steps(calibrated)] == ["sparsegpt", "gptq"]
     plain = Recipe.from_dict({"model": "tiny-llama", "passes": ["magnitude"], "quantize": {"bits": 4, "block_size": 64}})
     assert plain.quantize.method == "rtn" and plain.quantize.group_size == 64 and run_steps(plain) == plain.passes
-    assert plain.quantize.act_order is False
+    assert plain.quantize.act_order is False and plain.quantize.clip_search is False
     joint = Recipe.from_dict({"model": "tiny-llama", "passes": [{"sparsegpt": {"pattern": "2:4", "percdamp": 0.02}}],
                               "quantize": {"bits": 4, "joint": True}})
     (step,) = run_steps(joint)
     assert step.name == "gptq" and step.config.prune == {"method": "sparsegpt", "pattern": "2:4", "permute": False,
                                                          "layerwise": "uniform", "owl_m": 5.0, "owl_lambda": 0.08}
     assert step.config.percdamp == 0.02 and step.config.act_order is False  # N:M groups follow the stored order
+    assert step.config.clip_search is False  # a group's range is fitted before its N:M mask is final
     wanda = Recipe.from_dict({"model": "tiny-llama", "passes": [{"wanda": {"pattern": "2:4"}}],
                               "quantize": {"bits": 4, "joint": True}})
     assert run_steps(wanda)[0].config.act_order is True  # Wanda's mask is fixed before the sweep
+    assert run_steps(wanda)[0].config.clip_search is True
     assert Recipe.from_dict(joint.to_dict()) == joint  # recipe.yaml round-trips
 
 

@@ -54,6 +54,26 @@ def test_grid_holds_zero_and_codes_fit(bits, sym):
 
 
 @pytest.mark.parametrize("sym", [True, False])
+def test_clip_search_rounds_each_group_at_least_as_close_and_keeps_zero(sym):
+    """Searching the range never rounds a group worse than the whole range, rounds closer wherever it shrinks it,
+    and keeps 0 exact."""
+    w = torch.randn(64, 64, generator=torch.Generator().manual_seed(0)) + (0.0 if sym else 0.5)
+    w[:, ::7] = 0.0
+    plain, searched = Grid(4, 32, sym), Grid(4, 32, sym, clip_search=True)
+    errors = {}
+    for grid in (plain, searched):
+        scales, zeros = grid.group_params(w)
+        deq = grid.dequantize(grid.layer_codes(w, scales, zeros), scales, zeros)
+        assert torch.all(deq[w == 0] == 0)
+        errors[grid.clip_search] = ((deq - w).abs() ** 2.4).reshape(64, 2, 32).sum(dim=2)
+        ranges = scales.abs()
+    assert torch.all(errors[True] <= errors[False] * (1 + 1e-5))
+    shrunk = ranges < plain.group_params(w)[0].abs() * (1 - 1e-6)
+    assert float(shrunk.float().mean()) > 0.5  # most groups of 32 Gaussian weights round closer on a narrower range
+    assert torch.all(errors[True][shrunk] < errors[False][shrunk])
+
+
+@pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_sweep_lands_on_the_grid_and_beats_rounding(sym, act_order):
     w, h = problem()
@@ -128,7 +148,8 @@ def test_pass_quantizes_every_block_linear_and_keeps_pruned_zeros():
         assert scales.shape == (w.shape[0], w.shape[1] // 32) and zero_points.dtype == torch.uint8
         assert on_grid(w, grid, scales, zero_points.float())
         assert torch.all(w[zeros[name]] == 0) and nm_valid(w, NMPattern(2, 4))
-    assert program.origin["quantization"] == {"bits": 4, "group_size": 32, "sym": True, "method": "gptq"}
+    assert program.origin["quantization"] == {"bits": 4, "group_size": 32, "sym": True, "clip_search": True,
+                                                "method": "gptq"}
     assert "lm_head" not in grids  # the head stays float, as in the reference
 
 
