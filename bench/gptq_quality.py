@@ -5,7 +5,7 @@ the dequantized weights in PyTorch on the evaluation windows and on text the cal
 texts), and the passes' seconds. The int4 files that onnxruntime runs hold exactly these weights (see
 bench/compression.py for their onnxruntime perplexity, size and latency).
 
-    .venv/bin/python bench/gptq_quality.py                                  # every row (~40 min)
+    .venv/bin/python bench/gptq_quality.py                                  # every row (~45 min)
     .venv/bin/python bench/gptq_quality.py --rows dense-act,dense-act-clip  # a subset
     .venv/bin/python bench/gptq_quality.py --model tiny-llama --eval-windows 4 --seq-len 64 --calib-samples 4
 """
@@ -35,9 +35,9 @@ ROWS = {  # label -> (settings in words, the passes it runs in order)
                         [("sparsegpt", TWO_FOUR), ("gptq", {**GRID, "act_order": False, "clip_search": False})]),
     "2:4-then-act-clip": ("SparseGPT 2:4, then GPTQ, act-order, range searched (default)",
                           [("sparsegpt", TWO_FOUR), ("gptq", {**GRID, "act_order": True, "clip_search": True})]),
-    "2:4-joint": ("joint SparseGPT 2:4 + GPTQ sweep, whole range",
+    "2:4-joint": ("joint SparseGPT 2:4 + GPTQ sweep, whole range (default for --joint)",
                   [("gptq", {**GRID, "clip_search": False, "prune": {"method": "sparsegpt", **TWO_FOUR}})]),
-    "2:4-joint-clip": ("joint SparseGPT 2:4 + GPTQ sweep, range searched (default)",
+    "2:4-joint-clip": ("joint SparseGPT 2:4 + GPTQ sweep, range searched",
                        [("gptq", {**GRID, "clip_search": True, "prune": {"method": "sparsegpt", **TWO_FOUR}})]),
 }
 
