@@ -146,8 +146,8 @@ def obs_sweep(weight: torch.Tensor, factor: HessianFactor, *, sparsity: float = 
         for i in range(count):
             w = W1[:, i]
             if pattern is not None and i % pattern.m == 0:
-                scores = W1[:, i:i + pattern.m] ** 2 / d[i:i + pattern.m].reshape(1, -1) ** 2
-                prune_mask.scatter_(1, i + torch.topk(scores, pattern.n, dim=1, largest=False).indices, True)
+                nm = slice(i, i + pattern.m)
+                prune_mask[:, nm] |= _nm_mask(W1[:, nm], d[nm], pattern)
             q = w.clone()
             q[prune_mask[:, i]] = 0.0
             if grid is not None:
@@ -157,7 +157,7 @@ def obs_sweep(weight: torch.Tensor, factor: HessianFactor, *, sparsity: float = 
                         span = slice(i, i + grid.group_size)
                         pruned = prune_mask[:, span]
                         if pattern is not None:  # N:M groups after this one are not chosen yet: guess them now
-                            pruned = pruned | _nm_guess(W1[:, span], d[span], pattern)
+                            pruned = pruned | _nm_mask(W1[:, span], d[span], pattern)
                         scales[:, group], zeros[:, group] = grid.params(W1[:, span] * ~pruned)
                 else:
                     group = int(perm[i1 + i]) // grid.group_size
@@ -174,9 +174,10 @@ def obs_sweep(weight: torch.Tensor, factor: HessianFactor, *, sparsity: float = 
     return SweepResult(W, scales, zeros)
 
 
-def _nm_guess(W: torch.Tensor, d: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
-    """The N:M mask (True = pruned) that the sweep's rule would choose on ``W`` [rows, k*M] as it stands, so that a
-    quantization group's scale is fitted to the weights likely to stay rather than to ones about to be zeroed."""
+def _nm_mask(W: torch.Tensor, d: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
+    """The sweep's N:M rule on ``W`` [rows, k*M] as it stands (True = pruned): the N lowest w^2 / d^2 of every M
+    columns. Applied to one group of M when the sweep reaches it, and ahead of time to a quantization group's span so
+    that its scale is fitted to the weights likely to stay rather than to ones about to be zeroed."""
     rows, cols = W.shape
     if cols % pattern.m:
         return torch.zeros_like(W, dtype=torch.bool)
