@@ -318,11 +318,10 @@ def _quantize_options(args: argparse.Namespace) -> dict:
 
 def _sweep(args: argparse.Namespace) -> int:
     from .distributed import launched
-    from .memory import freeze_imports
     from .pipeline import run_recipe
     from .sweep import plan, run_sweep
 
-    freeze_imports()
+    _prepare_process()
 
     if launched():
         raise UserError("a sweep runs in one process: launch `nexus-export sweep` without torchrun (or run each point "
@@ -371,12 +370,20 @@ def _run(args: argparse.Namespace) -> int:
     return _execute(Recipe.from_yaml(args.recipe), args)
 
 
+def _prepare_process() -> None:
+    """Process-wide settings a run of the command line owns: large allocations mapped on their own (freed memory
+    goes back to the system) and the imports' objects frozen out of every later garbage collection."""
+    from .memory import freeze_imports, map_large_allocations
+
+    map_large_allocations()
+    freeze_imports()
+
+
 def _execute(recipe, args: argparse.Namespace) -> int:
-    from .memory import freeze_imports
     from .pipeline import run_recipe
     from .report import headline
 
-    freeze_imports()
+    _prepare_process()
 
     if args.bundle is not None:
         from .outdir import check_distinct, check_output_dir
