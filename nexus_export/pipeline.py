@@ -31,7 +31,7 @@ from .data import calibration_windows, choose_bos, evaluation_windows
 from .data.sources import mix_counts, parse_mix
 from .errors import UserError
 from .evaluate import program_perplexity
-from .metrics import next_token_nll, perplexity
+from .metrics import max_abs_diff, next_token_nll, perplexity
 from .hf_export import save_hf
 from .model_card import hf_card
 from .memory import RssSampler, current_rss_mb, peak_rss_mb, release
@@ -326,9 +326,7 @@ def _parity(runtime, sess, expected: torch.Tensor, parity_ids: torch.Tensor) -> 
     logits, and both runtimes' perplexity there with their relative difference (the check that stays when onnxruntime
     does not score every window, --eval-runtime pytorch)."""
     actual = runtime.logits(sess, parity_ids, torch.ones_like(parity_ids))
-    if actual.shape != expected.shape:
-        raise ValueError(f"logit shapes differ: program {tuple(expected.shape)}, onnxruntime {tuple(actual.shape)}")
-    diff = float((expected.double() - actual.double()).abs().max())
+    diff = max_abs_diff(expected, actual)
     log.info("parity on %s: max abs diff %.3g", tuple(parity_ids.shape), diff)
     pytorch, onnx = (perplexity(*next_token_nll(logits, parity_ids)) for logits in (expected, actual))
     return diff, {"pytorch_perplexity": pytorch, "onnx_perplexity": onnx,

@@ -204,7 +204,10 @@ def _activations(report: dict) -> list[str]:
     lines = ["", "## Activation sparsity",
              f"On the evaluation windows {measured['sparsity']:.1%} of the entries entering the blocks' linears are zero; "
              f"{measured['skippable_macs']:.1%} of their multiply-adds read a zero (what a kernel that skips zero "
-             "inputs could save: onnxruntime has none, so this is not a speed-up here).", "",
+             "inputs could save: onnxruntime has none, so this is not a speed-up here). The thresholds are hard: an "
+             "entry within rounding of one is kept by one runtime and zeroed by the other, and later blocks compound "
+             "that, so PyTorch and onnxruntime differ here by more than float rounding, as PyTorch differs from itself "
+             "when the thresholds move by a millionth (bench/activation_rounding.py measures that spread).", "",
              "| input of | block | threshold | sparsity (calibration) | sparsity (evaluation) |", "|---|---|---|---|---|"]
     for p in report["passes"]:
         for name, t in p.get("changes", {}).get("thresholds", {}).items():

@@ -8,9 +8,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
+from nexus_export import metrics
 from runtimes import ort
 
 if TYPE_CHECKING:
@@ -23,9 +23,6 @@ def max_abs_diff(expected: torch.Tensor, sess: InferenceSession, input_ids, atte
     """max |logits expected (from the program) - logits(onnxruntime)| on the same inputs (float64 difference)."""
     ids = torch.as_tensor(input_ids, dtype=torch.long)
     mask = torch.as_tensor(attention_mask, dtype=torch.long)
-    actual = ort.logits(sess, ids, mask)
-    if tuple(expected.shape) != actual.shape:
-        raise ValueError(f"logit shapes differ: program {tuple(expected.shape)}, onnxruntime {actual.shape}")
-    diff = float(np.max(np.abs(expected.double().numpy() - actual.astype(np.float64))))
+    diff = metrics.max_abs_diff(expected, ort.logits(sess, ids, mask))
     log.info("parity on %s: max abs diff %.3g", tuple(ids.shape), diff)
     return diff
