@@ -2,8 +2,8 @@
 
 A hard threshold turns a rounding-sized change of its input into a different set of zeros, and every later block
 sees that. This script places the thresholds once (the activation pass's calibration), then scores the evaluation
-windows in PyTorch with every threshold multiplied by 1, 1 + nudge and 1 - nudge (nudge 1e-6: a few float32 ulps),
-and in onnxruntime with the thresholds as placed. It prints each perplexity's distance from PyTorch's own, and how
+windows in PyTorch with every threshold multiplied by 1, 1 + nudge and 1 - nudge (nudge 1e-6: about ten float32
+ulps), and in onnxruntime with the thresholds as placed. It prints each perplexity's distance from PyTorch's own, and how
 much the nudge changes each token's NLL and the last block's output: the spread inside which onnxruntime and PyTorch
 cannot be told apart.
 
@@ -21,9 +21,7 @@ import torch
 
 from common import load_protocol, protocol_parser, setup_logging
 from nexus_export.runner import BlockRunner
-from passes.activation import Threshold, insert_thresholds, place_thresholds
-
-ROLES = ["attn_in", "attn_out", "mlp_in", "mlp_out"]
+from passes.activation import IN_BLOCK_ROLES, Threshold, insert_thresholds, place_thresholds
 
 
 def token_nll(program, windows: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +52,7 @@ def main() -> int:
 
     _, program, evals, calib = load_protocol(args.model, args.eval_windows, args.calib_samples, args.seq_len,
                                              args.calib_source)
-    placed = place_thresholds(program, calib, args.sparsity, ROLES, allocation=args.allocation)
+    placed = place_thresholds(program, calib, args.sparsity, list(IN_BLOCK_ROLES), allocation=args.allocation)
 
     def scaled(factor: float):
         return insert_thresholds(program, [Threshold(t.block, t.linears, t.value * factor, t.calibration_sparsity)
