@@ -35,6 +35,7 @@ from .errors import UserError
 from .graph_edit import add_parameter, call, copy_program, meta_like, param_of, rebuild
 from .naming import WRAPPER_PREFIX
 from .program import Program
+from .progress import Progress
 from .store import WeightStore
 from .structure import through, block_boundaries, op_name
 from .surgery import stream_operand
@@ -452,7 +453,9 @@ def rotate_and_slice(fused: Program, bases: list[torch.Tensor], in_place: bool =
     with torch.no_grad():
         for param in structure.embeddings.values():
             put(param, _by_rows(store.get(param), lambda e: e @ basis(0), store.dtype_for(param, torch.float32)))
+        progress = Progress("rotate and slice", len(structure.sublayers), "sublayers", every_s=10.0)
         for i, sub in enumerate(structure.sublayers):
+            progress.update(i)  # minutes on a billion parameters: each weight read, rotated in float64 and written
             for name in sub.readers:
                 set_matrix(name, matrix(name) @ basis(i))
             for name in sub.writers:
@@ -475,6 +478,7 @@ def rotate_and_slice(fused: Program, bases: list[torch.Tensor], in_place: bool =
         rotated = _by_rows(_oriented(store.get(head.weight), head.weight_layout), lambda w: w @ basis(len(bases) - 1),
                            store.dtype_for(head.weight, torch.float32))
         put(head.weight, _oriented(rotated, head.weight_layout))
+        progress.update(len(structure.sublayers))
     _fix_widths(exported)
     sliced = rebuild(exported, store, retrace=True)
     origin = dict(fused.origin)

@@ -36,13 +36,16 @@ def test_fusion_keeps_logits_and_leaves_scale_free_norms(arch):
 
 
 @pytest.mark.parametrize("arch", archs())
-def test_full_width_rotation_keeps_logits(arch):
+def test_full_width_rotation_keeps_logits(arch, caplog):
     program = tiny_program(arch, random_norms=True)
     fused = fuse_norms(program)
     projected, matrices = with_projections(fused)
     assert torch.equal(projected.logits(IDS), fused.logits(IDS))  # identity projections
     width = projected.store.shape(matrices[0])[0]
-    rotated = rotate_and_slice(fused, random_bases(len(matrices), width))
+    with caplog.at_level("INFO", logger="nexus_export.progress"):
+        rotated = rotate_and_slice(fused, random_bases(len(matrices), width))
+    done = len(program.structure.sublayers)
+    assert f"rotate and slice: {done}/{done} sublayers" in caplog.text  # the long rewrite reports its progress
     assert rel(rotated.logits(IDS), program.logits(IDS)) < 1e-5
     shortcuts = [lin for lin in rotated.structure.linears.values() if lin.role == "shortcut"]
     assert len(shortcuts) == len(rotated.structure.sublayers)  # the basis changes at every residual add
