@@ -21,16 +21,18 @@ print(before - memory.current_rss_mb(), float(tensors[0].sum()) == 10 * mib // 4
 """
 
 
+def heap_script(script: str, *args: str) -> str:
+    """Run ``script`` in a fresh process; its first printed word (the surviving tensor must be intact)."""
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=True)
+    value, intact = out.stdout.split()
+    assert intact == "True"
+    return value
+
+
 @pytest.mark.skipif(getattr(memory._libc(), "malloc_trim", None) is None, reason="the C library has no malloc_trim")
 def test_trim_returns_holes_in_the_heap():
-    def freed(*args):
-        out = subprocess.run([sys.executable, "-c", SCRIPT, *args], capture_output=True, text=True, check=True)
-        mib, intact = out.stdout.split()
-        assert intact == "True"
-        return float(mib)
-
-    assert freed() < 50  # without trim the holes stay resident
-    assert freed("trim") > 300
+    assert float(heap_script(SCRIPT)) < 50  # without trim the holes stay resident
+    assert float(heap_script(SCRIPT, "trim")) > 300
 
 
 FREEZE = """
@@ -74,11 +76,5 @@ print(memory.current_rss_mb() - base < 60, float(tensors[0].sum()) == 10 * mib /
 
 @pytest.mark.skipif(getattr(memory._libc(), "mallopt", None) is None, reason="the C library has no mallopt")
 def test_large_allocations_mapped_are_returned_on_free():
-    def small(*args):
-        out = subprocess.run([sys.executable, "-c", MAPPED, *args], capture_output=True, text=True, check=True)
-        low, intact = out.stdout.split()
-        assert intact == "True"
-        return low == "True"
-
-    assert not small()  # glibc's own threshold keeps the 390 MiB of holes resident
-    assert small("map")
+    assert heap_script(MAPPED) == "False"  # glibc's own threshold keeps the 390 MiB of holes resident
+    assert heap_script(MAPPED, "map") == "True"
