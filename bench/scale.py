@@ -4,7 +4,8 @@ Each checkpoint is built once (seeded random weights, bf16 safetensors shards of
 tokenizer) under $NEXUS_EXPORT_CACHE/synthetic/<name>, then every (model, method) runs the CLI in its own process.
 Peak resident memory is measured from outside the process (the kernel's ru_maxrss of that child, from wait4, and
 /proc/<pid>/status sampled every 0.1 s) and from inside (report.json). Prints a Markdown table and writes a plot of
-peak memory against parameters.
+peak memory against parameters. Results accumulate in bench/results/scale.json (tracked: the README's table and plot
+come from it), one entry per (model, method), the latest run replacing the one before.
 
     .venv/bin/python bench/scale.py                                     # every shape and method (hours)
     .venv/bin/python bench/scale.py --shapes 135m,1.1b --methods sparsegpt --budget 1GiB
@@ -135,25 +136,36 @@ def run(folder: Path, method: str, budget: str, out: Path) -> dict:
             "stages": {r["stage"]: r["peak_rss_mb"] for r in report["stages"]}}
 
 
+def revision() -> str:
+    """The commit the run measured (with "+changes" when the work tree differs from it)."""
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     ap.add_argument("--budget", default="1GiB", help="--memory-budget of every run")
-    ap.add_argument("--out", type=Path, default=ROOT / "out" / "scale", help="run folders and results.json")
+    ap.add_argument("--out", type=Path, default=ROOT / "out" / "scale", help="scratch folder of the runs")
+    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "scale.json",
+                    help="the results so far, updated after every run")
     ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "scale.png", help="where to write the plot")
-    ap.add_argument("--table-only", action="store_true", help="run nothing: the table and plot of results.json")
+    ap.add_argument("--table-only", action="store_true", help="run nothing: the table and plot of the results file")
     args = ap.parse_args()
     setup_logging()
     args.out.mkdir(parents=True, exist_ok=True)
-    results_path = args.out / "results.json"
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    results_path = args.results
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     for shape in [] if args.table_only else args.shapes.split(","):
         folder = checkpoint(shape)
         for method in args.methods.split(","):
             key = f"{shape}/{method}"
             print(f"running {key} ...", file=sys.stderr, flush=True)
-            results[key] = {"shape": shape, "method": method, "budget": args.budget,
+            results[key] = {"shape": shape, "method": method, "budget": args.budget, "revision": revision(),
                             **run(folder, method, args.budget, args.out / "run")}
             results_path.write_text(json.dumps(results, indent=2))
             print_table(results)

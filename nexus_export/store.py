@@ -4,11 +4,12 @@ A captured program holds no weights (its state_dict has meta tensors: shapes and
 each tensor is: a range of bytes in a checkpoint shard, a tensor in memory (a model's own parameter, or one a pass
 produced), or a range in a scratch file it spilled to. ``get`` reads one tensor in the dtype and on the device the
 computation asks for; ``set`` keeps what a pass produced, in the store's output dtype. Produced tensors stay in memory
-while they fit the budget; past it they are written to a scratch safetensors file and read back from there, so a run
-never needs to hold the whole model.
+while they fit the budget; past it the oldest are written to a scratch safetensors file and read back from there, so a
+run never needs to hold the whole model.
 
 Structural passes work on a ``fork``: a second store that shares every unchanged tensor with the first and keeps its
-own changes, so the program a pass started from keeps its weights and nothing is copied.
+own changes, so the program a pass started from keeps its weights and nothing is copied. A store and its forks share
+one budget: what any of them produced counts once, against the same cap.
 """
 
 from __future__ import annotations
@@ -43,6 +44,30 @@ class _Entry:
     location: TensorLocation | None = None  # on disk (checkpoint shard or spill file)
     tensor: torch.Tensor | None = None  # in memory
     owned: bool = False  # produced by a pass: counts against the budget and may be spilled
+
+
+class _Ledger:
+    """The produced tensors a store and its forks hold in memory, oldest first, and the one budget they share.
+
+    Entries are held by weak reference: an edit no store names any more (replaced, dropped) is freed as usual and
+    leaves the ledger by itself."""
+
+    def __init__(self, budget: int):
+        self.budget = int(budget)
+        self.spilled_bytes = 0
+        self._held: list[weakref.ref[_Entry]] = []
+
+    def add(self, entry: _Entry) -> None:
+        self._held.append(weakref.ref(entry))
+
+    def held(self) -> list[_Entry]:
+        """The produced tensors still in memory, oldest first (the dead and the spilled are forgotten here)."""
+        live = [(ref, e) for ref in self._held if (e := ref()) is not None and e.tensor is not None]
+        self._held = [ref for ref, _ in live]
+        return [e for _, e in live]
+
+    def resident_bytes(self) -> int:
+        return sum(nbytes(e.shape, e.dtype) for e in self.held())
 
 
 class _Scratch:
@@ -104,12 +129,20 @@ class WeightStore:
 
     def __init__(self, budget: int = DEFAULT_BUDGET, scratch: Path | None = None, dtype: torch.dtype | None = None,
                  write_through: bool = False):
-        self.budget = int(budget)
         self.dtype = dtype
         self.write_through = write_through
         self._entries: dict[str, _Entry] = {}
         self._scratch = scratch if isinstance(scratch, _Scratch) else _Scratch(scratch)
-        self.spilled_bytes = 0
+        self._ledger = _Ledger(budget)
+
+    @property
+    def budget(self) -> int:
+        return self._ledger.budget
+
+    @property
+    def spilled_bytes(self) -> int:
+        """Bytes this store and its forks wrote to scratch files so far."""
+        return self._ledger.spilled_bytes
 
     # ------------------------------------------------------------------------------------------------ filling
 
@@ -183,8 +216,8 @@ class WeightStore:
 
     def set(self, name: str, value: torch.Tensor, dtype: torch.dtype | None = None) -> None:
         """Keep ``value`` as the new ``name`` (any shape): in ``dtype`` if given, else as ``dtype_for`` says. The
-        store takes ``value`` over (it may keep that very tensor): do not change it afterwards. Spills produced
-        tensors past the budget."""
+        store takes ``value`` over (it may keep that very tensor): do not change it afterwards. Past the budget
+        (shared with the forks), the oldest produced tensors are spilled."""
         value = value.detach()
         old = self._entries.get(name)
         dtype = dtype or self.dtype_for(name, value.dtype)
@@ -193,9 +226,11 @@ class WeightStore:
             old.tensor.copy_(value)
             return
         kept = value.to(device="cpu", dtype=dtype).contiguous()  # the store may keep ``value`` itself
-        self._entries[name] = _Entry(tuple(kept.shape), kept.dtype, tensor=kept, owned=True)
+        entry = _Entry(tuple(kept.shape), kept.dtype, tensor=kept, owned=True)
+        self._entries[name] = entry
+        self._ledger.add(entry)
         if self.resident_bytes() > self.budget:
-            self.spill()
+            self.spill(self.budget - min(SPILL_FILE_BYTES, self.budget // 2))
 
     def alias(self, name: str, existing: str) -> None:
         """``name`` starts as the same tensor as ``existing`` (no copy); a later ``set`` of either parts them."""
@@ -226,52 +261,61 @@ class WeightStore:
 
         The entries themselves are shared until either store sets a new tensor under a name, so a spill by either
         frees the memory for both (with copied entries, a shared edit spilled by one stayed in memory through the
-        other: SliceGPT's fused and projected stores held up to twice the budget that way)."""
+        other: SliceGPT's fused and projected stores held up to twice the budget that way). Both count their edits
+        against one budget (with a budget each, SliceGPT's stores held up to twice the budget)."""
         other = WeightStore(self.budget, self._scratch, self.dtype, write_through=False)
         other._entries = dict(self._entries)
+        other._ledger = self._ledger
         return other
 
     # ------------------------------------------------------------------------------------------------ memory
 
     def resident_bytes(self) -> int:
-        """Bytes of produced tensors held in memory (what the budget caps)."""
-        return sum(nbytes(e.shape, e.dtype) for e in self._entries.values() if e.owned and e.tensor is not None)
+        """Bytes of produced tensors this store and its forks hold in memory (what the budget caps)."""
+        return self._ledger.resident_bytes()
 
     def total_bytes(self) -> int:
         """Bytes of every tensor as stored."""
         return sum(nbytes(e.shape, e.dtype) for e in self._entries.values())
 
-    def spill(self) -> None:
-        """Write every produced tensor held in memory to scratch files and free it. Files of about SPILL_FILE_BYTES
-        each, every group freed as soon as it is written: safetensors serializes a file's tensors in memory first,
-        so one file for everything would briefly double what the budget holds."""
-        names = [name for name, e in self._entries.items() if e.owned and e.tensor is not None]
-        group: list[str] = []
+    def spill(self, keep: int = 0) -> None:
+        """Write the oldest produced tensors held in memory (by this store or its forks) to scratch files and free
+        them, until at most ``keep`` bytes stay. Spilling the oldest rather than everything keeps what is resident
+        near the budget at every point of a pass, so the peak does not depend on where the last spill fell. Files of
+        about SPILL_FILE_BYTES each, every group freed as soon as it is written: safetensors serializes a file's
+        tensors in memory first, so one file for everything would briefly double what the budget holds."""
+        held = self._ledger.held()
+        excess = sum(nbytes(e.shape, e.dtype) for e in held) - keep
+        group: list[_Entry] = []
         size = 0
-        for name in names:
-            group.append(name)
-            size += self.nbytes(name)
+        for entry in held:
+            if excess <= 0:
+                break
+            group.append(entry)
+            size += nbytes(entry.shape, entry.dtype)
+            excess -= nbytes(entry.shape, entry.dtype)
             if size >= SPILL_FILE_BYTES:
                 self._spill_group(group)
                 group, size = [], 0
         if group:
             self._spill_group(group)
 
-    def _spill_group(self, names: list[str]) -> None:
+    def _spill_group(self, entries: list[_Entry]) -> None:
         path = self._scratch.path() / f"spill-{uuid.uuid4().hex[:12]}.safetensors"
         tmp = path.with_name("." + path.name + ".tmp")
+        keys = [f"t{i}" for i in range(len(entries))]  # an entry may go by different names in different forks
         try:
-            save_file({name: self._entries[name].tensor for name in names}, str(tmp))
+            save_file({key: entry.tensor for key, entry in zip(keys, entries)}, str(tmp))
             os.replace(tmp, path)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise UserError(f"cannot spill weights to {path.parent} ({exc.strerror or exc}); free disk space there or "
                             "raise --memory-budget") from None
         locations = read_header(path)
-        for name in names:
-            self._entries[name].location = locations[name]
-            self._entries[name].tensor = None
+        for key, entry in zip(keys, entries):
+            entry.location = locations[key]
+            entry.tensor = None
         trim()  # the freed tensors leave holes in the C heap: hand them back now
         size = sum(loc.nbytes for loc in locations.values())
-        self.spilled_bytes += size
-        log.info("weight store: spilled %d tensors (%.0f MiB) to %s", len(names), size / 2**20, path.name)
+        self._ledger.spilled_bytes += size
+        log.info("weight store: spilled %d tensors (%.0f MiB) to %s", len(entries), size / 2**20, path.name)

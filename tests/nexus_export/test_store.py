@@ -59,11 +59,12 @@ def test_a_spill_writes_files_of_bounded_size(shard, tmp_path, monkeypatch):
     monkeypatch.setattr(store_module, "SPILL_FILE_BYTES", 50)
     path, _ = shard
     store = store_of(path, budget=100, scratch=tmp_path / "scratch")
-    for i in range(4):
+    for i in range(5):
         store.set(f"t{i}", torch.full((10,), float(i)))  # 40 bytes each: the third pushes the store past 100
     files = sorted((tmp_path / "scratch").glob("spill-*.safetensors"))
-    assert len(files) == 2 and store.resident_bytes() == 40  # t0+t1 in one file, t2 alone; t3 still in memory
-    assert [float(store.get(f"t{i}")[0]) for i in range(4)] == [0.0, 1.0, 2.0, 3.0]
+    # t2 brought 120 bytes: the oldest spilled down to 50 (t0+t1, one file); t4 the same again (t2+t3, one more)
+    assert len(files) == 2 and store.resident_bytes() == 40 and store.spilled_bytes == 160
+    assert [float(store.get(f"t{i}")[0]) for i in range(5)] == [0.0, 1.0, 2.0, 3.0, 4.0]
 
 
 def test_a_fork_shares_tensors_and_keeps_its_own_changes(shard):
@@ -101,14 +102,32 @@ def test_memory_sizes():
 
 
 def test_a_spill_by_a_fork_frees_a_shared_edit_for_both(shard, tmp_path):
-    """An edit made before the fork lives once: when the fork spills it (over its budget), the parent reads it from
+    """An edit made before the fork lives once: when the fork spills it (over the budget), the parent reads it from
     the spill file too, and neither holds it in memory any more."""
     path, _ = shard
     store = store_of(path, budget=100, scratch=tmp_path / "scratch")
     store.set("x", torch.full((20,), 2.0))  # 80 bytes, in memory
     fork = store.fork()
-    fork.set("y", torch.full((10,), 3.0))  # 120 bytes in the fork: x and y spilled
-    assert fork.resident_bytes() == 0 and store.resident_bytes() == 0
+    fork.set("y", torch.full((10,), 3.0))  # 120 bytes in all: x, the oldest, spilled; y kept
+    assert fork.resident_bytes() == 40 and store.resident_bytes() == 40 and store.spilled_bytes == 80
+    assert store._entries["x"] is fork._entries["x"] and store._entries["x"].tensor is None
     assert torch.equal(store.get("x"), torch.full((20,), 2.0)) and "y" not in store
     store.set("x", torch.ones(20))  # a later change in either store is its own
     assert torch.equal(fork.get("x"), torch.full((20,), 2.0))
+
+
+def test_a_store_and_its_forks_share_one_budget_and_spill_the_oldest_first(shard, tmp_path):
+    """Two forks of one store, each under the budget alone, are over it together: the oldest edit goes, whichever
+    store made it; an edit no store names any more is not counted."""
+    path, _ = shard
+    store = store_of(path, budget=100, scratch=tmp_path / "scratch")
+    left, right = store.fork(), store.fork()
+    left.set("p", torch.full((3, 4), 1.0))  # 48 bytes (float32: new names)
+    right.set("q", torch.full((10,), 2.0))  # 40 bytes: 88 in all, kept
+    assert store.resident_bytes() == 88 and store.spilled_bytes == 0
+    right.set("r", torch.full((5,), 3.0))  # 20 more: 108 > 100; the oldest spilled until <= 50 are left: p, q
+    assert store.spilled_bytes == 88 and left._entries["p"].tensor is None and right._entries["q"].tensor is None
+    assert right._entries["r"].tensor is not None and left.resident_bytes() == 20
+    assert torch.equal(left.get("p"), torch.full((3, 4), 1.0)) and torch.equal(right.get("q"), torch.full((10,), 2.0))
+    right.set("r", torch.zeros(2))  # the old r: named by no store any more, so no longer counted
+    assert store.resident_bytes() == 8
