@@ -137,11 +137,12 @@ def run(folder: Path, method: str, budget: str, out: Path) -> dict:
 
 
 def revision() -> str:
-    """The commit the run measured (with "+changes" when the work tree differs from it)."""
+    """The commit the run measured (with "+changes" when tracked files other than the results differ from it)."""
     def git(*argv: str) -> str:
         return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results", ":!docs/scale.png")
+    return commit + ("+changes" if changed else "")
 
 
 def main() -> int:

@@ -12,6 +12,7 @@ import functools
 import gc
 import os
 import resource
+import sys
 import threading
 
 
@@ -31,9 +32,22 @@ def current_rss_mb() -> float:
 
 def release() -> None:
     """Give memory that Python and torch freed back to the operating system (glibc keeps freed heap pages otherwise,
-    so the resident size of a long run only grows); a no-op where the C library has no ``malloc_trim``."""
+    so the resident size of a long run only grows); a no-op where the C library has no ``malloc_trim``. The last
+    graph torch traced is let go first (``forget_last_trace``)."""
+    forget_last_trace()
     gc.collect()
     trim()
+
+
+def forget_last_trace() -> None:
+    """Clear the map torch's tracer keeps from the fake tensors of its last trace to that trace's graph nodes (for
+    export's fake tensor leak check; emptied only when the next trace starts). Through it the last graph traced
+    stayed alive, erased nodes and fake values included: after lowering SmolLM2-135M, the ONNX exporter's decomposed
+    graph with 31,061 nodes, beside the onnxruntime session. Call it when no trace is running."""
+    proxy_tensor = sys.modules.get("torch.fx.experimental.proxy_tensor")
+    traced = getattr(proxy_tensor, "_FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT", None)
+    if isinstance(traced, dict):
+        traced.clear()
 
 
 _FROZEN = False

@@ -78,3 +78,27 @@ print(memory.current_rss_mb() - base < 60, float(tensors[0].sum()) == 10 * mib /
 def test_large_allocations_mapped_are_returned_on_free():
     assert heap_script(MAPPED) == "False"  # glibc's own threshold keeps the 390 MiB of holes resident
     assert heap_script(MAPPED, "map") == "True"
+
+
+LAST_TRACE = """
+import gc, weakref
+import transformers
+from torch.fx.experimental import proxy_tensor
+from nexus_export import memory
+from nexus_export.capture import capture
+config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, vocab_size=100)
+exported = capture(transformers.LlamaForCausalLM(config).eval())
+traced = weakref.ref(next(iter(proxy_tensor._FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT.values())).graph)
+del exported
+gc.collect()
+kept = traced() is not None  # torch's map still holds the trace's nodes, and through them its graph
+memory.release()
+print(kept, traced() is None)
+"""
+
+
+def test_release_lets_the_last_traced_graph_go():
+    """torch keeps the last trace's graph alive through a module-level map; release() clears it."""
+    out = subprocess.run([sys.executable, "-c", LAST_TRACE], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"]

@@ -35,6 +35,13 @@ def test_latency_positive(tiny_llama):
     assert result["median_ms"] > 0 and result["p90_ms"] >= result["median_ms"] and result["runs"] == 3
 
 
+def test_a_cpu_session_plans_no_memory_pattern(tiny_llama):
+    """The memory pattern keeps one block per input shape for the intermediates: the CPU session goes without it."""
+    sess = ort.session(tiny_llama.onnx_path, threads=1)
+    assert sess.get_session_options().enable_mem_pattern is False
+    assert sess.get_session_options().graph_optimization_level.name == "ORT_ENABLE_ALL"
+
+
 def test_user_errors(tiny_llama, tmp_path):
     with pytest.raises(UserError, match="no ONNX file"):
         ort.session(tmp_path / "missing.onnx")
