@@ -22,6 +22,7 @@ import torch
 
 from .errors import UserError
 from .graph_edit import rebuild
+from .memory import forget_last_trace
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ def capture(model: torch.nn.Module, vocab_size: int | None = None) -> torch.expo
         raise UserError(f"torch.export could not capture {type(model).__name__}: {describe_export_failure(exc)}") from exc
     finally:
         model.train(was_training)
+        forget_last_trace()
     log.info("captured %s with torch.export in %.1f s", type(model).__name__, time.perf_counter() - start)
     _check_constants(exported, type(model).__name__)
     return rebuild(exported, None)  # one input per tensor: a tied weight's unused second placeholder goes

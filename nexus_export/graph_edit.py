@@ -16,6 +16,7 @@ from torch._guards import detect_fake_mode
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec
 
+from .memory import forget_last_trace
 from .store import WeightStore
 
 
@@ -137,4 +138,8 @@ def rebuild(exported: ExportedProgram, store: WeightStore | None, rename: Callab
             node.meta["val"] = fake_mode.from_tensor(value, static_shapes=True)
     exported.graph_module.recompile()
     edited = _program(exported, graph, specs, state, constants)
-    return edited.run_decompositions({}) if retrace else edited
+    if not retrace:
+        return edited
+    retraced = edited.run_decompositions({})
+    forget_last_trace()
+    return retraced

@@ -32,9 +32,7 @@ def current_rss_mb() -> float:
 
 def release() -> None:
     """Give memory that Python and torch freed back to the operating system (glibc keeps freed heap pages otherwise,
-    so the resident size of a long run only grows); a no-op where the C library has no ``malloc_trim``. The last
-    graph torch traced is let go first (``forget_last_trace``)."""
-    forget_last_trace()
+    so the resident size of a long run only grows); a no-op where the C library has no ``malloc_trim``."""
     gc.collect()
     trim()
 
@@ -43,7 +41,8 @@ def forget_last_trace() -> None:
     """Clear the map torch's tracer keeps from the fake tensors of its last trace to that trace's graph nodes (for
     export's fake tensor leak check; emptied only when the next trace starts). Through it the last graph traced
     stayed alive, erased nodes and fake values included: after lowering SmolLM2-135M, the ONNX exporter's decomposed
-    graph with 31,061 nodes, beside the onnxruntime session. Call it when no trace is running."""
+    graph with 31,061 nodes, beside the onnxruntime session. Called after each of the project's traces (capture,
+    retrace, ONNX export)."""
     proxy_tensor = sys.modules.get("torch.fx.experimental.proxy_tensor")
     traced = getattr(proxy_tensor, "_FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT", None)
     if isinstance(traced, dict):

@@ -36,6 +36,7 @@ from onnx_ir.passes import common
 import torch
 
 from nexus_export.errors import UserError
+from nexus_export.memory import forget_last_trace
 from nexus_export.outdir import file_mode
 from nexus_export.program import Program
 from nexus_export.recipe import MIN_OPSET
@@ -129,6 +130,7 @@ def _export(exported: torch.export.ExportedProgram, opset: int) -> ir.Model:
         warnings.simplefilter("ignore", FutureWarning)
         program = torch.onnx.export(exported, args=(), dynamo=True, input_names=list(INPUT_NAMES),
                                     output_names=[OUTPUT_NAME], opset_version=opset, optimize=False, verbose=False)
+    forget_last_trace()  # the exporter's decomposed graph would otherwise outlive the lowering
     _name_dynamic_axes(program)
     model = program.model
     actual = model.opset_imports.get("")

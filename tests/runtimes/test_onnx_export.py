@@ -136,3 +136,18 @@ def test_a_graph_lowered_before_is_reused_and_its_weights_are_the_new_ones(tmp_p
     assert parity.max_abs_diff(dense.logits(ids), ort.session(first), ids, torch.ones_like(ids)) < 1e-4
     assert len(onnx.load(str(third), load_external_data=False).graph.node) < len(
         onnx.load(str(first), load_external_data=False).graph.node)
+
+
+def test_the_exporters_trace_is_let_go(monkeypatch):
+    """torch's tracer maps the fake tensors of its last trace to that graph's nodes (a module-level dict it empties
+    only when the next trace starts): after an export the map is empty, so the decomposed graph can go."""
+    from collections import OrderedDict
+
+    from torch.fx.experimental import proxy_tensor
+
+    import runtimes.onnx_export as onnx_export
+
+    monkeypatch.setattr(onnx_export, "_EXPORTS", OrderedDict())  # exported afresh, not from this process's cache
+    monkeypatch.setattr(proxy_tensor, "_FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT", {})
+    model = export_graph(tiny_program("llama").exported, 18)
+    assert len(model.graph) > 0 and proxy_tensor._FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT == {}
