@@ -137,11 +137,11 @@ def run(folder: Path, method: str, budget: str, out: Path) -> dict:
 
 
 def revision() -> str:
-    """The commit the run measured (with "+changes" when tracked files other than the results differ from it)."""
+    """The commit the run measured, with "+changes" when its code differs from it (documents and results aside)."""
     def git(*argv: str) -> str:
         return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results", ":!docs/scale.png")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results", ":!docs", ":!*.md")
     return commit + ("+changes" if changed else "")
 
 

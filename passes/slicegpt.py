@@ -195,10 +195,10 @@ class SliceGPTPass(Pass):
             progress.update(k + 1)
 
         bases.align()
-        runner = outputs = None  # the calibration streams are done with
-        for name in projected.store.names():  # keep the bases; drop the references to the fused weights
+        runner = outputs = projected = None  # the calibration streams and the projected graph are done with
+        for name in bases.store.names():  # keep the bases; drop the references to the fused weights
             if not name.startswith(bases.prefix):
-                projected.store.drop(name)
+                bases.store.drop(name)
         sliced = rotate_and_slice(fused, bases, in_place=True)  # fused is an intermediate: rewritten, not copied
         shortcut_params = sum(lin.in_features * lin.out_features for lin in sliced.structure.linears.values()
                               if lin.role == SHORTCUT)
