@@ -261,8 +261,8 @@ class WeightStore:
 
         The entries themselves are shared until either store sets a new tensor under a name, so a spill by either
         frees the memory for both (with copied entries, a shared edit spilled by one stayed in memory through the
-        other: SliceGPT's fused and projected stores held up to twice the budget that way). Both count their edits
-        against one budget (with a budget each, SliceGPT's stores held up to twice the budget)."""
+        other: SliceGPT's fused and projected stores held up to twice the budget that way). They also share one budget
+        (``_Ledger``): with one each, a pass that forks held a budget per store."""
         other = WeightStore(self.budget, self._scratch, self.dtype, write_through=False)
         other._entries = dict(self._entries)
         other._ledger = self._ledger
