@@ -1,4 +1,4 @@
-"""memory.trim gives freed heap pages back: the holes weight-sized tensors leave inside glibc's heap."""
+"""memory: trim gives freed heap pages back, imports frozen, large tensors mapped, torch's last trace let go."""
 
 import subprocess
 import sys
