@@ -80,7 +80,6 @@ def test_large_allocations_mapped_are_returned_on_free():
     assert heap_script(MAPPED, "map") == "True"
 
 
-
 LAST_TRACE = """
 import gc, weakref
 import torch
@@ -102,7 +101,7 @@ memory.forget_last_trace()
 gc.collect()
 config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                   num_key_value_heads=2, vocab_size=100)
-ours = capture(transformers.LlamaForCausalLM(config).eval())
+capture(transformers.LlamaForCausalLM(config).eval())
 print(kept, traced() is None, len(proxy_tensor._FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT) == 0)
 """
 
