@@ -234,7 +234,7 @@ def fuse_norms(program: Program) -> Program:
     return program.derive(fused, store)
 
 
-ROWS = 4096  # rows per float64 chunk: a vocabulary-sized matrix never exists whole in float64
+ROWS = 1024  # rows per float64 chunk: no weight (a vocabulary-sized one least) exists whole in float64
 
 
 def _by_rows(matrix: torch.Tensor, fn, dtype: torch.dtype) -> torch.Tensor:
@@ -441,25 +441,33 @@ def rotate_and_slice(fused: Program, bases: list[torch.Tensor], in_place: bool =
         store.set(param, value.contiguous())
         exported.state_dict[param] = meta_like(value)
 
-    def matrix(name: str) -> torch.Tensor:
-        lin = structure.linears[name]
-        return _oriented(store.get(lin.weight, torch.float64), lin.weight_layout)
+    def rows_times(param: str, rows: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """``rows @ q`` (``rows`` holds ``param``'s values), in float64 chunks of rows, kept in ``param``'s dtype.
+        Room for the result and for ``param`` read from disk is made first: a vocabulary-sized matrix on top of a
+        full budget was the pass's peak."""
+        out_bytes = rows.shape[0] * q.shape[1] * torch.empty((), dtype=store.dtype_for(param, q.dtype)).element_size()
+        store.make_room(out_bytes + rows.numel() * rows.element_size())
+        return _by_rows(rows, lambda w: w @ q, store.dtype_for(param, q.dtype))
 
-    def set_matrix(name: str, w_oi: torch.Tensor) -> None:
+    def rotate(name: str, q_in: torch.Tensor | None = None, q_out: torch.Tensor | None = None) -> None:
+        """A linear read from the stream gets ``W @ q_in``, one writing to it ``q_out^T @ W`` ([out, in] W)."""
         lin = structure.linears[name]
-        put(lin.weight, _oriented(w_oi, lin.weight_layout))
+        w_oi = _oriented(store.get(lin.weight), lin.weight_layout)
+        rotated = rows_times(lin.weight, w_oi, q_in) if q_in is not None else \
+            rows_times(lin.weight, w_oi.t(), q_out).t()  # (q^T W)^T = W^T q: W's columns as rows
+        put(lin.weight, _oriented(rotated, lin.weight_layout))
 
     shortcuts = 0
     with torch.no_grad():
         for param in structure.embeddings.values():
-            put(param, _by_rows(store.get(param), lambda e: e @ basis(0), store.dtype_for(param, torch.float32)))
+            put(param, rows_times(param, store.get(param), basis(0)))
         progress = Progress("rotate and slice", len(structure.sublayers), "sublayers", every_s=10.0)
         for i, sub in enumerate(structure.sublayers):
             progress.update(i)  # minutes on a billion parameters: each weight read, rotated in float64 and written
             for name in sub.readers:
-                set_matrix(name, matrix(name) @ basis(i))
+                rotate(name, q_in=basis(i))
             for name in sub.writers:
-                set_matrix(name, basis(i + 1).t() @ matrix(name))
+                rotate(name, q_out=basis(i + 1))
                 bias = structure.linears[name].bias
                 if bias:
                     put(bias, store.get(bias, torch.float64) @ basis(i + 1))
@@ -474,10 +482,7 @@ def rotate_and_slice(fused: Program, bases: list[torch.Tensor], in_place: bool =
                 node = call(graph, aten.linear.default, (stream, param), add)
             add.replace_input_with(stream, node)
             shortcuts += 1
-        head = structure.linears[structure.lm_head]
-        rotated = _by_rows(_oriented(store.get(head.weight), head.weight_layout), lambda w: w @ basis(len(bases) - 1),
-                           store.dtype_for(head.weight, torch.float32))
-        put(head.weight, _oriented(rotated, head.weight_layout))
+        rotate(structure.lm_head, q_in=basis(len(bases) - 1))
         progress.update(len(structure.sublayers))
     _fix_widths(exported)
     sliced = rebuild(exported, store, retrace=True)

@@ -278,6 +278,12 @@ class WeightStore:
         """Bytes of every tensor as stored."""
         return sum(nbytes(e.shape, e.dtype) for e in self._entries.values())
 
+    def make_room(self, nbytes: int) -> None:
+        """Spill the oldest produced tensors so that ``nbytes`` more fit under the budget: for a pass about to
+        compute a tensor too large to come on top of a full budget (a vocabulary-sized matrix), before it does."""
+        if self.resident_bytes() + nbytes > self.budget:
+            self.spill(max(0, self.budget - nbytes))
+
     def spill(self, keep: int = 0) -> None:
         """Write the oldest produced tensors held in memory (by this store or its forks) to scratch files and free
         them, until at most ``keep`` bytes stay. Spilling the oldest rather than everything keeps what is resident

@@ -131,3 +131,17 @@ def test_a_store_and_its_forks_share_one_budget_and_spill_the_oldest_first(shard
     assert torch.equal(left.get("p"), torch.full((3, 4), 1.0)) and torch.equal(right.get("q"), torch.full((10,), 2.0))
     right.set("r", torch.zeros(2))  # the old r: named by no store any more, so no longer counted
     assert store.resident_bytes() == 8
+
+
+def test_make_room_spills_the_oldest_edits_until_the_coming_bytes_fit(shard, tmp_path):
+    path, _ = shard
+    store = store_of(path, budget=100, scratch=tmp_path / "scratch")
+    store.set("p", torch.full((10,), 1.0))  # 40 bytes, the oldest
+    store.set("q", torch.full((10,), 2.0))  # 40 more: 80 resident
+    store.make_room(20)  # 80 + 20 fit: nothing moves
+    assert store.spilled_bytes == 0 and store.resident_bytes() == 80
+    store.make_room(50)  # 80 + 50 do not: p goes, q stays
+    assert store.spilled_bytes == 40 and store._entries["p"].tensor is None and store._entries["q"].tensor is not None
+    assert torch.equal(store.get("p"), torch.full((10,), 1.0))
+    store.make_room(500)  # more than the budget: everything goes
+    assert store.resident_bytes() == 0 and torch.equal(store.get("q"), torch.full((10,), 2.0))
