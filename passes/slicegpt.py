@@ -129,6 +129,32 @@ class SliceGPTPass(Pass):
                             f"stable PCA, got {have}; use more or longer calibration windows")
         first, block_widths = self.block_widths(program)
         fused = fuse_norms(program)
+        bases = self._principal_bases(program, fused, ctx, windows, first, block_widths)
+        structure = fused.structure
+        sliced = rotate_and_slice(fused, bases, in_place=True)  # fused is an intermediate: rewritten, not copied
+        shortcut_params = sum(lin.in_features * lin.out_features for lin in sliced.structure.linears.values()
+                              if lin.role == SHORTCUT)
+        per_block = {str(k): block_widths[k] for k in range(len(structure.blocks))}
+        changes = {
+            "slicing": cfg.slicing,
+            "hidden_before": hidden,
+            "embedding_width": first,
+            "widths": per_block,
+            "shortcut_parameters": shortcut_params,
+            "head_untied": bool(program.structure.tied_embedding),
+            "calibration_tokens": int(windows.numel()),
+        }
+        log.info("slicegpt: stream width %d -> %s", hidden, sorted(set(block_widths + [first])))
+        return sliced, changes
+
+    def _principal_bases(self, program: Program, fused: Program, ctx: PassContext, windows: torch.Tensor, first: int,
+                         block_widths: list[int]) -> StoredBases:
+        """Every stream point's basis for ``fused`` (``program`` with its norms fused), block by block on the
+        calibration windows, aligned. A function of its own so that the calibration's graph, streams and statistics
+        go when it returns, before the rotation (as locals of ``apply`` they stayed: a closure's defaults held the last
+        covariance, 32 MiB at a width of 2048)."""
+        cfg: SliceGPTConfig = self.config
+        hidden = stream_width(fused)
         projected, projections = with_projections(fused)
         runner = BlockRunner(projected, distributed.local(windows, cfg.batch_size), cfg.batch_size)
         structure = fused.structure
@@ -195,23 +221,7 @@ class SliceGPTPass(Pass):
             progress.update(k + 1)
 
         bases.align()
-        runner = outputs = projected = None  # the calibration streams and the projected graph are done with
         for name in bases.store.names():  # keep the bases; drop the references to the fused weights
             if not name.startswith(bases.prefix):
                 bases.store.drop(name)
-        sliced = rotate_and_slice(fused, bases, in_place=True)  # fused is an intermediate: rewritten, not copied
-        shortcut_params = sum(lin.in_features * lin.out_features for lin in sliced.structure.linears.values()
-                              if lin.role == SHORTCUT)
-        per_block = {str(k): block_widths[k] for k in range(len(structure.blocks))}
-        changes = {
-            "slicing": cfg.slicing,
-            "hidden_before": hidden,
-            "embedding_width": first,
-            "widths": per_block,
-            "shortcut_parameters": shortcut_params,
-            "head_untied": bool(program.structure.tied_embedding),
-            "calibration_tokens": int(windows.numel()),
-        }
-        log.info("slicegpt: stream width %d -> %s", hidden, sorted(set(block_widths + [first])))
-        return sliced, changes
-
+        return bases

@@ -25,13 +25,20 @@ class WandaConfig(CalibratedConfig):
     pass
 
 
+MASK_ROWS = 1024  # rows scored at a time: each row's choice is its own, and float64 scores of a whole MLP weight
+# (with topk's values and indices beside them) were the pass's peak, about 3x the weight in float64
+
+
 def wanda_mask(weight: torch.Tensor, column_norms: torch.Tensor, sparsity: float,
                pattern: NMPattern | None, layer: str = "") -> torch.Tensor:
-    """Keep mask from Wanda scores |W| * ||X_j|| (per row, or N:M)."""
-    scores = weight.detach().abs().double() * column_norms.reshape(1, -1).double()
-    if pattern is not None:
-        return nm_mask(scores, pattern, layer)
-    return unstructured_mask(scores, sparsity, per_row=True)
+    """Keep mask from Wanda scores |W| * ||X_j|| (per row, or N:M), scored in float64 MASK_ROWS rows at a time."""
+    norms = column_norms.reshape(1, -1).double()
+    keep = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
+    for start in range(0, weight.shape[0], MASK_ROWS):
+        scores = weight[start:start + MASK_ROWS].detach().abs().double() * norms
+        keep[start:start + MASK_ROWS] = nm_mask(scores, pattern, layer) if pattern is not None else \
+            unstructured_mask(scores, sparsity, per_row=True)
+    return keep
 
 
 class WandaPass(MaskingPass):

@@ -6,7 +6,8 @@ import torch
 from conftest import archs, make_tiny, tiny_program
 from nexus_export.passbase import PassContext
 from nexus_export.program import Program
-from passes.sparsity import NMPattern, nm_valid, unstructured_mask
+from passes import wanda
+from passes.sparsity import NMPattern, nm_mask, nm_valid, unstructured_mask
 from passes.wanda import WandaPass, wanda_mask
 
 
@@ -45,6 +46,19 @@ def test_mask_equals_direct_score_computation():
 def test_equal_norms_reduce_to_row_magnitude():
     w = torch.randn(6, 16, generator=torch.Generator().manual_seed(0))
     assert torch.equal(wanda_mask(w, torch.ones(16), 0.5, None), unstructured_mask(w.abs(), 0.5, per_row=True))
+
+
+@pytest.mark.parametrize("pattern,sparsity", [(None, 0.3), (NMPattern(2, 4), 0.5)])
+def test_the_mask_scored_in_row_chunks_is_the_whole_matrix_mask(monkeypatch, pattern, sparsity):
+    """Rows are scored a chunk at a time (3 rows here: 10 rows end in a partial chunk); each row's choice is its own,
+    so the mask is the one of the whole float64 score matrix."""
+    w = torch.randn(10, 16, generator=torch.Generator().manual_seed(1))
+    norms = torch.rand(16, generator=torch.Generator().manual_seed(2)) + 0.5
+    scores = w.abs().double() * norms.double()
+    whole = nm_mask(scores, pattern) if pattern else unstructured_mask(scores, sparsity, per_row=True)
+    monkeypatch.setattr(wanda, "MASK_ROWS", 3)
+    chunked = wanda.wanda_mask(w, norms, sparsity, pattern)
+    assert torch.equal(chunked, whole) and int((~chunked).sum()) == (80 if pattern else 10 * int(16 * sparsity))
 
 
 @pytest.mark.parametrize("arch", archs())
