@@ -1,7 +1,8 @@
 """Memory of this process: resident set size now, its peak, and the highest value seen while a block of code runs.
 
 The kernel's peak (``ru_maxrss``) covers the whole process life; a stage's own peak comes from sampling the current
-RSS on a background thread (every 50 ms), so a report can say which stage needed the memory.
+RSS on a background thread (every 50 ms), and from the kernel's peak when it rose during the stage (a rise shorter
+than a sample interval shows only there), so a report can say which stage needed the memory.
 """
 
 from __future__ import annotations
@@ -103,20 +104,38 @@ def _libc():
 
 
 class RssSampler:
-    """Highest RSS seen while the ``with`` block runs, sampled every ``interval_s`` by a background thread."""
+    """Highest RSS while the ``with`` block runs: the current RSS sampled every ``interval_s`` by a background thread,
+    and the kernel's own peak (``ru_maxrss``) when that rose meanwhile, which also counts what rose and fell between
+    two samples. When the kernel's peak passes every sample by more than ``spike_mb``, the rise is kept as
+    ``spike_mb`` (how far above the samples) and ``spike_at`` (where the main thread was when the sampler noticed it,
+    innermost frames last; None when only the end of the block noticed): a report can then say which stage made the
+    process's peak even when no sample saw it, and roughly where."""
 
-    def __init__(self, interval_s: float = 0.05):
+    def __init__(self, interval_s: float = 0.05, spike_mb: float = 256.0):
         self.interval_s = interval_s
-        self.peak_mb = 0.0
+        self.spike_threshold_mb = spike_mb
+        self.peak_mb = 0.0  # highest sample so far; after the block, the highest RSS by either measure
+        self.spike_mb = 0.0
+        self.spike_at: str | None = None
+        self._kernel_at_start = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._main = threading.main_thread().ident
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self.peak_mb = max(self.peak_mb, current_rss_mb())
+            if self.spike_at is None and self._spike() > self.spike_threshold_mb:
+                self.spike_at = _where(sys._current_frames().get(self._main))
             self._stop.wait(self.interval_s)
 
+    def _spike(self) -> float:
+        """How far the kernel's peak, if it rose during the block, lies above every sample (0 when it did not)."""
+        kernel = peak_rss_mb()
+        return kernel - self.peak_mb if kernel > self._kernel_at_start else 0.0
+
     def __enter__(self) -> "RssSampler":
+        self._kernel_at_start = peak_rss_mb()
         self.peak_mb = current_rss_mb()
         self._thread.start()
         return self
@@ -125,3 +144,18 @@ class RssSampler:
         self._stop.set()
         self._thread.join()
         self.peak_mb = max(self.peak_mb, current_rss_mb())
+        spike = self._spike()
+        if spike > self.spike_threshold_mb:
+            self.spike_mb = spike
+        else:
+            self.spike_at = None
+        self.peak_mb += max(spike, 0.0)
+
+
+def _where(frame, depth: int = 4) -> str | None:
+    """The innermost ``depth`` frames of a stack, outermost first, as ``file:line function`` joined by " > "."""
+    frames = []
+    while frame is not None and len(frames) < depth:
+        frames.append(f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno} {frame.f_code.co_name}")
+        frame = frame.f_back
+    return " > ".join(reversed(frames)) if frames else None

@@ -65,6 +65,10 @@ class Stages:
             yield
             release()
         row = {"stage": name, "wall_s": round(time.perf_counter() - start, 2), "peak_rss_mb": round(rss.peak_mb, 1)}
+        if rss.spike_mb:
+            row.update(spike_mb=round(rss.spike_mb, 1), spike_at=rss.spike_at)
+            log.warning("stage %s: the process's peak was %.0f MiB above every 50 ms sample: a short rise, noticed "
+                        "at %s", name, rss.spike_mb, rss.spike_at or "the stage's end")
         self.rows.append(row)
         log.info("stage %s: %.1f s, peak RSS %.0f MiB (%.0f MiB after)", name, row["wall_s"], row["peak_rss_mb"],
                  current_rss_mb())

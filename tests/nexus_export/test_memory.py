@@ -1,4 +1,5 @@
-"""memory: trim gives freed heap pages back, imports frozen, large tensors mapped, torch's last trace let go."""
+"""memory: trim gives freed heap pages back, imports frozen, large tensors mapped, torch's last trace let go, short
+rises in memory counted and placed."""
 
 import subprocess
 import sys
@@ -111,3 +112,42 @@ def test_the_last_traced_graph_is_let_go():
     capture (like every trace of ours) leaves it empty."""
     out = subprocess.run([sys.executable, "-c", LAST_TRACE], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "True", "True"]
+
+
+SPIKE = """
+import sys, time
+from nexus_export.memory import RssSampler
+
+def rise_and_fall():
+    data = b"\\x01" * (300 * 2**20)  # 300 MiB written and freed between two samples
+    del data
+
+def after_it():
+    time.sleep(0.6)  # where the main thread is when the sampler next looks
+
+interval = float(sys.argv[1])
+with RssSampler(interval_s=interval) as rss:
+    time.sleep(0.1)  # the first sample is taken
+    rise_and_fall()
+    after_it()
+print(round(rss.peak_mb), round(rss.spike_mb), rss.spike_at)
+"""
+
+
+@pytest.mark.parametrize("interval", [0.4, 30.0])
+def test_a_rise_between_two_samples_counts_and_is_placed(interval):
+    """300 MiB rise and fall between two samples: the stage's peak still has them (the kernel's peak rose), and the
+    spike says where the main thread was when the next sample noticed it, or that only the block's end did."""
+    out = subprocess.run([sys.executable, "-c", SPIKE, str(interval)], capture_output=True, text=True, check=True)
+    peak, spike, where = out.stdout.split(maxsplit=2)
+    assert int(peak) >= 300 and 256 < int(spike) <= int(peak)
+    if interval < 1:
+        assert "after_it" in where and "rise_and_fall" not in where
+    else:
+        assert where.strip() == "None"
+
+
+def test_no_spike_when_the_samples_see_the_peak():
+    with memory.RssSampler(interval_s=0.01) as rss:
+        pass
+    assert rss.spike_mb == 0 and rss.spike_at is None and rss.peak_mb > 0
