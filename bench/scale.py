@@ -134,7 +134,8 @@ def run(folder: Path, method: str, budget: str, out: Path) -> dict:
             "inside_gib": report["peak_rss_mb"] / 1024, "params": report["model"]["params_dense"],
             "bytes": report["model"]["checkpoint_bytes"], "pass_s": report["passes"][0]["wall_s"],
             "stages": {r["stage"]: r["peak_rss_mb"] for r in report["stages"]},
-            "spikes": {r["stage"]: {"mb": r["spike_mb"], "at": r["spike_at"]} for r in report["stages"] if "spike_mb" in r}}
+            "spikes": {r["stage"]: {"mb": r["spike_mb"], "at": r["spike_at"]}
+                       for r in report["stages"] if "spike_mb" in r}}
 
 
 def revision() -> str:

@@ -25,8 +25,9 @@ class WandaConfig(CalibratedConfig):
     pass
 
 
-MASK_ROWS = 1024  # rows scored at a time: each row's choice is its own, and float64 scores of a whole MLP weight
-# (with topk's values and indices beside them) were the pass's peak, about 3x the weight in float64
+MASK_ROWS = 1024  # rows scored at a time: each row's choice is its own, and float64 scores of a whole MLP weight,
+# with topk's values and indices beside them (about 3x the weight in float64), were the pass's peak on the 11-block
+# 1.1B-wide checkpoint (deeper ones peak in the statistics forward beside a full budget)
 
 
 def wanda_mask(weight: torch.Tensor, column_norms: torch.Tensor, sparsity: float,
