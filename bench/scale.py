@@ -2,8 +2,9 @@
 
 Each checkpoint is built once (seeded random weights, bf16 safetensors shards of at most 1 GiB, a byte-level
 tokenizer) under $NEXUS_EXPORT_CACHE/synthetic/<name>, then every (model, method) runs the CLI in its own process.
-Peak resident memory is measured from outside the process (the kernel's ru_maxrss of that child, from wait4, and
-/proc/<pid>/status sampled every 0.1 s) and from inside (report.json). Prints a Markdown table and writes a plot of
+Peak resident memory is measured from outside the process (its VmHWM and VmRSS in /proc/<pid>/status, read every
+0.1 s; not ru_maxrss, which Linux starts at the spawner's own peak: this script's, when it had just built a
+checkpoint) and from inside (report.json). Prints a Markdown table and writes a plot of
 peak memory against parameters. Results accumulate in bench/results/scale.json (tracked: the README's table and plot
 come from it), one entry per (model, method), the latest run replacing the one before.
 
@@ -74,24 +75,24 @@ def checkpoint(name: str) -> Path:
         model = transformers.LlamaForCausalLM(config)
     names = [(n, tuple(p.shape)) for n, p in model.named_parameters()]  # tied weights once
     gen = torch.Generator().manual_seed(0)
-    shards, current, size = [], {}, 0
+    groups, current, size = [], [], 0  # which tensors go in each shard (at most SHARD_BYTES)
     for key, shape in names:
-        if key.endswith("norm.weight"):
-            value = torch.ones(shape, dtype=torch.bfloat16)
-        else:
-            value = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
-        if current and size + value.numel() * 2 > SHARD_BYTES:
-            shards.append(current)
-            current, size = {}, 0
-        current[key] = value
-        size += value.numel() * 2
-    shards.append(current)
+        nbytes = math.prod(shape) * 2
+        if current and size + nbytes > SHARD_BYTES:
+            groups.append(current)
+            current, size = [], 0
+        current.append((key, shape))
+        size += nbytes
+    groups.append(current)
     weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        filename = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    for i, group in enumerate(groups):  # one shard in memory at a time, in the order the seeded generator draws
+        shard = {key: torch.ones(shape, dtype=torch.bfloat16) if key.endswith("norm.weight")
+                 else (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16) for key, shape in group}
+        filename = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
         save_file(shard, str(folder / filename), metadata={"format": "pt"})
         weight_map.update({k: filename for k in shard})
         total += sum(v.numel() * 2 for v in shard.values())
+        del shard
     (folder / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}))
     config.save_pretrained(folder)
@@ -106,7 +107,7 @@ def run(folder: Path, method: str, budget: str, out: Path) -> dict:
            *PROTOCOL, "--memory-budget", budget, "--out", str(out), "--force"]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    sampled = [0.0]
+    sampled, hwm = [0.0], [0.0]
 
     def sample() -> None:
         while proc.poll() is None:
@@ -115,7 +116,9 @@ def run(folder: Path, method: str, budget: str, out: Path) -> dict:
                     for line in f:
                         if line.startswith("VmRSS:"):
                             sampled[0] = max(sampled[0], int(line.split()[1]) / 2**20)
-            except OSError:
+                        elif line.startswith("VmHWM:"):
+                            hwm[0] = max(hwm[0], int(line.split()[1]) / 2**20)
+            except (OSError, ValueError):
                 pass
             time.sleep(0.1)
 
@@ -130,7 +133,8 @@ def run(folder: Path, method: str, budget: str, out: Path) -> dict:
         return {"error": err.strip().splitlines()[-1] if err.strip() else f"exit {proc.returncode}", "wall_s": wall}
     report = json.loads((out / "report.json").read_text())
     shutil.rmtree(out, ignore_errors=True)
-    return {"wall_s": wall, "peak_gib": max(usage.ru_maxrss / 2**20, sampled[0]), "sampled_gib": sampled[0],
+    return {"wall_s": wall, "peak_gib": max(hwm[0], sampled[0]), "sampled_gib": sampled[0],
+            "ru_maxrss_gib": usage.ru_maxrss / 2**20,  # for the record: starts at this script's peak (see above)
             "inside_gib": report["peak_rss_mb"] / 1024, "params": report["model"]["params_dense"],
             "bytes": report["model"]["checkpoint_bytes"], "pass_s": report["passes"][0]["wall_s"],
             "stages": {r["stage"]: r["peak_rss_mb"] for r in report["stages"]},

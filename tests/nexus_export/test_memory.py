@@ -151,3 +151,20 @@ def test_no_spike_when_the_samples_see_the_peak():
     with memory.RssSampler(interval_s=0.01) as rss:
         pass
     assert rss.spike_mb == 0 and rss.spike_at is None and rss.peak_mb > 0
+
+
+INHERITED = """
+import resource, subprocess, sys
+data = b"\\x01" * (400 * 2**20)  # this process's peak: 400 MiB more than the child will ever use
+del data
+child = ("from nexus_export import memory; import resource; "
+         "print(memory.peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+print(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout)
+"""
+
+
+def test_the_peak_is_this_programs_own_not_the_spawners():
+    """Linux starts a spawned program's ru_maxrss at its spawner's peak; peak_rss_mb reads the program's own."""
+    out = subprocess.run([sys.executable, "-c", INHERITED], capture_output=True, text=True, check=True).stdout
+    own, ru_maxrss = (float(v) for v in out.split())
+    assert ru_maxrss > 400 and own < 200
