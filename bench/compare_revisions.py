@@ -1,7 +1,8 @@
 """Side by side: the same prune command with this checkout and with an earlier git revision, alternating runs.
 
 Each run is its own process; the table gives the pass's wall time and the process's peak resident memory (ru_maxrss
-of the child, measured from outside) per run, their medians, and the ratio new / old, so that noise on a shared
+of the child, measured from outside: it starts at this script's own peak, which is small, since Linux carries the
+spawner's peak over at exec) per run, their medians, and the ratio new / old, so that noise on a shared
 machine hits both sides alike. The old revision is checked out into a temporary git worktree and run with this
 checkout's virtual environment.
 
