@@ -147,10 +147,23 @@ def test_a_rise_between_two_samples_counts_and_is_placed(interval):
         assert where.strip() == "None"
 
 
-def test_no_spike_when_the_samples_see_the_peak():
-    with memory.RssSampler(interval_s=0.01) as rss:
-        pass
-    assert rss.spike_mb == 0 and rss.spike_at is None and rss.peak_mb > 0
+EARLIER_PEAK = """
+import time
+from nexus_export.memory import RssSampler
+data = b"\\x01" * (400 * 2**20)  # the process's peak, reached before the block
+del data
+with RssSampler(interval_s=0.01) as rss:
+    time.sleep(0.05)
+print(round(rss.peak_mb), round(rss.spike_mb), rss.spike_at)
+"""
+
+
+def test_a_peak_reached_before_the_block_is_not_the_blocks():
+    """The kernel's peak lies 400 MiB above the block's samples, but it did not rise during the block: no spike, and
+    the block's peak is what it sampled."""
+    out = subprocess.run([sys.executable, "-c", EARLIER_PEAK], capture_output=True, text=True, check=True).stdout
+    peak, spike, where = out.split()
+    assert 0 < int(peak) < 200 and int(spike) == 0 and where == "None"
 
 
 INHERITED = """
