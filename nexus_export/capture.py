@@ -2,7 +2,9 @@
 
 The model is wrapped so the captured function is ``(input_ids, attention_mask) -> logits``, with the batch and sequence
 dimensions dynamic. The wrapper's single attribute is ``lm`` (see naming.py), so parameter names are the model's own
-names behind a fixed prefix.
+names behind a fixed prefix. A Hugging Face model is captured with its key/value cache marked in the graph (the mask
+may be longer than the ids: the difference is the past; see kv_cache.py), which is how one program lowers to both
+the full-sequence model and the key/value-cache model that generates.
 
 Capture never touches weights: a model built on the meta device is captured as it is, and a model with real weights
 has its parameters (and persistent buffers) swapped for float32 meta tensors while it is traced and put back after.
@@ -19,9 +21,11 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
+import torch.fx.traceback as fx_traceback
 
 from .errors import UserError
 from .graph_edit import rebuild
+from .kv_cache import past_cache, positions
 from .memory import forget_last_trace
 
 log = logging.getLogger(__name__)
@@ -31,7 +35,10 @@ MAX_SEQUENCE = 8192
 
 
 class CausalLM(torch.nn.Module):
-    """``(input_ids, attention_mask) -> logits`` around a Hugging Face causal LM or a module with that signature."""
+    """``(input_ids, attention_mask) -> logits`` around a Hugging Face causal LM or a module with that signature.
+
+    A Hugging Face model runs with a tagged cache over a past of ``attention_mask.shape[1] - input_ids.shape[1]``
+    tokens (empty whenever the mask is as long as the ids) and the matching positions."""
 
     def __init__(self, lm: torch.nn.Module):
         super().__init__()
@@ -39,7 +46,12 @@ class CausalLM(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if _is_hf_model(self.lm):
-            return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            past = attention_mask.shape[1] - input_ids.shape[1]
+            device = self.lm.get_input_embeddings().weight.device
+            layers = self.lm.config.get_text_config(decoder=True).num_hidden_layers
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=positions(input_ids, past, device), cache=past_cache(past, layers),
+                           use_cache=True).logits
         out = self.lm(input_ids, attention_mask)
         return out.logits if hasattr(out, "logits") else out
 
@@ -52,11 +64,15 @@ def _is_hf_model(module: torch.nn.Module) -> bool:
     return isinstance(module, PreTrainedModel)
 
 
-def example_inputs(vocab_size: int, batch: int = 2, seq: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and an all-ones mask used as the tracing example (values do not matter, shapes are dynamic)."""
+TRACE_PAST = 3  # the past a Hugging Face model is traced with (nonzero, so its length stays symbolic)
+
+
+def example_inputs(vocab_size: int, batch: int = 2, seq: int = 16, past: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and an all-ones mask (``past`` longer than the ids) used as the tracing example (values do not
+    matter, shapes are dynamic)."""
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, max(vocab_size, 2), (batch, seq), generator=gen)
-    return ids, torch.ones_like(ids)
+    return ids, torch.ones(batch, seq + past, dtype=ids.dtype)
 
 
 @contextmanager
@@ -118,13 +134,16 @@ def capture(model: torch.nn.Module, vocab_size: int | None = None) -> torch.expo
             vocab_size = emb.num_embeddings if emb is not None else 2
     was_training = model.training
     model.eval()
-    ids, mask = example_inputs(vocab_size)
+    cached = _is_hf_model(model)
+    ids, mask = example_inputs(vocab_size, past=TRACE_PAST if cached else 0)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     seq = torch.export.Dim("sequence", min=2, max=MAX_SEQUENCE)
-    dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+    total = torch.export.Dim("total_sequence", min=2, max=2 * MAX_SEQUENCE) if cached else seq
+    dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total}}
     start = time.perf_counter()
     try:
-        with torch.no_grad(), meta_weights(model):
+        # preserve_node_meta: the cache's tags (node.meta["custom"]) reach the captured graph
+        with torch.no_grad(), meta_weights(model), fx_traceback.preserve_node_meta():
             exported = torch.export.export(CausalLM(model), (ids, mask), dynamic_shapes=dynamic, strict=False)
     except Exception as exc:  # torch.export raises many types; all become one clear message
         raise UserError(f"torch.export could not capture {type(model).__name__}: {describe_export_failure(exc)}") from exc

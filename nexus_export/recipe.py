@@ -121,6 +121,10 @@ def _settings(cls, data: Any, section: str):
         raise UserError(f"unknown key(s) {', '.join(unknown)} in recipe section {section!r}; valid: {', '.join(sorted(names))}")
     import typing
     hints = typing.get_type_hints(cls)
+    for k, v in data.items():
+        if v is None and type(None) not in typing.get_args(hints[k]):
+            raise UserError(f"{k} of recipe section {section!r} has no value (null); give one, or leave the key out "
+                            "for the default")
     values = {k: check_type(v, hints[k], k, f"recipe section {section!r}") for k, v in data.items()}
     settings = cls(**values)
     for f in dataclasses.fields(cls):

@@ -130,12 +130,24 @@ def _value_spaces(program: Program, sub, pattern: NMPattern) -> list[Space]:
 
 
 def _source(node: Node, linears: dict[str, Linear]) -> Linear | None:
-    """The linear among ``linears`` (by graph node name) that ``node`` is a reshape of, or None."""
+    """The linear among ``linears`` (by graph node name) that ``node`` is a reshape of, or None. A concatenation
+    along the sequence axis (the key/value cache: past, then new) keeps every channel where it is: the new half is
+    followed."""
     while node.op == "call_function" and node.name not in linears:
+        if op_name(node) == "cat" and _along_sequence(node):
+            node = node.args[0][-1]
+            continue
         if op_name(node) not in _RESHAPES or not node.args or not isinstance(node.args[0], Node):
             return None
         node = node.args[0]
     return linears.get(node.name)
+
+
+def _along_sequence(cat: Node) -> bool:
+    """Whether a cat node joins 4-D [batch, heads, sequence, head_dim] tensors along the sequence axis."""
+    tensors, dim = cat.args[0], cat.args[1] if len(cat.args) > 1 else 0
+    return (isinstance(tensors, (list, tuple)) and tensors and all(isinstance(t, Node) for t in tensors)
+            and getattr(tensors[-1].meta.get("val"), "dim", lambda: 0)() == 4 and dim in (2, -2))
 
 
 def _stream_space(program: Program, targets: set[str], pattern: NMPattern) -> Space | None:

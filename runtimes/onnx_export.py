@@ -14,6 +14,10 @@ tied embedding read by two nodes keeps its Transpose, so the matrix is stored on
 Weights are written in the output dtype (by default the checkpoint's). The graph computes in float32 everywhere, so a
 weight stored in float16 or bfloat16 is followed by a ``Cast`` to float32 (onnxruntime's CPU kernels are float32;
 TensorRT folds the cast into its own precision choice).
+
+A program captured with its key/value cache marked lowers to two files over one external data file (onnx_cache.py):
+``model.kv.onnx``, the cache model that generates, and ``model.onnx``, the full-sequence model that scores
+(``lower``: both, or only one of them).
 """
 
 from __future__ import annotations
@@ -36,10 +40,13 @@ from onnx_ir.passes import common
 import torch
 
 from nexus_export.errors import UserError
+from nexus_export.kv_cache import cache_layout
 from nexus_export.memory import forget_last_trace
 from nexus_export.outdir import file_mode
 from nexus_export.program import Program
 from nexus_export.recipe import MIN_OPSET
+
+from .onnx_cache import is_cache_model, to_cache_model, to_full_model
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +60,25 @@ ONNX_DTYPES = {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FLOA
                torch.bfloat16: ir.DataType.BFLOAT16}
 
 
-def lower_to_onnx(program: Program, out_path: Path, opset: int = 18, external_data: bool = True,
-                  dtype: torch.dtype | None = None) -> Path:
-    """Export ``program`` to ONNX at ``out_path`` (plus ``<name>.data`` when ``external_data``) and return the path.
+LOWER = ("both", "logits", "generate")  # which models lowering writes: both, the full-sequence one, the cache one
 
-    Inputs are ``input_ids`` and ``attention_mask``, the output is ``logits``, with symbolic ``batch`` and
-    ``sequence`` dims. Large float weights are stored in ``dtype`` (None: each as the store holds it). Files appear at
-    ``out_path`` only once complete and checked.
+
+def lower_to_onnx(program: Program, out_path: Path, opset: int = 18, external_data: bool = True,
+                  dtype: torch.dtype | None = None, lower: str = "both") -> Path:
+    """Export ``program`` to ONNX at ``out_path`` (plus ``<name>.data`` when ``external_data``) and return the path
+    of the full-sequence model (of the cache model with ``lower="generate"``).
+
+    The full-sequence model's inputs are ``input_ids`` and ``attention_mask``, its output ``logits``, with symbolic
+    ``batch`` and ``sequence`` dims; a program with a marked cache also gives ``cache_path(out_path)`` (see
+    onnx_cache.py). Large float weights are stored in ``dtype`` (None: each as the store holds it). Files appear
+    only once complete and checked.
     """
+    if lower not in LOWER:
+        raise UserError(f"lower must be one of {', '.join(LOWER)}, got {lower!r}")
+    layout = cache_layout(program.exported)
+    if layout is None and lower == "generate":
+        raise UserError(f"{program.name} was captured without a key/value cache (not a Hugging Face causal LM), so "
+                        "it has no generation model: lower with --lower logits")
     out_path = Path(out_path)
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,8 +93,16 @@ def lower_to_onnx(program: Program, out_path: Path, opset: int = 18, external_da
     common.ClearMetadataAndDocStringPass()(model)
     common.RemoveUnusedNodesPass()(model)
     log.info("onnx: folded %d transposes into weights; %d nodes", folded, len(model.graph))
-    write_checked(model, out_path, external_data)
-    return out_path
+    if layout is not None:
+        to_cache_model(model, layout)
+    written = write_models(model, out_path, external_data, lower if layout is not None else "logits")
+    return written[0]
+
+
+def cache_path(path: str | Path) -> Path:
+    """Where the key/value-cache twin of the full-sequence model ``path`` lives: model.onnx -> model.kv.onnx."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.kv{path.suffix}")
 
 
 _EXPORTS: OrderedDict[str, ir.Model] = OrderedDict()  # graphs exported in this process, by graph_key
@@ -141,7 +167,8 @@ def _export(exported: torch.export.ExportedProgram, opset: int) -> ir.Model:
 
 
 def _name_dynamic_axes(program: torch.onnx.ONNXProgram) -> None:
-    """Rename the exporter's symbols (``s43``, ``s53``) to ``batch`` and ``sequence``; fixed dims are an error."""
+    """Rename the exporter's symbols (``s43``, ``s53``) to ``batch`` and ``sequence`` (and ``total_sequence``, the
+    mask's length, when the program was captured with a cache: past plus new tokens); fixed dims are an error."""
     inputs = program.model.graph.inputs
     if [value.name for value in inputs] != list(INPUT_NAMES):
         raise UserError(
@@ -149,14 +176,15 @@ def _name_dynamic_axes(program: torch.onnx.ONNXProgram) -> None:
             "capture the model as forward(input_ids, attention_mask) -> logits"
         )
     mapping = {}
-    for value in inputs:
+    for value, axes in zip(inputs, (DYNAMIC_AXES, (DYNAMIC_AXES[0], "total_sequence"))):
         dims = list(value.shape)
         if len(dims) != 2 or any(isinstance(dim, int) for dim in dims):
             raise UserError(
                 f"{value.name} lowers with shape {dims}, expected symbolic [batch, sequence]: "
                 "capture the program with dynamic batch and sequence dims (torch.export Dim)"
             )
-        mapping.update(zip(dims, DYNAMIC_AXES))
+        for dim, axis in zip(dims, axes):
+            mapping.setdefault(dim, axis)
     program.rename_axes(mapping)
 
 
@@ -226,10 +254,17 @@ def to_ir(tensor: torch.Tensor, name: str) -> ir.Tensor:
     return ir.Tensor(tensor.numpy(), name=name)
 
 
-def write_checked(model: ir.Model | onnx.ModelProto, out_path: Path, external_data: bool) -> None:
-    """Save into a temporary folder next to ``out_path`` (external data one tensor at a time), run the checker, then
-    move the files into place; files are readable like any other output (0644 under the usual umask)."""
+def write_models(model: ir.Model | onnx.ModelProto, out_path: Path, external_data: bool,
+                 lower: str = "both") -> list[Path]:
+    """Write ``model`` at ``out_path`` and return the paths written, the full-sequence model first.
+
+    A key/value-cache model is written at ``cache_path(out_path)`` (``lower`` both or generate) and turned into the
+    full-sequence model at ``out_path`` (both or logits); both read one external data file, ``<out_path>.data``. Any
+    other model is written at ``out_path``. Everything is saved in a temporary folder beside ``out_path`` (external
+    data one tensor at a time), checked with the ONNX checker, then moved into place; files are readable like any
+    other output (0644 under the usual umask)."""
     start = time.perf_counter()
+    out_path = Path(out_path)
     data_name = out_path.name + ".data"
     if isinstance(model, onnx.ModelProto):
         model = ir.serde.deserialize_model(model)
@@ -237,12 +272,26 @@ def write_checked(model: ir.Model | onnx.ModelProto, out_path: Path, external_da
         size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
         if size > PROTOBUF_LIMIT:
             raise UserError(f"{out_path.name} would exceed protobuf's 2 GB limit: lower it with external_data=True")
+    cached = is_cache_model([value.name for value in model.graph.inputs])
     tmp_dir = Path(tempfile.mkdtemp(prefix=".lower-", dir=out_path.parent))
     try:
-        tmp_model = tmp_dir / out_path.name
-        ir.save(model, tmp_model, external_data=data_name if external_data else None)
+        names = []
+        if cached and lower in ("both", "generate"):
+            kv = cache_path(out_path).name
+            ir.save(model, tmp_dir / kv, external_data=data_name if external_data else None)
+            names.append(kv)
+            if lower == "both":  # the full-sequence model over the same external data (no tensor is written twice)
+                model = ir.load(tmp_dir / kv)
+        if not cached or lower in ("both", "logits"):
+            if cached:
+                to_full_model(model)
+            external = data_name if external_data and not (cached and lower == "both") else None
+            ir.save(model, tmp_dir / out_path.name, external_data=external)
+            names.insert(0, out_path.name)
+        del model
         saved = time.perf_counter()
-        onnx.checker.check_model(str(tmp_model))
+        for name in names:
+            onnx.checker.check_model(str(tmp_dir / name))
         mode = file_mode()
         for path in tmp_dir.iterdir():
             os.chmod(path, mode)
@@ -250,8 +299,10 @@ def write_checked(model: ir.Model | onnx.ModelProto, out_path: Path, external_da
             os.replace(tmp_dir / data_name, out_path.parent / data_name)
         elif (out_path.parent / data_name).exists():
             (out_path.parent / data_name).unlink()
-        os.replace(tmp_model, out_path)
+        for name in reversed(names):  # the full-sequence model last: its presence means the set is complete
+            os.replace(tmp_dir / name, out_path.parent / name)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    log.info("saved %s%s: write %.1f s, checker %.1f s", out_path, f" (+ {data_name})" if external_data else "",
+    log.info("saved %s%s: write %.1f s, checker %.1f s", ", ".join(names), f" (+ {data_name})" if external_data else "",
              saved - start, time.perf_counter() - saved)
+    return [out_path.parent / name for name in names]

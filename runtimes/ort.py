@@ -105,14 +105,28 @@ def session(path: str | Path, threads: int | None = None, device: str = "cpu",
 
 
 def logits(sess: InferenceSession, input_ids, attention_mask=None) -> np.ndarray:
-    """Logits [batch, seq, vocab] for ``input_ids`` (torch or numpy); the mask defaults to all ones."""
+    """Logits [batch, seq, vocab] for ``input_ids`` (torch or numpy); the mask defaults to all ones. A key/value-cache
+    model gets an empty past and positions 0 .. seq - 1, which makes it the full-sequence model."""
     ids = _int64(input_ids)
     if ids.ndim != 2:
         raise UserError(f"input_ids must be [batch, sequence], got shape {ids.shape}")
     mask = np.ones_like(ids) if attention_mask is None else _int64(attention_mask)
-    feeds = {"input_ids": ids, "attention_mask": mask}
+    feeds = {"input_ids": ids, "attention_mask": mask, **empty_cache(sess, len(ids))}
     names = {value.name for value in sess.get_inputs()}
+    if "position_ids" in names:
+        feeds["position_ids"] = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
     return sess.run(["logits"], {name: value for name, value in feeds.items() if name in names})[0]
+
+
+def cache_inputs(sess: InferenceSession) -> list:
+    """The past key/value inputs of a key/value-cache model's session (empty for a full-sequence model)."""
+    return [value for value in sess.get_inputs() if value.name.startswith("past_key_values.")]
+
+
+def empty_cache(sess: InferenceSession, batch: int) -> dict[str, np.ndarray]:
+    """An empty past for every cache input of ``sess``: [batch, heads, 0, head_dim] float32 arrays by name."""
+    return {value.name: np.zeros((batch, value.shape[1], 0, value.shape[3]), dtype=np.float32)
+            for value in cache_inputs(sess)}
 
 
 def _int64(values) -> np.ndarray:

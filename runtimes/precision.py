@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .onnx_export import write_checked
+from .onnx_export import write_models
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,6 @@ def to_fp16_weights(src: str | Path, dst: str | Path) -> Path:
     nodes = list(graph.node)
     del graph.node[:]
     graph.node.extend(casts + nodes)
-    write_checked(model, dst, external_data=True)
+    write_models(model, dst, external_data=True)
     log.info("stored %d weights of %s as float16 in %s", converted, src.name, dst.name)
     return dst

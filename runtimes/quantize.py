@@ -23,7 +23,7 @@ from nexus_export.errors import UserError
 from nexus_export.naming import layer_name
 from passes.quant_grid import Grid
 
-from .onnx_export import write_checked
+from .onnx_export import write_models
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def quantize_onnx(src: str | Path, dst: str | Path, bits: int = 4, block_size: i
     quantizer.process()
     model = quantizer.model.model
     quantized = sum(1 for n in model.graph.node if n.op_type == "MatMulNBits")
-    write_checked(model, dst, external_data=True)
+    write_models(model, dst, external_data=True)
     log.info("quantized %s to %d-bit (block %d): %d MatMulNBits layers in %.1f s", src.name, bits, block_size,
              quantized, time.perf_counter() - start)
     return dst
@@ -143,7 +143,7 @@ def write_grids(src: str | Path, dst: str | Path, grid: Grid,
     graph.node.extend(nodes)
     if not any(op.domain == "com.microsoft" for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    write_checked(model, dst, external_data=True)
+    write_models(model, dst, external_data=True)
     log.info("wrote %s: %d MatMulNBits layers from their GPTQ grids (%d-bit, groups of %d) in %.1f s", dst.name,
              len(done), grid.bits, grid.group_size, time.perf_counter() - start)
     return dst

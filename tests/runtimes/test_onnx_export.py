@@ -28,7 +28,7 @@ def test_lowered_llama_passes_checker_with_symbolic_dims(tiny_llama):
     assert [(v.name, _dims(v)) for v in model.graph.output] == [("logits", ["batch", "sequence", 300])]
     assert {entry.domain: entry.version for entry in model.opset_import}[""] == 18
     # one data file next to the model, no temporary folder left behind
-    assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.kv.onnx", "model.onnx", "model.onnx.data"]
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
