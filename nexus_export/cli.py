@@ -1,4 +1,5 @@
-"""The ``nexus-export`` command line: prune, sweep, compare, run, inspect, check-onnx, package, verify, build-engine.
+"""The ``nexus-export`` command line: prune, sweep, compare, run, generate, inspect, check-onnx, package, verify,
+build-engine.
 
 Bad input ends with one line on stderr and exit code 2, and no output folder left behind.
 """
@@ -55,6 +56,23 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a recipe (YAML)")
     run.add_argument("recipe", help="recipe YAML file")
     _output_args(run)
+
+    gen = sub.add_parser("generate", help="generate text from a run folder, a bundle or a model (streamed to stdout)",
+                         epilog="example: nexus-export generate out/demo --prompt 'It is a truth universally' "
+                                "--max-new-tokens 48")
+    gen.add_argument("source", nargs="?", help="run folder (prune/run output) or bundle")
+    gen.add_argument("--model", help="instead of a folder: a zoo name or Hugging Face folder (the dense model)")
+    gen.add_argument("--prompt", help="the text to continue")
+    gen.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (64)")
+    gen.add_argument("--temperature", type=float, default=0.0,
+                     help="0 (default): greedy; above 0: sample at this temperature")
+    gen.add_argument("--top-p", type=float, default=1.0, help="sampling: keep the smallest set of tokens whose "
+                                                              "probability reaches this (1.0: all)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling: the random seed (0)")
+    gen.add_argument("--runtime", default="onnxruntime", choices=("onnxruntime", "genai", "pytorch"),
+                     help="onnxruntime (default: the key/value-cache ONNX model), genai (onnxruntime-genai loads the "
+                          "folder), pytorch (the run's hf/ folder, or the --model)")
 
     inspect = sub.add_parser("inspect", help="show blocks, linears with roles, parameter counts")
     inspect.add_argument("model", help="zoo name or local HF model folder")
@@ -163,6 +181,12 @@ def _prune_args(prune: argparse.ArgumentParser, sweep: bool) -> None:
     prune.add_argument("--eval-windows", type=int, default=64, help="evaluation windows (default 64)")
     prune.add_argument("--seq-len", type=int, default=512, help="tokens per calibration/evaluation window (512)")
     prune.add_argument("--no-latency", action="store_true", help="skip the onnxruntime latency measurement")
+    prune.add_argument("--no-decode-speed", action="store_true",
+                       help="skip the decode speed (prefill and decode tokens/s of the pruned and dense models) and "
+                            "the sample continuation")
+    prune.add_argument("--lower", default="both", choices=("both", "logits", "generate"),
+                       help="which ONNX models to write: both (default): model.onnx (full sequence -> logits, for "
+                            "scoring and TensorRT) and model.kv.onnx (key/value cache, for generation); or one")
     prune.add_argument("--onnx-eval", choices=("auto", "on", "off"), default="auto",
                        help="evaluate the ONNX model in onnxruntime (auto: when it fits the memory budget)")
     prune.add_argument("--eval-runtime", default="pytorch",
@@ -204,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()  # only there can signals be handled
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # SIGTERM unwinds like Ctrl-C
     try:
-        commands = {"prune": _prune, "sweep": _sweep, "compare": _compare, "run": _run, "inspect": _inspect,
+        commands = {"prune": _prune, "sweep": _sweep, "compare": _compare, "run": _run, "generate": _generate,
+                    "inspect": _inspect,
                     "check-onnx": _check_onnx, "build-engine": _build_engine, "package": _package, "verify": _verify}
         return commands[args.command](args)
     except UserError as exc:
@@ -286,11 +311,12 @@ def _prune_recipe(args: argparse.Namespace) -> "Recipe":
         "calibration": {"source": args.calib_source, "samples": args.calib_samples, "seq_len": args.seq_len,
                         "seed": args.calib_seed},
         "evaluation": {"source": args.eval_source, "windows": args.eval_windows, "seq_len": args.seq_len,
-                       "latency": not args.no_latency, "onnx": args.onnx_eval, "runtime": args.eval_runtime,
+                       "latency": not args.no_latency, "decode_speed": not args.no_decode_speed,
+                       "onnx": args.onnx_eval, "runtime": args.eval_runtime,
                        "cache": not args.no_eval_cache, "tasks": _task_names(args.eval_tasks),
                        "task_limit": args.eval_limit, "task_paths": [args.eval_include] if args.eval_include else None},
         "execution": {"device": args.device, "dtype": args.dtype, "memory_budget": args.memory_budget},
-        "lowering": {"save_hf": args.save_hf, "precision": "fp16" if args.fp16 else "fp32"},
+        "lowering": {"save_hf": args.save_hf, "precision": "fp16" if args.fp16 else "fp32", "lower": args.lower},
         "bos": args.bos,
         **_quantize_options(args),
     })
@@ -381,7 +407,7 @@ def _prepare_process() -> None:
 
 def _execute(recipe, args: argparse.Namespace) -> int:
     from .pipeline import run_recipe
-    from .report import headline
+    from .report import generation_lines, headline
 
     _prepare_process()
 
@@ -398,7 +424,10 @@ def _execute(recipe, args: argparse.Namespace) -> int:
         ppl = variant["perplexity"]
         print(f"  {variant['path']}: {variant['bytes'] / 2**20:.1f} MiB, onnxruntime "
               + (f"perplexity {ppl:.2f}" if ppl is not None else f"perplexity: {report['perplexity']['onnx_eval']}"))
-    print(f"artifacts in {args.out}: report.html, report.md, report.json, plots/, recipe.yaml, tokenizer/")
+    for line in generation_lines(report):
+        print(line)
+    print(f"artifacts in {args.out}: report.html, report.md, report.json, plots/, recipe.yaml, tokenizer files"
+          + (", genai_config.json" if (Path(args.out) / "genai_config.json").is_file() else ""))
     if args.bundle:
         from runtimes.bundle import make_bundle
 
@@ -422,6 +451,44 @@ def _verify(args: argparse.Namespace) -> int:
     print(f"bundle {args.bundle} verified: {result['files']} files ({result['bytes'] / 2**20:.1f} MiB) match the "
           f"manifest; {result['model']}: {result['forward']}")
     return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generation import Sampling
+    from .textgen import generate_text
+
+    if (args.source is None) == (args.model is None):
+        raise UserError("give a run folder or bundle, or --model NAME (the dense model), not both")
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise UserError("give the text to continue with --prompt TEXT or --prompt-file FILE (one of them)")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.source is not None and not Path(args.source).is_dir():
+        raise UserError(f"{args.source} is not a folder: give a run folder (prune/run output) or a bundle")
+    prompt = args.prompt if args.prompt is not None else _read_prompt(Path(args.prompt_file))
+    sampling = Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    shown = []  # the prompt goes out with the first piece: a refusal before it leaves stdout empty
+
+    def show(piece: str) -> None:
+        sys.stdout.write(piece if shown else prompt + piece)
+        sys.stdout.flush()
+        shown.append(True)
+
+    result = generate_text(args.source or args.model, prompt, args.max_new_tokens, args.runtime, sampling, show)
+    sys.stdout.write(("" if shown else prompt) + "\n")
+    print(f"{args.runtime}: {result.speed_line()}", file=sys.stderr)
+    return 0
+
+
+def _read_prompt(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"--prompt-file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--prompt-file {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise UserError(f"cannot read --prompt-file {path}: {exc.strerror or exc}") from None
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -8,13 +8,16 @@ started from is unchanged and no weight is copied.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Callable
 
 import torch
+import torch.utils._pytree as pytree
 from torch import fx
 from torch._guards import detect_fake_mode
 from torch.export import ExportedProgram
-from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec
+from torch.export.graph_signature import (ExportGraphSignature, InputKind, InputSpec, OutputKind, OutputSpec,
+                                          TensorArgument)
 
 from .memory import forget_last_trace
 from .store import WeightStore
@@ -34,14 +37,34 @@ def copy_program(exported: ExportedProgram) -> ExportedProgram:
 
 
 def _program(template: ExportedProgram, graph: fx.Graph, specs: list[InputSpec], state: dict,
-              constants: dict) -> ExportedProgram:
+             constants: dict, outputs: list[OutputSpec] | None = None, module_call_graph=None) -> ExportedProgram:
     module = fx.GraphModule(template.graph_module, graph)
     return ExportedProgram(
         root=module, graph=graph,
-        graph_signature=ExportGraphSignature(input_specs=specs, output_specs=list(template.graph_signature.output_specs)),
-        state_dict=state, range_constraints=template.range_constraints, module_call_graph=template.module_call_graph,
+        graph_signature=ExportGraphSignature(
+            input_specs=specs, output_specs=outputs if outputs is not None else list(template.graph_signature.output_specs)),
+        state_dict=state, range_constraints=template.range_constraints,
+        module_call_graph=module_call_graph if module_call_graph is not None else template.module_call_graph,
         example_inputs=template.example_inputs, constants=constants, verifiers=template.verifiers,
     )
+
+
+def with_outputs(exported: ExportedProgram, names: list[str]) -> ExportedProgram:
+    """A copy of ``exported`` that also returns the values of the nodes ``names``, after its own outputs (how a value
+    inside the graph reaches an exporter under a name of the caller's choosing)."""
+    copied = copy_program(exported)
+    graph = copied.graph
+    nodes = {node.name: node for node in graph.nodes}
+    out = graph.output_node()
+    own = list(out.args[0]) if isinstance(out.args[0], (tuple, list)) else [out.args[0]]
+    out.args = (tuple(own + [nodes[name] for name in names]),)
+    specs = list(copied.graph_signature.output_specs) + [
+        OutputSpec(kind=OutputKind.USER_OUTPUT, arg=TensorArgument(name=name), target=None) for name in names]
+    calls = list(copied.module_call_graph)  # the root entry's output structure is now a flat tuple
+    spec = pytree.tree_flatten(tuple(range(len(own) + len(names))))[1]
+    calls[0] = dataclasses.replace(calls[0], signature=dataclasses.replace(calls[0].signature, out_spec=spec))
+    return _program(copied, graph, list(copied.graph_signature.input_specs), dict(copied.state_dict),
+                    dict(copied.constants), specs, calls)
 
 
 def placeholder_targets(exported: ExportedProgram) -> dict[str, str]:

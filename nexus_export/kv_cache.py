@@ -8,8 +8,10 @@ and the program is the full-sequence model that passes, calibration and evaluati
 
 The nodes that make the past tensors, the positions, and the concatenation of past and new keys and values (the
 *present*) carry a tag in ``node.meta["custom"]``, which survives graph copies, edits and retracing. Lowering reads
-the tags (``cache_layout``) after every pass and turns those nodes into the inputs and outputs of the key/value-cache
-model: a block a pass removed took its tagged nodes with it, so the cache model has one pair per remaining block.
+the tags (``cache_layout``) after every pass, exports those nodes' values as extra outputs under names of its own
+(``cache_outputs``: the exporter retraces and renames nodes, but keeps output names), and turns them into the inputs
+and outputs of the key/value-cache model: a block a pass removed took its tagged nodes with it, so the cache model
+has one pair per remaining block.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch.fx.traceback import annotate
 
 TAG = "nexus_cache"
 POSITION_TAG = "position_ids"
+OUTPUT_PREFIX = "cache."  # the names the cache's values are exported under (see cache_outputs)
 _PAIR_TAG = re.compile(r"(past|present)\.(\d+)\.(key|value)")
 
 
@@ -133,3 +136,19 @@ def cache_layout(exported: torch.export.ExportedProgram) -> CacheLayout | None:
             raise RuntimeError(f"the key/value cache of layer {layer} is incomplete in the graph ({names})")
         pairs.append(CachePair(layer, *names))
     return CacheLayout(position=position, pairs=tuple(pairs))
+
+
+def has_cache(program) -> bool:
+    """Whether a program was captured with its key/value cache marked (so it lowers to a generation model too)."""
+    return cache_layout(program.exported) is not None
+
+
+def cache_outputs(layout: CacheLayout) -> list[tuple[str, str]]:
+    """(graph node, output name) of every cache value lowering exposes, pairs renumbered 0.. in order:
+    ``cache.position_ids``, ``cache.past.{i}.key`` / ``.value``, ``cache.present.{i}.key`` / ``.value``."""
+    out = [(layout.position, f"{OUTPUT_PREFIX}{POSITION_TAG}")]
+    for i, pair in enumerate(layout.pairs):
+        out += [(pair.past_key, f"{OUTPUT_PREFIX}past.{i}.key"), (pair.past_value, f"{OUTPUT_PREFIX}past.{i}.value"),
+                (pair.present_key, f"{OUTPUT_PREFIX}present.{i}.key"),
+                (pair.present_value, f"{OUTPUT_PREFIX}present.{i}.value")]
+    return out

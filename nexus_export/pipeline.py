@@ -31,6 +31,8 @@ from .data import calibration_windows, choose_bos, evaluation_windows
 from .data.sources import mix_counts, parse_mix
 from .errors import UserError
 from .evaluate import program_perplexity
+from .generation import generate
+from .kv_cache import has_cache
 from .metrics import max_abs_diff, next_token_nll, perplexity
 from .hf_export import save_hf
 from .model_card import hf_card
@@ -167,6 +169,9 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
                 with stage("zero_shot_dense"):
                     tasks.dense(program, device, world)
 
+            speed = (ev.decode_speed and onnx_eval and world.writer and recipe.lowering.lower != "logits"
+                     and has_cache(program))
+            dense_program = program if speed else None  # lowered beside the pruned one: the decode speed's baseline
             pass_reports = []
             for i, pass_ in enumerate(passes):
                 ctx = PassContext(calibration_windows=cal_windows, checkpoint_dir=checkpoints / f"{i}-{pass_.name}",
@@ -207,7 +212,14 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
 
             with stage("lower"):
                 artifact = runtime.lower(program, tmp, opset=recipe.lowering.opset,
-                                         external_data=recipe.lowering.external_data, dtype=out_dtype)
+                                         external_data=recipe.lowering.external_data, dtype=out_dtype,
+                                         lower=recipe.lowering.lower)
+            dense_dir = tmp / ".dense"  # removed before the output is complete
+            if dense_program is not None:
+                with stage("lower_dense"):
+                    runtime.lower(dense_program, dense_dir, opset=recipe.lowering.opset, dtype=out_dtype,
+                                  lower="generate")
+                del dense_program
             pattern = _last_pattern(pass_reports)
             targeted = _targeted_layers(program, pass_reports)
             per_layer = program.sparsity(targeted)
@@ -258,7 +270,16 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
                         variant["vs_pytorch_rel"] = abs(variant["perplexity"] - pruned_ppl) / pruned_ppl
                 artifacts.append(variant)
             deploy = artifacts[-1]
-            _save_tokenizer(loaded, tmp / "tokenizer")
+            generation = None
+            if speed:
+                with stage("generation"):
+                    generation = _generation(runtime, loaded.tokenizer, dense_dir, tmp, artifacts)
+            shutil.rmtree(dense_dir, ignore_errors=True)
+            _save_tokenizer(loaded, tmp)
+            cache_model = runtime.cache_model(tmp / deploy["path"])
+            if cache_model is not None:
+                runtime.write_generation_config(tmp, cache_model, loaded.model.config, loaded.tokenizer,
+                                                getattr(loaded.model, "generation_config", None))
 
             report = {
                 "tool": {"name": "nexus-export", "version": __version__, "torch": torch.__version__,
@@ -289,6 +310,8 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
                 "onnx": {"path": artifact.name, "bytes": runtime.artifact_bytes(artifact),
                          "opset": recipe.lowering.opset, **onnx_info},
                 "latency": latency,
+                "generation": generation if generation is not None else {"skipped": _generation_note(
+                    ev.decode_speed, onnx_eval, onnx_eval_why, runtime.cache_model(artifact))},
                 "artifacts": artifacts,
                 "deploy": {"model": deploy["path"], "variant": deploy["name"]},
                 "stages": stage.rows,
@@ -335,6 +358,46 @@ def _parity(runtime, sess, expected: torch.Tensor, parity_ids: torch.Tensor) -> 
     pytorch, onnx = (perplexity(*next_token_nll(logits, parity_ids)) for logits in (expected, actual))
     return diff, {"pytorch_perplexity": pytorch, "onnx_perplexity": onnx,
                   "perplexity_rel": abs(onnx - pytorch) / pytorch}
+
+
+GENERATION_PROMPT = "The best way to spend a quiet afternoon is"
+SAMPLE_TOKENS = 32  # the greedy continuation every report shows, dense beside pruned
+
+
+def _generation(runtime, tokenizer, dense_dir: Path, out_dir: Path, artifacts: list[dict]) -> dict:
+    """Decode speed (prefill and decode tokens per second at batch 1) and a greedy continuation of
+    ``GENERATION_PROMPT`` for the dense model and every model file written, each from its key/value-cache model in
+    onnxruntime, one session at a time."""
+    prompt = tokenizer(GENERATION_PROMPT, add_special_tokens=True)["input_ids"]
+    models = [("dense", runtime.cache_model(dense_dir / "model.onnx"))]
+    models += [(a["name"] if i else "pruned", runtime.cache_model(out_dir / a["path"])) for i, a in enumerate(artifacts)]
+    rows = []
+    for name, path in models:
+        speed = runtime.decode_speed(path)
+        sample = generate(runtime.decoder(path), prompt, SAMPLE_TOKENS)
+        rows.append({"name": name, "path": path.name if name != "dense" else None, **speed,
+                     "continuation": tokenizer.decode(sample.tokens), "tokens": sample.tokens})
+        release()
+        log.info("%s: prefill %.0f tokens/s, decode %.1f tokens/s; %r", name, speed["prefill_tokens_per_s"],
+                 speed["decode_tokens_per_s"], rows[-1]["continuation"])
+    dense, pruned = rows[0], rows[1]
+    return {"prompt": GENERATION_PROMPT, "prompt_ids": prompt, "sample_tokens": SAMPLE_TOKENS,
+            "protocol": f"onnxruntime CPU, batch 1, a {dense['prompt_tokens']}-token prompt then {dense['new_tokens']} "
+                        f"greedy tokens, median of {dense['runs']} runs after a warm-up",
+            "decode_speedup": pruned["decode_tokens_per_s"] / dense["decode_tokens_per_s"],
+            "prefill_speedup": pruned["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"],
+            "models": rows}
+
+
+def _generation_note(asked: bool, onnx_eval: bool, onnx_eval_why: str, cache_model) -> str:
+    """Why the report has no decode speed."""
+    if not asked:
+        return "--no-decode-speed"
+    if not onnx_eval:
+        return f"onnxruntime evaluation skipped: {onnx_eval_why}"
+    if cache_model is None:
+        return "no key/value-cache model (not a Hugging Face causal LM, or --lower logits)"
+    return "not measured"
 
 
 def _onnx_eval_note(ran: bool, why: str, runtime: str) -> str:
@@ -406,7 +469,8 @@ def _plan(program: Program, budget: int, onnx_eval: str) -> tuple[bool, str]:
 
 
 def _save_tokenizer(loaded: LoadedModel, folder: Path) -> None:
-    """The tokenizer files and generation config a deployment needs beside the ONNX model."""
+    """The tokenizer files and generation config a deployment needs, beside the ONNX models (where onnxruntime-genai
+    and transformers both look for them)."""
     folder.mkdir(parents=True, exist_ok=True)
     loaded.tokenizer.save_pretrained(folder)
     generation = getattr(loaded.model, "generation_config", None)

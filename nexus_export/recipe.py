@@ -8,7 +8,7 @@ YAML form::
     calibration: {source: austen, samples: 64, seq_len: 512, seed: 0}   # or source: "austen:0.5,notes.txt:0.5"
     evaluation: {source: austen, windows: 64, seq_len: 512, onnx: auto, runtime: pytorch}
     # evaluation may add lm-eval zero-shot tasks: tasks: [hellaswag, arc_easy], task_limit: 200
-    lowering: {opset: 18, external_data: true}
+    lowering: {opset: 18, external_data: true, lower: both}   # lower: both, logits or generate
     bos: auto                     # a BOS token at the start of every window: auto, always, never
     quantize: {bits: 4, group_size: 32, method: gptq}     # optional: also write model.q4.onnx (MatMulNBits)
     execution: {device: auto, dtype: auto, memory_budget: 2GiB}
@@ -50,6 +50,7 @@ class EvaluationSettings:
     seq_len: int = 512
     batch_size: int = 2  # windows per forward pass (memory grows with it; speed hardly does)
     latency: bool = True  # measure onnxruntime latency (median of repeated runs)
+    decode_speed: bool = True  # prefill/decode tokens per second of the pruned and dense cache models, and a sample
     onnx: str = "auto"  # evaluate the ONNX model in onnxruntime: on, off, auto (off when it would not fit the budget)
     runtime: str = "pytorch"  # which runtime scores the pruned model on every window: pytorch, onnxruntime or both
     cache: bool = True  # reuse the dense perplexity of an earlier run on the same weights and windows
@@ -65,6 +66,8 @@ class LoweringSettings:
     runtime: str = "onnxruntime"
     save_hf: bool = False  # also write DIR/hf, a Hugging Face folder (passes that keep the architecture)
     precision: str = "fp32"  # fp16: also write model.fp16.onnx with float16 weights (half the size)
+    lower: str = "both"  # both: model.onnx (full sequence, scoring) and model.kv.onnx (key/value cache, generation);
+    # logits or generate: only one of them
 
 
 @dataclass(frozen=True)
@@ -268,6 +271,7 @@ def _execution(data: Any) -> ExecutionSettings:
 
 
 MIN_OPSET = 18  # the lowest opset torch's ONNX exporter (torchlib) implements
+LOWER = ("both", "logits", "generate")  # the models lowering writes: both, the full-sequence one, the cache one
 
 
 def _lowering(data: Any) -> LoweringSettings:
@@ -277,6 +281,8 @@ def _lowering(data: Any) -> LoweringSettings:
                         f"{MIN_OPSET}")
     if settings.precision not in ("fp32", "fp16"):
         raise UserError(f"lowering.precision must be fp32 or fp16, got {settings.precision!r}")
+    if settings.lower not in LOWER:
+        raise UserError(f"lowering.lower (--lower) must be one of {', '.join(LOWER)}, got {settings.lower!r}")
     return settings
 
 

@@ -53,6 +53,27 @@ def headline(report: dict) -> str:
             f"({onnx}) | parity max|diff| " + (f"{parity:.2e}" if parity is not None else "-"))
 
 
+def generation_lines(report: dict) -> list[str]:
+    """The decode speed of the dense and pruned models and their greedy continuations of the report's prompt, for
+    the terminal (nothing when the run measured none)."""
+    gen = report.get("generation") or {}
+    if not gen.get("models"):
+        return [f"  decode speed: not measured ({gen['skipped']})"] if gen.get("skipped") else []
+    dense, pruned = gen["models"][0], gen["models"][1]
+    lines = [f"  decode ({gen['protocol']}): dense {dense['decode_tokens_per_s']:.1f} -> pruned "
+             f"{pruned['decode_tokens_per_s']:.1f} tokens/s ({gen['decode_speedup']:.2f}x); prefill "
+             f"{dense['prefill_tokens_per_s']:.0f} -> {pruned['prefill_tokens_per_s']:.0f} tokens/s; key/value cache "
+             f"{dense['kv_bytes_per_token'] / 1024:.1f} -> {pruned['kv_bytes_per_token'] / 1024:.1f} KiB per token"]
+    for row in gen["models"][2:]:
+        lines.append(f"  decode {row['name']} ({row['path']}): {row['decode_tokens_per_s']:.1f} tokens/s")
+    lines.append(f"  greedy continuation of {gen['prompt']!r} ({gen['sample_tokens']} tokens, through the key/value "
+                 "cache):")
+    width = max(len(row["name"]) for row in gen["models"])
+    for row in gen["models"]:
+        lines.append(f"    {row['name']:<{width}}: {' '.join(row['continuation'].split())!r}")
+    return lines
+
+
 def _bos_line(bos: dict) -> str:
     """One sentence on the BOS choice (--bos) and why."""
     if bos["token_id"] is None:

@@ -2,7 +2,7 @@
 
 Lowering exports the program once. A program captured with its cache marked (nexus_export/kv_cache.py) exports to a
 graph that builds an empty past for every attention layer, concatenates it with the new keys and values, and computes
-the positions itself; the exporter names each ONNX value after its graph node, so the marked nodes are found by name.
+the positions itself; those values are exported as extra outputs named ``cache.*``, which is how they are found.
 
 - ``to_cache_model`` makes those values the cache model's inputs and outputs: ``position_ids`` [batch, sequence],
   ``past_key_values.{i}.key`` / ``.value`` [batch, heads, past_sequence, head_dim] in, ``present.{i}.key`` /
@@ -20,7 +20,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common
 
 from nexus_export.errors import UserError
-from nexus_export.kv_cache import CacheLayout
+from nexus_export.kv_cache import OUTPUT_PREFIX, POSITION_TAG
 
 POSITION_IDS = "position_ids"
 PAST = "past_key_values.{}.{}"
@@ -29,27 +29,28 @@ KINDS = ("key", "value")
 BATCH, SEQUENCE, PAST_SEQUENCE, TOTAL = "batch", "sequence", "past_sequence", "total_sequence"
 
 
-def to_cache_model(model: ir.Model, layout: CacheLayout) -> None:
-    """Rewire a full-sequence export of a cache-marked program into the key/value-cache model, in place."""
+def to_cache_model(model: ir.Model) -> None:
+    """Rewire a full-sequence export whose cache values are extra outputs (``cache.*``, see kv_cache.cache_outputs)
+    into the key/value-cache model, in place."""
     graph = model.graph
-    produced = {value.name: value for node in graph for value in node.outputs}
-    missing = [name for name in _marked(layout) if name not in produced]
-    if missing:
-        raise UserError(f"the ONNX export lost the key/value cache's marks ({', '.join(missing[:3])}); the cache "
-                        "model cannot be made from it: lower with --lower logits")
-    inputs = [_replace_with_input(produced[layout.position], POSITION_IDS, ir.DataType.INT64, [BATCH, SEQUENCE])]
+    marked = {value.name: value for value in graph.outputs if value.name.startswith(OUTPUT_PREFIX)}
+    graph.outputs[:] = [value for value in graph.outputs if value.name not in marked]
+    position = marked.get(OUTPUT_PREFIX + POSITION_TAG)
+    pairs = sum(1 for name in marked if name.startswith(OUTPUT_PREFIX + "past.") and name.endswith(".key"))
+    if position is None or not pairs:
+        raise UserError(f"the export has no key/value cache outputs ({sorted(marked)}); lower with --lower logits")
+    inputs = [_replace_with_input(position, POSITION_IDS, ir.DataType.INT64, [BATCH, SEQUENCE])]
     outputs = []
-    for i, pair in enumerate(layout.pairs):
-        for kind, past, present in (("key", pair.past_key, pair.present_key),
-                                    ("value", pair.past_value, pair.present_value)):
-            value = produced[past]
+    for i in range(pairs):
+        for kind in KINDS:
+            value = marked[f"{OUTPUT_PREFIX}past.{i}.{kind}"]
             dims = list(value.shape) if value.shape is not None else []
             if len(dims) != 4 or not all(isinstance(d, int) for d in (dims[1], dims[3])):
-                raise UserError(f"the past {kind}s of layer {pair.layer} export with shape {dims}; expected "
+                raise UserError(f"the past {kind}s of cache layer {i} export with shape {dims}; expected "
                                 "[batch, heads, past, head_dim] with fixed heads and head_dim")
             inputs.append(_replace_with_input(value, PAST.format(i, kind), value.dtype or ir.DataType.FLOAT,
                                               [BATCH, dims[1], PAST_SEQUENCE, dims[3]]))
-            out = produced[present]
+            out = marked[f"{OUTPUT_PREFIX}present.{i}.{kind}"]
             out.name = PRESENT.format(i, kind)
             out.shape = ir.Shape([BATCH, dims[1], TOTAL, dims[3]])
             outputs.append(out)
@@ -85,13 +86,6 @@ def to_full_model(model: ir.Model) -> None:
 def is_cache_model(input_names: list[str]) -> bool:
     """Whether a model with these inputs is a key/value-cache model."""
     return any(name.startswith("past_key_values.") for name in input_names)
-
-
-def _marked(layout: CacheLayout) -> list[str]:
-    names = [layout.position]
-    for pair in layout.pairs:
-        names += [pair.past_key, pair.past_value, pair.present_key, pair.present_value]
-    return names
 
 
 def _replace_with_input(value: ir.Value, name: str, dtype: ir.DataType, dims: list) -> ir.Value:

@@ -13,8 +13,8 @@ import torch
 from nexus_export.program import Program
 from passes.quant_grid import Grid
 
-from . import onnx_check, ort, parity
-from .onnx_export import lower_to_onnx
+from . import decode, genai, onnx_check, ort, parity
+from .onnx_export import cache_path, lower_to_onnx
 from .precision import to_fp16_weights
 from .quantize import quantize_onnx, write_grids, zeros_kept
 
@@ -27,9 +27,33 @@ class OnnxRuntimeCPU:
         return ort.available()
 
     def lower(self, program: Program, out_dir: Path, opset: int = 18, external_data: bool = True,
-              dtype: torch.dtype | None = None) -> Path:
+              dtype: torch.dtype | None = None, lower: str = "both") -> Path:
+        """model.onnx (and its key/value-cache twin model.kv.onnx); returns the full-sequence model's path, or the
+        cache model's with ``lower="generate"``."""
         return lower_to_onnx(program, Path(out_dir) / "model.onnx", opset=opset, external_data=external_data,
-                             dtype=dtype)
+                             dtype=dtype, lower=lower)
+
+    @staticmethod
+    def cache_model(artifact: Path) -> Path | None:
+        """The key/value-cache model of an artifact (itself when it is one), or None when there is none."""
+        artifact = Path(artifact)
+        if artifact.name.endswith(".kv.onnx"):
+            return artifact
+        twin = cache_path(artifact)
+        return twin if twin.is_file() else None
+
+    def decode_speed(self, cache_model: Path, prompt_tokens: int = 128, new_tokens: int = 128, runs: int = 3) -> dict:
+        """Prefill and decode tokens per second of a key/value-cache model (batch 1, medians of ``runs``)."""
+        return decode.decode_speed(self.session(cache_model), prompt_tokens, new_tokens, runs)
+
+    @staticmethod
+    def write_generation_config(folder: Path, cache_model: Path, hf_config, tokenizer, generation=None) -> Path:
+        """genai_config.json in ``folder`` for ``cache_model``: the folder then loads in onnxruntime-genai as it is."""
+        return genai.write_config(Path(folder), Path(cache_model).name, hf_config, tokenizer, generation)
+
+    def decoder(self, cache_model: Path) -> decode.CacheDecoder:
+        """A decoder (prefill, step) over a key/value-cache model, for nexus_export.generation.generate."""
+        return decode.CacheDecoder(self.session(cache_model))
 
     def session(self, artifact: Path):
         return ort.session(artifact)
@@ -54,18 +78,21 @@ class OnnxRuntimeCPU:
 
     def variants(self, artifact: Path, recipe, targets: set[str], grids: dict | None = None) -> list[dict]:
         """The other model files a recipe asks for beside the fp32 one: fp16 weights, int4/int8 weights (round to
-        nearest here, or written from ``grids``: the scales and zero points a GPTQ pass chose, by layer)."""
+        nearest here, or written from ``grids``: the scales and zero points a GPTQ pass chose, by layer). Each is
+        made from the key/value-cache model when there is one, so it has its cache twin too."""
         out = []
+        source = self.cache_model(artifact) or artifact
+        lower = recipe.lowering.lower
         if recipe.lowering.precision == "fp16":
-            path = to_fp16_weights(artifact, artifact.with_name("model.fp16.onnx"))
+            path = to_fp16_weights(source, artifact.with_name("model.fp16.onnx"), lower)
             out.append({"name": "fp16", "path": path.name, "bytes": self.artifact_bytes(path)})
         if recipe.quantize is not None:
             q = recipe.quantize
             dst = artifact.with_name(f"model.q{q.bits}.onnx")
             if q.method == "gptq":
-                path = write_grids(artifact, dst, Grid(q.bits, q.group_size, q.sym), grids or {})
+                path = write_grids(source, dst, Grid(q.bits, q.group_size, q.sym), grids or {}, lower)
             else:
-                path = quantize_onnx(artifact, dst, q.bits, q.group_size, q.sym)
+                path = quantize_onnx(source, dst, q.bits, q.group_size, q.sym, lower)
             out.append({"name": f"int{q.bits}", "path": path.name, "bytes": self.artifact_bytes(path),
                         "method": q.method, "bits": q.bits, "group_size": q.group_size, "sym": q.sym,
                         **({"act_order": q.act_order, "clip_search": q.clip_search, "joint": q.joint,
@@ -76,6 +103,8 @@ class OnnxRuntimeCPU:
 
     @staticmethod
     def artifact_bytes(artifact: Path) -> int:
-        """Size of the ONNX file plus its external data."""
+        """Size of the ONNX file plus its external data (a cache model's data is its full-sequence twin's)."""
         artifact = Path(artifact)
-        return sum(p.stat().st_size for p in artifact.parent.glob(artifact.name + "*") if p.is_file())
+        base = artifact.with_name(artifact.name.replace(".kv.onnx", ".onnx"))
+        return artifact.stat().st_size + sum(p.stat().st_size for p in artifact.parent.glob(base.name + ".data*")
+                                             if p.is_file())

@@ -40,11 +40,12 @@ from onnx_ir.passes import common
 import torch
 
 from nexus_export.errors import UserError
-from nexus_export.kv_cache import cache_layout
+from nexus_export.graph_edit import with_outputs
+from nexus_export.kv_cache import cache_layout, cache_outputs
 from nexus_export.memory import forget_last_trace
 from nexus_export.outdir import file_mode
 from nexus_export.program import Program
-from nexus_export.recipe import MIN_OPSET
+from nexus_export.recipe import LOWER, MIN_OPSET
 
 from .onnx_cache import is_cache_model, to_cache_model, to_full_model
 
@@ -58,9 +59,6 @@ PROTOBUF_LIMIT = 2**31 - 1
 MIN_CAST_ELEMENTS = 1024  # smaller float tensors (norm scales, biases) stay float32
 ONNX_DTYPES = {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FLOAT16,
                torch.bfloat16: ir.DataType.BFLOAT16}
-
-
-LOWER = ("both", "logits", "generate")  # which models lowering writes: both, the full-sequence one, the cache one
 
 
 def lower_to_onnx(program: Program, out_path: Path, opset: int = 18, external_data: bool = True,
@@ -87,14 +85,18 @@ def lower_to_onnx(program: Program, out_path: Path, opset: int = 18, external_da
             from None
     if out_path.is_dir():
         raise UserError(f"{out_path} is a folder; give the path of the .onnx file to write")
-    model = export_graph(program.exported, opset)
+    exported, outputs = program.exported, []
+    if layout is not None:  # the cache's values leave the graph as extra outputs, under names the exporter keeps
+        nodes, outputs = zip(*cache_outputs(layout))
+        exported = with_outputs(exported, list(nodes))
+    model = export_graph(exported, opset, list(outputs))
     folded = bind_weights(model, program, dtype)
     # the exporter's per-node metadata (stack traces, module paths) would be most of the file of a small model
     common.ClearMetadataAndDocStringPass()(model)
     common.RemoveUnusedNodesPass()(model)
     log.info("onnx: folded %d transposes into weights; %d nodes", folded, len(model.graph))
     if layout is not None:
-        to_cache_model(model, layout)
+        to_cache_model(model)
     written = write_models(model, out_path, external_data, lower if layout is not None else "logits")
     return written[0]
 
@@ -109,21 +111,21 @@ _EXPORTS: OrderedDict[str, ir.Model] = OrderedDict()  # graphs exported in this 
 KEEP_EXPORTS = 2
 
 
-def export_graph(exported: torch.export.ExportedProgram, opset: int) -> ir.Model:
+def export_graph(exported: torch.export.ExportedProgram, opset: int, extra_outputs: list[str] = ()) -> ir.Model:
     """torch.onnx.export of the program's graph (its weights are meta: nothing is computed or copied), with the
-    dynamic axes named batch/sequence.
+    dynamic axes named batch/sequence; outputs after the logits get the names ``extra_outputs``.
 
     The export depends only on the graph, not on the weights' values, and masking passes leave the graph as it was:
     a graph this process exported already (a sweep's next point, another masking run) is cloned from the last
     exports kept instead of exported again (seconds to tens of seconds saved per lowering)."""
     if opset < MIN_OPSET:
         raise UserError(f"opset {opset} is not supported: torch's ONNX exporter needs opset >= {MIN_OPSET}")
-    key = graph_key(exported, opset)
+    key = graph_key(exported, opset) + ",".join(extra_outputs)
     if key in _EXPORTS:
         _EXPORTS.move_to_end(key)
         log.info("onnx export: the graph of an earlier lowering in this process, reused")
         return _EXPORTS[key].clone()
-    model = _export(exported, opset)
+    model = _export(exported, opset, list(extra_outputs))
     _EXPORTS[key] = model.clone()
     while len(_EXPORTS) > KEEP_EXPORTS:
         _EXPORTS.popitem(last=False)
@@ -148,14 +150,14 @@ def graph_key(exported: torch.export.ExportedProgram, opset: int) -> str:
     return digest.hexdigest()
 
 
-def _export(exported: torch.export.ExportedProgram, opset: int) -> ir.Model:
+def _export(exported: torch.export.ExportedProgram, opset: int, extra_outputs: list[str]) -> ir.Model:
     start = time.perf_counter()
     # The exporter notes once per process that torchvision's ops are not registered: noise for a language model.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         program = torch.onnx.export(exported, args=(), dynamo=True, input_names=list(INPUT_NAMES),
-                                    output_names=[OUTPUT_NAME], opset_version=opset, optimize=False, verbose=False)
+                                    output_names=[OUTPUT_NAME, *extra_outputs], opset_version=opset, optimize=False, verbose=False)
     forget_last_trace()  # the exporter's decomposed graph would otherwise outlive the lowering
     _name_dynamic_axes(program)
     model = program.model

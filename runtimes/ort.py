@@ -169,7 +169,7 @@ def latency_ms(
     """Wall time of one forward pass at [batch, seq] on random token ids: median and p90 over ``repeats`` runs."""
     if batch < 1 or seq < 1 or repeats < 1:
         raise UserError(f"latency needs batch, seq, repeats >= 1, got {batch}, {seq}, {repeats}")
-    vocab = _vocab_size(sess)
+    vocab = vocab_size(sess)
     ids = np.random.default_rng(seed).integers(0, vocab, size=(batch, seq), dtype=np.int64)
     for _ in range(warmup):
         logits(sess, ids)
@@ -187,7 +187,7 @@ def latency_ms(
     }
 
 
-def _vocab_size(sess: InferenceSession) -> int:
+def vocab_size(sess: InferenceSession) -> int:
     """The logits' last dim, which the exporter keeps static."""
     vocab = sess.get_outputs()[0].shape[-1]
     if not isinstance(vocab, int) or vocab < 1:

@@ -21,8 +21,10 @@ log = logging.getLogger(__name__)
 MIN_ELEMENTS = 1024  # small tensors (norm scales, biases, constants) stay float32
 
 
-def to_fp16_weights(src: str | Path, dst: str | Path) -> Path:
-    """Write ``dst`` (+ external data): ``src`` with float32 weights of >= MIN_ELEMENTS stored as float16."""
+def to_fp16_weights(src: str | Path, dst: str | Path, lower: str = "both") -> Path:
+    """Write ``dst`` (+ external data): ``src`` with float32 weights of >= MIN_ELEMENTS stored as float16 (from a
+    key/value-cache model: its cache twin too, as ``lower`` says; see onnx_export.write_models). Returns the first
+    path written."""
     src, dst = Path(src), Path(dst)
     model = onnx.load(str(src))
     graph = model.graph
@@ -44,6 +46,6 @@ def to_fp16_weights(src: str | Path, dst: str | Path) -> Path:
     nodes = list(graph.node)
     del graph.node[:]
     graph.node.extend(casts + nodes)
-    write_models(model, dst, external_data=True)
+    written = write_models(model, dst, external_data=True, lower=lower)
     log.info("stored %d weights of %s as float16 in %s", converted, src.name, dst.name)
-    return dst
+    return written[0]

@@ -46,9 +46,11 @@ def check_quantization(onnx_path: str | Path, bits: int, block_size: int) -> Non
                                 f"{layer_name(node.input[1])}; choose a block size that divides it")
 
 
-def quantize_onnx(src: str | Path, dst: str | Path, bits: int = 4, block_size: int = 32, sym: bool = True) -> Path:
+def quantize_onnx(src: str | Path, dst: str | Path, bits: int = 4, block_size: int = 32, sym: bool = True,
+                  lower: str = "both") -> Path:
     """Write ``dst`` (+ external data): ``src`` with every constant MatMul weight rounded to ``bits`` bits (a scale
-    per block of ``block_size`` inputs; ``sym`` False adds a zero point per block)."""
+    per block of ``block_size`` inputs; ``sym`` False adds a zero point per block). From a key/value-cache model the
+    cache twin is written too (see onnx_export.write_models); returns the first path written."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     src, dst = Path(src), Path(dst)
@@ -59,10 +61,10 @@ def quantize_onnx(src: str | Path, dst: str | Path, bits: int = 4, block_size: i
     quantizer.process()
     model = quantizer.model.model
     quantized = sum(1 for n in model.graph.node if n.op_type == "MatMulNBits")
-    write_models(model, dst, external_data=True)
+    written = write_models(model, dst, external_data=True, lower=lower)
     log.info("quantized %s to %d-bit (block %d): %d MatMulNBits layers in %.1f s", src.name, bits, block_size,
              quantized, time.perf_counter() - start)
-    return dst
+    return written[0]
 
 
 def dequantized_weights(path: str | Path) -> dict[str, np.ndarray]:
@@ -112,7 +114,7 @@ def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
 
 
 def write_grids(src: str | Path, dst: str | Path, grid: Grid,
-                grids: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Path:
+                grids: dict[str, tuple[torch.Tensor, torch.Tensor]], lower: str = "both") -> Path:
     """Write ``dst`` (+ external data): ``src`` with the MatMul of every layer in ``grids`` (name -> scales and zero
     points [N, K / group]) replaced by MatMulNBits holding its codes on those grids. Every layer must be found and its
     weight must lie on its grid (it does when the program's weights came from the GPTQ pass)."""
@@ -143,10 +145,10 @@ def write_grids(src: str | Path, dst: str | Path, grid: Grid,
     graph.node.extend(nodes)
     if not any(op.domain == "com.microsoft" for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    write_models(model, dst, external_data=True)
+    written = write_models(model, dst, external_data=True, lower=lower)
     log.info("wrote %s: %d MatMulNBits layers from their GPTQ grids (%d-bit, groups of %d) in %.1f s", dst.name,
              len(done), grid.bits, grid.group_size, time.perf_counter() - start)
-    return dst
+    return written[0]
 
 
 def _nbits_node(node, init, grid: Grid, scales: torch.Tensor, zeros: torch.Tensor, graph, layer: str):

