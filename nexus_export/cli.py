@@ -445,11 +445,16 @@ def _package(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from runtimes.bundle import verify_bundle
+    from runtimes.bundle import GenerationMismatch, verify_bundle
 
-    result = verify_bundle(Path(args.bundle))
+    try:
+        result = verify_bundle(Path(args.bundle))
+    except GenerationMismatch as exc:
+        print(f"nexus-export: verify failed: {exc}", file=sys.stderr)
+        return 1
     print(f"bundle {args.bundle} verified: {result['files']} files ({result['bytes'] / 2**20:.1f} MiB) match the "
-          f"manifest; {result['model']}: {result['forward']}")
+          f"manifest; {result['model']}: {result['forward']}"
+          + (f"; {result['generation']}" if result.get("generation") else ""))
     return 0
 
 

@@ -72,14 +72,31 @@ def hf_card(report: dict) -> str:
     return "\n".join(lines)
 
 
-def bundle_card(report: dict, model_file: str) -> str:
-    """The card of a deployment bundle holding ``model_file`` (an ONNX model)."""
+def bundle_card(report: dict, model_file: str, cache_model: str | None = None) -> str:
+    """The card of a deployment bundle holding ``model_file`` (an ONNX model) and its key/value-cache twin
+    ``cache_model`` (None: the bundle has none)."""
     lines = _common(report, f"{report['model']['name']}, pruned ({method_label(report)}), ONNX", "onnx",
                     ["onnx", "onnxruntime"])
     lines += ["## How to use", "", f"`{model_file}` takes `input_ids` and `attention_mask` ([batch, sequence], int64) "
-              "and returns `logits`; the tokenizer is in `tokenizer/`. Check the bundle first: "
-              "`nexus-export verify .`", "", "```python", "import numpy as np", "import onnxruntime as ort",
-              "from transformers import AutoTokenizer", "", 'tokenizer = AutoTokenizer.from_pretrained("tokenizer")',
+              "and returns `logits`. " + (
+                  f"`{cache_model}` is the same model with a key/value cache (`position_ids`, "
+                  "`past_key_values.{i}.key`/`.value` in, `present.{i}.key`/`.value` out), which generates. "
+                  if cache_model else "") +
+              "The tokenizer files are beside them. Check the bundle first: `nexus-export verify .` (hashes, one "
+              "forward pass" + (", and a short greedy generation against the tokens recorded here)." if cache_model
+                               else ")."), ""]
+    if cache_model:
+        lines += ["Generate text: `nexus-export generate . --prompt \"The capital of France is\"`, or with "
+                  "onnxruntime-genai, which loads this folder as it is (`genai_config.json`):", "",
+                  "```python", "import onnxruntime_genai as og", "", 'model = og.Model(".")',
+                  "tokenizer = og.Tokenizer(model)", "params = og.GeneratorParams(model)",
+                  "params.set_search_options(max_length=64)", "generator = og.Generator(model, params)",
+                  'generator.append_tokens(tokenizer.encode("The capital of France is"))',
+                  "while not generator.is_done():", "    generator.generate_next_token()",
+                  "print(tokenizer.decode(generator.get_sequence(0)))", "```", ""]
+    lines += ["Score text with the full-sequence model:", "",
+              "```python", "import numpy as np", "import onnxruntime as ort",
+              "from transformers import AutoTokenizer", "", 'tokenizer = AutoTokenizer.from_pretrained(".")',
               f'session = ort.InferenceSession("{model_file}")',
               'ids = tokenizer("The capital of France is", return_tensors="np")["input_ids"].astype(np.int64)',
               'logits = session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]', "```",

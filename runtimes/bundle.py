@@ -1,9 +1,11 @@
 """Deployment bundles: a self-contained folder (optionally a .tar.gz) a deployment can ship, and its verification.
 
-A bundle holds the deployable ONNX model and its external data, the tokenizer files, the generation config, and
-``manifest.json``: input/output signature (names, dtypes, symbolic dims), opset, recipe, sparsity summary, perplexity
-before/after, sizes, the sha256 of every file, and the nexus-export, torch and onnx versions. ``verify_bundle``
-re-checks every hash and runs one forward pass in onnxruntime; a changed, truncated or missing file is named.
+A bundle holds the deployable ONNX model and its external data, its key/value-cache twin with ``genai_config.json``
+(so onnxruntime-genai loads the bundle as it is), the tokenizer files, the generation config, and ``manifest.json``:
+input/output signature (names, dtypes, symbolic dims), opset, recipe, sparsity summary, perplexity before/after,
+sizes, the sha256 of every file, the nexus-export, torch and onnx versions, and the tokens a short greedy generation
+gave when the bundle was made. ``verify_bundle`` re-checks every hash, runs one forward pass in onnxruntime, and
+generates those tokens again; a changed, truncated or missing file is named, and so is the first token that differs.
 """
 
 from __future__ import annotations
@@ -18,15 +20,26 @@ import numpy as np
 import onnx
 
 from nexus_export.errors import UserError
+from nexus_export.generation import generate
 from nexus_export.model_card import bundle_card
 from nexus_export.outdir import sha256_file, staged_output
 
 from .onnx_check import open_onnx
+from .onnx_export import cache_path
 
 log = logging.getLogger(__name__)
 
 FORMAT = "nexus-export-bundle/1"
 MANIFEST = "manifest.json"
+# what the tokenizer and generation config save beside the model (any of them; older runs kept them in tokenizer/)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "generation_config.json")
+GENAI_CONFIG = "genai_config.json"
+CHECK_TOKENS = 16  # the greedy tokens a bundle records and verify generates again
+
+
+class GenerationMismatch(Exception):
+    """verify generated other tokens than the bundle recorded (a different runtime or machine, or a changed model)."""
 
 
 def signature(model_path: Path) -> dict:
@@ -58,23 +71,34 @@ def make_bundle(run_dir: str | Path, bundle_dir: str | Path, archive: bool = Fal
     if not model_path.is_file():
         raise UserError(f"{run_dir} holds no {model_name}: the run did not finish, or files were moved")
     open_onnx(model_path)  # its external data there and whole, before anything is copied
+    twin = cache_path(model_path)
     try:
-        card = bundle_card(report, model_name)
+        card = bundle_card(report, model_name, twin.name if twin.is_file() else None)
     except (KeyError, TypeError) as exc:
         raise UserError(f"{report_path} lacks {exc} (written by another version, or damaged); run the pruning "
                         "again") from None
     with staged_output(bundle_dir, force) as tmp:
         for path in sorted(run_dir.glob(model_name + "*")):
             shutil.copy2(path, tmp / path.name)
+        if twin.is_file():
+            shutil.copy2(twin, tmp / twin.name)
+            if (run_dir / GENAI_CONFIG).is_file():
+                shutil.copy2(run_dir / GENAI_CONFIG, tmp / GENAI_CONFIG)
+        for name in TOKENIZER_FILES:
+            if (run_dir / name).is_file():
+                shutil.copy2(run_dir / name, tmp / name)
         if (run_dir / "tokenizer").is_dir():
             shutil.copytree(run_dir / "tokenizer", tmp / "tokenizer")
         if (run_dir / "recipe.yaml").is_file():
             shutil.copy2(run_dir / "recipe.yaml", tmp / "recipe.yaml")
         (tmp / "README.md").write_text(card)
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        check = _record_generation(tmp / twin.name, report) if twin.is_file() else None
         manifest = {
             "format": FORMAT,
             "model": model_name,
+            **({"cache_model": twin.name, "cache_signature": signature(tmp / twin.name)} if twin.is_file() else {}),
+            **({"generation_check": check} if check else {}),
             **signature(tmp / model_name),
             "opset": report.get("onnx", {}).get("opset"),
             "recipe": report.get("recipe"),
@@ -92,6 +116,17 @@ def make_bundle(run_dir: str | Path, bundle_dir: str | Path, archive: bool = Fal
     log.info("bundle %s: %d files, %.1f MiB", bundle_dir, len(manifest["sha256"]),
              sum(manifest["sizes"].values()) / 2**20)
     return bundle_dir
+
+
+def _record_generation(cache_model: Path, report: dict) -> dict:
+    """The greedy tokens the bundle's cache model gives for the run's sample prompt (or a fixed token prompt)."""
+    from . import decode, ort
+
+    prompt = (report.get("generation") or {}).get("prompt_ids") or [1, 2, 3, 4, 5, 6, 7, 8]
+    sess = ort.session(cache_model)
+    tokens = generate(decode.CacheDecoder(sess), prompt, CHECK_TOKENS).tokens
+    return {"model": cache_model.name, "prompt_ids": list(prompt), "tokens": tokens, "runtime": "onnxruntime CPU",
+            "sampling": "greedy"}
 
 
 def _versions(report: dict) -> dict:
@@ -136,5 +171,20 @@ def verify_bundle(bundle_dir: str | Path) -> dict:
     logits = ort.logits(sess, ids)
     if logits.shape != (1, 16, vocab) or not np.isfinite(logits).all():
         raise UserError(f"the bundle's model ran but gave logits of shape {logits.shape} or non-finite values")
-    return {"files": len(manifest["sha256"]), "bytes": sum(manifest["sizes"].values()), "model": manifest["model"],
-            "forward": f"1 x 16 tokens -> logits {list(logits.shape)}"}
+    del sess
+    result = {"files": len(manifest["sha256"]), "bytes": sum(manifest["sizes"].values()), "model": manifest["model"],
+              "forward": f"1 x 16 tokens -> logits {list(logits.shape)}"}
+    check = manifest.get("generation_check")
+    if isinstance(check, dict):
+        from . import decode
+
+        sess = ort.session(bundle_dir / check["model"])
+        tokens = generate(decode.CacheDecoder(sess), check["prompt_ids"], len(check["tokens"])).tokens
+        first = next((i for i, (a, b) in enumerate(zip(tokens, check["tokens"])) if a != b), None)
+        if first is not None:
+            raise GenerationMismatch(
+                f"the greedy generation of {check['model']} differs from the tokens recorded when the bundle was made, "
+                f"first at new token {first}: {tokens[first]} here, {check['tokens'][first]} recorded (a different "
+                "onnxruntime or machine, or a changed model)")
+        result["generation"] = f"{len(tokens)} greedy tokens from {check['model']} as recorded"
+    return result

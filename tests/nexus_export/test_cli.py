@@ -24,8 +24,9 @@ def test_tiny_llama_two_four_end_to_end(tmp_path, capsys):
     assert prune(out, "--sparsity", "0.5", "--pattern", "2:4") == 0
     stdout = capsys.readouterr().out
     assert "tiny-llama | magnitude | sparsity 50.0% (2:4)" in stdout
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data", "plots", "recipe.yaml",
-                                                     "report.html", "report.json", "report.md", "tokenizer"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "genai_config.json", "generation_config.json", "model.kv.onnx", "model.onnx", "model.onnx.data", "plots",
+        "recipe.yaml", "report.html", "report.json", "report.md", "tokenizer.json", "tokenizer_config.json"]
     report = json.loads((out / "report.json").read_text())
     for key in ("model", "recipe", "passes", "sparsity", "perplexity", "parity", "onnx", "latency"):
         assert key in report

@@ -74,6 +74,10 @@ def test_removed_blocks_are_gone_from_the_onnx(arch, tmp_path):
     numbered = {n[len("lm." + program.structure.block_list) + 1:].split(".")[0] for n in names
                 if n.startswith("lm." + program.structure.block_list + ".")}
     assert numbered == {"0", "1"}
+    # the key/value-cache model has one past pair per remaining block, numbered 0 and 1
+    kv = onnx.load(str(tmp_path / "short" / "model.kv.onnx"), load_external_data=False).graph
+    assert sorted(v.name for v in kv.input if v.name.startswith("past_")) == [
+        f"past_key_values.{i}.{kind}" for i in range(2) for kind in ("key", "value")]
 
 
 def test_attention_strategy_removes_only_attention():

@@ -79,7 +79,10 @@ def test_run_reports_every_variant(run_dir):
     fp32, fp16, int4 = report["artifacts"]
     assert int4["pruned_zeros_kept"] and int4["bytes"] < fp32["bytes"] and fp16["bytes"] < fp32["bytes"]
     assert abs(fp16["perplexity"] - fp32["perplexity"]) / fp32["perplexity"] < 1e-3 and fp16["parity_max_abs_diff"] < 1e-2
-    assert (run_dir / "tokenizer" / "tokenizer.json").is_file()
+    assert (run_dir / "tokenizer.json").is_file()
+    assert all((run_dir / name).is_file() for name in ("model.q4.kv.onnx", "model.fp16.kv.onnx", "model.kv.onnx"))
+    assert json.loads((run_dir / "genai_config.json").read_text())["model"]["decoder"]["filename"] == \
+        "model.q4.kv.onnx"  # the deployable model's cache twin
     md = (run_dir / "report.md").read_text()
     assert "| int4 | model.q4.onnx |" in md and "Deployable: model.q4.onnx." in md
 
@@ -92,7 +95,9 @@ def test_bundle_verifies_and_catches_a_changed_byte(run_dir, tmp_path, capsys):
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["model"] == "model.q4.onnx"
     assert manifest["inputs"][0] == {"name": "input_ids", "dtype": "int64", "dims": ["batch", "sequence"]}
-    assert set(manifest["sha256"]) >= {"model.q4.onnx", "model.q4.onnx.data", "tokenizer/tokenizer.json"}
+    assert set(manifest["sha256"]) >= {"model.q4.onnx", "model.q4.onnx.data", "model.q4.kv.onnx", "tokenizer.json",
+                                       "genai_config.json"}
+    assert manifest["cache_model"] == "model.q4.kv.onnx" and len(manifest["generation_check"]["tokens"]) == 16
     assert {"nexus-export", "torch", "onnx"} <= set(manifest["versions"])
     card = (bundle / "README.md").read_text()  # the model card, hashed like every other file
     assert "README.md" in manifest["sha256"] and card.startswith("---\nlibrary_name: onnx\n")
