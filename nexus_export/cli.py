@@ -470,6 +470,10 @@ def _generate(args: argparse.Namespace) -> int:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.source is not None and not Path(args.source).is_dir():
         raise UserError(f"{args.source} is not a folder: give a run folder (prune/run output) or a bundle")
+    if args.source is not None and not any((Path(args.source) / f).is_file() for f in ("report.json",
+                                                                                      "manifest.json")):
+        raise UserError(f"{args.source} holds no report.json or manifest.json, so it is neither a run folder nor a "
+                        "bundle; for a model folder use --model FOLDER")
     prompt = args.prompt if args.prompt is not None else _read_prompt(Path(args.prompt_file))
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     shown = []  # the prompt goes out with the first piece: a refusal before it leaves stdout empty

@@ -20,7 +20,7 @@ from .report_html import page, plots_section, table
 log = logging.getLogger(__name__)
 
 COLUMNS = ("run", "method", "sparsity", "params", "deploy MiB", "dense ppl", "pruned ppl", "onnxruntime ppl",
-           "accuracy", "time s", "peak MiB")
+           "accuracy", "decode tok/s", "x dense", "time s", "peak MiB")
 
 
 def load_run(folder: str | Path) -> dict:
@@ -84,14 +84,23 @@ def row(name: str, report: dict) -> dict:
             "params": report["model"].get("params_pruned"),
             "deploy_mib": deploy["bytes"] / 2**20 if deploy else None,
             "dense": ppl.get("dense"), "pruned": ppl.get("pruned"), "onnx": ppl.get("onnx"),
-            "accuracy": accuracy(report), "time_s": report.get("timings", {}).get("total_s"),
+            "accuracy": accuracy(report), **_decode(report), "time_s": report.get("timings", {}).get("total_s"),
             "peak_mib": report.get("peak_rss_mb")}
+
+
+def _decode(report: dict) -> dict:
+    """The pruned model's decode tokens/s and its ratio to the dense model's (None where not measured)."""
+    gen = report.get("generation") or {}
+    models = gen.get("models") or []
+    return {"decode": models[1]["decode_tokens_per_s"] if len(models) > 1 else None,
+            "decode_x": gen.get("decode_speedup")}
 
 
 def _cells(r: dict) -> list[str]:
     return [r["run"], r["method"], f"{r['sparsity']:.1%} ({r['pattern']})", num(r["params"], ","),
             num(r["deploy_mib"], ".1f"), num(r["dense"], ".3f"), num(r["pruned"], ".3f"), num(r["onnx"], ".3f"),
-            num(r["accuracy"], ".1%"), num(r["time_s"], ".1f"), num(r["peak_mib"], ".0f")]
+            num(r["accuracy"], ".1%"), num(r["decode"], ".1f"), num(r["decode_x"], ".2f"), num(r["time_s"], ".1f"),
+            num(r["peak_mib"], ".0f")]
 
 
 def markdown_table(rows: list[dict]) -> list[str]:

@@ -60,7 +60,7 @@ def report_plots(report: dict, folder: Path) -> list[Plot]:
         log.warning("no plots in the report: %s", why)
         return []
     plots = []
-    for draw in (sparsity_heatmap, block_widths, block_scores, perplexities, sizes, latency):
+    for draw in (sparsity_heatmap, block_widths, block_scores, perplexities, sizes, latency, decode_speed):
         plot = draw(report, folder)
         if plot is not None:
             plots.append(plot)
@@ -193,3 +193,24 @@ def latency(report: dict, folder: Path) -> Plot | None:
     ax.legend(loc="lower right")
     ax.set_title("latency")
     return save(fig, folder, "latency.png", "Latency")
+
+
+def decode_speed(report: dict, folder: Path) -> Plot | None:
+    """Prefill and decode tokens per second of the dense model and every model file, side by side."""
+    rows = (report.get("generation") or {}).get("models") or []
+    if not rows:
+        return None
+    fig, (left, right) = figure(8.0, 1.2 + 0.4 * len(rows), columns=2)
+    names = [r["name"] for r in rows]
+    for ax, key, title, color in ((left, "prefill_tokens_per_s", "prefill", "tab:green"),
+                                  (right, "decode_tokens_per_s", "decode", "tab:blue")):
+        values = [r[key] for r in rows]
+        ax.barh(range(len(rows)), values, color=[("tab:gray" if n == "dense" else color) for n in names])
+        ax.set_yticks(range(len(rows)), names if ax is left else [""] * len(rows))
+        ax.invert_yaxis()
+        for i, v in enumerate(values):
+            ax.text(v, i, f" {v:.0f}" if v >= 100 else f" {v:.1f}", va="center")
+        ax.set_xlim(0, max(values) * 1.3)
+        ax.set_xlabel("tokens/s")
+        ax.set_title(title)
+    return save(fig, folder, "decode_speed.png", "Prefill and decode speed (onnxruntime, batch 1)")

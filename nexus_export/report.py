@@ -148,6 +148,7 @@ def render_markdown(report: dict, plots: list | None = None) -> str:
             lines.append(f"| {a['name']} | {a['path']} | {a['bytes'] / 2**20:.1f} | {_quantization(a)} | "
                          f"{num(a['perplexity'], '.3f')} | {num(pytorch, '.3f')} | {num(parity, '.2e')} |")
         lines.append(f"Deployable: {report['deploy']['model']}.")
+    lines += _generation(report)
     if report.get("latency"):
         lines += ["", "## Latency (onnxruntime CPU)", "| shape | median ms | p90 ms | runs |", "|---|---|---|---|"]
         for shape, lat in report["latency"].items():
@@ -165,6 +166,27 @@ def render_markdown(report: dict, plots: list | None = None) -> str:
         lines += ["## Plots", "The same in one page: report.html.", ""]
         lines += [f"![{p.title}](plots/{p.file})" for p in plots] + [""]
     return "\n".join(lines)
+
+
+def generation_rows(report: dict) -> list[list[str]]:
+    """One row per model of the decode-speed table: name, file, prefill and decode tokens/s, cache KiB per token."""
+    return [[row["name"], row.get("path") or "(dense, lowered for this measure)", f"{row['prefill_tokens_per_s']:.0f}",
+             f"{row['decode_tokens_per_s']:.1f}", f"{row['kv_bytes_per_token'] / 1024:.1f}"]
+            for row in (report.get("generation") or {}).get("models", [])]
+
+
+def _generation(report: dict) -> list[str]:
+    gen = report.get("generation") or {}
+    if not gen.get("models"):
+        return ["", "## Generation", f"Not measured: {gen['skipped']}."] if gen.get("skipped") else []
+    lines = ["", "## Generation",
+             f"Key/value-cache models in {gen['protocol']}; decode {gen['decode_speedup']:.2f}x and prefill "
+             f"{gen['prefill_speedup']:.2f}x the dense model's.", "",
+             "| model | file | prefill tokens/s | decode tokens/s | cache KiB per token |", "|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in generation_rows(report)]
+    lines += ["", f"Greedy continuation of \"{gen['prompt']}\" ({gen['sample_tokens']} tokens):", ""]
+    lines += [f"- {row['name']}: \"{' '.join(row['continuation'].split())}\"" for row in gen["models"]]
+    return lines
 
 
 def _parity_windows(parity: dict) -> list[str]:

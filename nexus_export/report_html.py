@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from .plots import INSTALL, Plot
-from .report import CACHED, calibration_line, headline, num, zero_shot_rows
+from .report import CACHED, calibration_line, generation_rows, headline, num, zero_shot_rows
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:0.6em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
@@ -94,6 +94,19 @@ def render_html(report: dict, plots_folder: Path, plots: list[Plot]) -> str:
                   table(["variant", "file", "MiB", "onnxruntime perplexity"],
                         [[a["name"], a["path"], f"{a['bytes'] / 2**20:.1f}", num(a.get("perplexity"), ".3f")]
                          for a in report["artifacts"]])]
+    gen = report.get("generation") or {}
+    if gen.get("models"):
+        parts += ["<h2>Generation</h2>",
+                  f"<p>Key/value-cache models in {html.escape(gen['protocol'])}; decode {gen['decode_speedup']:.2f}x "
+                  f"and prefill {gen['prefill_speedup']:.2f}x the dense model's.</p>",
+                  table(["model", "file", "prefill tokens/s", "decode tokens/s", "cache KiB per token"],
+                        generation_rows(report)),
+                  f"<p>Greedy continuation of <q>{html.escape(gen['prompt'])}</q> ({gen['sample_tokens']} "
+                  "tokens):</p>",
+                  table(["model", "continuation"], [[row["name"], " ".join(row["continuation"].split())]
+                                                    for row in gen["models"]])]
+    elif gen.get("skipped"):
+        parts += ["<h2>Generation</h2>", f"<p>Not measured: {html.escape(gen['skipped'])}.</p>"]
     if report.get("latency"):
         parts += ["<h2>Latency (onnxruntime CPU)</h2>",
                   table(["shape", "median ms", "p90 ms", "runs"],

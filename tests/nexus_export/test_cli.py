@@ -42,6 +42,18 @@ def test_tiny_llama_two_four_end_to_end(tmp_path, capsys):
     assert ppl["tokens"] == 4 * 63 and ppl["dense"] < ppl["pruned"] and not ppl["dense_from_cache"]
     targeted = [row for row in report["onnx"]["layers"] if row["layer"] in report["sparsity"]["per_layer"]]
     assert len(targeted) == 14 and all(row["nm_valid"] for row in targeted)
+    # decode speed and a greedy continuation, dense beside pruned, through the key/value-cache models
+    gen = report["generation"]
+    dense, pruned = gen["models"]
+    assert (dense["name"], pruned["name"], pruned["path"]) == ("dense", "pruned", "model.onnx")
+    assert dense["decode_tokens_per_s"] > 0 and gen["decode_speedup"] == pytest.approx(
+        pruned["decode_tokens_per_s"] / dense["decode_tokens_per_s"])
+    assert len(pruned["tokens"]) == gen["sample_tokens"] == 32 and dense["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
+    assert "greedy continuation of 'The best way to spend a quiet afternoon is'" in stdout
+    assert "## Generation" in (out / "report.md").read_text()
+    assert (out / "plots" / "decode_speed.png").is_file() and "<h2>Generation</h2>" in (out / "report.html").read_text()
+    genai = json.loads((out / "genai_config.json").read_text())["model"]
+    assert genai["decoder"]["filename"] == "model.kv.onnx" and genai["decoder"]["num_hidden_layers"] == 2
 
     assert main(["check-onnx", str(out / "model.onnx")]) == 0
     table = capsys.readouterr().out

@@ -44,8 +44,8 @@ def test_a_bf16_checkpoint_stays_bf16_and_a_small_budget_changes_nothing(tmp_pat
                                    "memory_budget_bytes": 2 * 2**30, "world_size": 1, "backend": None}
     assert report["model"]["checkpoint_bytes"] == report["model"]["params_dense"] * 2
     stages = [row["stage"] for row in report["stages"]]
-    assert stages == ["load", "capture", "eval_dense", "pass:magnitude", "eval_pruned", "lower", "check_onnx",
-                      "onnxruntime"]
+    assert stages == ["load", "capture", "eval_dense", "pass:magnitude", "eval_pruned", "lower", "lower_dense",
+                      "check_onnx", "onnxruntime", "generation"]
     rows = {row["stage"]: row for row in report["stages"]}
     assert all(row["peak_rss_mb"] > 100 for row in rows.values())  # the process holds torch: never under 100 MiB
     assert all(report["timings"][f"{name}_s"] == row["wall_s"] for name, row in rows.items())
