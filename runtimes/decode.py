@@ -21,8 +21,9 @@ class CacheDecoder:
     """One sequence through a key/value-cache ONNX model in onnxruntime: the prompt with an empty past, then each new
     token with the presents of the step before as its past."""
 
-    def __init__(self, sess):
+    def __init__(self, sess, dims: tuple[int, int] | None = None):
         self.sess = sess
+        self.dims = dims  # heads and head size, for a model whose past inputs leave them symbolic
         self.names = [value.name for value in sess.get_outputs()]
         inputs = {value.name for value in sess.get_inputs()}
         if not ort.cache_inputs(sess):
@@ -44,7 +45,7 @@ class CacheDecoder:
         return results["logits"][0, -1]
 
     def prefill(self, ids: Sequence[int]) -> np.ndarray:
-        self.past, self.length = ort.empty_cache(self.sess, 1), 0
+        self.past, self.length = ort.empty_cache(self.sess, 1, self.dims), 0
         return self._run(np.asarray([ids], dtype=np.int64))
 
     def step(self, token: int) -> np.ndarray:

@@ -123,10 +123,16 @@ def cache_inputs(sess: InferenceSession) -> list:
     return [value for value in sess.get_inputs() if value.name.startswith("past_key_values.")]
 
 
-def empty_cache(sess: InferenceSession, batch: int) -> dict[str, np.ndarray]:
-    """An empty past for every cache input of ``sess``: [batch, heads, 0, head_dim] float32 arrays by name."""
-    return {value.name: np.zeros((batch, value.shape[1], 0, value.shape[3]), dtype=np.float32)
-            for value in cache_inputs(sess)}
+def empty_cache(sess: InferenceSession, batch: int, dims: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """An empty past for every cache input of ``sess``: [batch, heads, 0, head_dim] float32 arrays by name (``dims``:
+    heads and head_dim, for a model whose inputs leave them symbolic)."""
+    out = {}
+    for value in cache_inputs(sess):
+        heads, head_dim = dims or (value.shape[1], value.shape[3])
+        if not isinstance(heads, int) or not isinstance(head_dim, int):
+            raise UserError(f"{value.name} has symbolic heads or head size {value.shape}; give them (dims=)")
+        out[value.name] = np.zeros((batch, heads, 0, head_dim), dtype=np.float32)
+    return out
 
 
 def _int64(values) -> np.ndarray:

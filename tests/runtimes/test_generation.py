@@ -68,6 +68,11 @@ def test_lowering_writes_a_cache_model_beside_the_full_one(tmp_path):
     assert kv_bytes_per_token(kv) == 2 * 2 * (2 * 16 * 4)  # 2 layers x keys and values x 2 heads x 16 x float32
     # both files read the one data file: no tensor is stored twice
     graph = onnx.load(str(tmp_path / "model" / "model.kv.onnx"), load_external_data=False).graph
+    # opset 23: each attention is one Attention node reading the cache's 2 key/value heads for its 4 query heads
+    attention = [n for n in graph.node if n.op_type == "Attention"]
+    assert len(attention) == 2 and [n.input[1] for n in attention] == ["present.0.key", "present.1.key"]
+    assert {e.domain: e.version for e in onnx.load(str(tmp_path / "model" / "model.onnx"),
+                                                    load_external_data=False).opset_import}[""] == 18
     locations = {e.value for t in graph.initializer for e in t.external_data if e.key == "location"}
     assert locations == {"model.onnx.data"} and sorted(p.name for p in (tmp_path / "model").iterdir()) == [
         "model.kv.onnx", "model.onnx", "model.onnx.data"]
