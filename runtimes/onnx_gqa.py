@@ -49,8 +49,8 @@ def _repeated(value: ir.Value | None) -> ir.Value | None:
     unsqueeze = expand.inputs[0].producer()
     if unsqueeze is None or unsqueeze.op_type != "Unsqueeze" or len(unsqueeze.inputs) < 2:
         return None
-    axes = unsqueeze.inputs[1].const_value
-    if axes is None or list(axes.numpy().reshape(-1)) != [2]:
+    axes = _constant(unsqueeze.inputs[1])
+    if axes is None or list(axes.reshape(-1)) != [2]:
         return None
     source = unsqueeze.inputs[0]
     shape = source.shape
@@ -60,3 +60,13 @@ def _repeated(value: ir.Value | None) -> ir.Value | None:
     if not isinstance(heads, int) or not isinstance(repeated, int) or repeated % heads:
         return None
     return source
+
+
+def _constant(value: ir.Value):
+    """The numpy value of an initializer or of a Constant node's output, or None."""
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
+        return producer.attributes["value"].as_tensor().numpy()
+    return None
