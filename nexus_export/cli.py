@@ -166,6 +166,12 @@ def _prune_args(prune: argparse.ArgumentParser, sweep: bool) -> None:
                             "--no-clip-search: the whole range, as the GPTQ reference")
     prune.add_argument("--quantize-sym", action=argparse.BooleanOptionalAction, default=None,
                        help="symmetric grid (default); --no-quantize-sym: a zero point per group")
+    prune.add_argument("--quantize-head", action=argparse.BooleanOptionalAction, default=None,
+                       help="also the token embedding and lm_head, round to nearest; a tied pair stays one tensor "
+                            "(default); --no-quantize-head keeps them float32")
+    prune.add_argument("--accuracy-level", type=int,
+                       help="MatMulNBits compute: 4 (default) int8 activations, onnxruntime's fastest on CPUs; 0 "
+                            "float32 (the PyTorch program's arithmetic)")
     prune.add_argument("--joint", action="store_true",
                        help="gptq: prune (sparsegpt or wanda) and quantize each layer in one sweep")
     prune.add_argument("--fp16", action="store_true", help="also write model.fp16.onnx with float16 weights")
@@ -332,7 +338,8 @@ def _task_names(text: str | None) -> list[str] | None:
 def _quantize_options(args: argparse.Namespace) -> dict:
     """The recipe's quantize section from the flags; a quantization flag without --quantize-bits is an error."""
     given = {"method": args.quantize_method, "group_size": args.group_size, "sym": args.quantize_sym,
-             "act_order": args.act_order, "clip_search": args.clip_search, "joint": args.joint or None}
+             "act_order": args.act_order, "clip_search": args.clip_search, "joint": args.joint or None,
+             "head": args.quantize_head, "accuracy_level": args.accuracy_level}
     given = {k: v for k, v in given.items() if v is not None}
     if args.quantize_bits is None:
         if given:

@@ -111,6 +111,8 @@ class QuantizeSettings:
     # rtn, onnxruntime's quantizer, and for the joint sparsegpt sweep, which fits a group's range before its mask)
     joint: bool = False  # gptq: prune (the last sparsegpt or wanda pass) and quantize in one sweep per layer
     percdamp: float = 0.01  # gptq: damping, as a fraction of the mean Hessian diagonal
+    head: bool = True  # the token embedding and lm_head too, round to nearest (a tied pair stays one tensor)
+    accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (onnxruntime's fastest on CPUs), 0 = float32
 
 
 def _settings(cls, data: Any, section: str):
@@ -132,7 +134,7 @@ def _settings(cls, data: Any, section: str):
     settings = cls(**values)
     for f in dataclasses.fields(cls):
         v = getattr(settings, f.name)
-        if isinstance(v, int) and not isinstance(v, bool) and f.name != "seed" and v <= 0:
+        if isinstance(v, int) and not isinstance(v, bool) and f.name not in ("seed", "accuracy_level") and v <= 0:
             raise UserError(f"{section}.{f.name} must be positive, got {v}")
     return settings
 
@@ -300,6 +302,9 @@ def _quantize(data: Any, passes: tuple[PassStep, ...]) -> QuantizeSettings | Non
     if settings.group_size < 16 or settings.group_size & (settings.group_size - 1):
         raise UserError(f"quantize.group_size (--group-size) must be a power of two >= 16 (e.g. 32, 64, 128), got "
                         f"{settings.group_size}")
+    if settings.accuracy_level not in (0, 1, 2, 3, 4):
+        raise UserError(f"quantize.accuracy_level (--accuracy-level) must be 0 (float32 compute) to 4 (int8), got "
+                        f"{settings.accuracy_level}")
     if settings.method not in ("auto", "gptq", "rtn"):
         raise UserError(f"quantize.method (--quantize-method) must be gptq or rtn, got {settings.method!r}")
     if settings.method == "auto":

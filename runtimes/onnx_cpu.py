@@ -90,11 +90,13 @@ class OnnxRuntimeCPU:
             q = recipe.quantize
             dst = artifact.with_name(f"model.q{q.bits}.onnx")
             if q.method == "gptq":
-                path = write_grids(source, dst, Grid(q.bits, q.group_size, q.sym), grids or {}, lower)
+                path = write_grids(source, dst, Grid(q.bits, q.group_size, q.sym), grids or {}, lower, q.head,
+                                   q.accuracy_level)
             else:
-                path = quantize_onnx(source, dst, q.bits, q.group_size, q.sym, lower)
+                path = quantize_onnx(source, dst, q.bits, q.group_size, q.sym, lower, q.head, q.accuracy_level)
             out.append({"name": f"int{q.bits}", "path": path.name, "bytes": self.artifact_bytes(path),
                         "method": q.method, "bits": q.bits, "group_size": q.group_size, "sym": q.sym,
+                        "head": q.head, "accuracy_level": q.accuracy_level,
                         **({"act_order": q.act_order, "clip_search": q.clip_search, "joint": q.joint,
                             "layers": len(grids or {})}
                            if q.method == "gptq" else {}),

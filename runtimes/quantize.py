@@ -24,6 +24,7 @@ from nexus_export.naming import layer_name
 from passes.quant_grid import Grid
 
 from .onnx_export import write_models
+from .quantize_head import quantize_head
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +48,23 @@ def check_quantization(onnx_path: str | Path, bits: int, block_size: int) -> Non
 
 
 def quantize_onnx(src: str | Path, dst: str | Path, bits: int = 4, block_size: int = 32, sym: bool = True,
-                  lower: str = "both") -> Path:
+                  lower: str = "both", head: bool = True, accuracy_level: int = 0) -> Path:
     """Write ``dst`` (+ external data): ``src`` with every constant MatMul weight rounded to ``bits`` bits (a scale
-    per block of ``block_size`` inputs; ``sym`` False adds a zero point per block). From a key/value-cache model the
-    cache twin is written too (see onnx_export.write_models); returns the first path written."""
+    per block of ``block_size`` inputs; ``sym`` False adds a zero point per block), and with ``head`` the embedding
+    and lm_head too (quantize_head.py). ``accuracy_level``: MatMulNBits' (4: int8 activations, onnxruntime's fastest
+    on the CPU; 0: float32). From a key/value-cache model the cache twin is written too (see
+    onnx_export.write_models); returns the first path written."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     src, dst = Path(src), Path(dst)
     check_quantization(src, bits, block_size)
     start = time.perf_counter()
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=block_size, is_symmetric=sym)
+    model = onnx.load(str(src))
+    if head:
+        quantize_head(model, Grid(bits, block_size), accuracy_level)
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=sym,
+                                     accuracy_level=accuracy_level or None)
     quantizer.process()
     model = quantizer.model.model
     quantized = sum(1 for n in model.graph.node if n.op_type == "MatMulNBits")
@@ -114,7 +121,8 @@ def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
 
 
 def write_grids(src: str | Path, dst: str | Path, grid: Grid,
-                grids: dict[str, tuple[torch.Tensor, torch.Tensor]], lower: str = "both") -> Path:
+                grids: dict[str, tuple[torch.Tensor, torch.Tensor]], lower: str = "both", head: bool = True,
+                accuracy_level: int = 0) -> Path:
     """Write ``dst`` (+ external data): ``src`` with the MatMul of every layer in ``grids`` (name -> scales and zero
     points [N, K / group]) replaced by MatMulNBits holding its codes on those grids. Every layer must be found and its
     weight must lie on its grid (it does when the program's weights came from the GPTQ pass)."""
@@ -133,7 +141,7 @@ def write_grids(src: str | Path, dst: str | Path, grid: Grid,
         if layer not in grids or node.input[1] not in inits or len(inits[node.input[1]].dims) != 2:
             nodes.append(node)
             continue
-        nodes.append(_nbits_node(node, inits[node.input[1]], grid, *grids[layer], graph, layer))
+        nodes.append(_nbits_node(node, inits[node.input[1]], grid, *grids[layer], graph, layer, accuracy_level))
         if uses[node.input[1]] == 1:
             graph.initializer.remove(inits[node.input[1]])
         done.add(layer)
@@ -145,13 +153,16 @@ def write_grids(src: str | Path, dst: str | Path, grid: Grid,
     graph.node.extend(nodes)
     if not any(op.domain == "com.microsoft" for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    if head:
+        quantize_head(model, grid, accuracy_level)
     written = write_models(model, dst, external_data=True, lower=lower)
     log.info("wrote %s: %d MatMulNBits layers from their GPTQ grids (%d-bit, groups of %d) in %.1f s", dst.name,
              len(done), grid.bits, grid.group_size, time.perf_counter() - start)
     return written[0]
 
 
-def _nbits_node(node, init, grid: Grid, scales: torch.Tensor, zeros: torch.Tensor, graph, layer: str):
+def _nbits_node(node, init, grid: Grid, scales: torch.Tensor, zeros: torch.Tensor, graph, layer: str,
+                accuracy_level: int = 0):
     """The MatMulNBits node (and its initializers, added to ``graph``) for one MatMul whose weight lies on its grid."""
     w = torch.from_numpy(numpy_helper.to_array(init).copy()).float().t()  # [N, K]
     n, k = w.shape
@@ -174,7 +185,7 @@ def _nbits_node(node, init, grid: Grid, scales: torch.Tensor, zeros: torch.Tenso
     graph.initializer.extend(tensors)
     return helper.make_node("MatMulNBits", [node.input[0], *(t.name for t in tensors)], list(node.output),
                             name=(node.name or base) + f"_Q{grid.bits}", domain="com.microsoft", K=k, N=n,
-                            bits=grid.bits, block_size=grid.group_size)
+                            bits=grid.bits, block_size=grid.group_size, accuracy_level=accuracy_level)
 
 
 def zeros_kept(original: str | Path, quantized: str | Path, targets: set[str] | None = None) -> bool:

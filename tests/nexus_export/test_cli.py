@@ -241,6 +241,7 @@ def test_readme_recipe_is_valid_and_structural_then_masking_runs(tmp_path):
     data.update(model="tiny-llama", calibration={"samples": 4, "seq_len": 64},
                 evaluation={"windows": 2, "seq_len": 64, "latency": False})
     data["passes"][0]["shortgpt"]["remove"] = 1
+    data["quantize"].update(head=False, accuracy_level=0)  # the int4 file computes exactly what PyTorch evaluated
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
     assert main(["-q", "run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")]) == 0
     report = json.loads((tmp_path / "o" / "report.json").read_text())
@@ -330,11 +331,13 @@ def test_bad_activation_input(tmp_path, capsys, args, message):
 
 @pytest.mark.slow
 def test_sparsegpt_then_gptq_end_to_end(tmp_path, capsys):
-    """The default quantization of a calibrated run is GPTQ: MatMulNBits from the pass's grids, onnxruntime's
-    perplexity equal to PyTorch's dequantized one, the 2:4 zeros kept."""
+    """The default quantization of a calibrated run is GPTQ: MatMulNBits from the pass's grids, the 2:4 zeros kept;
+    with float32 compute and a float head, onnxruntime's perplexity equals PyTorch's dequantized one; by default
+    (int8 activations, the embedding and head on the grid too) the file is smaller and close."""
     out = tmp_path / "run"
     assert prune(out, "--pattern", "2:4", "--calib-samples", "4", "--blocksize", "32", "--true-sequential",
-                 "--quantize-bits", "4", "--dtype", "fp32", method="sparsegpt") == 0
+                 "--quantize-bits", "4", "--dtype", "fp32", "--no-quantize-head", "--accuracy-level", "0",
+                 method="sparsegpt") == 0
     assert "sparsegpt + gptq" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert [p["name"] for p in report["passes"]] == ["sparsegpt", "gptq"]
@@ -349,14 +352,21 @@ def test_sparsegpt_then_gptq_end_to_end(tmp_path, capsys):
     assert int4["method"] == "gptq" and int4["layers"] == 14 and int4["pruned_zeros_kept"] is True
     assert int4["clip_search"] is True and "act-order, ranges searched" in (out / "report.md").read_text()
     assert int4["pytorch_perplexity"] == report["perplexity"]["pruned"] and int4["vs_pytorch_rel"] < 1e-4
-    assert int4["bytes"] < 0.6 * fp32["bytes"]
+    assert int4["bytes"] < 0.6 * fp32["bytes"] and not int4["head"] and int4["accuracy_level"] == 0
+    default = tmp_path / "default"
+    assert prune(default, "--pattern", "2:4", "--calib-samples", "4", "--blocksize", "32", "--true-sequential",
+                 "--quantize-bits", "4", "--dtype", "fp32", method="sparsegpt") == 0
+    smaller = json.loads((default / "report.json").read_text())["artifacts"][1]
+    assert smaller["head"] and smaller["accuracy_level"] == 4 and smaller["bytes"] < 0.8 * int4["bytes"]
+    assert smaller["vs_pytorch_rel"] < 0.05 and smaller["pruned_zeros_kept"]
 
 
 @pytest.mark.slow
 def test_joint_sweep_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     assert prune(out, "--pattern", "2:4", "--calib-samples", "8", "--quantize-bits", "4", "--dtype", "fp32",
-                 "--joint", "--no-quantize-sym", "--no-clip-search", method="wanda") == 0
+                 "--joint", "--no-quantize-sym", "--no-clip-search", "--no-quantize-head", "--accuracy-level", "0",
+                 method="wanda") == 0
     report = json.loads((out / "report.json").read_text())
     (gptq,) = report["passes"]  # the wanda pass runs inside the sweep
     assert gptq["name"] == "gptq" and gptq["changes"]["joint"] == "wanda" and gptq["changes"]["sym"] is False

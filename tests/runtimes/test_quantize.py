@@ -23,7 +23,8 @@ def quantized(tmp_path, bits, sym):
     pass_ = GPTQPass({"bits": bits, "group_size": 32, "sym": sym})
     program = pass_.run(program, PassContext(calibration_windows=windows)).program
     fp32 = lower_to_onnx(program, tmp_path / "model.onnx")
-    return program, fp32, write_grids(fp32, tmp_path / "model.q.onnx", pass_.config.grid(), quantization_grids(program))
+    return program, fp32, write_grids(fp32, tmp_path / "model.q.onnx", pass_.config.grid(), quantization_grids(program),
+                                      head=False)
 
 
 @pytest.mark.parametrize("bits, sym", [(4, True), (4, False), pytest.param(8, True, marks=pytest.mark.slow),

@@ -1,0 +1,70 @@
+"""The embedding and lm_head on the quantization grid: one quantized tensor for a tied pair, and onnxruntime computes
+exactly the dequantized grid weights (MatMulNBits and GatherBlockQuantized agree on the symmetric zero point)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import transformers
+
+from conftest import tiny_program
+from nexus_export.program import Program
+from passes.quant_grid import Grid
+from runtimes import ort
+from runtimes.onnx_export import lower_to_onnx
+from runtimes.quantize_head import quantize_head
+
+
+def tied_llama() -> torch.nn.Module:
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+                                      max_position_embeddings=512, tie_word_embeddings=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return transformers.LlamaForCausalLM(config).eval()
+
+
+def dequantized(w: torch.Tensor, grid: Grid) -> torch.Tensor:
+    grid = Grid(grid.bits, grid.group_size, sym=True, clip_search=True)
+    scales, zeros = grid.group_params(w)
+    return grid.dequantize(grid.layer_codes(w, scales, zeros), scales, zeros)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("tied", [True, False])
+def test_head_and_embedding_compute_the_dequantized_grid(tmp_path, bits, tied):
+    program = Program.from_model(tied_llama()) if tied else tiny_program("llama")
+    grid = Grid(bits, 32)
+    full = lower_to_onnx(program, tmp_path / "model.onnx", lower="logits")
+    model = onnx.load(str(full))
+    done = quantize_head(model, grid, accuracy_level=0)
+    assert len(done) == (1 if tied else 2)
+    onnx.save(model, str(tmp_path / "q.onnx"), save_as_external_data=True, location="q.onnx.data")
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("GatherBlockQuantized") == 1 and ops.count("MatMulNBits") == 1 and "Gather" not in ops
+    floats = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT
+              and sorted(t.dims) == [64, 300]]
+    assert floats == []  # no float vocabulary table left: a tied pair is one quantized tensor
+    quantized = [t.name for t in model.graph.initializer if t.name.endswith(f"_Q{bits}")]
+    assert len(quantized) == (1 if tied else 2)
+    # the same model with its embedding (and head) replaced by the dequantized grid weights, in float32
+    embed = program.structure.embeddings["model.embed_tokens"]
+    program.store.set(embed, dequantized(program.parameter(embed), grid))
+    if not tied:
+        head = program.linear("lm_head").weight
+        program.store.set(head, dequantized(program.parameter(head), grid))
+    expected = ort.logits(ort.session(lower_to_onnx(program, tmp_path / "ref" / "model.onnx", lower="logits")),
+                          torch.arange(48).reshape(2, 24))
+    actual = ort.logits(ort.session(tmp_path / "q.onnx"), torch.arange(48).reshape(2, 24))
+    assert np.abs(actual - expected).max() < 1e-4
+
+
+def test_a_model_without_a_vocabulary_table_is_left_alone(tmp_path):
+    full = lower_to_onnx(tiny_program("llama"), tmp_path / "model.onnx", lower="logits")
+    model = onnx.load(str(full), load_external_data=False)
+    model.graph.output[0].type.tensor_type.shape.dim[-1].dim_value = 7  # no MatMul has this many outputs
+    gather = next(n for n in model.graph.node if n.op_type == "Gather")
+    gather.input[1] = "renamed_ids"  # nor does a Gather read input_ids
+    assert quantize_head(model, Grid(4, 32)) == []
