@@ -369,13 +369,14 @@ def _generation(runtime, tokenizer, dense_dir: Path, out_dir: Path, artifacts: l
     ``GENERATION_PROMPT`` for the dense model and every model file written, each from its key/value-cache model in
     onnxruntime, one session at a time."""
     prompt = tokenizer(GENERATION_PROMPT, add_special_tokens=True)["input_ids"]
-    models = [("dense", runtime.cache_model(dense_dir / "model.onnx"))]
-    models += [(a["name"] if i else "pruned", runtime.cache_model(out_dir / a["path"])) for i, a in enumerate(artifacts)]
+    models = [("dense", None, runtime.cache_model(dense_dir / "model.onnx"))]
+    models += [(a["name"] if i else "pruned", a["path"], runtime.cache_model(out_dir / a["path"]))
+               for i, a in enumerate(artifacts)]
     rows = []
-    for name, path in models:
+    for name, artifact, path in models:
         speed = runtime.decode_speed(path)
         sample = generate(runtime.decoder(path), prompt, SAMPLE_TOKENS)
-        rows.append({"name": name, "path": path.name if name != "dense" else None, **speed,
+        rows.append({"name": name, "path": artifact, "cache_model": path.name if artifact else None, **speed,
                      "continuation": tokenizer.decode(sample.tokens), "tokens": sample.tokens})
         release()
         log.info("%s: prefill %.0f tokens/s, decode %.1f tokens/s; %r", name, speed["prefill_tokens_per_s"],

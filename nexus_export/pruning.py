@@ -361,7 +361,7 @@ def export_onnx(model_or_program: torch.nn.Module | Program, path: str | Path) -
 
     from passes.gptq import quantization_grids
     from passes.quant_grid import Grid
-    from runtimes.onnx_export import lower_to_onnx
+    from runtimes.onnx_export import cache_path, lower_to_onnx
     from runtimes.quantize import write_grids
 
     program = model_or_program if isinstance(model_or_program, Program) else Program.from_model(model_or_program)
@@ -372,7 +372,8 @@ def export_onnx(model_or_program: torch.nn.Module | Program, path: str | Path) -
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
         fp32 = lower_to_onnx(program, Path(tmp) / path.name)
-        return write_grids(fp32, path, Grid(grid["bits"], grid["group_size"], grid["sym"]),
+        source = cache_path(fp32) if cache_path(fp32).is_file() else fp32  # its cache twin is written too
+        return write_grids(source, path, Grid(grid["bits"], grid["group_size"], grid["sym"]),
                            quantization_grids(program))
 
 

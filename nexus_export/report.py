@@ -65,7 +65,7 @@ def generation_lines(report: dict) -> list[str]:
              f"{dense['prefill_tokens_per_s']:.0f} -> {pruned['prefill_tokens_per_s']:.0f} tokens/s; key/value cache "
              f"{dense['kv_bytes_per_token'] / 1024:.1f} -> {pruned['kv_bytes_per_token'] / 1024:.1f} KiB per token"]
     for row in gen["models"][2:]:
-        lines.append(f"  decode {row['name']} ({row['path']}): {row['decode_tokens_per_s']:.1f} tokens/s")
+        lines.append(f"  decode {row['name']} ({row['cache_model']}): {row['decode_tokens_per_s']:.1f} tokens/s")
     lines.append(f"  greedy continuation of {gen['prompt']!r} ({gen['sample_tokens']} tokens, through the key/value "
                  "cache):")
     width = max(len(row["name"]) for row in gen["models"])
@@ -170,7 +170,8 @@ def render_markdown(report: dict, plots: list | None = None) -> str:
 
 def generation_rows(report: dict) -> list[list[str]]:
     """One row per model of the decode-speed table: name, file, prefill and decode tokens/s, cache KiB per token."""
-    return [[row["name"], row.get("path") or "(dense, lowered for this measure)", f"{row['prefill_tokens_per_s']:.0f}",
+    return [[row["name"], row.get("cache_model") or "(dense, lowered for this measure)",
+             f"{row['prefill_tokens_per_s']:.0f}",
              f"{row['decode_tokens_per_s']:.1f}", f"{row['kv_bytes_per_token'] / 1024:.1f}"]
             for row in (report.get("generation") or {}).get("models", [])]
 

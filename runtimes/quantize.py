@@ -48,7 +48,7 @@ def check_quantization(onnx_path: str | Path, bits: int, block_size: int) -> Non
 
 
 def quantize_onnx(src: str | Path, dst: str | Path, bits: int = 4, block_size: int = 32, sym: bool = True,
-                  lower: str = "both", head: bool = True, accuracy_level: int = 0) -> Path:
+                  lower: str = "both", head: bool = False, accuracy_level: int = 0) -> Path:
     """Write ``dst`` (+ external data): ``src`` with every constant MatMul weight rounded to ``bits`` bits (a scale
     per block of ``block_size`` inputs; ``sym`` False adds a zero point per block), and with ``head`` the embedding
     and lm_head too (quantize_head.py). ``accuracy_level``: MatMulNBits' (4: int8 activations, onnxruntime's fastest
@@ -121,11 +121,12 @@ def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
 
 
 def write_grids(src: str | Path, dst: str | Path, grid: Grid,
-                grids: dict[str, tuple[torch.Tensor, torch.Tensor]], lower: str = "both", head: bool = True,
+                grids: dict[str, tuple[torch.Tensor, torch.Tensor]], lower: str = "both", head: bool = False,
                 accuracy_level: int = 0) -> Path:
     """Write ``dst`` (+ external data): ``src`` with the MatMul of every layer in ``grids`` (name -> scales and zero
     points [N, K / group]) replaced by MatMulNBits holding its codes on those grids. Every layer must be found and its
-    weight must lie on its grid (it does when the program's weights came from the GPTQ pass)."""
+    weight must lie on its grid (it does when the program's weights came from the GPTQ pass). By default the file
+    computes exactly those weights in float32 (``head`` and ``accuracy_level`` as for ``quantize_onnx``)."""
     src, dst = Path(src), Path(dst)
     start = time.perf_counter()
     model = onnx.load(str(src))

@@ -36,8 +36,8 @@ def test_a_run_writes_a_valid_self_contained_page(tmp_path, capsys):
                  "--eval-windows", "2", "--seq-len", "64", "--fp16", "--out", str(out)]) == 0
     assert "report.html" in capsys.readouterr().out
     check_page(out)
-    assert sorted(p.name for p in (out / "plots").iterdir()) == ["latency.png", "perplexity.png", "sizes.png",
-                                                                 "sparsity.png"]
+    assert sorted(p.name for p in (out / "plots").iterdir()) == ["decode_speed.png", "latency.png", "perplexity.png",
+                                                                 "sizes.png", "sparsity.png"]
     text = (out / "report.html").read_text()
     report = json.loads((out / "report.json").read_text())
     assert "tiny-llama | magnitude | sparsity 50.0% (2:4)" in text and "magnitude:" in text  # headline and recipe
