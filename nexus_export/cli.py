@@ -7,8 +7,10 @@ Bad input ends with one line on stderr and exit code 2, and no output folder lef
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import re
 import signal
 import sys
 import threading
@@ -109,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
 def _prune_args(prune: argparse.ArgumentParser, sweep: bool) -> None:
     """The options of ``prune``; a sweep takes a list for the setting it varies (--sparsities, --remove, --slicings)."""
     prune.add_argument("--model", required=True, help="zoo name (tiny-llama, smollm2-135m) or local HF model folder")
+    prune.add_argument("--convert-pickled", action="store_true",
+                       help="a folder with only pytorch_model*.bin weights: convert them once to safetensors in the "
+                            "cache with PyTorch's weights-only loader (no code runs), and use that copy")
     prune.add_argument("--method", required=True, help="pruning pass, e.g. magnitude")
     if sweep:
         prune.add_argument("--sparsities", help="masking methods: the sparsities to run, e.g. 0.3,0.5,0.6,0.7")
@@ -233,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("torch.onnx").setLevel(max(level, logging.ERROR))  # "torchvision is not installed" notes
     main_thread = threading.current_thread() is threading.main_thread()  # only there can signals be handled
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # SIGTERM unwinds like Ctrl-C
+    if main_thread and hasattr(signal, "SIGXFSZ"):  # past a file-size limit a write fails (EFBIG) and is reported,
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # instead of the signal killing the process mid-write
     try:
         commands = {"prune": _prune, "sweep": _sweep, "compare": _compare, "run": _run, "generate": _generate,
                     "inspect": _inspect,
@@ -246,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nexus-export: {'terminated' if terminated else 'interrupted'}; no output written", file=sys.stderr)
         return 143 if terminated else 130
     except Exception as exc:  # the last line of defence: a bug, said in one line (the traceback with -v)
+        full = _disk_full(exc)
+        if full is not None:
+            print(f"nexus-export: error: {full}", file=sys.stderr)
+            return 1
         if args.verbose:
             traceback.print_exc()
         print(f"nexus-export: internal error: {_rank_prefix()}{type(exc).__name__}: {_one_line(exc)} (run with -v "
@@ -254,6 +265,27 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _disk_full(exc: BaseException) -> str | None:
+    """One line for a write that failed for want of room (a full disk, a quota, a file-size limit), wherever it
+    happened and however a library wrapped it; None for any other failure."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            where = f" {seen.filename}" if seen.filename else ""
+            return (f"could not write{where}: {seen.strerror}; free disk space (or raise the file-size limit) and run "
+                    "again; nothing was written")
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc)
+    for marker in ("No space left on device", "File too large", "Disk quota exceeded"):
+        if marker in text:
+            return (f"could not write the output: {marker}; free disk space (or raise the file-size limit) and run "
+                    "again; nothing was written")
+    if isinstance(exc, OSError) and re.search(r"\d+ requested and \d+ written", text):  # a short write: no room
+        return ("could not write the output: File too large or no space left (a write stopped short); free disk "
+                "space (or raise the file-size limit) and run again; nothing was written")
+    return None
 
 
 def _rank_prefix() -> str:
@@ -324,6 +356,7 @@ def _prune_recipe(args: argparse.Namespace) -> "Recipe":
         "execution": {"device": args.device, "dtype": args.dtype, "memory_budget": args.memory_budget},
         "lowering": {"save_hf": args.save_hf, "precision": "fp16" if args.fp16 else "fp32", "lower": args.lower},
         "bos": args.bos,
+        "convert_pickled": args.convert_pickled,
         **_quantize_options(args),
     })
     return recipe

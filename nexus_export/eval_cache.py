@@ -6,6 +6,11 @@ config change such as a rope or norm setting changes it), the exact token window
 all in them), what the caller adds (runtime, batch size, tasks), the compute dtype, the device type, and the versions
 of torch, transformers and nexus-export. Entries are small JSON files under
 ``$NEXUS_EXPORT_EVAL_CACHE`` (default ``$NEXUS_EXPORT_CACHE/evaluations``), written atomically.
+
+Each entry proves itself: it records the key it was measured under and a sha256 of its content (the key and the
+result, as canonical JSON). An entry whose key or checksum does not match (edited numbers, a file copied under
+another name, garbage) is ignored with one warning line and the value measured again; the caller says so in its
+report (``Lookup.rejected``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +31,7 @@ from .zoo import cache_root
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = 1  # bump when the way perplexity is computed changes: older entries are then never read
+PROTOCOL = 2  # bump when the way perplexity is computed changes: older entries are then never read
 
 
 def cache_folder() -> Path:
@@ -57,22 +63,49 @@ def key(program: Program, parts: list, device: str, windows: torch.Tensor | None
     return digest.hexdigest()[:40]
 
 
-def load(entry: str) -> dict | None:
-    """The cached result for ``entry`` ({"perplexity", "tokens", ...}), or None."""
+@dataclass(frozen=True)
+class Lookup:
+    """What the cache holds for a key: the result, or None; ``rejected`` says why an entry that was there is not used."""
+
+    result: dict | None
+    rejected: str | None = None
+
+
+def _checksum(entry: str, result: dict) -> str:
+    return hashlib.sha256(json.dumps({"key": entry, "result": result}, sort_keys=True).encode()).hexdigest()
+
+
+def load(entry: str) -> Lookup:
+    """The cached result for ``entry`` ({"perplexity", "tokens", ...}) if an entry for it is there and proves itself."""
     path = cache_folder() / f"{entry}.json"
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+        text = path.read_text()
+    except OSError:
+        return Lookup(None)
+    try:
+        data = json.loads(text)
+        valid = isinstance(data, dict) and isinstance(data.get("result"), dict)
+        why = None if valid else "not an entry of this version"
+        if valid and data.get("key") != entry:
+            why = f"it was measured under another key ({str(data.get('key'))[:12]}...)"
+        elif valid and data.get("sha256") != _checksum(entry, data["result"]):
+            why = "its content does not match its checksum (changed after it was written)"
+    except ValueError:
+        why = "it is not valid JSON"
+    if why is not None:
+        log.warning("evaluation cache entry %s is ignored: %s; measuring again", path, why)
+        return Lookup(None, why)
+    return Lookup(data["result"])
 
 
 def save(entry: str, result: dict) -> None:
-    """Keep ``result`` for ``entry``; a cache that cannot be written is a warning, never a failed run."""
+    """Keep ``result`` for ``entry`` with its key and checksum; a cache that cannot be written is a warning, never a
+    failed run."""
     folder = cache_folder()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{entry}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(result))
+        tmp.write_text(json.dumps({"key": entry, "sha256": _checksum(entry, result), "result": result}))
         tmp.replace(folder / f"{entry}.json")
     except OSError as exc:
         log.warning("could not write the evaluation cache in %s (%s); the next run evaluates again", folder, exc)

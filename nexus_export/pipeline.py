@@ -131,7 +131,7 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
     try:
         with staged_output(out_dir, force) if world.writer else _no_output() as tmp:
             with stage("load"):
-                loaded = open_model(recipe.model)
+                loaded = open_model(recipe.model, convert_pickled=recipe.convert_pickled)
                 if loaded.tokenizer is None:
                     raise UserError(f"model {recipe.model} has no tokenizer; evaluation needs one")
                 ev, cal = recipe.evaluation, recipe.calibration
@@ -162,7 +162,8 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
                      checkpoint_bytes / 2**30, dtype_name(out_dtype), device)
 
             with stage("eval_dense"):
-                dense_ppl, tokens, dense_cached = _dense_perplexity(program, windows, ev, device, world)
+                dense_ppl, tokens, dense_cached, cache_rejected = _dense_perplexity(program, windows, ev, device,
+                                                                                    world)
             log.info("dense perplexity %.3f on %d tokens%s", dense_ppl, tokens,
                      " (from the evaluation cache)" if dense_cached else "")
             if tasks:
@@ -300,6 +301,7 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
                                           + (f" (a BOS token and {ev.seq_len - 1} of text)" if bos.token_id is not None
                                              else ""),
                                "tokens": tokens, "dense": dense_ppl, "dense_from_cache": dense_cached,
+                               **({"dense_remeasured": cache_rejected} if cache_rejected else {}),
                                "pruned": pruned_ppl, "pruned_runtime": pruned_runtime, "onnx": onnx_ppl,
                                "onnx_vs_pytorch_rel": (abs(onnx_ppl - pruned_ppl) / pruned_ppl
                                                        if onnx_ppl is not None and score_pytorch else None),
@@ -332,20 +334,20 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
 
 
 def _dense_perplexity(program: Program, windows: torch.Tensor, ev, device: torch.device,
-                      world: distributed.World) -> tuple[float, int, bool]:
+                      world: distributed.World) -> tuple[float, int, bool, str | None]:
     """The dense model's perplexity and predicted tokens, from the evaluation cache when an earlier run measured it on
-    the same weights and windows (and then whether it came from there). A distributed run always measures it: its
-    processes need not share a disk."""
+    the same weights and windows (and then whether it came from there, and why a cache entry that was there was not
+    used). A distributed run always measures it: its processes need not share a disk."""
     use_cache = ev.cache and not world.active
     entry = eval_cache.key(program, ["pytorch perplexity", ev.batch_size], str(device), windows) if use_cache else None
-    hit = eval_cache.load(entry) if entry else None
-    if hit is not None:
-        return hit["perplexity"], hit["tokens"], True
+    lookup = eval_cache.load(entry) if entry else eval_cache.Lookup(None)
+    if lookup.result is not None:
+        return lookup.result["perplexity"], lookup.result["tokens"], True, None
     ppl, tokens = program_perplexity(program, windows, ev.batch_size, "dense perplexity")
     if entry:
         eval_cache.save(entry, {"perplexity": ppl, "tokens": tokens, "model": program.name,
                                 "written": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    return ppl, tokens, False
+    return ppl, tokens, False, lookup.rejected
 
 
 def _parity(runtime, sess, expected: torch.Tensor, parity_ids: torch.Tensor) -> tuple[float, dict]:
@@ -374,8 +376,10 @@ def _generation(runtime, tokenizer, dense_dir: Path, out_dir: Path, artifacts: l
                for i, a in enumerate(artifacts)]
     rows = []
     for name, artifact, path in models:
-        speed = runtime.decode_speed(path)
-        sample = generate(runtime.decoder(path), prompt, SAMPLE_TOKENS)
+        decoder = runtime.decoder(path)  # one session for the speed and the sample
+        speed = runtime.decode_speed(decoder)
+        sample = generate(decoder, prompt, SAMPLE_TOKENS)
+        del decoder
         rows.append({"name": name, "path": artifact, "cache_model": path.name if artifact else None, **speed,
                      "continuation": tokenizer.decode(sample.tokens), "tokens": sample.tokens})
         release()
@@ -452,21 +456,28 @@ def _plan(program: Program, budget: int, onnx_eval: str) -> tuple[bool, str]:
     session holds every weight in float32)."""
     block = program.block_bytes()
     if block > budget:
-        raise UserError(f"--memory-budget {budget / 2**20:.0f}MiB is smaller than one decoder block of this model in "
-                        f"float32 ({block / 2**20:.0f} MiB); use --memory-budget {math.ceil(block / 2**20)}MiB or more")
+        raise UserError(f"--memory-budget {_size(budget)} is smaller than one decoder block of this model in float32 "
+                        f"({_size(block)}); use --memory-budget {_size(block, up=True)} or more")
     need = program.num_parameters() * 4
     fits = need <= budget
-    why = (f"onnxruntime would hold {need / 2**30:.2f} GiB of float32 weights, more than the memory budget of "
-           f"{budget / 2**30:.2f} GiB")
+    why = (f"onnxruntime would hold {_size(need)} of float32 weights, more than the memory budget of {_size(budget)}")
     if onnx_eval == "on" and not fits:
         raise UserError(f"--onnx-eval on: {why}; pass --onnx-eval auto (or off) to skip it, or --memory-budget "
-                        f"{math.ceil(need / 2**30)}GiB or more")
+                        f"{_size(need, up=True)} or more")
     if onnx_eval == "off":
         return False, "--onnx-eval off"
     if not fits:
         log.warning("onnxruntime evaluation skipped: %s (--onnx-eval on with a larger --memory-budget runs it)", why)
         return False, why
     return True, ""
+
+
+def _size(nbytes: int, up: bool = False) -> str:
+    """A byte count as --memory-budget writes it (KiB below 1 MiB, MiB below 10 GiB, else GiB); ``up``: rounded up."""
+    for unit, scale in (("KiB", 2**10), ("MiB", 2**20), ("GiB", 2**30)):
+        if nbytes < 2**20 * (1 if unit == "KiB" else 10 * 2**10 if unit == "MiB" else float("inf")):
+            return f"{math.ceil(nbytes / scale) if up else round(nbytes / scale)}{unit}"
+    return f"{nbytes}"
 
 
 def _save_tokenizer(loaded: LoadedModel, folder: Path) -> None:

@@ -155,12 +155,14 @@ class Recipe:
     quantize: QuantizeSettings | None = None
     execution: ExecutionSettings = field(default_factory=ExecutionSettings)
     bos: str = "auto"  # start every calibration and evaluation window with the BOS token: auto, always, never
+    convert_pickled: bool = False  # a folder with only pytorch_model*.bin: convert it once to safetensors (no code runs)
 
     @classmethod
     def from_dict(cls, data: Any) -> "Recipe":
         if not isinstance(data, dict):
             raise UserError("a recipe must be a mapping with at least 'model' and 'passes'")
-        valid = {"model", "passes", "calibration", "evaluation", "lowering", "quantize", "execution", "bos"}
+        valid = {"model", "passes", "calibration", "evaluation", "lowering", "quantize", "execution", "bos",
+                 "convert_pickled"}
         unknown = sorted(set(data) - valid)
         if unknown:
             raise UserError(f"unknown recipe key(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
@@ -197,6 +199,7 @@ class Recipe:
             quantize=_quantize(data.get("quantize"), tuple(steps)),
             execution=_execution(data.get("execution")),
             bos=check_mode(data.get("bos", "auto")),
+            convert_pickled=check_type(data.get("convert_pickled", False), bool, "convert_pickled", "the recipe"),
         )
         run_steps(recipe)  # the joint pass's options are checked now, not after the work
         return recipe
@@ -229,6 +232,7 @@ class Recipe:
             **({"quantize": dataclasses.asdict(self.quantize)} if self.quantize else {}),
             "execution": dataclasses.asdict(self.execution),
             "bos": self.bos,
+            **({"convert_pickled": True} if self.convert_pickled else {}),
         }
 
     def to_yaml(self) -> str:

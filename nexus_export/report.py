@@ -7,6 +7,7 @@ from pathlib import Path
 
 
 CACHED = " (from the evaluation cache)"
+REMEASURED = " (measured again: the cached entry was ignored, {})"
 
 
 def write_reports(report: dict, folder: Path) -> None:
@@ -107,7 +108,8 @@ def render_markdown(report: dict, plots: list | None = None) -> str:
         *([_bos_line(report["bos"]), ""] if report.get("bos") else [""]),
         "| | perplexity |",
         "|---|---|",
-        f"| dense (PyTorch) | {ppl['dense']:.3f}{CACHED if ppl.get('dense_from_cache') else ''} |",
+        f"| dense (PyTorch) | {ppl['dense']:.3f}{CACHED if ppl.get('dense_from_cache') else ''}"
+        f"{REMEASURED.format(ppl['dense_remeasured']) if ppl.get('dense_remeasured') else ''} |",
         f"| pruned (PyTorch) | {ppl['pruned']:.3f} |" if ppl.get("pruned_runtime", "pytorch") == "pytorch" else
         "| pruned (PyTorch) | not run (--eval-runtime onnxruntime) |",
         f"| pruned (onnxruntime) | {num(ppl['onnx'], '.3f', ppl.get('onnx_eval', ''))} |",

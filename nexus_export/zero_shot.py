@@ -95,6 +95,7 @@ class ZeroShot:
         self.max_length = min(getattr(config, "max_position_embeddings", None) or 2048, 4096)
         self.scores: dict[str, dict] = {task: {} for task in ev.tasks}
         self.dense_from_cache = False
+        self.dense_cache_rejected: str | None = None
 
     @classmethod
     def check(cls, ev, loaded, bos: int | None = None) -> "ZeroShot":
@@ -113,9 +114,10 @@ class ZeroShot:
         if ev.cache and not world.active:
             entry = eval_cache.key(program, ["lm-eval", version("lm_eval"), ev.tasks, ev.task_limit, self.bos,
                                              _task_files(ev.task_paths)], str(device))
-            hit = eval_cache.load(entry)
-            if hit is not None:
-                for task, metrics in hit["tasks"].items():
+            lookup = eval_cache.load(entry)
+            self.dense_cache_rejected = lookup.rejected
+            if lookup.result is not None:
+                for task, metrics in lookup.result["tasks"].items():
                     self.scores[task]["dense"] = metrics
                 self.dense_from_cache = True
                 return
@@ -130,4 +132,5 @@ class ZeroShot:
         for task, by in self.scores.items():
             tasks[task] = {**by, "pruned": by.get("pruned", by.get("onnx", {}))}
         return {"tasks": tasks, "limit": self.ev.task_limit, "runtime": pruned_runtime,
-                "dense_from_cache": self.dense_from_cache}
+                "dense_from_cache": self.dense_from_cache,
+                **({"dense_remeasured": self.dense_cache_rejected} if self.dense_cache_rejected else {})}

@@ -39,8 +39,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTok
 
 import nexus_export
 from nexus_export.capture import parameters_on_meta
+from nexus_export.checkpoint_keys import check_checkpoint
 from nexus_export.errors import UserError
 from nexus_export.outdir import sha256_file
+from nexus_export.pickled import FLAG, PICKLED, converted_folder, pickled_files
 from nexus_export.shards import checkpoint_files, index_checkpoint
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,8 @@ class LoadedModel:
     """A model ready for capture, in eval mode, with its tokenizer and a record of where its weights came from.
 
     ``files`` is empty when the model holds its weights in memory; otherwise the model was built on the meta device and
-    ``files`` are its safetensors shards (``index``: every tensor in them by key, headers checked)."""
+    ``files`` are its safetensors shards (``index``: the tensor each parameter and stored buffer of the model reads,
+    by the model's own names: transformers' key mapping applied, shapes checked against the config)."""
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase | None
@@ -97,10 +100,11 @@ def zoo_names() -> list[str]:
 # ---------------------------------------------------------------------------------------------------- public API
 
 
-def open_model(name_or_path: str | os.PathLike) -> LoadedModel:
+def open_model(name_or_path: str | os.PathLike, convert_pickled: bool = False) -> LoadedModel:
     """A zoo model or local Hugging Face folder, ready for capture without reading its weights: a folder's model is
     built on the meta device and its shards' headers are checked (a truncated or missing shard is a UserError naming
-    it); a random zoo model is built in memory."""
+    it); a random zoo model is built in memory. A folder with only pickled weights is refused unless
+    ``convert_pickled`` (then read from its safetensors copy in the cache, see pickled.py)."""
     name = os.fspath(name_or_path)
     entries = zoo_entries()
     if name in entries:
@@ -116,7 +120,12 @@ def open_model(name_or_path: str | os.PathLike) -> LoadedModel:
                 f"unknown model {name!r}: expected a zoo name ({', '.join(sorted(entries))}) "
                 "or the path of a local Hugging Face model folder (config.json + *.safetensors + tokenizer files)"
             )
-        loaded = _open_folder(path, path.resolve().name, {"kind": "local", "path": str(path.resolve())})
+        origin = {"kind": "local", "path": str(path.resolve())}
+        if path.is_dir() and not checkpoint_files(path) and pickled_files(path) and convert_pickled:
+            converted = converted_folder(path, cache_root())
+            origin.update(converted_from_pickle=str(converted))
+            path = converted
+        loaded = _open_folder(path, Path(origin["path"]).name, origin)
     loaded.model.eval()
     return loaded
 
@@ -277,13 +286,14 @@ def _open_folder(folder: Path, name: str, origin: dict[str, Any]) -> LoadedModel
         )
     files = checkpoint_files(folder)
     if not files:
-        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-        found = f"only pickled weights ({', '.join(pickled)}), which are never loaded" if pickled else "no weights"
-        raise UserError(
-            f"{folder} has {found}; expected *.safetensors: "
-            "re-save the model with save_pretrained(..., safe_serialization=True)"
-        )
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLED)
+        if pickled:
+            raise UserError(f"{folder} has only pickled weights ({', '.join(pickled[:3])}), which are never unpickled "
+                            f"as they are; add {FLAG} to convert them once to safetensors with PyTorch's weights-only "
+                            "loader (no code runs)")
+        raise UserError(f"{folder} has no weights; expected *.safetensors (or pytorch_model*.bin with {FLAG})")
     index = index_checkpoint(files)
+    _refuse_or_note_custom_code(folder)
     try:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         with parameters_on_meta():
@@ -291,6 +301,8 @@ def _open_folder(folder: Path, name: str, origin: dict[str, Any]) -> LoadedModel
                                                                   trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"could not build a causal language model from {folder / 'config.json'}: {exc}") from exc
+    # every tensor the model needs, under the name transformers maps it from, with the shape the config implies
+    index = {name: index[key] for name, key in check_checkpoint(model, index, folder).items()}
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
@@ -304,6 +316,29 @@ def _open_folder(folder: Path, name: str, origin: dict[str, Any]) -> LoadedModel
         except (OSError, ValueError):
             log.warning("ignoring the unreadable %s", generation)
     return LoadedModel(model, tokenizer, name, origin, files=files, index=index)
+
+
+def _refuse_or_note_custom_code(folder: Path) -> None:
+    """A config that asks for custom code (auto_map) is never executed: one warning line says the model is built as
+    the stock transformers class of its model_type; an unknown model_type is refused."""
+    try:
+        data = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{folder / 'config.json'} is not valid JSON; re-save the model") from None
+    model_type = data.get("model_type")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    known = model_type in CONFIG_MAPPING_NAMES
+    if data.get("auto_map") or data.get("trust_remote_code"):
+        if not known:
+            raise UserError(f"{folder / 'config.json'} asks for custom code (auto_map) and its model_type "
+                            f"{model_type!r} is not a transformers architecture; nexus-export never runs a model's own "
+                            "code: use a model whose type transformers implements")
+        log.warning("%s asks for custom code (auto_map); it is never run: the model is built as the stock "
+                    "transformers class of its model_type %r", folder / "config.json", model_type)
+    elif model_type is not None and not known:
+        raise UserError(f"{folder / 'config.json'} has model_type {model_type!r}, which this transformers "
+                        f"({transformers.__version__}) does not implement; use a supported architecture")
 
 
 # ---------------------------------------------------------------------------------------------------- gguf

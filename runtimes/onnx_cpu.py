@@ -42,9 +42,10 @@ class OnnxRuntimeCPU:
         twin = cache_path(artifact)
         return twin if twin.is_file() else None
 
-    def decode_speed(self, cache_model: Path, prompt_tokens: int = 128, new_tokens: int = 128, runs: int = 3) -> dict:
-        """Prefill and decode tokens per second of a key/value-cache model (batch 1, medians of ``runs``)."""
-        return decode.decode_speed(self.session(cache_model), prompt_tokens, new_tokens, runs)
+    def decode_speed(self, decoder: decode.CacheDecoder, prompt_tokens: int = 128, new_tokens: int = 128,
+                     runs: int = 3) -> dict:
+        """Prefill and decode tokens per second of a key/value-cache model's decoder (batch 1, medians of ``runs``)."""
+        return decode.decode_speed(decoder.sess, prompt_tokens, new_tokens, runs)
 
     @staticmethod
     def write_generation_config(folder: Path, cache_model: Path, hf_config, tokenizer, generation=None) -> Path:

@@ -1,0 +1,58 @@
+"""Writes that fail midway (a file-size limit standing in for a full disk): one clear line, and no partial output
+folder, staging folder or scratch file left behind."""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+
+import pytest
+
+FAST = ["--eval-windows", "2", "--seq-len", "32", "--no-latency", "--no-decode-speed"]
+
+
+def limited(limit: int, *args: str, cwd=None) -> subprocess.CompletedProcess:
+    """``nexus-export ARGS`` in a child process whose files may not grow past ``limit`` bytes."""
+    def cap():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run([sys.executable, "-m", "nexus_export", "-q", *args], capture_output=True, text=True,
+                          preexec_fn=cap, timeout=600, cwd=cwd)
+
+
+def leftovers(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.slow
+def test_a_model_file_that_cannot_be_written_leaves_nothing(tmp_path):
+    out = tmp_path / "run"
+    result = limited(200_000, "prune", "--model", "tiny-llama", "--method", "magnitude", *FAST, "--out", str(out))
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("nexus-export: error: could not write") and "File too large" in lines[-1]
+    assert "nothing was written" in lines[-1] and "Traceback" not in result.stderr
+    assert leftovers(tmp_path) == []  # no run folder, no .run.partial-*, no scratch, no lock
+
+
+@pytest.mark.slow
+def test_a_spill_that_cannot_be_written_leaves_nothing(tmp_path):
+    out = tmp_path / "run"
+    result = limited(60_000, "prune", "--model", "tiny-llama", "--method", "wanda", "--calib-samples", "2", *FAST,
+                     "--memory-budget", "300KiB", "--out", str(out))
+    assert result.returncode != 0 and "File too large" in result.stderr.strip().splitlines()[-1], result.stderr
+    # the calibrated blocks' checkpoint stays for --resume (as after Ctrl-C), and holds no half-written file
+    assert "Traceback" not in result.stderr and leftovers(tmp_path) == [".run.checkpoint"]
+    assert not [p for p in (tmp_path / ".run.checkpoint").rglob("*") if p.name.startswith(".") or "tmp" in p.name]
+
+
+@pytest.mark.slow
+def test_a_bundle_that_cannot_be_written_leaves_nothing(tmp_path):
+    run = tmp_path / "run"
+    assert limited(2**30, "prune", "--model", "tiny-llama", "--method", "magnitude", *FAST,
+                   "--out", str(run)).returncode == 0
+    before = leftovers(tmp_path)
+    result = limited(200_000, "package", str(run), "--out", str(tmp_path / "bundle"))
+    assert result.returncode == 1 and "File too large" in result.stderr, result.stderr
+    assert leftovers(tmp_path) == before
