@@ -172,7 +172,9 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
 
             speed = (ev.decode_speed and onnx_eval and world.writer and recipe.lowering.lower != "logits"
                      and has_cache(program))
-            dense_program = program if speed else None  # lowered beside the pruned one: the decode speed's baseline
+            dense_program = None
+            if speed:  # the dense model, lowered beside the pruned one for the decode speed: the passes get a fork
+                dense_program, program = program, program.fork()  # (it shares every weight until a pass changes one)
             pass_reports = []
             for i, pass_ in enumerate(passes):
                 ctx = PassContext(calibration_windows=cal_windows, checkpoint_dir=checkpoints / f"{i}-{pass_.name}",

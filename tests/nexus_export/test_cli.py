@@ -49,6 +49,7 @@ def test_tiny_llama_two_four_end_to_end(tmp_path, capsys):
     assert dense["decode_tokens_per_s"] > 0 and gen["decode_speedup"] == pytest.approx(
         pruned["decode_tokens_per_s"] / dense["decode_tokens_per_s"])
     assert len(pruned["tokens"]) == gen["sample_tokens"] == 32 and dense["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
+    assert dense["tokens"] != pruned["tokens"]  # the dense model is the one before the pass, not the pruned one
     assert "greedy continuation of 'The best way to spend a quiet afternoon is'" in stdout
     assert "## Generation" in (out / "report.md").read_text()
     assert (out / "plots" / "decode_speed.png").is_file() and "<h2>Generation</h2>" in (out / "report.html").read_text()
