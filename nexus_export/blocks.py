@@ -19,6 +19,7 @@ import torch
 from torch import fx
 from torch.export.graph_signature import InputKind
 
+from .kv_cache import tag_of
 from .structure import ancestors, block_boundaries, op_name
 
 LINEAR_INPUT_ARG = {"linear": 0, "addmm": 1, "mm": 0}
@@ -91,8 +92,23 @@ def _copy(nodes: Iterable[fx.Node], weights: dict[str, str], inputs: list[fx.Nod
             env[node] = graph.node_copy(node, lambda arg: env[arg])
     graph.output(tuple(env[o] for o in outputs))
     set_device(graph, device)
+    _without_empty_past(graph)
     graph.lint()
     return Part(fx.GraphModule(torch.nn.Module(), graph), [weights[n.name] for n in used])
+
+
+def _without_empty_past(graph: fx.Graph) -> None:
+    """Every run of the parts has a mask as long as the ids, so each key/value cache's past is empty and its
+    concatenation with the new keys is a copy of them: the new keys are used directly (the same values, no copy)."""
+    changed = False
+    for node in list(graph.nodes):
+        tag = tag_of(node)
+        if tag is not None and tag.startswith("present.") and op_name(node) == "cat":
+            node.replace_all_uses_with(node.args[0][-1])
+            graph.erase_node(node)
+            changed = True
+    if changed:
+        graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
 
 
 def cut_blocks(program, device: torch.device | str = "cpu") -> BlockGraphs:

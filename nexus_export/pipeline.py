@@ -218,10 +218,17 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
                                          external_data=recipe.lowering.external_data, dtype=out_dtype,
                                          lower=recipe.lowering.lower)
             dense_dir = tmp / ".dense"  # removed before the output is complete
+            dense_row, dense_entry = None, None
             if dense_program is not None:
-                with stage("lower_dense"):
-                    runtime.lower(dense_program, dense_dir, opset=recipe.lowering.opset, dtype=out_dtype,
-                                  lower="generate")
+                if ev.cache:  # the dense model's row, measured on this machine by an earlier run
+                    dense_entry = eval_cache.key(dense_program, ["generation", GENERATION_PROMPT, SAMPLE_TOKENS,
+                                                                 recipe.lowering.opset, dtype_name(out_dtype),
+                                                                 _machine(runtime)], str(device))
+                    dense_row = eval_cache.load(dense_entry).result
+                if dense_row is None:
+                    with stage("lower_dense"):
+                        runtime.lower(dense_program, dense_dir, opset=recipe.lowering.opset, dtype=out_dtype,
+                                      lower="generate")
                 del dense_program
             pattern = _last_pattern(pass_reports)
             targeted = _targeted_layers(program, pass_reports)
@@ -276,7 +283,9 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, 
             generation = None
             if speed:
                 with stage("generation"):
-                    generation = _generation(runtime, loaded.tokenizer, dense_dir, tmp, artifacts)
+                    generation = _generation(runtime, loaded.tokenizer, dense_row or dense_dir, tmp, artifacts)
+                if dense_entry and dense_row is None:
+                    eval_cache.save(dense_entry, generation["models"][0])
             shutil.rmtree(dense_dir, ignore_errors=True)
             _save_tokenizer(loaded, tmp)
             cache_model = runtime.cache_model(tmp / deploy["path"])
@@ -368,15 +377,16 @@ GENERATION_PROMPT = "The best way to spend a quiet afternoon is"
 SAMPLE_TOKENS = 32  # the greedy continuation every report shows, dense beside pruned
 
 
-def _generation(runtime, tokenizer, dense_dir: Path, out_dir: Path, artifacts: list[dict]) -> dict:
+def _generation(runtime, tokenizer, dense: Path | dict, out_dir: Path, artifacts: list[dict]) -> dict:
     """Decode speed (prefill and decode tokens per second at batch 1) and a greedy continuation of
     ``GENERATION_PROMPT`` for the dense model and every model file written, each from its key/value-cache model in
-    onnxruntime, one session at a time."""
+    onnxruntime, one session at a time. ``dense``: the folder the dense model was lowered into, or its row as an
+    earlier run on this machine measured it (kept with ``from_cache``)."""
     prompt = tokenizer(GENERATION_PROMPT, add_special_tokens=True)["input_ids"]
-    models = [("dense", None, runtime.cache_model(dense_dir / "model.onnx"))]
+    models = [] if isinstance(dense, dict) else [("dense", None, runtime.cache_model(dense / "model.onnx"))]
     models += [(a["name"] if i else "pruned", a["path"], runtime.cache_model(out_dir / a["path"]))
                for i, a in enumerate(artifacts)]
-    rows = []
+    rows = [{**dense, "from_cache": True}] if isinstance(dense, dict) else []
     for name, artifact, path in models:
         decoder = runtime.decoder(path)  # one session for the speed and the sample
         speed = runtime.decode_speed(decoder)
@@ -394,6 +404,11 @@ def _generation(runtime, tokenizer, dense_dir: Path, out_dir: Path, artifacts: l
             "decode_speedup": pruned["decode_tokens_per_s"] / dense["decode_tokens_per_s"],
             "prefill_speedup": pruned["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"],
             "models": rows}
+
+
+def _machine(runtime) -> list:
+    """What a speed measured here depends on besides the model: the host, its processor and cores, the runtime."""
+    return [platform.node(), platform.machine(), platform.processor(), os.cpu_count(), runtime.available()[1]]
 
 
 def _generation_note(asked: bool, onnx_eval: bool, onnx_eval_why: str, cache_model) -> str:

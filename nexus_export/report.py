@@ -61,7 +61,8 @@ def generation_lines(report: dict) -> list[str]:
     if not gen.get("models"):
         return [f"  decode speed: not measured ({gen['skipped']})"] if gen.get("skipped") else []
     dense, pruned = gen["models"][0], gen["models"][1]
-    lines = [f"  decode ({gen['protocol']}): dense {dense['decode_tokens_per_s']:.1f} -> pruned "
+    cached = " (dense from the evaluation cache)" if dense.get("from_cache") else ""
+    lines = [f"  decode ({gen['protocol']}){cached}: dense {dense['decode_tokens_per_s']:.1f} -> pruned "
              f"{pruned['decode_tokens_per_s']:.1f} tokens/s ({gen['decode_speedup']:.2f}x); prefill "
              f"{dense['prefill_tokens_per_s']:.0f} -> {pruned['prefill_tokens_per_s']:.0f} tokens/s; key/value cache "
              f"{dense['kv_bytes_per_token'] / 1024:.1f} -> {pruned['kv_bytes_per_token'] / 1024:.1f} KiB per token"]
@@ -172,7 +173,8 @@ def render_markdown(report: dict, plots: list | None = None) -> str:
 
 def generation_rows(report: dict) -> list[list[str]]:
     """One row per model of the decode-speed table: name, file, prefill and decode tokens/s, cache KiB per token."""
-    return [[row["name"], row.get("cache_model") or "(dense, lowered for this measure)",
+    return [[row["name"] + (CACHED if row.get("from_cache") else ""),
+             row.get("cache_model") or "(dense, lowered for this measure)",
              f"{row['prefill_tokens_per_s']:.0f}",
              f"{row['decode_tokens_per_s']:.1f}", f"{row['kv_bytes_per_token'] / 1024:.1f}"]
             for row in (report.get("generation") or {}).get("models", [])]

@@ -130,7 +130,7 @@ def cache_path(path: str | Path) -> Path:
 
 
 _EXPORTS: OrderedDict[str, ir.Model] = OrderedDict()  # graphs exported in this process, by graph_key
-KEEP_EXPORTS = 4  # a lowering exports up to two graphs (the two opsets)
+KEEP_EXPORTS = 2  # a lowering's two graphs (the two opsets): a masking run's dense model reuses both
 
 
 def export_graph(exported: torch.export.ExportedProgram, opset: int, extra_outputs: list[str] = ()) -> ir.Model:

@@ -66,6 +66,8 @@ def test_tiny_llama_two_four_end_to_end(tmp_path, capsys):
     again = json.loads((out / "report.json").read_text())
     assert again["sparsity"]["overall"] == pytest.approx(0.3, abs=0.01)
     assert again["perplexity"]["dense_from_cache"] and again["perplexity"]["dense"] == ppl["dense"]
+    assert again["generation"]["models"][0] == {**dense, "from_cache": True}  # the dense row, measured once here
+    assert "lower_dense" not in [row["stage"] for row in again["stages"]]
     assert again["perplexity"]["pruned"] == again["perplexity"]["onnx"]
     assert again["perplexity"]["pruned_runtime"] == "onnxruntime"
     assert " (cached) -> pruned " in capsys.readouterr().out
