@@ -40,22 +40,30 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    prune = sub.add_parser("prune", help="prune a model, lower it to ONNX, evaluate and report")
+    prune = sub.add_parser("prune", help="prune a model, lower it to ONNX, evaluate and report",
+                           epilog="example: nexus-export prune --model smollm2-135m --method sparsegpt --pattern 2:4 "
+                                  "--out out/sg24")
     _prune_args(prune, sweep=False)
     _output_args(prune)
 
     sweep = sub.add_parser("sweep", help="prune at several sparsities (or removals, slicings): a run folder per "
-                                         "point, a table and a plot")
+                                         "point, a table and a plot",
+                           epilog="example: nexus-export sweep --model smollm2-135m --method wanda --sparsities "
+                                  "0.3,0.5,0.7 --out out/sweep")
     _prune_args(sweep, sweep=True)
     _output_args(sweep, resume=False)
 
-    compare = sub.add_parser("compare", help="side-by-side table (and plot) of finished run folders")
+    compare = sub.add_parser("compare", help="side-by-side table (and plot) of finished run folders",
+                             epilog="example: nexus-export compare out/mag24 out/sg24   (add --out DIR for the "
+                                    "plot, HTML and Markdown)")
     compare.add_argument("run_dirs", nargs="+", help="run folders written by prune or run; a sweep folder stands for "
                                                      "its points")
-    compare.add_argument("--out", required=True, help="folder for compare.md, compare.html, compare.json, plots/")
+    compare.add_argument("--out", help="also write compare.md, compare.html, compare.json and plots/ into this "
+                                       "folder (without it: the table on stdout only)")
     compare.add_argument("--force", action="store_true", help="replace a non-empty output folder when done")
 
-    run = sub.add_parser("run", help="run a recipe (YAML)")
+    run = sub.add_parser("run", help="run a recipe (YAML)", epilog="example: nexus-export run recipe.yaml --out "
+                                                                   "out/run")
     run.add_argument("recipe", help="recipe YAML file")
     _output_args(run)
 
@@ -76,11 +84,13 @@ def _parser() -> argparse.ArgumentParser:
                      help="onnxruntime (default: the key/value-cache ONNX model), genai (onnxruntime-genai loads the "
                           "folder), pytorch (the run's hf/ folder, or the --model)")
 
-    inspect = sub.add_parser("inspect", help="show blocks, linears with roles, parameter counts")
+    inspect = sub.add_parser("inspect", help="show blocks, linears with roles, parameter counts",
+                             epilog="example: nexus-export inspect smollm2-135m")
     inspect.add_argument("model", help="zoo name or local HF model folder")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    engine = sub.add_parser("build-engine", help="build a TensorRT engine (FP16, 2:4 sparse weights) from an ONNX file")
+    engine = sub.add_parser("build-engine", help="build a TensorRT engine (FP16, 2:4 sparse weights) from an ONNX file",
+                            epilog="example: nexus-export build-engine out/sg24/model.onnx --out out/engine")
     engine.add_argument("onnx", help="path of a .onnx file (e.g. DIR/model.onnx of a 2:4 run)")
     engine.add_argument("--int8", action="store_true", help="also allow INT8 kernels")
     engine.add_argument("--no-fp16", action="store_true", help="FP32 only")
@@ -90,16 +100,19 @@ def _parser() -> argparse.ArgumentParser:
     engine.add_argument("--timing-cache", help="timing cache file to reuse and update")
     _output_args(engine)
 
-    package = sub.add_parser("package", help="package a finished run folder as a deployment bundle")
+    package = sub.add_parser("package", help="package a finished run folder as a deployment bundle",
+                             epilog="example: nexus-export package out/sg24 --out out/bundle --archive")
     package.add_argument("run_dir", help="output folder of prune/run (holds report.json and the ONNX model)")
     package.add_argument("--out", required=True, help="bundle folder (must not exist or be empty)")
     package.add_argument("--archive", action="store_true", help="also write BUNDLE.tar.gz")
     package.add_argument("--force", action="store_true", help="replace a non-empty bundle folder")
 
-    verify = sub.add_parser("verify", help="re-check a bundle's hashes and run one forward pass")
+    verify = sub.add_parser("verify", help="re-check a bundle's hashes, run one forward pass and its recorded "
+                                           "greedy generation", epilog="example: nexus-export verify out/bundle")
     verify.add_argument("bundle", help="bundle folder")
 
-    check = sub.add_parser("check-onnx", help="per-layer sparsity and N:M validity of an ONNX file")
+    check = sub.add_parser("check-onnx", help="per-layer sparsity and N:M validity of an ONNX file",
+                           epilog="example: nexus-export check-onnx out/sg24/model.onnx --tensorrt --strict")
     check.add_argument("onnx", help="path of a .onnx file")
     check.add_argument("--pattern", default="2:4", help="N:M pattern to check (default 2:4; 'none' to skip)")
     check.add_argument("--tensorrt", action="store_true", help="judge each layer against TensorRT's 2:4 rules")
@@ -421,12 +434,14 @@ def _compare(args: argparse.Namespace) -> int:
     from .outdir import check_output_dir, staged_output
 
     reports = load_runs(args.run_dirs)
-    out = check_output_dir(args.out, args.force)
+    out = check_output_dir(args.out, args.force) if args.out else None
     rows = [row(name, report) for name, report in reports]
-    with staged_output(out, args.force) as tmp:
-        write_comparison(rows, tmp, f"comparison of {len(rows)} runs")
+    if out is not None:
+        with staged_output(out, args.force) as tmp:
+            write_comparison(rows, tmp, f"comparison of {len(rows)} runs")
     print(text_table(rows))
-    print(f"comparison in {args.out}: compare.html, compare.md, compare.json, plots/")
+    if out is not None:
+        print(f"comparison in {args.out}: compare.html, compare.md, compare.json, plots/")
     return 0
 
 

@@ -91,6 +91,21 @@ def test_compare_tables_runs_side_by_side(tmp_path, capsys):
     page = parse((out / "compare.html").read_text())
     assert len(page.images) == 1 and (out / "plots" / "compare.png").is_file()
     assert "| " + str(a) + " | sparsegpt 2:4 |" in (out / "compare.md").read_text()
+    # without --out: the same table on stdout, nothing written
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["compare", str(a), str(b)]) == 0
+    assert capsys.readouterr().out.splitlines()[:3] == table[:3] and sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_every_subcommand_help_shows_an_example(capsys):
+    from nexus_export.cli import _parser
+
+    commands = [name for action in _parser()._subparsers._group_actions for name in action.choices]
+    assert len(commands) == 10
+    for command in commands:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert f"example: nexus-export {command}" in capsys.readouterr().out, command
 
 
 def test_compare_refuses_what_is_not_a_run(tmp_path, capsys):
