@@ -102,246 +102,317 @@ def _no_output() -> Iterator[Path]:
 
 def _run_recipe(recipe: Recipe, out_dir: str | Path, force: bool, resume: bool, device: torch.device,
                 world: distributed.World) -> dict | None:
-    out_dir = check_output_dir(out_dir, force)
-    if Path(recipe.model).is_dir():  # its weights are read until the end: the output must not replace or hold it
-        check_distinct(Path(recipe.model).resolve(), out_dir, ("--model", "--out"))
-    checkpoints = out_dir.parent / f".{out_dir.name}.checkpoint"
-    scratch = out_dir.parent / f".{out_dir.name}.scratch-{os.getpid()}"
-    if resume and not checkpoints.is_dir():
-        raise UserError(f"--resume: no checkpoint at {checkpoints}; run without --resume")
-    runtime_cls = get_runtime(recipe.lowering.runtime)
-    ok, why = runtime_cls.available()
-    if not ok:
-        raise UserError(f"runtime {recipe.lowering.runtime} is not available: {why}")
-    runtime = runtime_cls()
-    passes = [get_pass(step.name)(step.config) for step in run_steps(recipe)]
-    needs_calibration = any(pass_.needs_calibration for pass_ in passes)
-    refusals = [f"{pass_.name}: {pass_.hf_refusal()}" for pass_ in passes if pass_.hf_refusal()]
-    if recipe.lowering.save_hf and refusals:
-        raise UserError(f"--save-hf is not possible: {'; '.join(refusals)} (the ONNX model is written without it)")
-    ex = recipe.execution
-    if world.size > recipe.evaluation.windows or (needs_calibration and world.size > recipe.calibration.samples):
-        raise UserError(f"{world.size} processes cannot share {recipe.evaluation.windows} evaluation and "
-                        f"{recipe.calibration.samples} calibration windows; use at least one window of each per "
-                        "process, or fewer processes")
-    dtype = output_dtype(ex.dtype)
-    budget = parse_bytes(ex.memory_budget)
-    stage = Stages()
-    t0 = time.perf_counter()
+    """The stages of one run, in order (each a method of ``_Run``), inside the staging folder."""
+    run = _Run(recipe, check_output_dir(out_dir, force), resume, device, world)
     try:
-        with staged_output(out_dir, force) if world.writer else _no_output() as tmp:
-            with stage("load"):
-                loaded = open_model(recipe.model, convert_pickled=recipe.convert_pickled)
-                if loaded.tokenizer is None:
-                    raise UserError(f"model {recipe.model} has no tokenizer; evaluation needs one")
-                ev, cal = recipe.evaluation, recipe.calibration
-                check_context(loaded.model, ev.seq_len, "evaluation")
-                if needs_calibration:
-                    check_context(loaded.model, cal.seq_len, "calibration")
-                bos = choose_bos(loaded.tokenizer, getattr(loaded.model.config, "model_type", None), recipe.bos)
-                if bos.token_id is not None:
-                    log.info("every window starts with the BOS token %s (id %d): %s", bos.token, bos.token_id,
-                             bos.reason)
-                windows = evaluation_windows(loaded.tokenizer, ev.source, ev.windows, ev.seq_len, bos.token_id)
-                cal_windows = calibration_windows(loaded.tokenizer, cal.source, cal.samples, cal.seq_len, cal.seed,
-                                                  bos.token_id) if needs_calibration else None
-                tasks = ZeroShot.check(ev, loaded, bos.token_id) if ev.tasks else None
-            with stage("capture"):
-                program = Program.from_loaded(loaded, store_dtype=dtype, budget=budget, scratch=scratch)
-                program.device = str(device)
-                for pass_ in passes:
-                    pass_.check(program)
-                    pass_.check_calibration(program, cal_windows)
-                _check_variants(recipe, program, passes, dtype)
-                onnx_eval, onnx_eval_why = _plan(program, budget, ev.onnx)
-            checkpoint_bytes = program.weight_bytes()
-            params_dense = program.num_parameters()
-            out_dtype = dtype or program.main_dtype()
-            log.info("model %s: %d blocks, %d linears, %.1fM parameters, %.2f GiB of %s weights; running on %s",
-                     loaded.name, len(program.structure.blocks), len(program.structure.linears), params_dense / 1e6,
-                     checkpoint_bytes / 2**30, dtype_name(out_dtype), device)
-
-            with stage("eval_dense"):
-                dense_ppl, tokens, dense_cached, cache_rejected = _dense_perplexity(program, windows, ev, device,
-                                                                                    world)
-            log.info("dense perplexity %.3f on %d tokens%s", dense_ppl, tokens,
-                     " (from the evaluation cache)" if dense_cached else "")
-            if tasks:
-                with stage("zero_shot_dense"):
-                    tasks.dense(program, device, world)
-
-            speed = (ev.decode_speed and onnx_eval and world.writer and recipe.lowering.lower != "logits"
-                     and has_cache(program))
-            dense_program = None
-            if speed:  # the dense model, lowered beside the pruned one for the decode speed: the passes get a fork
-                dense_program, program = program, program.fork()  # (it shares every weight until a pass changes one)
-            pass_reports = []
-            for i, pass_ in enumerate(passes):
-                ctx = PassContext(calibration_windows=cal_windows, checkpoint_dir=checkpoints / f"{i}-{pass_.name}",
-                                  resume=resume)
-                with stage(f"pass:{pass_.name}"):
-                    result = pass_.run(program, ctx)
-                program = result.program
-                pass_reports.append(result.report.to_dict())
-                if world.active:
-                    pass_reports[-1]["rank_wall_s"] = distributed.gather_objects(pass_reports[-1]["wall_s"])
-                del result
-
-            parity_ids = windows[:PARITY_WINDOWS, : min(PARITY_TOKENS, windows.shape[1])]
-            score_pytorch = ev.runtime != "onnxruntime" or not onnx_eval
-            with stage("eval_pruned"):
-                pruned_ppl = None
-                if score_pytorch:
-                    pruned_ppl, _ = program_perplexity(program, windows, ev.batch_size, "pruned perplexity")
-                    log.info("pruned perplexity %.3f", pruned_ppl)
-                expected = program.logits(parity_ids) if onnx_eval and world.writer else None
+        with staged_output(run.out_dir, force) if world.writer else _no_output() as tmp:
+            run.tmp = tmp
+            run.load()
+            run.capture()
+            run.evaluate_dense()
+            run.run_passes()
+            run.evaluate_pruned()
             distributed.shutdown()  # the shared work is done: rank 0 lowers, checks and writes alone
             if not world.writer:
                 return None
-            if tasks and score_pytorch:
-                with stage("zero_shot_pruned"):
-                    tasks.score("pruned", lambda ids, mask: program.logits(ids, mask))
-            activations = None
-            if any(pass_.sparsifies_activations for pass_ in passes):
-                with stage("activation_sparsity"):
-                    activations = summarize_inputs(input_sparsity(program, windows, ev.batch_size))
-                log.info("activation sparsity on the evaluation windows %.1f%% (%.1f%% of the blocks' multiply-adds "
-                         "read a zero)", 100 * activations["sparsity"], 100 * activations["skippable_macs"])
-
-            hf_parity = None
-            if recipe.lowering.save_hf:
-                with stage("save_hf"):
-                    hf_parity = save_hf(program, tmp / "hf", dtype, check=params_dense * 4 <= budget)
-
-            with stage("lower"):
-                artifact = runtime.lower(program, tmp, opset=recipe.lowering.opset,
-                                         external_data=recipe.lowering.external_data, dtype=out_dtype,
-                                         lower=recipe.lowering.lower)
-            dense_dir = tmp / ".dense"  # removed before the output is complete
-            dense_row, dense_entry = None, None
-            if dense_program is not None:
-                if ev.cache:  # the dense model's row, measured on this machine by an earlier run
-                    dense_entry = eval_cache.key(dense_program, ["generation", GENERATION_PROMPT, SAMPLE_TOKENS,
-                                                                 recipe.lowering.opset, dtype_name(out_dtype),
-                                                                 _machine(runtime)], str(device))
-                    dense_row = eval_cache.load(dense_entry).result
-                if dense_row is None:
-                    with stage("lower_dense"):
-                        runtime.lower(dense_program, dense_dir, opset=recipe.lowering.opset, dtype=out_dtype,
-                                      lower="generate")
-                del dense_program
-            pattern = _last_pattern(pass_reports)
-            targeted = _targeted_layers(program, pass_reports)
-            per_layer = program.sparsity(targeted)
-            sizes = {n: math.prod(program.store.shape(program.linear(n).weight)) for n in targeted}
-            roles = {n: {"block": program.linear(n).block, "role": program.linear(n).role, "params": sizes[n]}
-                     for n in targeted}
-            total = sum(sizes.values())
-            overall = sum(per_layer[n] * sizes[n] for n in targeted) / total if total else 0.0
-            grids = _quantization_grids(program, recipe)
-            model_report = {"name": loaded.name, "origin": loaded.origin, "structure": program.structure.summary(),
-                            "params_dense": params_dense, "params_pruned": program.num_parameters()}
-            del program  # the store's edits are in the ONNX file now: free them before onnxruntime
-            release()
-            with stage("check_onnx"):
-                onnx_info = runtime.inspect(artifact, pattern, set(targeted))
-
-            onnx_ppl, parity, parity_ppl, latency = None, None, {}, {}
-            artifacts = [{"name": dtype_name(out_dtype), "path": artifact.name,
-                          "bytes": runtime.artifact_bytes(artifact), "perplexity": None}]
-            if onnx_eval:
-                with stage("onnxruntime"):
-                    sess = runtime.session(artifact)
-                    parity, parity_ppl = _parity(runtime, sess, expected, parity_ids)
-                    if ev.runtime != "pytorch":
-                        onnx_ppl, _ = runtime.perplexity(sess, windows, 1,
-                                                         Progress("onnxruntime perplexity", len(windows), "windows"))
-                        log.info("onnxruntime perplexity %.3f", onnx_ppl)
-                        if tasks:
-                            tasks.score("onnx", lambda ids, mask: runtime.logits(sess, ids, mask))
-                    if ev.latency:
-                        latency["onnxruntime_cpu_1x128"] = runtime.latency(sess, 1, 128)
-                    del sess
-                artifacts[0]["perplexity"] = onnx_ppl
-            if pruned_ppl is None:
-                pruned_ppl = onnx_ppl  # --eval-runtime onnxruntime: the ONNX model is the pruned model's only score
-            pruned_runtime = "pytorch" if score_pytorch else "onnxruntime"
-            for variant in runtime.variants(artifact, recipe, set(targeted), grids):
-                variant["perplexity"] = variant["parity_max_abs_diff"] = None
-                if onnx_eval:
-                    with stage(f"variant:{variant['name']}"):
-                        sess = runtime.session(tmp / variant["path"])
-                        variant["perplexity"], _ = runtime.perplexity(
-                            sess, windows, 1, Progress(f"{variant['name']} perplexity", len(windows)))
-                        variant["parity_max_abs_diff"] = runtime.parity(expected, sess, parity_ids)
-                        del sess
-                    if variant.get("method") == "gptq" and score_pytorch:  # the program held GPTQ's dequantized weights
-                        variant["pytorch_perplexity"] = pruned_ppl
-                        variant["vs_pytorch_rel"] = abs(variant["perplexity"] - pruned_ppl) / pruned_ppl
-                artifacts.append(variant)
-            deploy = artifacts[-1]
-            generation = None
-            if speed:
-                with stage("generation"):
-                    generation = _generation(runtime, loaded.tokenizer, dense_row or dense_dir, tmp, artifacts)
-                if dense_entry and dense_row is None:
-                    eval_cache.save(dense_entry, generation["models"][0])
-            shutil.rmtree(dense_dir, ignore_errors=True)
-            _save_tokenizer(loaded, tmp)
-            cache_model = runtime.cache_model(tmp / deploy["path"])
-            if cache_model is not None:
-                runtime.write_generation_config(tmp, cache_model, loaded.model.config, loaded.tokenizer,
-                                                getattr(loaded.model, "generation_config", None))
-
-            report = {
-                "tool": {"name": "nexus-export", "version": __version__, "torch": torch.__version__,
-                         "python": platform.python_version()},
-                "model": {**model_report, "checkpoint_bytes": checkpoint_bytes},
-                "execution": {"device": str(device), "dtype": dtype_name(out_dtype),
-                              "compute_dtype": dtype_name(COMPUTE_DTYPE), "memory_budget_bytes": budget,
-                              "world_size": world.size, "backend": world.backend},
-                "recipe": recipe.to_dict(),
-                "calibration": _calibration_report(cal) if needs_calibration else None,
-                "passes": pass_reports,
-                "sparsity": {"overall": round(overall, 6), "pattern": _pattern_label(pattern, pass_reports),
-                             "per_layer": {n: round(v, 6) for n, v in per_layer.items()}, "roles": roles},
-                **({"activation_sparsity": activations} if activations is not None else {}),
-                "bos": bos.to_dict(),
-                **({"zero_shot": tasks.to_dict(pruned_runtime)} if tasks else {}),
-                "perplexity": {"dataset": f"{ev.source} evaluation, {ev.windows} windows x {ev.seq_len} tokens"
-                                          + (f" (a BOS token and {ev.seq_len - 1} of text)" if bos.token_id is not None
-                                             else ""),
-                               "tokens": tokens, "dense": dense_ppl, "dense_from_cache": dense_cached,
-                               **({"dense_remeasured": cache_rejected} if cache_rejected else {}),
-                               "pruned": pruned_ppl, "pruned_runtime": pruned_runtime, "onnx": onnx_ppl,
-                               "onnx_vs_pytorch_rel": (abs(onnx_ppl - pruned_ppl) / pruned_ppl
-                                                       if onnx_ppl is not None and score_pytorch else None),
-                               "onnx_eval": _onnx_eval_note(onnx_eval, onnx_eval_why, ev.runtime)},
-                "parity": {"max_abs_diff": parity, "inputs": f"{PARITY_WINDOWS} evaluation windows x "
-                                                             f"{parity_ids.shape[1]} tokens", **parity_ppl,
-                           **({"hf_folder_max_abs_diff": hf_parity} if recipe.lowering.save_hf else {})},
-                "onnx": {"path": artifact.name, "bytes": runtime.artifact_bytes(artifact),
-                         "opset": recipe.lowering.opset, **onnx_info},
-                "latency": latency,
-                "generation": generation if generation is not None else {"skipped": _generation_note(
-                    ev.decode_speed, onnx_eval, onnx_eval_why, runtime.cache_model(artifact))},
-                "artifacts": artifacts,
-                "deploy": {"model": deploy["path"], "variant": deploy["name"]},
-                "stages": stage.rows,
-                "timings": {**{f"{row['stage']}_s": row["wall_s"] for row in stage.rows},
-                            "total_s": round(time.perf_counter() - t0, 2)},
-                "peak_rss_mb": round(peak_rss_mb(), 1),
-            }
-            (tmp / "recipe.yaml").write_text(recipe.to_yaml())
-            write_reports(report, tmp)
-            if recipe.lowering.save_hf:
-                (tmp / "hf" / "README.md").write_text(hf_card(report))
+            run.score_pruned_further()
+            run.lower()
+            run.check_onnx()
+            run.score_onnx()
+            run.write_variants()
+            run.measure_generation()
+            run.write_folder()
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(run.scratch, ignore_errors=True)
     if world.writer:
-        shutil.rmtree(checkpoints, ignore_errors=True)
-    log.info("wrote %s", out_dir)
-    return report
+        shutil.rmtree(run.checkpoints, ignore_errors=True)
+    log.info("wrote %s", run.out_dir)
+    return run.report
+
+
+class _Run:
+    """The state one run carries from stage to stage (every stage timed and measured by ``stages``)."""
+
+    def __init__(self, recipe: Recipe, out_dir: Path, resume: bool, device: torch.device, world: distributed.World):
+        self.recipe, self.out_dir, self.resume, self.device, self.world = recipe, out_dir, resume, device, world
+        self.ev, self.cal = recipe.evaluation, recipe.calibration
+        if Path(recipe.model).is_dir():  # its weights are read until the end: the output must not replace or hold it
+            check_distinct(Path(recipe.model).resolve(), out_dir, ("--model", "--out"))
+        self.checkpoints = out_dir.parent / f".{out_dir.name}.checkpoint"
+        self.scratch = out_dir.parent / f".{out_dir.name}.scratch-{os.getpid()}"
+        if resume and not self.checkpoints.is_dir():
+            raise UserError(f"--resume: no checkpoint at {self.checkpoints}; run without --resume")
+        runtime_cls = get_runtime(recipe.lowering.runtime)
+        ok, why = runtime_cls.available()
+        if not ok:
+            raise UserError(f"runtime {recipe.lowering.runtime} is not available: {why}")
+        self.runtime = runtime_cls()
+        self.passes = [get_pass(step.name)(step.config) for step in run_steps(recipe)]
+        self.needs_calibration = any(pass_.needs_calibration for pass_ in self.passes)
+        refusals = [f"{pass_.name}: {pass_.hf_refusal()}" for pass_ in self.passes if pass_.hf_refusal()]
+        if recipe.lowering.save_hf and refusals:
+            raise UserError(f"--save-hf is not possible: {'; '.join(refusals)} (the ONNX model is written without it)")
+        if world.size > self.ev.windows or (self.needs_calibration and world.size > self.cal.samples):
+            raise UserError(f"{world.size} processes cannot share {self.ev.windows} evaluation and "
+                            f"{self.cal.samples} calibration windows; use at least one window of each per "
+                            "process, or fewer processes")
+        self.dtype = output_dtype(recipe.execution.dtype)
+        self.budget = parse_bytes(recipe.execution.memory_budget)
+        self.stage = Stages()
+        self.t0 = time.perf_counter()
+        self.tmp: Path | None = None
+        self.report: dict | None = None
+        self.dense_program: Program | None = None
+        self.dense_row: dict | None = None
+        self.dense_entry: str | None = None
+
+    def load(self) -> None:
+        """The model (its weights left in the checkpoint), its BOS choice, the evaluation and calibration windows."""
+        with self.stage("load"):
+            self.loaded = loaded = open_model(self.recipe.model, convert_pickled=self.recipe.convert_pickled)
+            if loaded.tokenizer is None:
+                raise UserError(f"model {self.recipe.model} has no tokenizer; evaluation needs one")
+            ev, cal = self.ev, self.cal
+            check_context(loaded.model, ev.seq_len, "evaluation")
+            if self.needs_calibration:
+                check_context(loaded.model, cal.seq_len, "calibration")
+            self.bos = bos = choose_bos(loaded.tokenizer, getattr(loaded.model.config, "model_type", None),
+                                        self.recipe.bos)
+            if bos.token_id is not None:
+                log.info("every window starts with the BOS token %s (id %d): %s", bos.token, bos.token_id, bos.reason)
+            self.windows = evaluation_windows(loaded.tokenizer, ev.source, ev.windows, ev.seq_len, bos.token_id)
+            self.cal_windows = calibration_windows(loaded.tokenizer, cal.source, cal.samples, cal.seq_len, cal.seed,
+                                                   bos.token_id) if self.needs_calibration else None
+            self.tasks = ZeroShot.check(ev, loaded, bos.token_id) if ev.tasks else None
+
+    def capture(self) -> None:
+        """The program (captured on the meta device, weights in the store), every pass's checks, the plan."""
+        with self.stage("capture"):
+            program = Program.from_loaded(self.loaded, store_dtype=self.dtype, budget=self.budget,
+                                          scratch=self.scratch)
+            program.device = str(self.device)
+            for pass_ in self.passes:
+                pass_.check(program)
+                pass_.check_calibration(program, self.cal_windows)
+            _check_variants(self.recipe, program, self.passes, self.dtype)
+            self.onnx_eval, self.onnx_eval_why = _plan(program, self.budget, self.ev.onnx)
+        self.program = program
+        self.checkpoint_bytes = program.weight_bytes()
+        self.params_dense = program.num_parameters()
+        self.out_dtype = self.dtype or program.main_dtype()
+        log.info("model %s: %d blocks, %d linears, %.1fM parameters, %.2f GiB of %s weights; running on %s",
+                 self.loaded.name, len(program.structure.blocks), len(program.structure.linears),
+                 self.params_dense / 1e6, self.checkpoint_bytes / 2**30, dtype_name(self.out_dtype), self.device)
+
+    def evaluate_dense(self) -> None:
+        """The dense perplexity (and zero-shot accuracy), from the evaluation cache where an earlier run measured it."""
+        with self.stage("eval_dense"):
+            self.dense_ppl, self.tokens, self.dense_cached, self.cache_rejected = _dense_perplexity(
+                self.program, self.windows, self.ev, self.device, self.world)
+        log.info("dense perplexity %.3f on %d tokens%s", self.dense_ppl, self.tokens,
+                 " (from the evaluation cache)" if self.dense_cached else "")
+        if self.tasks:
+            with self.stage("zero_shot_dense"):
+                self.tasks.dense(self.program, self.device, self.world)
+
+    def run_passes(self) -> None:
+        """Every pass in order, each on the program the one before returned."""
+        self.speed = (self.ev.decode_speed and self.onnx_eval and self.world.writer
+                      and self.recipe.lowering.lower != "logits" and has_cache(self.program))
+        if self.speed:  # the dense model, lowered beside the pruned one for the decode speed: the passes get a fork
+            self.dense_program, self.program = self.program, self.program.fork()  # (sharing every weight until a
+            # pass changes one)
+        self.pass_reports = []
+        for i, pass_ in enumerate(self.passes):
+            ctx = PassContext(calibration_windows=self.cal_windows,
+                              checkpoint_dir=self.checkpoints / f"{i}-{pass_.name}", resume=self.resume)
+            with self.stage(f"pass:{pass_.name}"):
+                result = pass_.run(self.program, ctx)
+            self.program = result.program
+            self.pass_reports.append(result.report.to_dict())
+            if self.world.active:
+                self.pass_reports[-1]["rank_wall_s"] = distributed.gather_objects(self.pass_reports[-1]["wall_s"])
+            del result
+
+    def evaluate_pruned(self) -> None:
+        """The pruned perplexity in PyTorch (unless onnxruntime alone scores it) and the parity windows' logits."""
+        self.parity_ids = self.windows[:PARITY_WINDOWS, : min(PARITY_TOKENS, self.windows.shape[1])]
+        self.score_pytorch = self.ev.runtime != "onnxruntime" or not self.onnx_eval
+        with self.stage("eval_pruned"):
+            self.pruned_ppl = None
+            if self.score_pytorch:
+                self.pruned_ppl, _ = program_perplexity(self.program, self.windows, self.ev.batch_size,
+                                                        "pruned perplexity")
+                log.info("pruned perplexity %.3f", self.pruned_ppl)
+            self.expected = self.program.logits(self.parity_ids) if self.onnx_eval and self.world.writer else None
+
+    def score_pruned_further(self) -> None:
+        """Zero-shot accuracy of the pruned program, the activation sparsity it reached, its Hugging Face folder."""
+        if self.tasks and self.score_pytorch:
+            with self.stage("zero_shot_pruned"):
+                self.tasks.score("pruned", lambda ids, mask: self.program.logits(ids, mask))
+        self.activations = None
+        if any(pass_.sparsifies_activations for pass_ in self.passes):
+            with self.stage("activation_sparsity"):
+                self.activations = summarize_inputs(input_sparsity(self.program, self.windows, self.ev.batch_size))
+            log.info("activation sparsity on the evaluation windows %.1f%% (%.1f%% of the blocks' multiply-adds read a "
+                     "zero)", 100 * self.activations["sparsity"], 100 * self.activations["skippable_macs"])
+        self.hf_parity = None
+        if self.recipe.lowering.save_hf:
+            with self.stage("save_hf"):
+                self.hf_parity = save_hf(self.program, self.tmp / "hf", self.dtype,
+                                         check=self.params_dense * 4 <= self.budget)
+
+    def lower(self) -> None:
+        """The pruned program's ONNX models (and the dense one's cache model for the decode speed, unless an
+        earlier run on this machine measured it); then the program's facts, and the program let go."""
+        lowering = self.recipe.lowering
+        with self.stage("lower"):
+            self.artifact = self.runtime.lower(self.program, self.tmp, opset=lowering.opset,
+                                               external_data=lowering.external_data, dtype=self.out_dtype,
+                                               lower=lowering.lower)
+        self.dense_dir = self.tmp / ".dense"  # removed before the output is complete
+        if self.dense_program is not None:
+            if self.ev.cache:  # the dense model's row, measured on this machine by an earlier run
+                self.dense_entry = eval_cache.key(self.dense_program, [
+                    "generation", GENERATION_PROMPT, SAMPLE_TOKENS, lowering.opset, dtype_name(self.out_dtype),
+                    _machine(self.runtime)], str(self.device))
+                self.dense_row = eval_cache.load(self.dense_entry).result
+            if self.dense_row is None:
+                with self.stage("lower_dense"):
+                    self.runtime.lower(self.dense_program, self.dense_dir, opset=lowering.opset, dtype=self.out_dtype,
+                                       lower="generate")
+            self.dense_program = None
+        program = self.program
+        self.pattern = _last_pattern(self.pass_reports)
+        self.targeted = _targeted_layers(program, self.pass_reports)
+        self.per_layer = program.sparsity(self.targeted)
+        sizes = {n: math.prod(program.store.shape(program.linear(n).weight)) for n in self.targeted}
+        self.roles = {n: {"block": program.linear(n).block, "role": program.linear(n).role, "params": sizes[n]}
+                      for n in self.targeted}
+        total = sum(sizes.values())
+        self.overall = sum(self.per_layer[n] * sizes[n] for n in self.targeted) / total if total else 0.0
+        self.grids = _quantization_grids(program, self.recipe)
+        self.model_report = {"name": self.loaded.name, "origin": self.loaded.origin,
+                             "structure": program.structure.summary(), "params_dense": self.params_dense,
+                             "params_pruned": program.num_parameters()}
+        del program
+        self.program = None  # the store's edits are in the ONNX file now: free them before onnxruntime
+        release()
+
+    def check_onnx(self) -> None:
+        with self.stage("check_onnx"):
+            self.onnx_info = self.runtime.inspect(self.artifact, self.pattern, set(self.targeted))
+
+    def score_onnx(self) -> None:
+        """Parity with PyTorch, the onnxruntime perplexity (every window, as --eval-runtime says) and latency."""
+        runtime, ev = self.runtime, self.ev
+        self.onnx_ppl, self.parity, self.parity_ppl, self.latency = None, None, {}, {}
+        self.artifacts = [{"name": dtype_name(self.out_dtype), "path": self.artifact.name,
+                           "bytes": runtime.artifact_bytes(self.artifact), "perplexity": None}]
+        if self.onnx_eval:
+            with self.stage("onnxruntime"):
+                sess = runtime.session(self.artifact)
+                self.parity, self.parity_ppl = _parity(runtime, sess, self.expected, self.parity_ids)
+                if ev.runtime != "pytorch":
+                    self.onnx_ppl, _ = runtime.perplexity(sess, self.windows, 1, Progress(
+                        "onnxruntime perplexity", len(self.windows), "windows"))
+                    log.info("onnxruntime perplexity %.3f", self.onnx_ppl)
+                    if self.tasks:
+                        self.tasks.score("onnx", lambda ids, mask: runtime.logits(sess, ids, mask))
+                if ev.latency:
+                    self.latency["onnxruntime_cpu_1x128"] = runtime.latency(sess, 1, 128)
+                del sess
+            self.artifacts[0]["perplexity"] = self.onnx_ppl
+        if self.pruned_ppl is None:
+            self.pruned_ppl = self.onnx_ppl  # --eval-runtime onnxruntime: the ONNX model is the pruned model's score
+        self.pruned_runtime = "pytorch" if self.score_pytorch else "onnxruntime"
+
+    def write_variants(self) -> None:
+        """The fp16 and quantized model files the recipe asks for, each scored in onnxruntime."""
+        runtime = self.runtime
+        for variant in runtime.variants(self.artifact, self.recipe, set(self.targeted), self.grids):
+            variant["perplexity"] = variant["parity_max_abs_diff"] = None
+            if self.onnx_eval:
+                with self.stage(f"variant:{variant['name']}"):
+                    sess = runtime.session(self.tmp / variant["path"])
+                    variant["perplexity"], _ = runtime.perplexity(
+                        sess, self.windows, 1, Progress(f"{variant['name']} perplexity", len(self.windows)))
+                    variant["parity_max_abs_diff"] = runtime.parity(self.expected, sess, self.parity_ids)
+                    del sess
+                if variant.get("method") == "gptq" and self.score_pytorch:  # the program held GPTQ's dequantized
+                    variant["pytorch_perplexity"] = self.pruned_ppl  # weights
+                    variant["vs_pytorch_rel"] = abs(variant["perplexity"] - self.pruned_ppl) / self.pruned_ppl
+            self.artifacts.append(variant)
+
+    def measure_generation(self) -> None:
+        """Decode speed and greedy continuations of the dense model and every model file written."""
+        self.generation = None
+        if self.speed:
+            with self.stage("generation"):
+                self.generation = _generation(self.runtime, self.loaded.tokenizer, self.dense_row or self.dense_dir,
+                                              self.tmp, self.artifacts)
+            if self.dense_entry and self.dense_row is None:
+                eval_cache.save(self.dense_entry, self.generation["models"][0])
+        shutil.rmtree(self.dense_dir, ignore_errors=True)
+
+    def write_folder(self) -> None:
+        """The tokenizer files and genai_config.json beside the models, the recipe, the report in its three forms."""
+        tmp, runtime, loaded = self.tmp, self.runtime, self.loaded
+        deploy = self.artifacts[-1]
+        _save_tokenizer(loaded, tmp)
+        cache_model = runtime.cache_model(tmp / deploy["path"])
+        if cache_model is not None:
+            runtime.write_generation_config(tmp, cache_model, loaded.model.config, loaded.tokenizer,
+                                            getattr(loaded.model, "generation_config", None))
+        self.report = report = self._report(deploy)
+        (tmp / "recipe.yaml").write_text(self.recipe.to_yaml())
+        write_reports(report, tmp)
+        if self.recipe.lowering.save_hf:
+            (tmp / "hf" / "README.md").write_text(hf_card(report))
+
+    def _report(self, deploy: dict) -> dict:
+        ev, bos, recipe = self.ev, self.bos, self.recipe
+        pruned_ppl, onnx_ppl = self.pruned_ppl, self.onnx_ppl
+        return {
+            "tool": {"name": "nexus-export", "version": __version__, "torch": torch.__version__,
+                     "python": platform.python_version()},
+            "model": {**self.model_report, "checkpoint_bytes": self.checkpoint_bytes},
+            "execution": {"device": str(self.device), "dtype": dtype_name(self.out_dtype),
+                          "compute_dtype": dtype_name(COMPUTE_DTYPE), "memory_budget_bytes": self.budget,
+                          "world_size": self.world.size, "backend": self.world.backend},
+            "recipe": recipe.to_dict(),
+            "calibration": _calibration_report(self.cal) if self.needs_calibration else None,
+            "passes": self.pass_reports,
+            "sparsity": {"overall": round(self.overall, 6), "pattern": _pattern_label(self.pattern, self.pass_reports),
+                         "per_layer": {n: round(v, 6) for n, v in self.per_layer.items()}, "roles": self.roles},
+            **({"activation_sparsity": self.activations} if self.activations is not None else {}),
+            "bos": bos.to_dict(),
+            **({"zero_shot": self.tasks.to_dict(self.pruned_runtime)} if self.tasks else {}),
+            "perplexity": {"dataset": f"{ev.source} evaluation, {ev.windows} windows x {ev.seq_len} tokens"
+                                      + (f" (a BOS token and {ev.seq_len - 1} of text)" if bos.token_id is not None
+                                         else ""),
+                           "tokens": self.tokens, "dense": self.dense_ppl, "dense_from_cache": self.dense_cached,
+                           **({"dense_remeasured": self.cache_rejected} if self.cache_rejected else {}),
+                           "pruned": pruned_ppl, "pruned_runtime": self.pruned_runtime, "onnx": onnx_ppl,
+                           "onnx_vs_pytorch_rel": (abs(onnx_ppl - pruned_ppl) / pruned_ppl
+                                                   if onnx_ppl is not None and self.score_pytorch else None),
+                           "onnx_eval": _onnx_eval_note(self.onnx_eval, self.onnx_eval_why, ev.runtime)},
+            "parity": {"max_abs_diff": self.parity, "inputs": f"{PARITY_WINDOWS} evaluation windows x "
+                                                              f"{self.parity_ids.shape[1]} tokens", **self.parity_ppl,
+                       **({"hf_folder_max_abs_diff": self.hf_parity} if recipe.lowering.save_hf else {})},
+            "onnx": {"path": self.artifact.name, "bytes": self.runtime.artifact_bytes(self.artifact),
+                     "opset": recipe.lowering.opset, **self.onnx_info},
+            "latency": self.latency,
+            "generation": self.generation if self.generation is not None else {"skipped": _generation_note(
+                ev.decode_speed, self.onnx_eval, self.onnx_eval_why, self.runtime.cache_model(self.artifact))},
+            "artifacts": self.artifacts,
+            "deploy": {"model": deploy["path"], "variant": deploy["name"]},
+            "stages": self.stage.rows,
+            "timings": {**{f"{row['stage']}_s": row["wall_s"] for row in self.stage.rows},
+                        "total_s": round(time.perf_counter() - self.t0, 2)},
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+        }
 
 
 def _dense_perplexity(program: Program, windows: torch.Tensor, ev, device: torch.device,

@@ -158,13 +158,45 @@ def read_structure(exported: torch.export.ExportedProgram) -> Structure:
     """Read blocks, linears with roles, embeddings, norms and the residual stream from an exported causal LM."""
     graph = exported.graph
     params = dict(exported.graph_signature.inputs_to_parameters)
-    state = exported.state_dict
     order = {n: i for i, n in enumerate(graph.nodes)}
 
     def param_of(arg) -> str | None:
         return params.get(arg.name) if isinstance(arg, Node) and arg.op == "placeholder" else None
 
-    # 1. Linears and embeddings.
+    raw_linears, embeddings = _find_linears(graph, param_of, exported.state_dict)
+    output_node = next(n for n in graph.nodes if n.op == "output")
+    logits = output_node.args[0][0] if isinstance(output_node.args[0], (tuple, list)) else output_node.args[0]
+    head, head_postprocess = _head_of(logits, raw_linears, param_of)
+    residual, shortcuts = _residual_stream(head, raw_linears, order)
+    roles, sublayers, block_paths, block_list = _sublayers(residual, raw_linears, param_of, order)
+    roles[head] = ("lm_head", None)
+    for lin in shortcuts:
+        blk = _block_of(lin)
+        roles[lin] = (SHORTCUT, blk[1] if blk else None)
+    outside = [raw_linears[n]["weight"] for n in raw_linears if n not in roles]
+    if outside:
+        raise UnsupportedArchitecture(f"linears outside the decoder blocks other than the lm_head: {outside[:5]}")
+    n_blocks = max(block_paths) + 1
+    missing = [i for i in range(n_blocks) if i not in block_paths]
+    if missing:
+        raise UnsupportedArchitecture(f"decoder blocks {missing} have no residual connection the tool could follow")
+    final_region = ancestors(head, stop={residual[-1][0]}) - (ancestors(residual[-1][0]) | {residual[-1][0]})
+    return Structure(
+        linears=_named_linears(raw_linears, roles, order),
+        blocks=[layer_name(block_paths[i]) for i in range(n_blocks)],
+        sublayers=sublayers,
+        embeddings=embeddings,
+        lm_head=layer_name(_module_path(head) + ".weight"),
+        final_norm=_norm_module(final_region, param_of, order),
+        tied_embedding=raw_linears[head]["weight"] in embeddings.values(),
+        block_list=layer_name(block_list),
+        residual_adds=[a.name for a, _, _ in residual],
+        head_postprocess=head_postprocess,
+    )
+
+
+def _find_linears(graph, param_of, state) -> tuple[dict[Node, dict], dict[str, str]]:
+    """Step 1: the ops that multiply by a weight parameter (with weight, bias, layout and sizes) and the embeddings."""
     raw_linears: dict[Node, dict] = {}
     embeddings: dict[str, str] = {}
     for node in graph.nodes:
@@ -185,18 +217,15 @@ def read_structure(exported: torch.export.ExportedProgram) -> Structure:
             embeddings[layer_name(_module_path(node) + ".weight")] = param_of(node.args[0])
     if not raw_linears:
         raise UnsupportedArchitecture("no linear layers found in the captured graph; expected a transformer causal LM")
+    return raw_linears, embeddings
 
-    # 2. lm_head: the last linear on the path to the logits, through elementwise post-processing.
-    output_node = next(n for n in graph.nodes if n.op == "output")
-    logits = output_node.args[0][0] if isinstance(output_node.args[0], (tuple, list)) else output_node.args[0]
-    head, head_postprocess = _head_of(logits, raw_linears, param_of)
 
-    # 3. Residual stream, walked back from the lm_head.
-    head_ancestors = ancestors(head)
-    adds = sorted((n for n in head_ancestors if n.op == "call_function" and op_name(n) == "add"), key=order.get, reverse=True)
-    residual: list[tuple[Node, Node, Node]] = []  # (add, stream_in, branch)
-
-    shortcuts: dict[Node, Node] = {}  # shortcut linear -> the stream it maps
+def _residual_stream(head: Node, raw_linears: dict, order: dict) -> tuple[list[tuple[Node, Node, Node]], dict]:
+    """Step 3: the residual adds from the first block to the lm_head, each as (add, stream in, branch), and the
+    shortcut linears met on the way (linear -> the stream it maps)."""
+    adds = sorted((n for n in ancestors(head) if n.op == "call_function" and op_name(n) == "add"), key=order.get,
+                  reverse=True)
+    shortcuts: dict[Node, Node] = {}
 
     def split_residual(add: Node) -> tuple[Node, Node] | None:
         args = _tensor_args(add)
@@ -214,14 +243,10 @@ def read_structure(exported: torch.export.ExportedProgram) -> Structure:
                 return s, other
         return None
 
-    last = None
-    for add in adds:
-        if split_residual(add) is not None:
-            last = add
-            break
-    if last is None:
+    cur = next((add for add in adds if split_residual(add) is not None), None)
+    if cur is None:
         raise UnsupportedArchitecture("no residual connection found before the lm_head; unsupported architecture")
-    cur = last
+    residual: list[tuple[Node, Node, Node]] = []
     while True:
         parts = split_residual(cur)
         if parts is None:
@@ -234,8 +259,12 @@ def read_structure(exported: torch.export.ExportedProgram) -> Structure:
         if not (cur.op == "call_function" and op_name(cur) == "add"):
             break
     residual.reverse()
+    return residual, shortcuts
 
-    # 4. Sublayers: the linears between each stream value and its residual add.
+
+def _sublayers(residual: list, raw_linears: dict, param_of, order: dict) -> tuple[dict, list, dict, str]:
+    """Step 4: for each residual branch, its linears' roles (readers and writers of the stream, on the attention
+    path or the MLP's), its kind, its norms; with the blocks' paths and the block list's path."""
     roles: dict[Node, tuple[str, int | None]] = {}
     sublayers: list[Sublayer] = []
     block_paths: dict[int, str] = {}
@@ -285,14 +314,11 @@ def read_structure(exported: torch.export.ExportedProgram) -> Structure:
         ))
     if len(block_lists) != 1:
         raise UnsupportedArchitecture(f"decoder blocks found in more than one module list: {sorted(block_lists)}")
-    roles[head] = ("lm_head", None)
-    for lin, _stream in shortcuts.items():
-        blk = _block_of(lin)
-        roles[lin] = (SHORTCUT, blk[1] if blk else None)
-    outside = [raw_linears[n]["weight"] for n in raw_linears if n not in roles]
-    if outside:
-        raise UnsupportedArchitecture(f"linears outside the decoder blocks other than the lm_head: {outside[:5]}")
+    return roles, sublayers, block_paths, next(iter(block_lists))
 
+
+def _named_linears(raw_linears: dict, roles: dict, order: dict) -> dict[str, Linear]:
+    """Step 5: every linear under its user-facing module name (a shortcut under its parameter's), in graph order."""
     linears: dict[str, Linear] = {}
     for node in sorted(raw_linears, key=order.get):
         info = raw_linears[node]
@@ -304,24 +330,7 @@ def read_structure(exported: torch.export.ExportedProgram) -> Structure:
             name=name, role=role, block=block, weight=info["weight"], bias=info["bias"],
             in_features=int(info["in_f"]), out_features=int(info["out_f"]), weight_layout=info["layout"], node=node.name,
         )
-    head_weight = raw_linears[head]["weight"]
-    n_blocks = max(block_paths) + 1
-    missing = [i for i in range(n_blocks) if i not in block_paths]
-    if missing:
-        raise UnsupportedArchitecture(f"decoder blocks {missing} have no residual connection the tool could follow")
-    final_region = ancestors(head, stop={residual[-1][0]}) - (ancestors(residual[-1][0]) | {residual[-1][0]})
-    return Structure(
-        linears=linears,
-        blocks=[layer_name(block_paths[i]) for i in range(n_blocks)],
-        sublayers=sublayers,
-        embeddings=embeddings,
-        lm_head=layer_name(_module_path(head) + ".weight"),
-        final_norm=_norm_module(final_region, param_of, order),
-        tied_embedding=head_weight in embeddings.values(),
-        block_list=layer_name(next(iter(block_lists))),
-        residual_adds=[a.name for a, _, _ in residual],
-        head_postprocess=head_postprocess,
-    )
+    return linears
 
 
 # Elementwise ops that may follow the lm_head on the way to the logits (soft-capping, a logit scale), with at most one
