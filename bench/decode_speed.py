@@ -115,7 +115,7 @@ def main() -> int:
     hf_folder = loaded.files[0].parent if loaded.files else cache_root() / "models" / args.model
     ctx = PassContext(calibration_windows=calib)
     gptq = {"bits": 4, "group_size": args.group_size}
-    grid = Grid(4, args.group_size)
+    group_sizes: dict[str, int] = {}
     models: dict[str, Path] = {}  # name -> cache model (generation); scored through its own graph
     pass_s: dict[str, float] = {}
 
@@ -134,10 +134,14 @@ def main() -> int:
         def ours(program, label: str, quantize: str | None = None) -> None:
             folder = tmp / label.replace(" ", "-").replace("%", "")
             full = lower_to_onnx(program, folder / "model.onnx")
-            if quantize:
-                program = run(program, "gptq", gptq, quantize)
+            if quantize:  # groups of 32, or of 16 where a sliced width is not a multiple of 32 (432 at 25%)
+                widths = {lin.in_features for lin in program.structure.linears.values()}
+                size = args.group_size if all(w % args.group_size == 0 for w in widths) else 16
+                group_sizes[quantize] = size
+                program = run(program, "gptq", {**gptq, "group_size": size}, quantize)
                 full = lower_to_onnx(program, folder / "float" / "model.onnx")
-                full = write_grids(cache_path(full), folder / "model.q4.onnx", grid, quantization_grids(program))
+                full = write_grids(cache_path(full), folder / "model.q4.onnx", Grid(4, size),
+                                   quantization_grids(program), head=True, accuracy_level=4)
                 shutil.rmtree(folder / "float")
             models[quantize or label] = cache_path(full)
             genai_folder(cache_path(full), loaded)
@@ -181,7 +185,8 @@ def main() -> int:
     base = med["dense fp32"][1]
     print(f"{args.model}: onnxruntime CPU (2 threads), batch 1, a {PROMPT}-token prompt then {NEW} greedy tokens, "
           f"median of {args.runs} runs round-robin across the models; perplexity on {len(evals)} evaluation windows x "
-          f"{args.seq_len} tokens; int4 = MatMulNBits, groups of {args.group_size}\n")
+          f"{args.seq_len} tokens; int4 = MatMulNBits with int8 activations (accuracy level 4), the embedding and head on the "
+          f"grid too, groups of {args.group_size} (of 16 for: {', '.join(k for k, v in group_sizes.items() if v == 16) or 'none'})\n")
     print("| model | files MiB | perplexity | prefill tok/s | decode tok/s | decode x our dense | genai prefill tok/s | "
           "genai decode tok/s | cache KiB/token | pass s |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -30,6 +30,7 @@ from .memory import forget_last_trace
 
 log = logging.getLogger(__name__)
 
+COMPUTE_DTYPE = torch.float32  # the dtype every captured graph computes in (float64 where the math needs it)
 MAX_BATCH = 1024
 MAX_SEQUENCE = 8192
 

@@ -19,7 +19,9 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from .errors import UserError
+from .cli_flags import SWEEP_AXES, pass_flags, pass_options
+from .errors import UserError, VerificationFailed
+from .registry import get_runtime
 
 if TYPE_CHECKING:
     from .recipe import Recipe
@@ -132,42 +134,10 @@ def _prune_args(prune: argparse.ArgumentParser, sweep: bool) -> None:
         prune.add_argument("--sparsities", help="masking methods: the sparsities to run, e.g. 0.3,0.5,0.6,0.7")
         prune.add_argument("--remove", help="shortgpt: the numbers of blocks to remove, e.g. 2,4,7")
         prune.add_argument("--slicings", help="slicegpt: the slicing fractions, e.g. 0.1,0.2,0.3")
-    else:
-        prune.add_argument("--sparsity", type=float, help="fraction of weights to zero in [0, 1) (default: N/M or "
-                                                          "0.5)")
-        prune.add_argument("--remove", type=int, help="shortgpt: number of blocks (or attention sublayers) to remove")
-        prune.add_argument("--slicing", type=float, help="slicegpt: fraction of the hidden width to slice off, in "
-                                                         "[0, 1) (0.25); 0 = rotate only")
-    prune.add_argument("--pattern", help="N:M pattern, N zeros in every M consecutive inputs (e.g. 2:4)")
-    prune.add_argument("--schedule", help='JSON per role/block/module, e.g. \'{"layer_0-5": 0.3, "mlp_out": 0.5}\'')
-    prune.add_argument("--per-row", action="store_true", help="magnitude, unstructured: same sparsity in every row")
-    prune.add_argument("--permute", action="store_true",
-                       help="N:M: first reorder the channels of the residual stream and the MLPs (an exact rewrite) so "
-                            "the groups keep more importance")
-    prune.add_argument("--layerwise", choices=("uniform", "owl"),
-                       help="unstructured: the same sparsity in every block (uniform, default) or OWL's per-block "
-                            "sparsity from the share of outlier weights (blocks with more are pruned less)")
-    prune.add_argument("--owl-m", type=float, help="owl: an outlier scores above this many times its block's mean (5)")
-    prune.add_argument("--owl-lambda", type=float,
-                       help="owl: per-block sparsities within +-lambda of the target (0.08)")
-    prune.add_argument("--blocksize", type=int, help="sparsegpt: columns per block (default 128)")
-    prune.add_argument("--percdamp", type=float, help="sparsegpt: damping as a fraction of mean diag(H) (0.01)")
-    prune.add_argument("--true-sequential", action="store_true",
-                       help="wanda/sparsegpt: prune attention inputs, attention output, MLP inputs, MLP output in turn")
-    prune.add_argument("--remove-ratio", type=float, help="shortgpt: fraction of blocks to remove")
-    prune.add_argument("--layers", help="shortgpt: exactly these blocks, e.g. 20,21,22")
-    prune.add_argument("--strategy", help="shortgpt: similarity (default), attention, gradient or perplexity")
-    prune.add_argument("--rank-windows", type=int,
-                       help="shortgpt perplexity: calibration windows the loss is measured on (default 8)")
-    prune.add_argument("--iterative", action="store_true", help="shortgpt perplexity: re-rank after each removal")
-    prune.add_argument("--round-to", type=int, help="slicegpt: round the kept width down to a multiple of this (8)")
-    prune.add_argument("--activation-sparsity", type=float,
-                       help="then zero this fraction of the hidden states entering the linears, by calibrated "
-                            "thresholds (with --method activation: that pass alone)")
-    prune.add_argument("--activation-roles",
-                       help="roles whose linear inputs get thresholds, e.g. mlp_in,mlp_out (default: all four)")
-    prune.add_argument("--activation-allocation", choices=("uniform", "greedy"),
-                       help="uniform: the target in every input (default); greedy: per block, more where it hurts less")
+    for flag, spec in pass_flags().items():
+        if sweep and spec.field in SWEEP_AXES and not spec.prefix:
+            continue  # the sweep's list flag stands for it
+        prune.add_argument(flag, dest=spec.dest, help=spec.help, **spec.argparse)
     prune.add_argument("--save-hf", action="store_true", help="also write a Hugging Face folder to DIR/hf")
     prune.add_argument("--quantize-bits", type=int,
                        help="then quantize the MatMul weights (gptq: the block linears) to 4 or 8 bits: model.q4.onnx")
@@ -329,24 +299,7 @@ def _prune_recipe(args: argparse.Namespace) -> "Recipe":
     """The recipe the prune options describe (validated)."""
     from .recipe import Recipe
 
-    options = {"sparsity": args.sparsity, "pattern": args.pattern}
-    if args.schedule:
-        try:
-            options["schedule"] = json.loads(args.schedule)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"--schedule is not valid JSON ({exc.msg}); e.g. '{{\"layer_0-5\": 0.3}}'") from None
-    for flag in ("per_row", "true_sequential", "iterative", "permute"):
-        if getattr(args, flag):
-            options[flag] = True
-    options.update(blocksize=args.blocksize, percdamp=args.percdamp, remove=args.remove,
-                   remove_ratio=args.remove_ratio, layers=args.layers, strategy=args.strategy,
-                   rank_windows=args.rank_windows, layerwise=args.layerwise, owl_m=args.owl_m,
-                   owl_lambda=args.owl_lambda,
-                   slicing=args.slicing, round_to=args.round_to)
-    options = {k: v for k, v in options.items() if v is not None}
-    activation = {"sparsity": args.activation_sparsity, "allocation": args.activation_allocation,
-                  "roles": args.activation_roles.split(",") if args.activation_roles is not None else None}
-    activation = {k: v for k, v in activation.items() if v is not None}
+    options, activation = pass_options(args)
     if args.method == "activation":
         passes = [{"activation": {**options, **activation}}]
     elif activation:
@@ -413,7 +366,8 @@ def _sweep(args: argparse.Namespace) -> int:
     axis = given[0]
 
     def make_recipe(option: str, value):
-        point = argparse.Namespace(**{**vars(args), "sparsity": None, "remove": None, "slicing": None, option: value})
+        point = argparse.Namespace(**{**vars(args), **{f"pass_{name}": None for name in SWEEP_AXES},
+                                      f"pass_{option}": value})
         return _prune_recipe(point)
 
     points = plan(axis, getattr(args, axis), make_recipe)
@@ -462,7 +416,7 @@ def _prepare_process() -> None:
 
 def _execute(recipe, args: argparse.Namespace) -> int:
     from .pipeline import run_recipe
-    from .report import generation_lines, headline
+    from .report_text import generation_lines, headline
 
     _prepare_process()
 
@@ -484,27 +438,22 @@ def _execute(recipe, args: argparse.Namespace) -> int:
     print(f"artifacts in {args.out}: report.html, report.md, report.json, plots/, recipe.yaml, tokenizer files"
           + (", genai_config.json" if (Path(args.out) / "genai_config.json").is_file() else ""))
     if args.bundle:
-        from runtimes.bundle import make_bundle
-
-        make_bundle(Path(args.out), Path(args.bundle))
+        get_runtime("onnxruntime").package(Path(args.out), Path(args.bundle))
         print(f"bundle: {args.bundle}")
     return 0
 
 
 def _package(args: argparse.Namespace) -> int:
-    from runtimes.bundle import make_bundle
-
-    bundle = make_bundle(Path(args.run_dir), Path(args.out), archive=args.archive, force=args.force)
+    bundle = get_runtime("onnxruntime").package(Path(args.run_dir), Path(args.out), archive=args.archive,
+                                                force=args.force)
     print(f"bundle {bundle}" + (f" and {bundle.with_suffix('.tar.gz')}" if args.archive else ""))
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from runtimes.bundle import GenerationMismatch, verify_bundle
-
     try:
-        result = verify_bundle(Path(args.bundle))
-    except GenerationMismatch as exc:
+        result = get_runtime("onnxruntime").verify(Path(args.bundle))
+    except VerificationFailed as exc:
         print(f"nexus-export: verify failed: {exc}", file=sys.stderr)
         return 1
     print(f"bundle {args.bundle} verified: {result['files']} files ({result['bytes'] / 2**20:.1f} MiB) match the "
@@ -583,20 +532,14 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _check_onnx(args: argparse.Namespace) -> int:
-    from passes.sparsity import parse_pattern
-    from runtimes.onnx_check import inspect_onnx, report_rows, summarize
-
     if args.tensorrt:
         return _check_tensorrt(args)
-    pattern = parse_pattern(args.pattern)
-    layers = inspect_onnx(args.onnx, nm=(pattern.n, pattern.m) if pattern else None)
     targets = _report_targets(Path(args.onnx))
-    summary = summarize(layers, targets)
-    rows = report_rows(layers, targets)
+    pattern, summary, rows = get_runtime("onnxruntime").check_file(Path(args.onnx), args.pattern, targets)
     if args.json:
         print(json.dumps({"summary": summary, "layers": rows}, indent=2))
         return 1 if args.strict and pattern and not summary["all_nm_valid"] else 0
-    label = str(pattern) if pattern else "N:M"
+    label = pattern or "N:M"
     print(f"{'layer':<48} {'op':<6} {'k':>6} {'n':>6} {'sparsity':>9} {label + ' valid':>10} {'form':<10} targeted")
     for row in rows:
         valid = "-" if row["nm_valid"] is None else ("yes" if row["nm_valid"] else "NO")
@@ -613,14 +556,12 @@ def _check_onnx(args: argparse.Namespace) -> int:
 
 
 def _check_tensorrt(args: argparse.Namespace) -> int:
-    from runtimes.tensorrt_check import check_tensorrt, rows_as_dicts, summarize_tensorrt
-
-    rows = check_tensorrt(args.onnx)
+    tensorrt = get_runtime("tensorrt")
     targets = _report_targets(Path(args.onnx))
-    summary = summarize_tensorrt(rows, targets)
+    summary, rows = tensorrt.check_file(Path(args.onnx), targets)
     failed = args.strict and not summary["targets_all_eligible"]
     if args.json:
-        print(json.dumps({"summary": summary, "layers": rows_as_dicts(rows)}, indent=2))
+        print(json.dumps({"summary": summary, "layers": tensorrt.rows_as_dicts(rows)}, indent=2))
         return 1 if failed else 0
     print(f"{'layer':<48} {'op':<6} {'K':>6} {'N':>6} {'2:4 groups':>10} {'K%4':>4} {'N%4':>4} {'form':<10} "
           f"{'eligible':>8} {'>=256':>5}")
@@ -641,23 +582,18 @@ def _check_tensorrt(args: argparse.Namespace) -> int:
 
 
 def _build_engine(args: argparse.Namespace) -> int:
-    from runtimes.tensorrt import Profile, available, build_engine, compare_with_onnxruntime
-
     from .outdir import staged_output
     from .report import write_json
 
-    ok, why = available()
+    tensorrt = get_runtime("tensorrt")
+    ok, why = tensorrt.available()
     if not ok:
         raise UserError(why)
     if not Path(args.onnx).is_file():
         raise UserError(f"no ONNX file at {args.onnx}")
-    profile = Profile(batch=(1, max(1, args.max_batch // 2), args.max_batch), sequence=(2, min(128, args.max_seq),
-                                                                                       args.max_seq))
     with staged_output(args.out, args.force) as tmp:
-        build = build_engine(args.onnx, tmp, profile, fp16=not args.no_fp16, int8=args.int8, sparse=not args.no_sparse,
-                             timing_cache=args.timing_cache)
-        build.engine = "model.engine"
-        parity = compare_with_onnxruntime(tmp / "model.engine", args.onnx)
+        build, parity = tensorrt.build(Path(args.onnx), tmp, args.max_batch, args.max_seq, fp16=not args.no_fp16,
+                                       int8=args.int8, sparse=not args.no_sparse, timing_cache=args.timing_cache)
         write_json({"build": build.to_dict(), "parity_vs_onnxruntime": parity}, tmp / "report.json")
     print(f"engine {Path(args.out) / 'model.engine'}: built in {build.build_s:.0f} s; {len(build.eligible_layers)} "
           f"layers eligible for sparse math, sparse tactics picked for {len(build.sparse_layers)}; "

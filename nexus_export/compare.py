@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .plots import Plot, available, figure, save
-from .report import num
+from .report_text import num
 from .report_html import page, plots_section, table
 
 log = logging.getLogger(__name__)

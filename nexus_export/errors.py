@@ -3,3 +3,8 @@
 
 class UserError(Exception):
     """Bad input: the message says what was wrong, what was expected, and what to do."""
+
+
+class VerificationFailed(Exception):
+    """A check of an artifact found a difference (a bundle's generation no longer gives its recorded tokens): not
+    bad input, but a failed verification (exit code 1)."""

@@ -26,7 +26,8 @@ import torch
 import transformers
 
 from . import __version__
-from .program import COMPUTE_DTYPE, Program
+from .capture import COMPUTE_DTYPE
+from .program import Program
 from .zoo import cache_root
 
 log = logging.getLogger(__name__)

@@ -17,6 +17,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .errors import UserError
+from .registry import get_pass
 from .program import Program
 
 
@@ -76,16 +77,11 @@ class SparsityMasks:
     @torch.no_grad()
     def update(self, sparsity: float) -> None:
         """Recompute every mask at ``sparsity`` from the current weights (already-masked weights stay masked)."""
-        from passes.sparsity import check_sparsity, nm_mask, parse_pattern, unstructured_mask
-
-        check_sparsity(sparsity)
-        pattern = parse_pattern(self.pattern)
         if self.method != "magnitude":
             raise UserError(f"gradual sparsity supports method 'magnitude', got {self.method!r}")
+        magnitude = get_pass("magnitude")
         for name in self.names:
-            scores = self._weight(name).detach().abs().float()
-            keep = nm_mask(scores, pattern, name) if pattern else unstructured_mask(scores, sparsity)
-            self.masks[name] = keep
+            self.masks[name] = magnitude.keep_mask(self._weight(name), sparsity, self.pattern, name)
         self.reapply()
 
     @torch.no_grad()

@@ -6,12 +6,15 @@ time, padded on the right (the causal mask keeps each one independent of the pad
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from lm_eval.api.model import LM
 
 from .errors import UserError
 from .progress import Progress
-from .zero_shot import LogitsFn
+
+LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids [b, t], mask [b, t]) -> logits [b, t, v]
 
 BATCH = 16
 

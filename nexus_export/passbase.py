@@ -16,6 +16,12 @@ from .program import Program
 log = logging.getLogger(__name__)
 
 
+def option(default: Any, help: str, choices: tuple[str, ...] | None = None, flag: bool = True) -> Any:
+    """A pass option: its default, and the help (and allowed values) its command-line flag is built from; ``flag``
+    False keeps it to recipes and the Python API. Adding a pass is adding its config: the flags follow from it."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+
+
 @dataclass(frozen=True)
 class PassConfig:
     """Options of a pass. Subclasses add fields with defaults and override ``validate``."""
@@ -118,6 +124,7 @@ class Pass:
     needs_calibration: ClassVar[bool] = False
     sparsifies_activations: ClassVar[bool] = False  # the report then measures the linear inputs' zeros
     not_after: ClassVar[dict[str, str]] = {}  # passes this one cannot follow in a recipe -> why (checked before work)
+    flag_prefix: ClassVar[str | None] = ""  # its config's command-line flags: --<option>, --<prefix><option>, or none
 
     def __init__(self, config: PassConfig | Mapping[str, Any] | None = None):
         if not isinstance(config, PassConfig):

@@ -39,7 +39,8 @@ from .model_card import hf_card
 from .memory import RssSampler, current_rss_mb, peak_rss_mb, release
 from .outdir import check_distinct, check_output_dir, staged_output
 from .passbase import PassContext
-from .program import COMPUTE_DTYPE, Program
+from .capture import COMPUTE_DTYPE
+from .program import Program
 from .progress import Progress
 from .recipe import Recipe, dtype_name, output_dtype, run_steps
 from .registry import get_pass, get_runtime
@@ -534,9 +535,7 @@ def _quantization_grids(program: Program, recipe: Recipe) -> dict | None:
     without GPTQ). They are small beside the weights: one scale (and zero point) per group of inputs."""
     if recipe.quantize is None or recipe.quantize.method != "gptq":
         return None
-    from passes.gptq import quantization_grids
-
-    return quantization_grids(program)
+    return get_pass("gptq").quantization_grids(program)
 
 
 def _plan(program: Program, budget: int, onnx_eval: str) -> tuple[bool, str]:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.export.graph_signature import InputKind
 
-from .capture import capture
+from .capture import COMPUTE_DTYPE, capture
 from .errors import UserError
 from .naming import WRAPPER_PREFIX
 from .shards import TensorLocation
@@ -25,7 +25,6 @@ from .structure import Linear, Structure, read_structure
 
 log = logging.getLogger(__name__)
 
-COMPUTE_DTYPE = torch.float32  # the dtype every graph computes in (float64 where the math needs it)
 
 
 def require_module(model: Any) -> None:

@@ -23,7 +23,7 @@ from .errors import UserError
 from .gradual import CubicSparsityScheduler, apply_sparsity
 from .passbase import PassContext
 from .program import Program, require_module
-from .registry import get_pass
+from .registry import get_pass, get_runtime
 
 __all__ = ["SparseGPTConfig", "SparseGPTPruner", "WandaPruner", "MagnitudePruner", "NMSparsityPruner", "ShortGPTPruner",
            "SliceGPTPruner", "DynamicPruner", "GPTQQuantizer", "export_onnx", "evaluate_perplexity", "CubicSparsityScheduler", "apply_sparsity", "calibration_tensor"]
@@ -286,16 +286,13 @@ class DynamicPruner(_Pruner):
         mean over input entries; ``skippable_macs``) and the program; ``model`` is left untouched. To compare with
         calibrated thresholds, pick the global one that gives the same measured sparsity."""
         from .activation_stats import input_sparsity, summarize_inputs
-        from passes.activation import Threshold, input_groups, insert_thresholds
 
         require_module(model)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
             raise UserError(f"threshold must be a number >= 0, got {threshold!r}")
         ids = calibration_tensor(input, None)
         program = Program.from_model(model, name=type(model).__name__)
-        roles = get_pass(self.method)(self.options()).config.chosen_roles()
-        thresholded = insert_thresholds(program, [Threshold(block, names, float(threshold), 0.0)
-                                                  for block, names in input_groups(program, roles)])
+        thresholded = get_pass(self.method)(self.options()).with_threshold(program, threshold)
         measured = summarize_inputs(input_sparsity(thresholded, ids))
         everything = [name for name, e in measured["per_input"].items() if e["sparsity"] == 1.0]
         if everything:
@@ -355,26 +352,11 @@ def _builtin_windows(model, tokenizer, nsamples: int) -> torch.Tensor:
 
 
 def export_onnx(model_or_program: torch.nn.Module | Program, path: str | Path) -> Path:
-    """Lower a model (captured first) or a Program to ONNX at ``path`` (+ external data); returns the path. A program
-    a GPTQ pass quantized is written with MatMulNBits (its weights as 4- or 8-bit codes and its own scales)."""
-    import tempfile
-
-    from passes.gptq import quantization_grids
-    from passes.quant_grid import Grid
-    from runtimes.onnx_export import cache_path, lower_to_onnx
-    from runtimes.quantize import write_grids
-
+    """Lower a model (captured first) or a Program to ONNX at ``path`` (+ external data, and its key/value-cache twin);
+    returns the path. A program a GPTQ pass quantized is written with MatMulNBits (its weights as 4- or 8-bit codes
+    and its own scales, computing exactly what the program evaluated)."""
     program = model_or_program if isinstance(model_or_program, Program) else Program.from_model(model_or_program)
-    path = Path(path)
-    grid = program.origin.get("quantization")
-    if grid is None:
-        return lower_to_onnx(program, path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
-        fp32 = lower_to_onnx(program, Path(tmp) / path.name)
-        source = cache_path(fp32) if cache_path(fp32).is_file() else fp32  # its cache twin is written too
-        return write_grids(source, path, Grid(grid["bits"], grid["group_size"], grid["sym"]),
-                           quantization_grids(program))
+    return get_runtime("onnxruntime")().export(program, Path(path))
 
 
 def evaluate_perplexity(model: torch.nn.Module | Program, text_or_dataset: str | torch.Tensor = "austen",

@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
-CACHED = " (from the evaluation cache)"
-REMEASURED = " (measured again: the cached entry was ignored, {})"
+from .plots import report_plots
+from .report_html import render_html
+from .report_text import (CACHED, REMEASURED, bos_line, calibration_line, forms, generation_rows, headline, num,
+                          quantization_label, zero_shot_rows)
 
 
 def write_reports(report: dict, folder: Path) -> None:
     """report.json, the plots (``folder/plots``), report.md and report.html of a run."""
-    from .plots import report_plots
-    from .report_html import render_html
-
     write_json(report, folder / "report.json")
     plots = report_plots(report, folder / "plots")
     (folder / "report.md").write_text(render_markdown(report, plots))
@@ -33,66 +31,6 @@ def _plain(value):
     raise TypeError(f"not JSON-serializable: {type(value).__name__}")
 
 
-def headline(report: dict) -> str:
-    """One line: model, passes, sparsity, perplexities, parity."""
-    ppl = report["perplexity"]
-    passes = " + ".join(p["name"] for p in report["passes"]) or "no pass"
-    for p in report["passes"]:
-        widths = p.get("changes", {}).get("widths")
-        if widths:
-            passes += f" (width {p['changes']['hidden_before']} -> {'/'.join(map(str, sorted(set(widths.values()))))})"
-    onnx = f"onnxruntime {ppl['onnx']:.2f}" if ppl.get("onnx") is not None else "onnxruntime not run"
-    rel = report["parity"].get("perplexity_rel")
-    if ppl.get("onnx") is None and rel is not None:
-        onnx = f"onnxruntime within {rel:.1e} relative on the parity windows"
-    dense = f"{ppl['dense']:.2f}" + (" (cached)" if ppl.get("dense_from_cache") else "")
-    parity = report["parity"]["max_abs_diff"]
-    activations = report.get("activation_sparsity")
-    acts = f" | activations {activations['sparsity']:.1%} zero" if activations else ""
-    return (f"{report['model']['name']} | {passes} | sparsity {report['sparsity']['overall']:.1%} "
-            f"({report['sparsity']['pattern']}){acts} | perplexity dense {dense} -> pruned {ppl['pruned']:.2f} "
-            f"({onnx}) | parity max|diff| " + (f"{parity:.2e}" if parity is not None else "-"))
-
-
-def generation_lines(report: dict) -> list[str]:
-    """The decode speed of the dense and pruned models and their greedy continuations of the report's prompt, for
-    the terminal (nothing when the run measured none)."""
-    gen = report.get("generation") or {}
-    if not gen.get("models"):
-        return [f"  decode speed: not measured ({gen['skipped']})"] if gen.get("skipped") else []
-    dense, pruned = gen["models"][0], gen["models"][1]
-    cached = " (dense from the evaluation cache)" if dense.get("from_cache") else ""
-    lines = [f"  decode ({gen['protocol']}){cached}: dense {dense['decode_tokens_per_s']:.1f} -> pruned "
-             f"{pruned['decode_tokens_per_s']:.1f} tokens/s ({gen['decode_speedup']:.2f}x); prefill "
-             f"{dense['prefill_tokens_per_s']:.0f} -> {pruned['prefill_tokens_per_s']:.0f} tokens/s; key/value cache "
-             f"{dense['kv_bytes_per_token'] / 1024:.1f} -> {pruned['kv_bytes_per_token'] / 1024:.1f} KiB per token"]
-    for row in gen["models"][2:]:
-        lines.append(f"  decode {row['name']} ({row['cache_model']}): {row['decode_tokens_per_s']:.1f} tokens/s")
-    lines.append(f"  greedy continuation of {gen['prompt']!r} ({gen['sample_tokens']} tokens, through the key/value "
-                 "cache):")
-    width = max(len(row["name"]) for row in gen["models"])
-    for row in gen["models"]:
-        lines.append(f"    {row['name']:<{width}}: {' '.join(row['continuation'].split())!r}")
-    return lines
-
-
-def _bos_line(bos: dict) -> str:
-    """One sentence on the BOS choice (--bos) and why."""
-    if bos["token_id"] is None:
-        return f"Windows start without a BOS token (bos {bos['mode']}: {bos['reason']})."
-    return (f"Every window starts with the BOS token {bos['token']} (id {bos['token_id']}; bos {bos['mode']}: "
-            f"{bos['reason']}).")
-
-
-def calibration_line(cal: dict | None) -> str | None:
-    """One sentence on the calibration windows and, for a mix, each source's share (None without calibration)."""
-    if not cal:
-        return None
-    where = (", ".join(f"{m['source']} {m['share']:.0%} ({m['windows']} windows)" for m in cal["mix"])
-             if cal.get("mix") else cal["source"])
-    return f"Calibration: {cal['samples']} windows x {cal['seq_len']} tokens (seed {cal['seed']}) of {where}."
-
-
 def render_markdown(report: dict, plots: list | None = None) -> str:
     """The Markdown report; ``plots`` (``plots.Plot``s written under plots/) are linked in a section of their own."""
     ppl = report["perplexity"]
@@ -106,7 +44,7 @@ def render_markdown(report: dict, plots: list | None = None) -> str:
         "## Perplexity",
         f"Dataset: {ppl['dataset']} ({ppl['tokens']} predicted tokens).",
         *([calibration_line(report["calibration"])] if report.get("calibration") else []),
-        *([_bos_line(report["bos"]), ""] if report.get("bos") else [""]),
+        *([bos_line(report["bos"]), ""] if report.get("bos") else [""]),
         "| | perplexity |",
         "|---|---|",
         f"| dense (PyTorch) | {ppl['dense']:.3f}{CACHED if ppl.get('dense_from_cache') else ''}"
@@ -131,7 +69,7 @@ def render_markdown(report: dict, plots: list | None = None) -> str:
         "",
         "## ONNX",
         f"`{onnx['path']}`: {onnx['bytes'] / 2**20:.1f} MiB, opset {onnx['opset']}; {summary['layers']} MatMul/Gemm "
-        f"layers with a weight ({_forms(summary)}); weight sparsity {summary['sparsity']:.1%}; "
+        f"layers with a weight ({forms(summary)}); weight sparsity {summary['sparsity']:.1%}; "
         f"{summary['targeted_layers']} targeted, {summary['nm_valid_layers']} of them N:M-valid. "
         f"Parity with PyTorch: max |logits diff| {num(report['parity']['max_abs_diff'], '.2e', 'not measured')}.",
         "",
@@ -148,7 +86,7 @@ def render_markdown(report: dict, plots: list | None = None) -> str:
         for a in report["artifacts"]:
             parity = a.get("parity_max_abs_diff", report["parity"]["max_abs_diff"])
             pytorch = a.get("pytorch_perplexity", report["perplexity"]["pruned"] if a is report["artifacts"][0] else None)
-            lines.append(f"| {a['name']} | {a['path']} | {a['bytes'] / 2**20:.1f} | {_quantization(a)} | "
+            lines.append(f"| {a['name']} | {a['path']} | {a['bytes'] / 2**20:.1f} | {quantization_label(a)} | "
                          f"{num(a['perplexity'], '.3f')} | {num(pytorch, '.3f')} | {num(parity, '.2e')} |")
         lines.append(f"Deployable: {report['deploy']['model']}.")
     lines += _generation(report)
@@ -171,15 +109,6 @@ def render_markdown(report: dict, plots: list | None = None) -> str:
     return "\n".join(lines)
 
 
-def generation_rows(report: dict) -> list[list[str]]:
-    """One row per model of the decode-speed table: name, file, prefill and decode tokens/s, cache KiB per token."""
-    return [[row["name"] + (CACHED if row.get("from_cache") else ""),
-             row.get("cache_model") or "(dense, lowered for this measure)",
-             f"{row['prefill_tokens_per_s']:.0f}",
-             f"{row['decode_tokens_per_s']:.1f}", f"{row['kv_bytes_per_token'] / 1024:.1f}"]
-            for row in (report.get("generation") or {}).get("models", [])]
-
-
 def _generation(report: dict) -> list[str]:
     gen = report.get("generation") or {}
     if not gen.get("models"):
@@ -200,11 +129,6 @@ def _parity_windows(parity: dict) -> list[str]:
         return []
     return [f"| parity windows ({parity['inputs']}): PyTorch / onnxruntime | {parity['pytorch_perplexity']:.3f} / "
             f"{parity['onnx_perplexity']:.3f} ({parity['perplexity_rel']:.3%} apart) |"]
-
-
-def num(value, fmt: str, missing: str = "-") -> str:
-    """A number formatted, or ``missing`` when it was not measured."""
-    return format(value, fmt) if value is not None else (missing or "-")
 
 
 def _changes(p: dict) -> list[str]:
@@ -265,16 +189,6 @@ def _activations(report: dict) -> list[str]:
     return lines
 
 
-def zero_shot_rows(report: dict) -> list[list[str]]:
-    """[task, metric, dense, pruned (PyTorch), ONNX] rows of the run's lm-eval accuracies ("-" where not run)."""
-    rows = []
-    for task, by in report["zero_shot"]["tasks"].items():
-        for metric in sorted(by.get("dense", {})):
-            rows.append([task, metric] + [num(by.get(what, {}).get(metric), ".1%") for what in ("dense", "pruned",
-                                                                                                    "onnx")])
-    return rows
-
-
 def _zero_shot(report: dict) -> list[str]:
     """The lm-eval accuracies of the dense and pruned models."""
     zs = report.get("zero_shot")
@@ -288,25 +202,5 @@ def _zero_shot(report: dict) -> list[str]:
              "| task | metric | dense | pruned | onnxruntime |", "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in zero_shot_rows(report)]
     return lines
-
-
-def _quantization(artifact: dict) -> str:
-    """How a model file's weights were quantized, in a few words ("-" for float weights)."""
-    if "method" not in artifact:
-        return "-"
-    words = [artifact["method"].upper(), f"{artifact['bits']}-bit", f"groups of {artifact['group_size']}",
-             "symmetric" if artifact["sym"] else "asymmetric"]
-    if artifact.get("act_order"):
-        words.append("act-order")
-    if artifact.get("clip_search"):
-        words.append("ranges searched")
-    if artifact.get("joint"):
-        words.append("joint sweep")
-    kept = artifact.get("pruned_zeros_kept")
-    return ", ".join(words) + ("" if kept is None else f"; pruned zeros kept: {'yes' if kept else 'NO'}")
-
-
-def _forms(summary: dict) -> str:
-    return ", ".join(f"{k}: {v}" for k, v in summary.get("by_form", {}).items()) or "none"
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from .plots import INSTALL, Plot
-from .report import CACHED, calibration_line, generation_rows, headline, num, zero_shot_rows
+from .report_text import CACHED, calibration_line, generation_rows, headline, num, zero_shot_rows
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:0.6em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}

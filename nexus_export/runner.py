@@ -20,9 +20,12 @@ from typing import Callable
 import torch
 
 from .blocks import BlockGraphs, Part, cut_blocks, output_only
+from .capture import COMPUTE_DTYPE
 from .errors import UserError
 from .metrics import next_token_nll, prediction_chunks, token_nll
-from .program import COMPUTE_DTYPE, Program
+
+# ``Program`` in the annotations below is nexus_export.program's, which runs through this module (Program.logits):
+# imported there, never here (annotations are not evaluated).
 
 log = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 INSTALL = "pip install 'nexus-export[eval]' (lm-eval)"
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids [b, t], mask [b, t]) -> logits [b, t, v]
+# (lm_eval_adapter, imported only once lm-eval is known to be there, names the same type for its own signature)
 
 
 def task_manager(include: list[str] | None = None, defaults: bool = True):

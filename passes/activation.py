@@ -19,7 +19,7 @@ import torch
 from nexus_export.blocks import LINEAR_INPUT_ARG
 from nexus_export.errors import UserError
 from nexus_export.graph_edit import call, copy_program, rebuild
-from nexus_export.passbase import Pass, PassConfig, PassContext
+from nexus_export.passbase import Pass, PassConfig, PassContext, option
 from nexus_export.program import Program
 from nexus_export.progress import Progress
 from nexus_export.runner import BlockRunner
@@ -37,12 +37,15 @@ MIN_SIDE = 64  # calibration values a threshold needs on each side of it
 
 @dataclass(frozen=True)
 class ActivationConfig(PassConfig):
-    sparsity: float = 0.4  # fraction of each chosen input's entries to zero
-    roles: list | None = None  # linear roles whose inputs are thresholded (default: all four in the blocks)
-    batch_size: int = 8  # calibration windows per forward through a block
-    allocation: str = "uniform"  # uniform: the target in every input; greedy: TEAL's per-block greedy allocation
-    greedy_windows: int = 4  # calibration windows the greedy search measures block errors on
-    greedy_step: float = 0.05  # how much one greedy round raises the block's mean sparsity
+    sparsity: float = option(0.4, "then zero this fraction of the hidden states entering the linears, by calibrated "
+                                  "thresholds (with --method activation: that pass alone)")
+    roles: list | None = option(None, "roles whose linear inputs get thresholds, e.g. mlp_in,mlp_out (default: all "
+                                      "four)")
+    batch_size: int = option(8, "calibration windows per forward through a block", flag=False)
+    allocation: str = option("uniform", "uniform: the target in every input (default); greedy: per block, more where "
+                                        "it hurts less", choices=("uniform", "greedy"))
+    greedy_windows: int = option(4, "calibration windows the greedy search measures block errors on", flag=False)
+    greedy_step: float = option(0.05, "how much one greedy round raises the block's mean sparsity", flag=False)
 
     def validate(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
@@ -80,11 +83,18 @@ class Threshold:
 class ActivationPass(Pass):
     name = "activation"
     config_class = ActivationConfig
+    flag_prefix = "activation-"  # it runs alone or after another method: --activation-sparsity, ...
     needs_calibration = True
     sparsifies_activations = True
 
     def hf_refusal(self) -> str | None:
         return "no Hugging Face class applies activation thresholds in front of its linears"
+
+    def with_threshold(self, program: Program, threshold: float) -> Program:
+        """``program`` with one fixed ``threshold`` in front of every input of the chosen roles (no calibration: the
+        seed's global threshold)."""
+        return insert_thresholds(program, [Threshold(block, names, float(threshold), 0.0)
+                                           for block, names in input_groups(program, self.config.chosen_roles())])
 
     def check(self, program: Program) -> None:
         have = {lin.role for lin in program.structure.in_blocks()}

@@ -11,7 +11,7 @@ import torch
 from nexus_export import distributed
 from nexus_export.calibration import InputStats, calibrate_blocks, open_checkpoint
 from nexus_export.errors import UserError
-from nexus_export.passbase import PassContext
+from nexus_export.passbase import PassContext, option
 from nexus_export.program import Program
 
 from .mask_plan import plan_targets
@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CalibratedConfig(MaskConfig):
-    true_sequential: bool = False  # prune q/k/v, then o, then gate/up, then down, each on pruned predecessors
-    batch_size: int = 8  # calibration windows per forward through a block
+    true_sequential: bool = option(False, "wanda/sparsegpt: prune attention inputs, attention output, MLP inputs, "
+                                          "MLP output in turn, each on its pruned predecessors")
+    batch_size: int = option(8, "calibration windows per forward through a block", flag=False)
 
     def validate(self) -> None:
         super().validate()

@@ -77,8 +77,14 @@ class GPTQConfig(PassConfig):
 class GPTQPass(Pass):
     name = "gptq"
     config_class = GPTQConfig
+    flag_prefix = None  # driven by the quantize section's flags (--quantize-bits, ...), not flags of its own
     needs_calibration = True
     joint_methods: ClassVar[tuple[str, ...]] = JOINT_METHODS
+
+    @staticmethod
+    def quantization_grids(program: Program) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The scales and zero points this pass left beside each weight it quantized (see quantization_grids)."""
+        return quantization_grids(program)
 
     def check(self, program: Program) -> None:
         cfg: GPTQConfig = self.config

@@ -16,20 +16,21 @@ import torch
 
 from nexus_export.errors import UserError
 from nexus_export.memory import trim
-from nexus_export.passbase import PassContext
+from nexus_export.passbase import PassContext, option
 from nexus_export.program import Program
 
 from .mask_plan import plan_targets
 from .masking import MaskConfig, MaskingPass, apply_mask, masking_changes
-from .sparsity import nm_mask, unstructured_mask
+from .sparsity import check_sparsity, nm_mask, parse_pattern, unstructured_mask
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class MagnitudeConfig(MaskConfig):
-    per_row: bool = False  # unstructured: prune the same fraction of every output row
-    uniform: bool = True  # unstructured: False = one global magnitude threshold across targeted matrices
+    per_row: bool = option(False, "magnitude, unstructured: the same sparsity in every row")
+    uniform: bool = option(True, "unstructured: False = one global magnitude threshold across targeted matrices",
+                           flag=False)
 
     def validate(self) -> None:
         super().validate()
@@ -43,6 +44,15 @@ class MagnitudeConfig(MaskConfig):
 class MagnitudePass(MaskingPass):
     name = "magnitude"
     config_class = MagnitudeConfig
+
+    @staticmethod
+    def keep_mask(weight: torch.Tensor, sparsity: float, pattern: str | None = None, layer: str = "") -> torch.Tensor:
+        """The bool mask [out, in] keeping the largest |weight|: ``pattern`` N:M (along the input) or ``sparsity``
+        of the whole matrix."""
+        check_sparsity(sparsity)
+        nm = parse_pattern(pattern)
+        scores = weight.detach().abs().float()
+        return nm_mask(scores, nm, layer) if nm else unstructured_mask(scores, sparsity)
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from nexus_export.errors import UserError
-from nexus_export.passbase import Pass, PassConfig
+from nexus_export.passbase import Pass, PassConfig, option
 from nexus_export.program import Program
 
 from .sparsity import NMPattern, Target, check_sparsity, nm_valid, parse_pattern, resolve_targets
@@ -17,13 +17,16 @@ from .sparsity import NMPattern, Target, check_sparsity, nm_valid, parse_pattern
 class MaskConfig(PassConfig):
     """Options every masking pass shares: how much, in what pattern, and where."""
 
-    sparsity: float | None = None  # default: the pattern's N/M, or 0.5
-    pattern: str | None = None  # "2:4", "4:8", ...; None = unstructured
-    schedule: dict | None = None  # per role / block / module sparsities (see passes.sparsity)
-    permute: bool = False  # N:M: reorder channels first so the groups keep more importance (passes.permute)
-    layerwise: str = "uniform"  # unstructured: uniform, or owl (per-block sparsity from outliers, passes.owl)
-    owl_m: float = 5.0  # owl: a score is an outlier above owl_m times its block's mean score
-    owl_lambda: float = 0.08  # owl: per-block sparsities spread over at most 2 * owl_lambda around the target
+    sparsity: float | None = option(None, "fraction of weights to zero in [0, 1) (default: N/M or 0.5)")
+    pattern: str | None = option(None, "N:M pattern, N zeros in every M consecutive inputs (e.g. 2:4)")
+    schedule: dict | None = option(None, 'JSON per role/block/module, e.g. \'{"layer_0-5": 0.3, "mlp_out": 0.5}\'')
+    permute: bool = option(False, "N:M: first reorder the channels of the residual stream and the MLPs (an exact "
+                                  "rewrite) so the groups keep more importance")
+    layerwise: str = option("uniform", "unstructured: the same sparsity in every block (uniform, default) or OWL's "
+                                       "per-block sparsity from the share of outlier weights (blocks with more are "
+                                       "pruned less)", choices=("uniform", "owl"))
+    owl_m: float = option(5.0, "owl: an outlier scores above this many times its block's mean (5)")
+    owl_lambda: float = option(0.08, "owl: per-block sparsities within +-lambda of the target (0.08)")
 
     def validate(self) -> None:
         pattern = parse_pattern(self.pattern)

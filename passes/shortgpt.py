@@ -30,7 +30,7 @@ from nexus_export import distributed
 from nexus_export.calibration import Checkpoint, Resumed, open_checkpoint
 from nexus_export.errors import UserError
 from nexus_export.metrics import next_token_nll
-from nexus_export.passbase import Pass, PassConfig, PassContext
+from nexus_export.passbase import Pass, PassConfig, PassContext, option
 from nexus_export.program import Program
 from nexus_export.progress import Progress
 from nexus_export.runner import BlockRunner
@@ -44,13 +44,14 @@ DEFAULT_RANK_WINDOWS = 8  # calibration windows the perplexity strategy scores o
 
 @dataclass(frozen=True)
 class ShortGPTConfig(PassConfig):
-    remove: int | None = None  # how many blocks (or attention sublayers) to remove
-    remove_ratio: float | None = None  # or what fraction of them
-    layers: list | str | None = None  # or exactly which (e.g. [20, 21, 22] or "20,21,22"); no scoring needed
-    strategy: str = "similarity"
-    batch_size: int = 8  # calibration windows per forward (gradient: per backward)
-    rank_windows: int | None = None  # perplexity: calibration windows the loss is measured on (default 8)
-    iterative: bool = False  # perplexity: re-rank after each removal
+    remove: int | None = option(None, "shortgpt: number of blocks (or attention sublayers) to remove")
+    remove_ratio: float | None = option(None, "shortgpt: fraction of blocks to remove")
+    layers: list | str | None = option(None, "shortgpt: exactly these blocks, e.g. 20,21,22 (no scoring needed)")
+    strategy: str = option("similarity", "shortgpt: similarity (default), attention, gradient or perplexity")
+    batch_size: int = option(8, "calibration windows per forward (gradient: per backward)", flag=False)
+    rank_windows: int | None = option(None, "shortgpt perplexity: calibration windows the loss is measured on "
+                                            "(default 8)")
+    iterative: bool = option(False, "shortgpt perplexity: re-rank after each removal")
 
     def validate(self) -> None:
         given = [x for x in (self.remove, self.remove_ratio, self.layers) if x is not None]

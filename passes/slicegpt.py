@@ -26,7 +26,7 @@ import torch
 from nexus_export import distributed
 from nexus_export.calibration import InputStats, open_checkpoint
 from nexus_export.errors import UserError
-from nexus_export.passbase import Pass, PassConfig, PassContext
+from nexus_export.passbase import Pass, PassConfig, PassContext, option
 from nexus_export.program import Program
 from nexus_export.progress import Progress
 from nexus_export.runner import BlockRunner
@@ -41,11 +41,12 @@ _BLOCK_KEY = re.compile(r"layer_(\d+)(?:-(\d+))?")
 
 @dataclass(frozen=True)
 class SliceGPTConfig(PassConfig):
-    slicing: float = 0.25  # fraction of the hidden width to remove
-    round_to: int = 8  # the kept width is rounded down to a multiple of this
-    damping: float = 0.01  # added to the covariance diagonal, as a fraction of its mean
-    schedule: dict | None = None  # per-block slicing, e.g. {"layer_0-5": 0.1, "layer_20-29": 0.35}
-    batch_size: int = 8  # calibration windows per forward
+    slicing: float = option(0.25, "slicegpt: fraction of the hidden width to slice off, in [0, 1) (0.25); 0 = "
+                                  "rotate only")
+    round_to: int = option(8, "slicegpt: round the kept width down to a multiple of this (8)")
+    damping: float = option(0.01, "added to the covariance diagonal, as a fraction of its mean", flag=False)
+    schedule: dict | None = option(None, 'JSON per role/block/module, e.g. \'{"layer_0-5": 0.3, "mlp_out": 0.5}\'')
+    batch_size: int = option(8, "calibration windows per forward", flag=False)
 
     def validate(self) -> None:
         _check_ratio(self.slicing, "slicing")

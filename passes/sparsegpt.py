@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from nexus_export.errors import UserError
-from nexus_export.passbase import PassContext
+from nexus_export.passbase import PassContext, option
 from nexus_export.program import Program
 
 from .calibrated import CalibratedConfig, run_calibrated
@@ -28,8 +28,8 @@ from .sparsity import NMPattern, Target
 
 @dataclass(frozen=True)
 class SparseGPTConfig(CalibratedConfig):
-    blocksize: int = 128  # columns processed together (lazy batch update between blocks)
-    percdamp: float = 0.01  # damping, as a fraction of the mean Hessian diagonal
+    blocksize: int = option(128, "sparsegpt: columns per block (default 128)")
+    percdamp: float = option(0.01, "sparsegpt: damping as a fraction of mean diag(H) (0.01)")
 
     def validate(self) -> None:
         super().validate()

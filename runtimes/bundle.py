@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from nexus_export.errors import UserError
+from nexus_export.errors import UserError, VerificationFailed
 from nexus_export.generation import generate
 from nexus_export.model_card import bundle_card
 from nexus_export.outdir import sha256_file, staged_output
@@ -38,8 +38,6 @@ GENAI_CONFIG = "genai_config.json"
 CHECK_TOKENS = 16  # the greedy tokens a bundle records and verify generates again
 
 
-class GenerationMismatch(Exception):
-    """verify generated other tokens than the bundle recorded (a different runtime or machine, or a changed model)."""
 
 
 def signature(model_path: Path) -> dict:
@@ -182,7 +180,7 @@ def verify_bundle(bundle_dir: str | Path) -> dict:
         tokens = generate(decode.CacheDecoder(sess), check["prompt_ids"], len(check["tokens"])).tokens
         first = next((i for i, (a, b) in enumerate(zip(tokens, check["tokens"])) if a != b), None)
         if first is not None:
-            raise GenerationMismatch(
+            raise VerificationFailed(
                 f"the greedy generation of {check['model']} differs from the tokens recorded when the bundle was made, "
                 f"first at new token {first}: {tokens[first]} here, {check['tokens'][first]} recorded (a different "
                 "onnxruntime or machine, or a changed model)")

@@ -6,14 +6,18 @@ through the registry. The work is done by onnx_export (lowering), onnx_check (ze
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
 
 from nexus_export.program import Program
+from passes.gptq import quantization_grids
 from passes.quant_grid import Grid
+from passes.sparsity import parse_pattern
 
 from . import decode, genai, onnx_check, ort, parity
+from .bundle import make_bundle, verify_bundle
 from .onnx_export import cache_path, lower_to_onnx
 from .precision import to_fp16_weights
 from .quantize import quantize_onnx, write_grids, zeros_kept
@@ -32,6 +36,18 @@ class OnnxRuntimeCPU:
         cache model's with ``lower="generate"``."""
         return lower_to_onnx(program, Path(out_dir) / "model.onnx", opset=opset, external_data=external_data,
                              dtype=dtype, lower=lower)
+
+    def export(self, program: Program, path: Path) -> Path:
+        """``program`` as ONNX at ``path`` (and its cache twin): float as lowered, or, for a program a GPTQ pass
+        quantized, MatMulNBits computing exactly the weights it holds (its own codes and scales, float32 compute)."""
+        grid = program.origin.get("quantization")
+        if grid is None:
+            return lower_to_onnx(program, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
+            fp32 = lower_to_onnx(program, Path(tmp) / path.name)
+            return write_grids(self.cache_model(fp32) or fp32, path, Grid(grid["bits"], grid["group_size"],
+                                                                          grid["sym"]), quantization_grids(program))
 
     @staticmethod
     def cache_model(artifact: Path) -> Path | None:
@@ -73,6 +89,25 @@ class OnnxRuntimeCPU:
     def inspect(self, artifact: Path, nm: tuple[int, int] | None, targets: set[str] | None = None) -> dict:
         layers = onnx_check.inspect_onnx(artifact, nm=nm)
         return {"summary": onnx_check.summarize(layers, targets), "layers": onnx_check.report_rows(layers, targets)}
+
+    @staticmethod
+    def check_file(path: Path, pattern: str | None, targets: set[str] | None = None
+                   ) -> tuple[str | None, dict, list[dict]]:
+        """check-onnx: the pattern checked ("2:4", or None for "none"), the summary and the per-layer rows (sparsity,
+        N:M validity, form) of an ONNX file; ``targets``: the layers a run targeted (None: all)."""
+        nm = parse_pattern(pattern)
+        layers = onnx_check.inspect_onnx(path, nm=(nm.n, nm.m) if nm else None)
+        return (str(nm) if nm else None), onnx_check.summarize(layers, targets), onnx_check.report_rows(layers, targets)
+
+    @staticmethod
+    def package(run_dir: Path, bundle_dir: Path, archive: bool = False, force: bool = False) -> Path:
+        """A deployment bundle of a finished run folder (see bundle.py)."""
+        return make_bundle(run_dir, bundle_dir, archive=archive, force=force)
+
+    @staticmethod
+    def verify(bundle_dir: Path) -> dict:
+        """Every hash, one forward pass and the recorded generation of a bundle (VerificationFailed on a difference)."""
+        return verify_bundle(bundle_dir)
 
     def latency(self, sess, batch: int, seq: int, repeats: int = 10) -> dict:
         return ort.latency_ms(sess, batch, seq, repeats=repeats)

@@ -21,6 +21,8 @@ import numpy as np
 
 from nexus_export.errors import UserError
 
+from .tensorrt_check import check_tensorrt, rows_as_dicts, summarize_tensorrt
+
 log = logging.getLogger(__name__)
 
 INPUTS = ("input_ids", "attention_mask")
@@ -223,3 +225,35 @@ def compare_with_onnxruntime(engine_path: str | Path, onnx_path: str | Path, bat
     engine = run_engine(engine_path, ids)
     return {"max_abs_diff": float(np.abs(engine - reference).max()),
             "mean_abs_diff": float(np.abs(engine - reference).mean()), "batch": batch, "seq": seq}
+
+
+class TensorRT:
+    """TensorRT as the command line reaches it (registered as the ``tensorrt`` runtime): the 2:4 eligibility of an
+    ONNX file (no TensorRT needed) and engine builds (TensorRT and a GPU needed)."""
+
+    name = "tensorrt"
+
+    @staticmethod
+    def available() -> tuple[bool, str]:
+        return available()
+
+    @staticmethod
+    def check_file(path: Path, targets: set[str] | None = None) -> tuple[dict, list]:
+        """The summary and per-layer rows of TensorRT's 2:4 rules applied to ``path`` (see tensorrt_check)."""
+        rows = check_tensorrt(path)
+        return summarize_tensorrt(rows, targets), rows
+
+    @staticmethod
+    def rows_as_dicts(rows: list) -> list[dict]:
+        return rows_as_dicts(rows)
+
+    @staticmethod
+    def build(onnx_path: Path, out_dir: Path, max_batch: int = 8, max_seq: int = 512, fp16: bool = True,
+              int8: bool = False, sparse: bool = True, timing_cache: str | None = None) -> tuple[EngineBuild, dict]:
+        """``out_dir/model.engine`` from ``onnx_path`` (a profile up to ``max_batch`` x ``max_seq``) and its parity
+        against onnxruntime."""
+        profile = Profile(batch=(1, max(1, max_batch // 2), max_batch), sequence=(2, min(128, max_seq), max_seq))
+        build = build_engine(onnx_path, out_dir, profile, fp16=fp16, int8=int8, sparse=sparse,
+                             timing_cache=timing_cache)
+        build.engine = "model.engine"
+        return build, compare_with_onnxruntime(Path(out_dir) / "model.engine", onnx_path)
