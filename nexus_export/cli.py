@@ -1,7 +1,6 @@
-"""The ``nexus-export`` command line: prune, sweep, compare, run, generate, inspect, check-onnx, package, verify,
-build-engine.
+"""The nexus-export command line: prune, sweep, compare, run, generate, inspect, check-onnx, package, verify, build-engine.
 
-Bad input ends with one line on stderr and exit code 2, and no output folder left behind.
+``build-engine`` needs TensorRT and a GPU. Bad input ends with one line on stderr and exit code 2, and no output folder left behind.
 """
 
 from __future__ import annotations
