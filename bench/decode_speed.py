@@ -49,11 +49,23 @@ def files_mib(model: Path) -> float:
 
 
 def builder(hf_folder: Path, out: Path, precision: str, cache: Path) -> Path:
-    """onnxruntime-genai's model builder on ``hf_folder`` (CPU, ``precision``); its model path."""
+    """onnxruntime-genai's model builder on ``hf_folder`` (CPU, ``precision``); its model path. Its past inputs
+    leave the head size symbolic; the value from its genai_config.json is written into their shapes (metadata only)
+    so the same harness feeds its empty past."""
+    import json
+
+    import onnx
+
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_folder), "-o", str(out),
                     "-p", precision, "-e", "cpu", "-c", str(cache)], check=True, capture_output=True)
     print(f"builder {precision}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    head_size = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["head_size"]
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    for value in model.graph.input:
+        if value.name.startswith("past_key_values."):
+            value.type.tensor_type.shape.dim[3].dim_value = head_size
+    onnx.save(model, str(out / "model.onnx"))
     return out / "model.onnx"
 
 
