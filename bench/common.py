@@ -44,8 +44,8 @@ def load_protocol(model: str, eval_windows: int, calib_samples: int, seq_len: in
     """The model (its weights left on disk), its captured program, and the default protocol's evaluation and
     calibration windows (``calib_source``: another calibration source or a mix, e.g. austen:0.5,FILE:0.5)."""
     from nexus_export.data import calibration_windows, evaluation_windows
-    from nexus_export.program import Program
-    from nexus_export.zoo import open_model
+    from nexus_export.graph.program import Program
+    from nexus_export.models.zoo import open_model
 
     loaded = open_model(model)
     evals = evaluation_windows(loaded.tokenizer, "austen", eval_windows, seq_len)
@@ -82,7 +82,7 @@ def other_text_windows(tokenizer, windows: int, seq_len: int):
 
 def quality(program, evals, other, label: str) -> dict:
     """Perplexity of ``program`` on the evaluation windows in PyTorch and in onnxruntime, and on the other text."""
-    from nexus_export.evaluate import program_perplexity
+    from nexus_export.evaluation.evaluate import program_perplexity
     from runtimes import ort
     from runtimes.onnx_export import lower_to_onnx
 

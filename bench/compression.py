@@ -17,11 +17,11 @@ import tempfile
 from pathlib import Path
 
 from common import cell, interleaved_latency_ms, load_protocol, other_text_windows, protocol_parser, setup_logging
-from nexus_export.evaluate import program_perplexity
-from nexus_export.passbase import PassContext
+from nexus_export.evaluation.evaluate import program_perplexity
+from nexus_export.engine.pass_base import PassContext
 from nexus_export.registry import get_pass
 from passes.gptq import quantization_grids
-from passes.quant_grid import Grid
+from passes.shared.quant_grid import Grid
 from runtimes import ort
 from runtimes.onnx_export import lower_to_onnx
 from runtimes.quantize import quantize_onnx, write_grids

@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from common import cell, load_protocol, protocol_parser, setup_logging
-from nexus_export.generation import generate
-from nexus_export.passbase import PassContext
+from nexus_export.generate.loop import generate
+from nexus_export.engine.pass_base import PassContext
 from nexus_export.registry import get_pass
-from nexus_export.zoo import cache_root
+from nexus_export.models.zoo import cache_root
 from passes.gptq import quantization_grids
-from passes.quant_grid import Grid
+from passes.shared.quant_grid import Grid
 from runtimes import genai, ort
 from runtimes.decode import CacheDecoder, kv_bytes_per_token
 from runtimes.onnx_export import cache_path, lower_to_onnx

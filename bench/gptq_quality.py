@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from common import cell, load_protocol, other_text_windows, protocol_parser, setup_logging
-from nexus_export.evaluate import program_perplexity
-from nexus_export.passbase import PassContext
+from nexus_export.evaluation.evaluate import program_perplexity
+from nexus_export.engine.pass_base import PassContext
 from nexus_export.registry import get_pass
 
 GRID = {"bits": 4, "group_size": 32}
@@ -45,7 +45,7 @@ ROWS = {  # label -> (settings in words, the passes it runs in order)
 def int4_perplexity(program, evals) -> float:
     """onnxruntime's perplexity of the int4 file written from ``program``'s GPTQ grids."""
     from passes.gptq import quantization_grids
-    from passes.quant_grid import Grid
+    from passes.shared.quant_grid import Grid
     from runtimes import ort
     from runtimes.onnx_export import lower_to_onnx
     from runtimes.quantize import write_grids

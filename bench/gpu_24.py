@@ -58,8 +58,8 @@ def matmul_rows(sizes: list[int], tokens: int, repeats: int) -> list[str]:
 
 
 def model_rows(model: str, shapes: list[tuple[int, int]], repeats: int) -> list[str]:
-    from nexus_export.program import Program
-    from nexus_export.zoo import open_model
+    from nexus_export.graph.program import Program
+    from nexus_export.models.zoo import open_model
     from passes.magnitude import MagnitudePass
     from runtimes.torch_sparse import dense_module, to_semi_structured
 

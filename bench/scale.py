@@ -60,8 +60,8 @@ def checkpoint(name: str) -> Path:
     from safetensors.torch import save_file
     import transformers
 
-    from nexus_export.capture import parameters_on_meta
-    from nexus_export.zoo import byte_level_tokenizer, cache_root
+    from nexus_export.graph.capture import parameters_on_meta
+    from nexus_export.models.zoo import byte_level_tokenizer, cache_root
 
     folder = cache_root() / "synthetic" / name
     if (folder / "complete").is_file():

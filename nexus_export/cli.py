@@ -18,12 +18,12 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from .cli_flags import SWEEP_AXES, pass_flags, pass_options
-from .errors import UserError, VerificationFailed
-from .registry import get_runtime
+from nexus_export.cli_flags import SWEEP_AXES, pass_flags, pass_options
+from nexus_export.errors import UserError, VerificationFailed
+from nexus_export.registry import get_runtime
 
 if TYPE_CHECKING:
-    from .recipe import Recipe
+    from nexus_export.run.recipe import Recipe
 
 log = logging.getLogger("nexus_export.cli")
 
@@ -272,7 +272,7 @@ def _disk_full(exc: BaseException) -> str | None:
 
 def _rank_prefix() -> str:
     """``rank R of N: `` when torchrun started this process as one of several (errors name the failing rank)."""
-    from .distributed import prefix
+    from nexus_export.distributed import prefix
 
     return prefix()
 
@@ -296,7 +296,7 @@ def _prune(args: argparse.Namespace) -> int:
 
 def _prune_recipe(args: argparse.Namespace) -> "Recipe":
     """The recipe the prune options describe (validated)."""
-    from .recipe import Recipe
+    from nexus_export.run.recipe import Recipe
 
     options, activation = pass_options(args)
     if args.method == "activation":
@@ -328,7 +328,7 @@ def _prune_recipe(args: argparse.Namespace) -> "Recipe":
 
 
 def _task_names(text: str | None) -> list[str] | None:
-    from .sweep import parse_values
+    from nexus_export.run.sweep import parse_values
 
     return None if text is None else parse_values(text, "eval-tasks", str)
 
@@ -348,9 +348,9 @@ def _quantize_options(args: argparse.Namespace) -> dict:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .distributed import launched
-    from .pipeline import run_recipe
-    from .sweep import plan, run_sweep
+    from nexus_export.distributed import launched
+    from nexus_export.run.pipeline import run_recipe
+    from nexus_export.run.sweep import plan, run_sweep
 
     _prepare_process()
 
@@ -371,7 +371,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
     points = plan(axis, getattr(args, axis), make_recipe)
     summary = run_sweep(points, axis, args.out, args.force, lambda recipe, out: run_recipe(recipe, out))
-    from .compare import load_run, row, text_table
+    from nexus_export.reporting.compare import load_run, row, text_table
 
     rows = [row(p["run"], load_run(Path(args.out) / p["run"])) for p in summary["points"] if p["ok"]]
     print(text_table(rows))
@@ -383,8 +383,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .compare import load_runs, row, text_table, write_comparison
-    from .outdir import check_output_dir, staged_output
+    from nexus_export.reporting.compare import load_runs, row, text_table, write_comparison
+    from nexus_export.outdir import check_output_dir, staged_output
 
     reports = load_runs(args.run_dirs)
     out = check_output_dir(args.out, args.force) if args.out else None
@@ -399,7 +399,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .recipe import Recipe
+    from nexus_export.run.recipe import Recipe
 
     return _execute(Recipe.from_yaml(args.recipe), args)
 
@@ -407,20 +407,20 @@ def _run(args: argparse.Namespace) -> int:
 def _prepare_process() -> None:
     """Process-wide settings a run of the command line owns: large allocations mapped on their own (freed memory
     goes back to the system) and the imports' objects frozen out of every later garbage collection."""
-    from .memory import freeze_imports, map_large_allocations
+    from nexus_export.memory import freeze_imports, map_large_allocations
 
     map_large_allocations()
     freeze_imports()
 
 
 def _execute(recipe, args: argparse.Namespace) -> int:
-    from .pipeline import run_recipe
-    from .report_text import generation_lines, headline
+    from nexus_export.run.pipeline import run_recipe
+    from nexus_export.reporting.report_text import generation_lines, headline
 
     _prepare_process()
 
     if args.bundle is not None:
-        from .outdir import check_distinct, check_output_dir
+        from nexus_export.outdir import check_distinct, check_output_dir
 
         bundle = check_output_dir(args.bundle, False, "--bundle")
         check_distinct(check_output_dir(args.out, args.force), bundle, ("--out", "--bundle"))
@@ -462,8 +462,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .generation import Sampling
-    from .textgen import generate_text
+    from nexus_export.generate.loop import Sampling
+    from nexus_export.generate.text import generate_text
 
     if (args.source is None) == (args.model is None):
         raise UserError("give a run folder or bundle, or --model NAME (the dense model), not both")
@@ -504,8 +504,8 @@ def _read_prompt(path: Path) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .program import Program
-    from .zoo import open_model
+    from nexus_export.graph.program import Program
+    from nexus_export.models.zoo import open_model
 
     loaded = open_model(args.model)
     program = Program.from_loaded(loaded)
@@ -581,8 +581,8 @@ def _check_tensorrt(args: argparse.Namespace) -> int:
 
 
 def _build_engine(args: argparse.Namespace) -> int:
-    from .outdir import staged_output
-    from .report import write_json
+    from nexus_export.outdir import staged_output
+    from nexus_export.reporting.report import write_json
 
     tensorrt = get_runtime("tensorrt")
     ok, why = tensorrt.available()

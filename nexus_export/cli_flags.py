@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from .registry import get_pass, pass_names
+from nexus_export.registry import get_pass, pass_names
 
 SWEEP_AXES = ("sparsity", "remove", "slicing")  # the settings a sweep varies (its list flags stand for them)
 

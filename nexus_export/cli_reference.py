@@ -20,7 +20,7 @@ def reference_markdown() -> str:
     previous = os.environ.get("COLUMNS")
     os.environ["COLUMNS"] = WIDTH
     try:
-        from .cli import _parser
+        from nexus_export.cli import _parser
 
         parser = _parser()
         subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

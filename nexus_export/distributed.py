@@ -24,7 +24,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from nexus_export.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import UserError
+from nexus_export.errors import UserError
 
 log = logging.getLogger(__name__)
 

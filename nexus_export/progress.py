@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from .memory import current_rss_mb
+from nexus_export.memory import current_rss_mb
 
 log = logging.getLogger("nexus_export.progress")
 

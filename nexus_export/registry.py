@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from importlib.metadata import entry_points
 
-from .errors import UserError
+from nexus_export.errors import UserError
 
 PASS_GROUP = "nexus_export.passes"
 RUNTIME_GROUP = "nexus_export.runtimes"

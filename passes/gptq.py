@@ -19,16 +19,16 @@ from typing import ClassVar
 import torch
 
 from nexus_export.errors import UserError
-from nexus_export.passbase import Pass, PassConfig, PassContext
-from nexus_export.program import Program
+from nexus_export.engine.pass_base import Pass, PassConfig, PassContext
+from nexus_export.graph.program import Program
 from nexus_export.registry import get_pass
 
-from .calibrated import calibrate_linears, calibration_facts
-from .mask_plan import plan_targets
-from .masking import MaskConfig, masking_changes
-from .obs import factor_hessian, obs_sweep, reconstruction_error
-from .quant_grid import Grid, check_groups, grid_names
-from .wanda import wanda_mask
+from passes.shared.calibrated import calibrate_linears, calibration_facts
+from passes.shared.mask_plan import plan_targets
+from passes.shared.masking import MaskConfig, masking_changes
+from passes.shared.obs import factor_hessian, obs_sweep, reconstruction_error
+from passes.shared.quant_grid import Grid, check_groups, grid_names
+from passes.wanda import wanda_mask
 
 log = logging.getLogger(__name__)
 

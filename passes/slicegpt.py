@@ -10,7 +10,7 @@ residual connection a [d, d] shortcut matrix. ``d = floor((1 - slicing) * D)`` r
 Blocks are processed in order; each principal-component analysis sees the stream produced by the already rotated and
 sliced earlier sublayers (the calibration program carries a projection Q_d Q_d^T at each finished point, which computes
 exactly what the sliced program will). The kept bases wait in the weight store (spilled past its budget: a deep
-model's bases would fill the memory) and are then aligned (see ``nexus_export.slicing.align_bases``), so shortcut
+model's bases would fill the memory) and are then aligned (see ``nexus_export.graph.slicing.align_bases``), so shortcut
 matrices are as near identity as the subspaces allow and absent where nothing is sliced.
 """
 
@@ -24,15 +24,15 @@ from dataclasses import dataclass
 import torch
 
 from nexus_export import distributed
-from nexus_export.calibration import InputStats, open_checkpoint
+from nexus_export.engine.calibration import InputStats, open_checkpoint
 from nexus_export.errors import UserError
-from nexus_export.passbase import Pass, PassConfig, PassContext, option
-from nexus_export.program import Program
+from nexus_export.engine.pass_base import Pass, PassConfig, PassContext, option
+from nexus_export.graph.program import Program
 from nexus_export.progress import Progress
-from nexus_export.runner import BlockRunner
-from nexus_export.slicing import (StoredBases, check_fusable, fuse_norms, rotate_and_slice, stream_width,
+from nexus_export.graph.runner import BlockRunner
+from nexus_export.graph.slicing import (StoredBases, check_fusable, fuse_norms, rotate_and_slice, stream_width,
                                   with_projections)
-from nexus_export.structure import SHORTCUT
+from nexus_export.graph.structure import SHORTCUT
 
 log = logging.getLogger(__name__)
 

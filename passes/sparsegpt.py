@@ -4,7 +4,7 @@ Before -> after: same graph and shapes; targeted weights get exact zeros and the
 compensate, using H = (2/n) X^T X from the calibration engine (inputs produced by the already-pruned blocks).
 Invariant: at sparsity 0 the weights are unchanged; with the pruned set fixed, the update lowers ||(W - W') X||.
 
-The sweep is passes.obs (shared with GPTQ): score w^2 / d^2 with d the diagonal of the upper Cholesky factor of H^-1;
+The sweep is passes.shared.obs (shared with GPTQ): score w^2 / d^2 with d the diagonal of the upper Cholesky factor of H^-1;
 unstructured masks chosen per block of ``blocksize`` columns over the whole rows x block; N:M chosen every M columns
 on the already-updated weights.
 """
@@ -16,14 +16,14 @@ from dataclasses import dataclass
 import torch
 
 from nexus_export.errors import UserError
-from nexus_export.passbase import PassContext, option
-from nexus_export.program import Program
+from nexus_export.engine.pass_base import PassContext, option
+from nexus_export.graph.program import Program
 
-from .calibrated import CalibratedConfig, run_calibrated
-from .masking import MaskingPass
-from .obs import HessianFactor, factor_hessian, obs_sweep, reconstruction_error, upper_inverse_cholesky  # noqa: F401
-from .quant_grid import Grid
-from .sparsity import NMPattern, Target
+from passes.shared.calibrated import CalibratedConfig, run_calibrated
+from passes.shared.masking import MaskingPass
+from passes.shared.obs import HessianFactor, factor_hessian, obs_sweep, reconstruction_error, upper_inverse_cholesky  # noqa: F401
+from passes.shared.quant_grid import Grid
+from passes.shared.sparsity import NMPattern, Target
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from nexus_export.passbase import PassContext
-from nexus_export.program import Program
+from nexus_export.engine.pass_base import PassContext
+from nexus_export.graph.program import Program
 
-from .calibrated import CalibratedConfig, run_calibrated
-from .masking import MaskingPass, apply_mask
-from .sparsity import NMPattern, Target, nm_mask, unstructured_mask
+from passes.shared.calibrated import CalibratedConfig, run_calibrated
+from passes.shared.masking import MaskingPass, apply_mask
+from passes.shared.sparsity import NMPattern, Target, nm_mask, unstructured_mask
 
 
 @dataclass(frozen=True)

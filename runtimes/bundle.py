@@ -20,8 +20,8 @@ import numpy as np
 import onnx
 
 from nexus_export.errors import UserError, VerificationFailed
-from nexus_export.generation import generate
-from nexus_export.model_card import bundle_card
+from nexus_export.generate.loop import generate
+from nexus_export.reporting.model_card import bundle_card
 from nexus_export.outdir import sha256_file, staged_output
 
 from .onnx_check import open_onnx

@@ -1,7 +1,7 @@
 """A key/value-cache ONNX model in onnxruntime, one token at a time, and how fast it decodes.
 
 ``CacheDecoder`` feeds each step's present back as the next past, so a step costs one token's work (the decoding loop
-itself is nexus_export/generation.py's ``generate``). ``decode_speed`` is the report's measure: prefill and decode
+itself is nexus_export/generate/loop.py's ``generate``). ``decode_speed`` is the report's measure: prefill and decode
 tokens per second at batch 1, medians of several runs after a warm-up.
 """
 
@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from nexus_export.errors import UserError
-from nexus_export.generation import generate
+from nexus_export.generate.loop import generate
 
 from . import ort
 

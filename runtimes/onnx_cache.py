@@ -1,6 +1,6 @@
 """The two ONNX models of one program: the key/value-cache model that generates and the full-sequence model that scores.
 
-Lowering exports the program once. A program captured with its cache marked (nexus_export/kv_cache.py) exports to a
+Lowering exports the program once. A program captured with its cache marked (nexus_export/graph/kv_cache.py) exports to a
 graph that builds an empty past for every attention layer, concatenates it with the new keys and values, and computes
 the positions itself; those values are exported as extra outputs named ``cache.*``, which is how they are found.
 
@@ -20,7 +20,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common
 
 from nexus_export.errors import UserError
-from nexus_export.kv_cache import OUTPUT_PREFIX, POSITION_TAG
+from nexus_export.graph.kv_cache import OUTPUT_PREFIX, POSITION_TAG
 
 POSITION_IDS = "position_ids"
 PAST = "past_key_values.{}.{}"

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from nexus_export.program import Program
+from nexus_export.graph.program import Program
 from passes.gptq import quantization_grids
-from passes.quant_grid import Grid
-from passes.sparsity import parse_pattern
+from passes.shared.quant_grid import Grid
+from passes.shared.sparsity import parse_pattern
 
 from . import decode, genai, onnx_check, ort, parity
 from .bundle import make_bundle, verify_bundle
@@ -69,7 +69,7 @@ class OnnxRuntimeCPU:
         return genai.write_config(Path(folder), Path(cache_model).name, hf_config, tokenizer, generation)
 
     def decoder(self, cache_model: Path) -> decode.CacheDecoder:
-        """A decoder (prefill, step) over a key/value-cache model, for nexus_export.generation.generate."""
+        """A decoder (prefill, step) over a key/value-cache model, for nexus_export.generate.loop.generate."""
         return decode.CacheDecoder(self.session(cache_model))
 
     def session(self, artifact: Path):

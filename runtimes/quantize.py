@@ -21,7 +21,7 @@ from onnx import helper, numpy_helper
 
 from nexus_export.errors import UserError
 from nexus_export.naming import layer_name
-from passes.quant_grid import Grid
+from passes.shared.quant_grid import Grid
 
 from .onnx_export import write_models
 from .quantize_head import quantize_head

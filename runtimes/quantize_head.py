@@ -18,7 +18,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from nexus_export.naming import layer_name
-from passes.quant_grid import Grid
+from passes.shared.quant_grid import Grid
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import torch
 
 from nexus_export.errors import UserError
 from nexus_export.naming import WRAPPER_PREFIX
-from nexus_export.program import Program
+from nexus_export.graph.program import Program
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import torch
 import transformers
 
 ARCHS = ("llama", "qwen2", "mistral", "opt", "gpt2")
-# Families whose blocks take other forms, tested in tests/nexus_export/test_architectures.py: Gemma's (1 + weight)
+# Families whose blocks take other forms, tested in tests/nexus_export/models/test_architectures.py: Gemma's (1 + weight)
 # norms, Gemma 2's post-sublayer norms and logit soft-capping, Gemma 3's and Qwen3's query/key norms, OLMo 2's norms
 # after the sublayers only, Phi's and GPT-NeoX's parallel attention and MLP branches.
 BLOCK_FORMS = {
@@ -28,7 +28,7 @@ def archs(*names: str) -> list:
     """Architectures to parametrize over (all by default): LLaMA in the quick loop, the others marked slow."""
     return [name if name == "llama" else pytest.param(name, marks=pytest.mark.slow) for name in names or ARCHS]
 
-# Dense perplexities cached by one run are read by the next (nexus_export/eval_cache.py): each test process gets a
+# Dense perplexities cached by one run are read by the next (nexus_export/evaluation/eval_cache.py): each test process gets a
 # fresh cache, so no result of an earlier session (or earlier code) is ever read.
 os.environ["NEXUS_EXPORT_EVAL_CACHE"] = tempfile.mkdtemp(prefix="nexus-export-eval-cache-")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # lm-eval's local test task reads a JSONL file: never the network
@@ -94,7 +94,7 @@ _CAPTURED: dict = {}
 def tiny_program(arch: str = "llama", layers: int = 2, random_norms: bool = False):
     """A fork of a tiny program captured once per test process: each test prunes or slices its own fork (which never
     changes the captured one), and the capture (a second or two each) is paid once."""
-    from nexus_export.program import Program
+    from nexus_export.graph.program import Program
 
     key = (arch, layers, random_norms)
     if key not in _CAPTURED:

@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: 
 
 from conftest import make_tiny  # noqa: E402
 from nexus_export import distributed  # noqa: E402
-from nexus_export.evaluate import program_perplexity  # noqa: E402
-from nexus_export.passbase import PassContext  # noqa: E402
-from nexus_export.program import Program  # noqa: E402
+from nexus_export.evaluation.evaluate import program_perplexity  # noqa: E402
+from nexus_export.engine.pass_base import PassContext  # noqa: E402
+from nexus_export.graph.program import Program  # noqa: E402
 from nexus_export.registry import get_pass  # noqa: E402
 
 CALIB = torch.randint(0, 256, (16, 32), generator=torch.Generator().manual_seed(21))
@@ -60,7 +60,7 @@ if __name__ == "__main__":
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("nexus_export.calibration").setLevel(logging.INFO)  # "resuming from ..." for the test to see
+    logging.getLogger("nexus_export.engine.calibration").setLevel(logging.INFO)  # "resuming from ..." for the test to see
     distributed.init(torch.device("cpu"))
     resume_from = Path(sys.argv[3]) if len(sys.argv) > 3 else None
     run(Path(sys.argv[1]), sys.argv[2].split(","), resume_from, resume=resume_from is not None)

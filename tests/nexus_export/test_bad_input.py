@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from conftest import make_tiny
 from nexus_export.cli import main
 from nexus_export.errors import UserError
-from nexus_export.recipe import Recipe
+from nexus_export.run.recipe import Recipe
 
 FAST = ["--eval-windows", "2", "--seq-len", "64", "--no-latency"]
 
@@ -33,7 +33,7 @@ def left_behind(folder: Path, keep: set[str]) -> list[str]:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """Inputs the table refers to: a model folder, a damaged one, recipes, an ONNX run, a bundle."""
-    from nexus_export.zoo import byte_level_tokenizer
+    from nexus_export.models.zoo import byte_level_tokenizer
 
     root = tmp_path_factory.mktemp("inputs")
     model = root / "model"
@@ -172,7 +172,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, files, tmp_path, 
 
 
 def test_an_internal_error_is_one_line_exit_1_and_v_shows_the_traceback(tmp_path, capsys, monkeypatch):
-    import nexus_export.pipeline as pipeline
+    import nexus_export.run.pipeline as pipeline
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug")
@@ -197,7 +197,7 @@ def test_the_onnx_data_file_is_readable_like_the_others(files):
 def test_api_refuses_bad_values_and_types_with_the_cli_messages(tmp_path):
     from torch.utils.data import DataLoader
 
-    from nexus_export.pruning import (MagnitudePruner, NMSparsityPruner, ShortGPTPruner, WandaPruner,
+    from nexus_export.api.pruning import (MagnitudePruner, NMSparsityPruner, ShortGPTPruner, WandaPruner,
                                       calibration_tensor, export_onnx)
 
     with pytest.raises(UserError, match="sparsity of pass magnitude must be a number, got str '0.5' "

@@ -13,7 +13,7 @@ from nexus_export.data import calibration_windows, choose_bos, evaluation_window
 from nexus_export.data.windows import _stream
 from nexus_export.errors import UserError
 from nexus_export.metrics import next_token_nll, perplexity
-from nexus_export.zoo import byte_level_tokenizer
+from nexus_export.models.zoo import byte_level_tokenizer
 
 FAST = ["--eval-windows", "2", "--seq-len", "64", "--no-latency", "--onnx-eval", "off"]
 
@@ -108,7 +108,7 @@ def test_bos_always_without_a_bos_token_stops_before_any_output(tmp_path, gemma_
 
 
 def test_the_recipe_carries_bos_and_refuses_other_values():
-    from nexus_export.recipe import Recipe
+    from nexus_export.run.recipe import Recipe
 
     recipe = Recipe.from_dict({"model": "tiny-llama", "passes": [], "bos": "never"})
     assert recipe.bos == "never" and Recipe.from_dict(recipe.to_dict()).bos == "never"
@@ -119,7 +119,7 @@ def test_the_recipe_carries_bos_and_refuses_other_values():
 
 @pytest.mark.slow
 def test_the_python_api_prepends_the_bos_as_the_cli_does():
-    from nexus_export.pruning import evaluate_perplexity
+    from nexus_export.api.pruning import evaluate_perplexity
 
     model, tok = make_tiny("gemma"), byte_level_tokenizer(512)  # gemma: a BOS by family, though the tokenizer adds none
     windows = evaluation_windows(tok, "austen", 2, 32, bos=tok.bos_token_id)

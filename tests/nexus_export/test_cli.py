@@ -75,7 +75,7 @@ def test_tiny_llama_two_four_end_to_end(tmp_path, capsys):
 
 def test_a_recipe_reads_as_prune_writes_it(tmp_path):
     """`run` takes the recipe `prune` builds from its flags (the README recipe runs end to end below)."""
-    from nexus_export.recipe import Recipe
+    from nexus_export.run.recipe import Recipe
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: tiny-llama\npasses:\n  - magnitude: {pattern: '2:4'}\n"
@@ -234,7 +234,7 @@ def test_bad_shortgpt_input(tmp_path, capsys, args, message):
 def test_readme_recipe_is_valid_and_structural_then_masking_runs(tmp_path):
     import yaml
 
-    from nexus_export.recipe import Recipe
+    from nexus_export.run.recipe import Recipe
 
     block = (ROOT / "README.md").read_text().split("## Recipes", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
     recipe = Recipe.from_dict(yaml.safe_load(block))
@@ -402,7 +402,7 @@ def test_bad_quantization_input(tmp_path, capsys, args, message):
 
 
 def test_quantization_method_defaults_to_gptq_when_the_run_calibrates():
-    from nexus_export.recipe import Recipe, run_steps
+    from nexus_export.run.recipe import Recipe, run_steps
 
     calibrated = Recipe.from_dict({"model": "tiny-llama", "passes": [{"sparsegpt": {"pattern": "2:4"}}],
                                    "quantize": {"bits": 4}})

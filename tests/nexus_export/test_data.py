@@ -9,7 +9,7 @@ import torch
 from nexus_export.data import calibration_windows, evaluation_windows, load_text
 from nexus_export.data.sources import mix_counts, parse_mix
 from nexus_export.errors import UserError
-from nexus_export.zoo import byte_level_tokenizer
+from nexus_export.models.zoo import byte_level_tokenizer
 
 AUSTEN = Path(__file__).resolve().parents[3] / "shared" / "data" / "corpora" / "austen"
 CALIBRATION_BOOKS = ["prideprejudice", "sensesensibility", "mansfieldpark", "northangerabbey"]

@@ -61,8 +61,8 @@ def test_the_most_expensive_solves_are_dealt_first_to_the_least_loaded(world):
 
 
 def test_more_processes_than_windows_is_refused_before_any_work(tmp_path):
-    from nexus_export.pipeline import _run_recipe
-    from nexus_export.recipe import Recipe
+    from nexus_export.run.pipeline import _run_recipe
+    from nexus_export.run.recipe import Recipe
 
     recipe = Recipe.from_dict({"model": "tiny-llama", "passes": [{"wanda": {"sparsity": 0.5}}],
                                "evaluation": {"windows": 2}, "calibration": {"samples": 8}})
@@ -186,7 +186,7 @@ def masks(folder: Path) -> dict:
 def test_a_killed_writer_stops_every_rank_and_one_process_resumes_its_checkpoint(tmp_path):
     """SIGKILL rank 0 (the writer) mid-run: torchrun stops rank 1, nothing is written but the checkpoint, and a
     single process resumes the 2-process checkpoint to the masks an uninterrupted run chooses."""
-    from nexus_export.zoo import byte_level_tokenizer
+    from nexus_export.models.zoo import byte_level_tokenizer
 
     folder = tmp_path / "deep"
     make_tiny("llama", layers=3).save_pretrained(folder, safe_serialization=True)
@@ -213,9 +213,9 @@ def test_a_killed_writer_stops_every_rank_and_one_process_resumes_its_checkpoint
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "deep"]  # no partial or checkpoint folder left
     # the uninterrupted result, in this process: the same model, windows and pass as the command line's
     from nexus_export.data import calibration_windows
-    from nexus_export.passbase import PassContext
-    from nexus_export.program import Program
-    from nexus_export.zoo import open_model
+    from nexus_export.engine.pass_base import PassContext
+    from nexus_export.graph.program import Program
+    from nexus_export.models.zoo import open_model
     from passes.sparsegpt import SparseGPTPass
 
     loaded = open_model(folder)

@@ -87,7 +87,7 @@ import torch
 import transformers
 from torch.fx.experimental import proxy_tensor
 from nexus_export import memory
-from nexus_export.capture import capture
+from nexus_export.graph.capture import capture
 
 class Double(torch.nn.Module):
     def forward(self, x):

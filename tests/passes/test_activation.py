@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from conftest import archs, make_tiny, tiny_program
-from nexus_export.activation_stats import input_sparsity, summarize_inputs
+from nexus_export.evaluation.activation_stats import input_sparsity, summarize_inputs
 from nexus_export.errors import UserError
-from nexus_export.passbase import PassContext
-from nexus_export.program import Program
+from nexus_export.engine.pass_base import PassContext
+from nexus_export.graph.program import Program
 from passes.activation import ActivationPass, place_thresholds
-from passes.activation_greedy import greedy_levels
+from passes.shared.activation_greedy import greedy_levels
 
 
 def windows(n=4, seq=32, seed=1):

@@ -6,12 +6,12 @@ import torch
 
 from conftest import tiny_program
 from nexus_export.errors import UserError
-from nexus_export.passbase import PassContext
+from nexus_export.engine.pass_base import PassContext
 from passes.gptq import GPTQPass, quantization_grids
-from passes.obs import factor_hessian, obs_sweep, reconstruction_error
-from passes.quant_grid import Grid, grid_names
+from passes.shared.obs import factor_hessian, obs_sweep, reconstruction_error
+from passes.shared.quant_grid import Grid, grid_names
 from passes.sparsegpt import SparseGPTPass
-from passes.sparsity import NMPattern, nm_valid
+from passes.shared.sparsity import NMPattern, nm_valid
 
 
 def problem(rows=16, cols=128, tokens=512, seed=0):

@@ -6,7 +6,7 @@ import torch
 from conftest import archs, make_tiny, tiny_program
 from nexus_export.errors import UserError
 from passes.magnitude import MagnitudePass
-from passes.sparsity import NMPattern, nm_valid
+from passes.shared.sparsity import NMPattern, nm_valid
 
 
 def fresh(arch="llama"):

@@ -8,9 +8,9 @@ import torch
 
 from conftest import archs, make_tiny, tiny_program
 from nexus_export.errors import UserError
-from nexus_export.hf_export import save_hf
-from nexus_export.passbase import PassContext
-from nexus_export.program import Program
+from nexus_export.graph.hf_export import save_hf
+from nexus_export.engine.pass_base import PassContext
+from nexus_export.graph.program import Program
 from passes.shortgpt import ShortGPTPass, loss_without_each, score_blocks
 from runtimes.onnx_export import lower_to_onnx
 
@@ -108,7 +108,7 @@ def loss_of(program, ids):
 
 def test_perplexity_strategy_scores_are_the_loss_without_each_block():
     """Each score is exactly the calibration loss of the model with that block deleted by surgery."""
-    from nexus_export.surgery import remove_blocks
+    from nexus_export.graph.surgery import remove_blocks
 
     program = tiny_program("llama", layers=4)
     ids = calib()

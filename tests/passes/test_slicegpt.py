@@ -7,11 +7,11 @@ import torch
 from conftest import archs, random_bases, tiny_program
 from nexus_export.errors import UserError
 from nexus_export.metrics import next_token_nll, perplexity
-from nexus_export.passbase import PassContext
-from nexus_export.slicing import fuse_norms, rotate_and_slice, with_projections
+from nexus_export.engine.pass_base import PassContext
+from nexus_export.graph.slicing import fuse_norms, rotate_and_slice, with_projections
 from passes.slicegpt import SliceGPTPass, kept_width, pca_basis
 from passes.sparsegpt import SparseGPTPass
-from passes.sparsity import NMPattern, nm_valid
+from passes.shared.sparsity import NMPattern, nm_valid
 from runtimes.onnx_export import lower_to_onnx
 from runtimes import ort
 
@@ -38,7 +38,7 @@ def quarter_sliced(arch: str = "llama", random_norms: bool = False):
 
 
 @pytest.mark.parametrize("arch", archs("llama", "gpt2"))  # RMSNorm and LayerNorm; fusion and rotation of every
-def test_rotation_only_keeps_logits(arch):  # family: tests/nexus_export/test_slicing.py and test_architectures.py
+def test_rotation_only_keeps_logits(arch):  # family: tests/nexus_export/graph/test_slicing.py and test_architectures.py
     program = tiny_program(arch, random_norms=True)
     result = SliceGPTPass({"slicing": 0.0}).run(program, ctx())
     assert float((result.program.logits(IDS) - program.logits(IDS)).abs().max()) < 1e-4

@@ -5,9 +5,9 @@ import torch
 
 from conftest import archs, tiny_program
 from nexus_export.errors import UserError
-from nexus_export.passbase import PassContext
+from nexus_export.engine.pass_base import PassContext
 from passes.sparsegpt import SparseGPTPass, sparsegpt_prune, upper_inverse_cholesky
-from passes.sparsity import NMPattern, nm_mask, nm_valid, unstructured_mask
+from passes.shared.sparsity import NMPattern, nm_mask, nm_valid, unstructured_mask
 
 
 def problem(rows=16, cols=64, tokens=256, seed=0):
@@ -100,7 +100,7 @@ def test_one_factor_per_input_and_hessians_freed(monkeypatch):
     """q/k/v and gate/up share one factored Hessian (4 per LLaMA block, not 7), every Hessian is freed once the last
     linear reading it is pruned, and sharing changes no weight."""
     import passes.sparsegpt as sparsegpt
-    from nexus_export.calibration import InputStats
+    from nexus_export.engine.calibration import InputStats
 
     ids = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(1))
     reference = tiny_program("llama")

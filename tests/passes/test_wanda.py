@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from conftest import archs, make_tiny, tiny_program
-from nexus_export.passbase import PassContext
-from nexus_export.program import Program
+from nexus_export.engine.pass_base import PassContext
+from nexus_export.graph.program import Program
 from passes import wanda
-from passes.sparsity import NMPattern, nm_mask, nm_valid, unstructured_mask
+from passes.shared.sparsity import NMPattern, nm_mask, nm_valid, unstructured_mask
 from passes.wanda import WandaPass, wanda_mask
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from nexus_export.program import Program
+from nexus_export.graph.program import Program
 from runtimes.onnx_export import lower_to_onnx
 
 VOCAB = 300

@@ -11,9 +11,9 @@ import torch
 import transformers
 
 from conftest import ARCHS, BLOCK_FORMS, archs, make_tiny, tiny_program
-from nexus_export.generation import HFDecoder, ProgramDecoder, Sampling, generate
-from nexus_export.hf_export import save_hf
-from nexus_export.program import Program
+from nexus_export.generate.loop import HFDecoder, ProgramDecoder, Sampling, generate
+from nexus_export.graph.hf_export import save_hf
+from nexus_export.graph.program import Program
 from passes.activation import ActivationPass
 from passes.magnitude import MagnitudePass
 from passes.shortgpt import ShortGPTPass
@@ -139,7 +139,7 @@ def test_sliced_model_generates_as_its_program(arch, tmp_path):
     """SliceGPT rotates and slices the stream; the heads keep their sizes, and the cache model follows the program."""
     program = tiny_program(arch, random_norms=True)
     calibration = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
-    from nexus_export.passbase import PassContext
+    from nexus_export.engine.pass_base import PassContext
 
     sliced = SliceGPTPass({"slicing": 0.25}).run(program, PassContext(calibration_windows=calibration)).program
     full, kv = lowered(sliced, tmp_path)
@@ -152,7 +152,7 @@ def test_sliced_model_generates_as_its_program(arch, tmp_path):
 def test_activation_thresholds_generate_as_the_program(tmp_path):
     program = tiny_program("llama")
     calibration = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
-    from nexus_export.passbase import PassContext
+    from nexus_export.engine.pass_base import PassContext
 
     gated = ActivationPass({"sparsity": 0.4}).run(program, PassContext(calibration_windows=calibration)).program
     full, kv = lowered(gated, tmp_path)
@@ -199,7 +199,7 @@ def test_onnxruntime_genai_loads_the_folder_and_generates_the_same(tmp_path):
     model = make_tiny("llama")
     program = Program.from_model(model)
     full = lower_to_onnx(program, tmp_path / "model.onnx")
-    from nexus_export.zoo import byte_level_tokenizer
+    from nexus_export.models.zoo import byte_level_tokenizer
 
     tokenizer = byte_level_tokenizer()
     tokenizer.save_pretrained(tmp_path)

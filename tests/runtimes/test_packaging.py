@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_program
 from nexus_export.cli import main
 from nexus_export.errors import UserError
-from nexus_export.hf_export import save_hf
+from nexus_export.graph.hf_export import save_hf
 from passes.magnitude import MagnitudePass
 from runtimes import ort
 from runtimes.bundle import make_bundle, verify_bundle

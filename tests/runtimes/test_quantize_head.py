@@ -10,8 +10,8 @@ import torch
 import transformers
 
 from conftest import tiny_program
-from nexus_export.program import Program
-from passes.quant_grid import Grid
+from nexus_export.graph.program import Program
+from passes.shared.quant_grid import Grid
 from runtimes import ort
 from runtimes.onnx_export import lower_to_onnx
 from runtimes.quantize_head import quantize_head

@@ -1,0 +1,92 @@
+"""The block runner: the cut graph reproduces the model block by block, with one block's weights loaded at a time."""
+
+import pytest
+import torch
+
+from conftest import archs, make_tiny, tiny_program
+from nexus_export.errors import UserError
+from nexus_export.evaluation.evaluate import program_perplexity
+from nexus_export.metrics import next_token_nll, perplexity
+from nexus_export.graph.program import Program
+from nexus_export.graph.runner import BlockRunner, resolve_device
+
+
+def windows(n=3, seq=12, seed=0):
+    return torch.randint(0, 300, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", archs("llama", "opt", "gpt2"))
+def test_blocks_reproduce_hidden_states(arch):
+    model = make_tiny(arch, layers=3)
+    program = Program.from_model(model)
+    ids = windows()
+    runner = BlockRunner(program, ids, batch_size=2)
+    with torch.no_grad():
+        hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True).hidden_states
+    assert torch.allclose(torch.cat(runner.streams()), hidden[0], atol=1e-5)
+    for k in range(2):  # the last hidden state is reported after the final norm
+        runner.step(k)
+        assert torch.allclose(torch.cat(runner.streams()), hidden[k + 1], atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", archs("llama", "gpt2"))
+def test_suffix_completes_the_model(arch):
+    model = make_tiny(arch)
+    program = Program.from_model(model)
+    ids = windows(n=2)
+    runner = BlockRunner(program, ids, batch_size=2)
+    after_attention = []
+    index = runner.graphs.residuals[0]["attention"]
+    runner.step(0, lambda h_in, out: after_attention.append(out[index]), [index])
+    assert after_attention[0].shape == runner.streams()[0].shape
+    runner.step(1)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    assert torch.allclose(runner.logits(0), expected, atol=1e-5)
+
+
+def test_visits_see_whole_batches_while_forwards_run_in_micro_batches():
+    program = tiny_program("llama")
+    ids = windows(n=7, seq=12)
+    runner = BlockRunner(program, ids, batch_size=4)
+    assert runner.micro == 2 and [len(s) for s in runner.streams()] == [2, 2, 2, 1]
+    seen = []
+    runner.run(0, lambda i, h_in, out: seen.append((i, len(h_in), out[0].shape[0], out[1])), [0])
+    assert [(i, n, m, extra) for i, n, m, extra in seen] == [(0, 4, 4, None), (1, 3, 3, None)]
+    whole = BlockRunner(program, ids, batch_size=7)
+    assert whole.micro == 1
+    runner.step(0)
+    whole.step(0)
+    assert torch.equal(torch.cat(runner.streams()), torch.cat(whole.streams()))
+
+
+def test_each_step_loads_only_its_block(monkeypatch):
+    program = tiny_program("llama", layers=3)
+    runner = BlockRunner(program, windows(), batch_size=2)
+    asked = []
+    real_get = program.store.get
+    monkeypatch.setattr(program.store, "get", lambda name, *a, **kw: asked.append(name) or real_get(name, *a, **kw))
+    runner.step(1)
+    assert asked and all(".layers.1." in name for name in asked)
+
+
+def test_evaluation_equals_a_plain_forward_pass():
+    model = make_tiny("llama")
+    ids = windows(n=5, seq=20)
+    with torch.no_grad():
+        nll, count = next_token_nll(model(input_ids=ids).logits, ids)
+    ppl, tokens = program_perplexity(Program.from_model(model), ids, batch_size=2)
+    assert tokens == count == 5 * 19
+    assert ppl == pytest.approx(perplexity(nll, count), rel=1e-5)
+
+
+def test_devices():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(UserError, match="unknown device"):
+        resolve_device("gpu0")
+    with pytest.raises(UserError, match="unknown device"):
+        resolve_device("mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="sees no CUDA GPU"):
+            resolve_device("cuda:0")

@@ -1,0 +1,127 @@
+"""The pipeline at any scale: checkpoints in their own dtype, the memory budget, spilling, onnxruntime evaluation
+when it fits, and the time and memory of every stage in the report."""
+
+import json
+
+import onnx
+import pytest
+import torch
+
+from conftest import make_tiny
+from nexus_export.cli import main
+
+FAST = ["--eval-windows", "2", "--seq-len", "64", "--no-latency"]
+
+
+@pytest.fixture(scope="module")
+def bf16_folder(tmp_path_factory):
+    """tiny-llama's shape saved as a bf16 Hugging Face folder with the byte-level tokenizer."""
+    from nexus_export.models.zoo import byte_level_tokenizer
+
+    folder = tmp_path_factory.mktemp("bf16")
+    model = make_tiny("llama")
+    model.config.vocab_size = 300
+    model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
+    byte_level_tokenizer(512).save_pretrained(folder)
+    return folder
+
+
+def prune(out, model, *extra, method="magnitude"):
+    return main(["-q", "prune", "--model", str(model), "--method", method, "--pattern", "2:4", *FAST, *extra,
+                 "--out", str(out)])
+
+
+def report_of(out):
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_bf16_checkpoint_stays_bf16_and_a_small_budget_changes_nothing(tmp_path, bf16_folder, capsys):
+    out = tmp_path / "run"
+    assert prune(out, bf16_folder) == 0
+    report = report_of(out)
+    assert report["execution"] == {"device": "cpu", "dtype": "bf16", "compute_dtype": "fp32",
+                                   "memory_budget_bytes": 2 * 2**30, "world_size": 1, "backend": None}
+    assert report["model"]["checkpoint_bytes"] == report["model"]["params_dense"] * 2
+    stages = [row["stage"] for row in report["stages"]]
+    assert stages == ["load", "capture", "eval_dense", "pass:magnitude", "eval_pruned", "lower", "lower_dense",
+                      "check_onnx", "onnxruntime", "generation"]
+    rows = {row["stage"]: row for row in report["stages"]}
+    assert all(row["peak_rss_mb"] > 100 for row in rows.values())  # the process holds torch: never under 100 MiB
+    assert all(report["timings"][f"{name}_s"] == row["wall_s"] for name, row in rows.items())
+    assert sum(row["wall_s"] for row in rows.values()) <= report["timings"]["total_s"]
+    assert rows["capture"]["wall_s"] > 0.1 and rows["lower"]["wall_s"] > 0.1  # torch.export and ONNX export
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    dtypes = {t.name: t.data_type for t in model.graph.initializer}
+    assert dtypes["lm.model.layers.0.mlp.down_proj.weight"] == onnx.TensorProto.BFLOAT16
+    assert report["parity"]["perplexity_rel"] < 1e-3  # the same bf16 weights on both sides (the parity windows)
+    assert "| pass:magnitude |" in (out / "report.md").read_text()
+
+    # a budget below the model: edits spill to a scratch file (removed at the end) and change nothing; onnxruntime,
+    # which would hold the whole model, is skipped with the reason (--onnx-eval auto)
+    capsys.readouterr()
+    assert prune(tmp_path / "b", bf16_folder, "--memory-budget", "160KiB") == 0
+    b = report_of(tmp_path / "b")
+    assert b["perplexity"]["pruned"] == report["perplexity"]["pruned"]
+    assert (out / "model.onnx.data").read_bytes() == (tmp_path / "b" / "model.onnx.data").read_bytes()
+    assert b["perplexity"]["onnx"] is None and "more than the memory budget" in b["perplexity"]["onnx_eval"]
+    assert b["parity"]["max_abs_diff"] is None and "onnxruntime not run" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "run"]  # no scratch folder left
+
+
+@pytest.mark.slow
+def test_dtype_flag_changes_the_output_dtype(tmp_path, bf16_folder):
+    out = tmp_path / "run"
+    assert prune(out, bf16_folder, "--dtype", "fp32") == 0
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert {t.data_type for t in model.graph.initializer if t.name.endswith("proj.weight")} == {onnx.TensorProto.FLOAT}
+    assert report_of(out)["execution"]["dtype"] == "fp32"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--memory-budget", "1KiB"], "--memory-budget 1KiB is smaller than one decoder block of this model in float32 "
+                                  "(144KiB); use --memory-budget 144KiB or more"),
+    (["--memory-budget", "200KiB", "--onnx-eval", "on"], "onnxruntime would hold 439KiB of float32 weights, more "
+                                                         "than the memory budget of 200KiB"),
+    (["--memory-budget", "lots"], "not a positive size"),
+    (["--device", "tpu"], "unknown device"),
+    (["--dtype", "fp8"], "invalid choice"),
+])
+def test_bad_scale_input(tmp_path, bf16_folder, capsys, args, message):
+    assert prune(tmp_path / "out", bf16_folder, *args) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_a_gpu_is_refused(tmp_path, capsys):
+    assert prune(tmp_path / "out", "tiny-llama", "--device", "cuda") == 2
+    assert "sees no CUDA GPU" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_truncated_shard_is_named_before_any_work(tmp_path, bf16_folder, capsys):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for f in bf16_folder.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    assert prune(tmp_path / "out", folder) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors is truncated" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_no_passes_and_variants_without_onnxruntime_evaluation(tmp_path):
+    """A recipe without passes exports the dense model; --onnx-eval off still writes the quantized variant (its
+    perplexity unmeasured) and ships it as the deployable model."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tiny-llama\npasses: []\nquantize: {bits: 4, block_size: 32}\n"
+                      "evaluation: {windows: 2, seq_len: 64, latency: false, onnx: 'off'}\n")
+    assert main(["-q", "run", str(recipe), "--out", str(tmp_path / "o")]) == 0
+    report = report_of(tmp_path / "o")
+    assert report["passes"] == [] and report["sparsity"]["overall"] == 0.0
+    assert [(a["name"], a["perplexity"]) for a in report["artifacts"]] == [("fp32", None), ("int4", None)]
+    assert report["deploy"]["variant"] == "int4" and (tmp_path / "o" / "model.q4.onnx").is_file()
