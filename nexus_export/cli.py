@@ -128,7 +128,9 @@ def _prune_args(prune: argparse.ArgumentParser, sweep: bool) -> None:
     prune.add_argument("--convert-pickled", action="store_true",
                        help="a folder with only pytorch_model*.bin weights: convert them once to safetensors in the "
                             "cache with PyTorch's weights-only loader (no code runs), and use that copy")
-    prune.add_argument("--method", required=True, help="pruning pass, e.g. magnitude")
+    prune.add_argument("--method", required=True,
+                       help="pruning pass, e.g. magnitude; none for the dense model (with --quantize-bits 4: "
+                            "quantization only)")
     if sweep:
         prune.add_argument("--sparsities", help="masking methods: the sparsities to run, e.g. 0.3,0.5,0.6,0.7")
         prune.add_argument("--remove", help="shortgpt: the numbers of blocks to remove, e.g. 2,4,7")
@@ -299,7 +301,12 @@ def _prune_recipe(args: argparse.Namespace) -> "Recipe":
     from nexus_export.run.recipe import Recipe
 
     options, activation = pass_options(args)
-    if args.method == "activation":
+    if args.method == "none":  # no pass: the dense model lowered, quantized (--quantize-bits) or thresholded
+        if options:
+            raise UserError(f"--method none runs no pass, so it takes no pass options; got "
+                            f"{', '.join('--' + name.replace('_', '-') for name in options)}")
+        passes = [{"activation": activation}] if activation else []
+    elif args.method == "activation":
         passes = [{"activation": {**options, **activation}}]
     elif activation:
         if "sparsity" not in activation:

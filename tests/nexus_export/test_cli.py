@@ -85,6 +85,20 @@ def test_a_recipe_reads_as_prune_writes_it(tmp_path):
         "uniform": True}}]
 
 
+def test_method_none_runs_no_pass(tmp_path, capsys):
+    """`--method none`: the dense model, quantized only; pass options are refused before any work."""
+    from nexus_export.cli import _parser, _prune_recipe
+
+    args = _parser().parse_args(["prune", "--model", "tiny-llama", "--method", "none", "--quantize-bits", "4",
+                                 "--quantize-method", "gptq", "--out", str(tmp_path / "o")])
+    recipe = _prune_recipe(args)
+    assert recipe.passes == () and recipe.quantize.method == "gptq" and recipe.quantize.bits == 4
+    assert main(["prune", "--model", "tiny-llama", "--method", "none", "--sparsity", "0.5",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--method none runs no pass, so it takes no pass options; got --sparsity" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_inspect_lists_roles(capsys):
     assert main(["inspect", "tiny-llama"]) == 0
     out = capsys.readouterr().out
@@ -236,7 +250,7 @@ def test_readme_recipe_is_valid_and_structural_then_masking_runs(tmp_path):
 
     from nexus_export.run.recipe import Recipe
 
-    block = (ROOT / "README.md").read_text().split("## Recipes", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    block = (ROOT / "docs" / "recipes.md").read_text().split("```yaml", 1)[1].split("```", 1)[0]
     recipe = Recipe.from_dict(yaml.safe_load(block))
     assert [s.name for s in recipe.passes] == ["shortgpt", "sparsegpt"] and recipe.quantize.bits == 4
 
