@@ -18,8 +18,9 @@ import sys
 from pathlib import Path
 
 from common import cell, load_protocol, other_cell, other_text_windows, protocol_parser, quality, setup_logging
-from nexus_export.evaluation.activation_stats import input_sparsity, summarize_inputs
+
 from nexus_export.engine.pass_base import PassContext
+from nexus_export.evaluation.activation_stats import input_sparsity, summarize_inputs
 from passes.activation import ActivationPass, Threshold, input_groups, insert_thresholds
 
 ROLES = ["attn_in", "attn_out", "mlp_in", "mlp_out"]

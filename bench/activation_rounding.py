@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from common import load_protocol, protocol_parser, setup_logging
+
 from nexus_export.graph.runner import BlockRunner
 from passes.activation import IN_BLOCK_ROLES, Threshold, insert_thresholds, place_thresholds
 

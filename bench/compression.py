@@ -17,8 +17,9 @@ import tempfile
 from pathlib import Path
 
 from common import cell, interleaved_latency_ms, load_protocol, other_text_windows, protocol_parser, setup_logging
-from nexus_export.evaluation.evaluate import program_perplexity
+
 from nexus_export.engine.pass_base import PassContext
+from nexus_export.evaluation.evaluate import program_perplexity
 from nexus_export.registry import get_pass
 from passes.gptq import quantization_grids
 from passes.shared.quant_grid import Grid

@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import cell, load_protocol, protocol_parser, setup_logging
-from nexus_export.generate.loop import generate
+
 from nexus_export.engine.pass_base import PassContext
-from nexus_export.registry import get_pass
+from nexus_export.generate.loop import generate
 from nexus_export.models.zoo import cache_root
+from nexus_export.registry import get_pass
 from passes.gptq import quantization_grids
 from passes.shared.quant_grid import Grid
 from runtimes import genai, ort

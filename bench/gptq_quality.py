@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 from common import cell, load_protocol, other_text_windows, protocol_parser, setup_logging
-from nexus_export.evaluation.evaluate import program_perplexity
+
 from nexus_export.engine.pass_base import PassContext
+from nexus_export.evaluation.evaluate import program_perplexity
 from nexus_export.registry import get_pass
 
 GRID = {"bits": 4, "group_size": 32}

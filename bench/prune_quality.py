@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from common import cell, load_protocol, other_cell, other_text_windows, protocol_parser, quality, setup_logging
+
 from nexus_export.engine.pass_base import PassContext
 from nexus_export.registry import get_pass
 

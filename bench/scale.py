@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,8 +56,8 @@ SHARD_BYTES = 2**30
 
 def checkpoint(name: str) -> Path:
     """The synthetic checkpoint folder of shape ``name``, built (seeded, shard by shard) when missing."""
-    from safetensors.torch import save_file
     import transformers
+    from safetensors.torch import save_file
 
     from nexus_export.graph.capture import parameters_on_meta
     from nexus_export.models.zoo import byte_level_tokenizer, cache_root

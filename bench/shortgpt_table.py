@@ -14,6 +14,7 @@ import sys
 import time
 
 from common import load_protocol, protocol_parser, setup_logging
+
 from nexus_export.evaluation.evaluate import program_perplexity
 from nexus_export.graph.surgery import remove_attention, remove_blocks
 from passes.shortgpt import DEFAULT_RANK_WINDOWS, STRATEGIES, rank_by_loss, score_blocks

@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from common import cell, load_protocol, other_cell, other_text_windows, protocol_parser, quality, setup_logging
+
 from nexus_export.engine.pass_base import PassContext
 from nexus_export.registry import get_pass
 from runtimes import ort

@@ -15,13 +15,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-
 from common import interleaved_latency_ms, setup_logging
+
 from nexus_export.data import calibration_windows
 from nexus_export.engine.pass_base import PassContext
 from nexus_export.graph.program import Program
-from nexus_export.registry import get_pass
 from nexus_export.models.zoo import open_model
+from nexus_export.registry import get_pass
 from runtimes import ort
 from runtimes.onnx_export import lower_to_onnx
 

@@ -18,8 +18,8 @@ import sys
 
 import torch
 
-from nexus_export.data import calibration_windows, evaluation_windows
 from nexus_export.api.pruning import CubicSparsityScheduler, MagnitudePruner, apply_sparsity, evaluate_perplexity
+from nexus_export.data import calibration_windows, evaluation_windows
 from nexus_export.models.zoo import load_model
 
 

@@ -15,7 +15,6 @@ import sys
 import threading
 import traceback
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from nexus_export.cli_flags import SWEEP_AXES, pass_flags, pass_options
@@ -196,8 +195,9 @@ def _prune_args(prune: argparse.ArgumentParser, sweep: bool) -> None:
     prune.add_argument("--device", default="auto", help="where blocks run: auto (CUDA when present), cpu, cuda, cuda:N")
     prune.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                        help="dtype of the weights in every output (auto: the checkpoint's)")
-    prune.add_argument("--memory-budget", default="2GiB",
-                       help="weights the run keeps in memory, e.g. 8GiB (edits past it spill to a scratch file)")
+    prune.add_argument("--memory-budget", default="auto",
+                       help="weights the run keeps in memory, e.g. 8GiB (edits past it spill to a scratch file); "
+                            "auto: 2GiB, or one decoder block of the model where that is more, within free memory")
 
 
 def _output_args(parser: argparse.ArgumentParser, resume: bool = True) -> None:
@@ -390,8 +390,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from nexus_export.reporting.compare import load_runs, row, text_table, write_comparison
     from nexus_export.outdir import check_output_dir, staged_output
+    from nexus_export.reporting.compare import load_runs, row, text_table, write_comparison
 
     reports = load_runs(args.run_dirs)
     out = check_output_dir(args.out, args.force) if args.out else None
@@ -421,8 +421,8 @@ def _prepare_process() -> None:
 
 
 def _execute(recipe, args: argparse.Namespace) -> int:
-    from nexus_export.run.pipeline import run_recipe
     from nexus_export.reporting.report_text import generation_lines, headline
+    from nexus_export.run.pipeline import run_recipe
 
     _prepare_process()
 

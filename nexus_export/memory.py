@@ -41,6 +41,18 @@ def current_rss_mb() -> float:
         return peak_rss_mb()
 
 
+def available_bytes() -> int | None:
+    """Memory the kernel says new work can take without swapping (``MemAvailable``), in bytes; None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def release() -> None:
     """Give memory that Python and torch freed back to the operating system (glibc keeps freed heap pages otherwise,
     so the resident size of a long run only grows); a no-op where the C library has no ``malloc_trim``."""

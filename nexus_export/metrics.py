@@ -8,7 +8,6 @@ from typing import Iterator
 import numpy as np
 import torch
 
-
 CHUNK = 128  # positions scored at a time: a log-softmax over the vocabulary for this many tokens is held at once
 DIFF_VALUES = 2**20  # logits compared in float64 at a time (8 MiB)
 

@@ -18,11 +18,10 @@ from typing import ClassVar
 
 import torch
 
-from nexus_export.errors import UserError
 from nexus_export.engine.pass_base import Pass, PassConfig, PassContext
+from nexus_export.errors import UserError
 from nexus_export.graph.program import Program
 from nexus_export.registry import get_pass
-
 from passes.shared.calibrated import calibrate_linears, calibration_facts
 from passes.shared.mask_plan import plan_targets
 from passes.shared.masking import MaskConfig, masking_changes

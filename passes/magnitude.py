@@ -14,11 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from nexus_export.errors import UserError
-from nexus_export.memory import trim
 from nexus_export.engine.pass_base import PassContext, option
+from nexus_export.errors import UserError
 from nexus_export.graph.program import Program
-
+from nexus_export.memory import trim
 from passes.shared.mask_plan import plan_targets
 from passes.shared.masking import MaskConfig, MaskingPass, apply_mask, masking_changes
 from passes.shared.sparsity import check_sparsity, nm_mask, parse_pattern, unstructured_mask

@@ -28,13 +28,13 @@ import torch
 
 from nexus_export import distributed
 from nexus_export.engine.calibration import Checkpoint, Resumed, open_checkpoint
-from nexus_export.errors import UserError
-from nexus_export.metrics import next_token_nll
 from nexus_export.engine.pass_base import Pass, PassConfig, PassContext, option
+from nexus_export.errors import UserError
 from nexus_export.graph.program import Program
-from nexus_export.progress import Progress
 from nexus_export.graph.runner import BlockRunner
 from nexus_export.graph.surgery import remove_attention, remove_blocks
+from nexus_export.metrics import next_token_nll
+from nexus_export.progress import Progress
 
 log = logging.getLogger(__name__)
 

@@ -25,14 +25,20 @@ import torch
 
 from nexus_export import distributed
 from nexus_export.engine.calibration import InputStats, open_checkpoint
-from nexus_export.errors import UserError
 from nexus_export.engine.pass_base import Pass, PassConfig, PassContext, option
+from nexus_export.errors import UserError
 from nexus_export.graph.program import Program
-from nexus_export.progress import Progress
 from nexus_export.graph.runner import BlockRunner
-from nexus_export.graph.slicing import (StoredBases, check_fusable, fuse_norms, rotate_and_slice, stream_width,
-                                  with_projections)
+from nexus_export.graph.slicing import (
+    StoredBases,
+    check_fusable,
+    fuse_norms,
+    rotate_and_slice,
+    stream_width,
+    with_projections,
+)
 from nexus_export.graph.structure import SHORTCUT
+from nexus_export.progress import Progress
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from nexus_export.errors import UserError
 from nexus_export.engine.pass_base import PassContext, option
+from nexus_export.errors import UserError
 from nexus_export.graph.program import Program
-
 from passes.shared.calibrated import CalibratedConfig, run_calibrated
 from passes.shared.masking import MaskingPass
 from passes.shared.obs import HessianFactor, factor_hessian, obs_sweep, reconstruction_error, upper_inverse_cholesky  # noqa: F401

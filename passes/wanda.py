@@ -14,7 +14,6 @@ import torch
 
 from nexus_export.engine.pass_base import PassContext
 from nexus_export.graph.program import Program
-
 from passes.shared.calibrated import CalibratedConfig, run_calibrated
 from passes.shared.masking import MaskingPass, apply_mask
 from passes.shared.sparsity import NMPattern, Target, nm_mask, unstructured_mask

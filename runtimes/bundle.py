@@ -21,8 +21,8 @@ import onnx
 
 from nexus_export.errors import UserError, VerificationFailed
 from nexus_export.generate.loop import generate
-from nexus_export.reporting.model_card import bundle_card
 from nexus_export.outdir import sha256_file, staged_output
+from nexus_export.reporting.model_card import bundle_card
 
 from .onnx_check import open_onnx
 from .onnx_export import cache_path

@@ -36,15 +36,15 @@ from pathlib import Path
 import ml_dtypes
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes import common
 import torch
+from onnx_ir.passes import common
 
 from nexus_export.errors import UserError
 from nexus_export.graph.graph_edit import with_outputs
 from nexus_export.graph.kv_cache import cache_layout, cache_outputs
+from nexus_export.graph.program import Program
 from nexus_export.memory import forget_last_trace
 from nexus_export.outdir import file_mode
-from nexus_export.graph.program import Program
 from nexus_export.run.recipe import LOWER, MIN_OPSET
 
 from .onnx_cache import is_cache_model, to_cache_model, to_full_model

@@ -12,8 +12,8 @@ import logging
 import torch
 
 from nexus_export.errors import UserError
-from nexus_export.naming import WRAPPER_PREFIX
 from nexus_export.graph.program import Program
+from nexus_export.naming import WRAPPER_PREFIX
 
 log = logging.getLogger(__name__)
 

@@ -108,6 +108,25 @@ def test_the_core_reaches_passes_and_runtimes_through_the_registry_only():
     assert direct == []
 
 
+def test_nothing_imports_a_flat_layout_path():
+    """The old module paths (``nexus_export.pruning``) import for users; the project's own code names the new ones."""
+    import nexus_export
+
+    old = {f"nexus_export.{name}" for name in nexus_export._MOVED}
+    found = []
+    for path in [*modules().values(), *(ROOT / "tests").rglob("*.py"), *(ROOT / "bench").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            found += [f"{path.relative_to(ROOT)}: {name}" for name in names
+                      if any(name == o or name.startswith(o + ".") for o in old)]
+    assert [f for f in found if "test_package.py" not in f] == []
+
+
 def test_passes_never_import_runtimes():
     assert [(a, b) for a, targets in graph().items() if a.startswith("passes")
             for b in targets if b.startswith("runtimes")] == []

@@ -17,8 +17,8 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from nexus_export.errors import UserError
-from nexus_export.registry import get_pass
 from nexus_export.graph.program import Program
+from nexus_export.registry import get_pass
 
 
 @dataclass(frozen=True)

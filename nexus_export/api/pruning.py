@@ -19,9 +19,9 @@ from typing import Any, Iterable
 
 import torch
 
-from nexus_export.errors import UserError
 from nexus_export.api.gradual import CubicSparsityScheduler, apply_sparsity
 from nexus_export.engine.pass_base import PassContext
+from nexus_export.errors import UserError
 from nexus_export.graph.program import Program, require_module
 from nexus_export.registry import get_pass, get_runtime
 
@@ -364,9 +364,9 @@ def evaluate_perplexity(model: torch.nn.Module | Program, text_or_dataset: str |
     """Perplexity on token windows: a tensor [n, seq], or a source for the evaluation split (``austen``, a text file,
     a folder) tokenized with ``tokenizer`` (by default the model's own, when it came from a local folder); ``bos``
     (auto, always, never) starts each window with the BOS token, as ``--bos`` does."""
-    from nexus_export.graph.capture import CausalLM
     from nexus_export.data import choose_bos, evaluation_windows
     from nexus_export.evaluation.evaluate import program_perplexity
+    from nexus_export.graph.capture import CausalLM
     from nexus_export.metrics import next_token_nll, perplexity
     from nexus_export.models.zoo import tokenizer_for
 

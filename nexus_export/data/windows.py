@@ -19,7 +19,6 @@ import re
 import time
 
 import numpy as np
-
 import torch
 from tokenizers import Tokenizer
 

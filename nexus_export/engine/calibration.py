@@ -23,11 +23,11 @@ from safetensors.torch import load_file, save_file
 
 from nexus_export import distributed
 from nexus_export.errors import UserError
-from nexus_export.memory import trim
 from nexus_export.graph.program import Program
-from nexus_export.progress import Progress
 from nexus_export.graph.runner import BlockRunner
 from nexus_export.graph.structure import Linear
+from nexus_export.memory import trim
+from nexus_export.progress import Progress
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 from nexus_export.errors import UserError
-from nexus_export.memory import RssSampler
 from nexus_export.graph.program import Program
+from nexus_export.memory import RssSampler
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from nexus_export.graph.program import Program
-from nexus_export.progress import Progress
 from nexus_export.graph.runner import BlockRunner
+from nexus_export.progress import Progress
 
 
 @dataclass

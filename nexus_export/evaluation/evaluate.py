@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 
 from nexus_export import distributed
-from nexus_export.metrics import perplexity
 from nexus_export.graph.program import Program
-from nexus_export.progress import Progress
 from nexus_export.graph.runner import BlockRunner
+from nexus_export.metrics import perplexity
+from nexus_export.progress import Progress
 
 
 @torch.no_grad()

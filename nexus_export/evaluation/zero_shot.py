@@ -17,8 +17,8 @@ from typing import Callable
 
 import torch
 
-from nexus_export.evaluation import eval_cache
 from nexus_export.errors import UserError
+from nexus_export.evaluation import eval_cache
 from nexus_export.graph.program import Program
 
 log = logging.getLogger(__name__)

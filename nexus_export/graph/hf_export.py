@@ -19,9 +19,9 @@ import transformers
 from safetensors.torch import save_file
 
 from nexus_export.errors import UserError
+from nexus_export.graph.program import Program
 from nexus_export.naming import WRAPPER_PREFIX
 from nexus_export.outdir import file_mode
-from nexus_export.graph.program import Program
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from torch.export.graph_signature import InputKind
 
-from nexus_export.graph.capture import COMPUTE_DTYPE, capture
 from nexus_export.errors import UserError
+from nexus_export.graph.capture import COMPUTE_DTYPE, capture
+from nexus_export.graph.structure import Linear, Structure, read_structure
 from nexus_export.naming import WRAPPER_PREFIX
 from nexus_export.weights.shards import TensorLocation
 from nexus_export.weights.store import DEFAULT_BUDGET, WeightStore
-from nexus_export.graph.structure import Linear, Structure, read_structure
 
 log = logging.getLogger(__name__)
 

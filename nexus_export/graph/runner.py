@@ -19,9 +19,9 @@ from typing import Callable
 
 import torch
 
+from nexus_export.errors import UserError
 from nexus_export.graph.blocks import BlockGraphs, Part, cut_blocks, output_only
 from nexus_export.graph.capture import COMPUTE_DTYPE
-from nexus_export.errors import UserError
 from nexus_export.metrics import next_token_nll, prediction_chunks, token_nll
 
 # ``Program`` in the annotations below is nexus_export.graph.program's, which runs through this module (Program.logits):

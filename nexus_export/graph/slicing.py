@@ -33,12 +33,12 @@ from torch.export.graph_signature import InputKind
 
 from nexus_export.errors import UserError
 from nexus_export.graph.graph_edit import add_parameter, call, copy_program, meta_like, param_of, rebuild
-from nexus_export.naming import WRAPPER_PREFIX
 from nexus_export.graph.program import Program
+from nexus_export.graph.structure import block_boundaries, op_name, through
+from nexus_export.graph.surgery import stream_operand
+from nexus_export.naming import WRAPPER_PREFIX
 from nexus_export.progress import Progress
 from nexus_export.weights.store import WeightStore
-from nexus_export.graph.structure import through, block_boundaries, op_name
-from nexus_export.graph.surgery import stream_operand
 
 log = logging.getLogger(__name__)
 

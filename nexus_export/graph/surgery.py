@@ -16,9 +16,9 @@ import torch
 
 from nexus_export.errors import UserError
 from nexus_export.graph.graph_edit import copy_program, rebuild
-from nexus_export.naming import WRAPPER_PREFIX
 from nexus_export.graph.program import Program
 from nexus_export.graph.structure import ancestors, block_boundaries
+from nexus_export.naming import WRAPPER_PREFIX
 
 log = logging.getLogger(__name__)
 

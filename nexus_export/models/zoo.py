@@ -38,10 +38,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 import nexus_export
-from nexus_export.graph.capture import parameters_on_meta
-from nexus_export.weights.checkpoint_keys import check_checkpoint
 from nexus_export.errors import UserError
+from nexus_export.graph.capture import parameters_on_meta
 from nexus_export.outdir import sha256_file
+from nexus_export.weights.checkpoint_keys import check_checkpoint
 from nexus_export.weights.pickled import FLAG, PICKLED, converted_folder, pickled_files
 from nexus_export.weights.shards import checkpoint_files, index_checkpoint
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from nexus_export.errors import UserError
 from nexus_export.reporting.plots import Plot, available, figure, save
-from nexus_export.reporting.report_text import num
 from nexus_export.reporting.report_html import page, plots_section, table
+from nexus_export.reporting.report_text import num
 
 log = logging.getLogger(__name__)
 

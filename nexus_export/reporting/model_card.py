@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import yaml
 
-from nexus_export.reporting.compare import method_label
 from nexus_export.models.zoo import zoo_entries
+from nexus_export.reporting.compare import method_label
 
 
 def base_model(report: dict) -> str | None:

@@ -7,8 +7,18 @@ from pathlib import Path
 
 from nexus_export.reporting.plots import report_plots
 from nexus_export.reporting.report_html import render_html
-from nexus_export.reporting.report_text import (CACHED, REMEASURED, bos_line, calibration_line, forms, generation_rows, headline, num,
-                          quantization_label, zero_shot_rows)
+from nexus_export.reporting.report_text import (
+    CACHED,
+    REMEASURED,
+    bos_line,
+    calibration_line,
+    forms,
+    generation_rows,
+    headline,
+    num,
+    quantization_label,
+    zero_shot_rows,
+)
 
 
 def write_reports(report: dict, folder: Path) -> None:

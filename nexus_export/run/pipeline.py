@@ -25,30 +25,31 @@ from typing import Iterator
 
 import torch
 
-from nexus_export import __version__, distributed, eval_cache
-from nexus_export.evaluation.activation_stats import input_sparsity, summarize_inputs
+from nexus_export import __version__, distributed, memory
 from nexus_export.data import calibration_windows, choose_bos, evaluation_windows
 from nexus_export.data.sources import mix_counts, parse_mix
-from nexus_export.errors import UserError
-from nexus_export.evaluation.evaluate import program_perplexity
-from nexus_export.generate.loop import generate
-from nexus_export.graph.kv_cache import has_cache
-from nexus_export.metrics import max_abs_diff, next_token_nll, perplexity
-from nexus_export.graph.hf_export import save_hf
-from nexus_export.reporting.model_card import hf_card
-from nexus_export.memory import RssSampler, current_rss_mb, peak_rss_mb, release
-from nexus_export.outdir import check_distinct, check_output_dir, staged_output
 from nexus_export.engine.pass_base import PassContext
-from nexus_export.graph.capture import COMPUTE_DTYPE
-from nexus_export.graph.program import Program
-from nexus_export.progress import Progress
-from nexus_export.run.recipe import Recipe, dtype_name, output_dtype, run_steps
-from nexus_export.registry import get_pass, get_runtime
-from nexus_export.reporting.report import write_reports
-from nexus_export.graph.runner import resolve_device
-from nexus_export.weights.store import parse_bytes
+from nexus_export.errors import UserError
+from nexus_export.evaluation import eval_cache
+from nexus_export.evaluation.activation_stats import input_sparsity, summarize_inputs
+from nexus_export.evaluation.evaluate import program_perplexity
 from nexus_export.evaluation.zero_shot import ZeroShot
+from nexus_export.generate.loop import generate
+from nexus_export.graph.capture import COMPUTE_DTYPE
+from nexus_export.graph.hf_export import save_hf
+from nexus_export.graph.kv_cache import has_cache
+from nexus_export.graph.program import Program
+from nexus_export.graph.runner import resolve_device
+from nexus_export.memory import RssSampler, current_rss_mb, peak_rss_mb, release
+from nexus_export.metrics import max_abs_diff, next_token_nll, perplexity
 from nexus_export.models.zoo import LoadedModel, open_model
+from nexus_export.outdir import check_distinct, check_output_dir, staged_output
+from nexus_export.progress import Progress
+from nexus_export.registry import get_pass, get_runtime
+from nexus_export.reporting.model_card import hf_card
+from nexus_export.reporting.report import write_reports
+from nexus_export.run.recipe import Recipe, dtype_name, output_dtype, run_steps
+from nexus_export.weights.store import DEFAULT_BUDGET, parse_bytes
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ class _Run:
                             f"{self.cal.samples} calibration windows; use at least one window of each per "
                             "process, or fewer processes")
         self.dtype = output_dtype(recipe.execution.dtype)
-        self.budget = parse_bytes(recipe.execution.memory_budget)
+        self.budget = None if recipe.execution.memory_budget == "auto" else parse_bytes(recipe.execution.memory_budget)
         self.stage = Stages()
         self.t0 = time.perf_counter()
         self.tmp: Path | None = None
@@ -189,8 +190,10 @@ class _Run:
     def capture(self) -> None:
         """The program (captured on the meta device, weights in the store), every pass's checks, the plan."""
         with self.stage("capture"):
-            program = Program.from_loaded(self.loaded, store_dtype=self.dtype, budget=self.budget,
+            program = Program.from_loaded(self.loaded, store_dtype=self.dtype, budget=self.budget or DEFAULT_BUDGET,
                                           scratch=self.scratch)
+            if self.budget is None:
+                self.budget = program.store.budget = auto_budget(program.block_bytes())
             program.device = str(self.device)
             for pass_ in self.passes:
                 pass_.check(program)
@@ -536,6 +539,23 @@ def _quantization_grids(program: Program, recipe: Recipe) -> dict | None:
     if recipe.quantize is None or recipe.quantize.method != "gptq":
         return None
     return get_pass("gptq").quantization_grids(program)
+
+
+def auto_budget(block: int, available: int | None = None) -> int:
+    """The memory budget ``--memory-budget auto`` chooses: 2 GiB, or what one decoder block needs in float32 (rounded
+    up to 64 MiB) where that is more, so that a default never refuses a wide model; refused with what to do when the
+    machine's free memory (``MemAvailable``) cannot hold one block."""
+    need = -(-block // 2**26) * 2**26
+    available = memory.available_bytes() if available is None else available
+    if available is not None and need > available:
+        raise UserError(f"one decoder block of this model needs {_size(block)} in float32 and this machine has "
+                        f"{_size(available)} free; free memory or run on a machine with more")
+    budget = max(DEFAULT_BUDGET, need)
+    if available is not None:
+        budget = max(need, min(budget, available))
+    log.info("memory budget %s (auto: %s)", _size(budget),
+             f"one decoder block needs {_size(block)}" if need > DEFAULT_BUDGET else "the 2 GiB default fits a block")
+    return budget
 
 
 def _plan(program: Program, budget: int, onnx_eval: str) -> tuple[bool, str]:

@@ -11,7 +11,7 @@ YAML form::
     lowering: {opset: 18, external_data: true, lower: both}   # lower: both, logits or generate
     bos: auto                     # a BOS token at the start of every window: auto, always, never
     quantize: {bits: 4, group_size: 32, method: gptq}     # optional: also write model.q4.onnx (MatMulNBits)
-    execution: {device: auto, dtype: auto, memory_budget: 2GiB}
+    execution: {device: auto, dtype: auto, memory_budget: auto}
 
 Everything is validated (pass names, pass options, settings) before any work starts.
 """
@@ -28,10 +28,10 @@ import yaml
 
 from nexus_export.data.bos import check_mode
 from nexus_export.data.sources import is_mix, parse_mix
-from nexus_export.errors import UserError
 from nexus_export.engine.pass_base import PassConfig, check_type
-from nexus_export.registry import get_pass
+from nexus_export.errors import UserError
 from nexus_export.graph.runner import parse_device
+from nexus_export.registry import get_pass
 from nexus_export.weights.store import parse_bytes
 
 
@@ -74,7 +74,8 @@ class LoweringSettings:
 class ExecutionSettings:
     device: str = "auto"  # where blocks run: auto (CUDA when present), cpu, cuda, cuda:N
     dtype: str = "auto"  # the weights' dtype in every output: auto (the checkpoint's), fp32, fp16, bf16
-    memory_budget: str | int = "2GiB"  # what the weight store keeps resident (and what onnxruntime evaluation may hold)
+    memory_budget: str | int = "auto"  # what the weight store keeps resident (and what onnxruntime evaluation may
+    # hold); auto: 2 GiB, or one decoder block where a block needs more, within the memory the machine has free
 
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -271,7 +272,8 @@ def _evaluation(data: Any) -> EvaluationSettings:
 def _execution(data: Any) -> ExecutionSettings:
     settings = _settings(ExecutionSettings, data, "execution")
     output_dtype(settings.dtype)
-    parse_bytes(settings.memory_budget)
+    if settings.memory_budget != "auto":
+        parse_bytes(settings.memory_budget)
     parse_device(settings.device)
     return settings
 

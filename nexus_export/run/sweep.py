@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from nexus_export.reporting.compare import load_run, row, write_comparison
 from nexus_export.errors import UserError
 from nexus_export.outdir import check_output_dir, staged_output
+from nexus_export.reporting.compare import load_run, row, write_comparison
 from nexus_export.reporting.plots import Plot, available, figure, save
 from nexus_export.run.recipe import Recipe
 

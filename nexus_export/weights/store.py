@@ -139,6 +139,13 @@ class WeightStore:
     def budget(self) -> int:
         return self._ledger.budget
 
+    @budget.setter
+    def budget(self, value: int) -> None:
+        """A new cap for this store and its forks (one ledger); spills at once what no longer fits."""
+        self._ledger.budget = int(value)
+        if self.resident_bytes() > self._ledger.budget:
+            self.spill(self._ledger.budget)
+
     @property
     def spilled_bytes(self) -> int:
         """Bytes this store and its forks wrote to scratch files so far."""

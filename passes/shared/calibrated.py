@@ -10,10 +10,9 @@ import torch
 
 from nexus_export import distributed
 from nexus_export.engine.calibration import InputStats, calibrate_blocks, open_checkpoint
-from nexus_export.errors import UserError
 from nexus_export.engine.pass_base import PassContext, option
+from nexus_export.errors import UserError
 from nexus_export.graph.program import Program
-
 from passes.shared.mask_plan import plan_targets
 from passes.shared.masking import MaskConfig, masking_changes
 from passes.shared.sparsity import Target

@@ -10,10 +10,9 @@ import torch
 
 from nexus_export import distributed
 from nexus_export.engine.calibration import calibrate_blocks
-from nexus_export.errors import UserError
 from nexus_export.engine.pass_base import PassContext
+from nexus_export.errors import UserError
 from nexus_export.graph.program import Program
-
 from passes.shared.masking import MaskConfig
 from passes.shared.owl import owl_targets
 from passes.shared.permute import permute

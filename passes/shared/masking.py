@@ -6,10 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from nexus_export.errors import UserError
 from nexus_export.engine.pass_base import Pass, PassConfig, option
+from nexus_export.errors import UserError
 from nexus_export.graph.program import Program
-
 from passes.shared.sparsity import NMPattern, Target, check_sparsity, nm_valid, parse_pattern, resolve_targets
 
 

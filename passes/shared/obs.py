@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 
 from nexus_export.errors import UserError
-
 from passes.shared.quant_grid import Grid
 from passes.shared.sparsity import NMPattern
 

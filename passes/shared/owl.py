@@ -16,7 +16,6 @@ import torch
 
 from nexus_export.errors import UserError
 from nexus_export.graph.program import Program
-
 from passes.shared.sparsity import Target
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,6 @@ from torch.fx import Node
 
 from nexus_export.graph.program import Program
 from nexus_export.graph.structure import SHORTCUT, Linear, op_name
-
 from passes.shared.sparsity import NMPattern
 
 log = logging.getLogger(__name__)

@@ -18,9 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: passes/, runtimes/
 
 from conftest import make_tiny  # noqa: E402
+
 from nexus_export import distributed  # noqa: E402
-from nexus_export.evaluation.evaluate import program_perplexity  # noqa: E402
 from nexus_export.engine.pass_base import PassContext  # noqa: E402
+from nexus_export.evaluation.evaluate import program_perplexity  # noqa: E402
 from nexus_export.graph.program import Program  # noqa: E402
 from nexus_export.registry import get_pass  # noqa: E402
 

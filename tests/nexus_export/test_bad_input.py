@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_tiny
 from nexus_export.cli import main
 from nexus_export.errors import UserError
 from nexus_export.run.recipe import Recipe
@@ -197,8 +197,14 @@ def test_the_onnx_data_file_is_readable_like_the_others(files):
 def test_api_refuses_bad_values_and_types_with_the_cli_messages(tmp_path):
     from torch.utils.data import DataLoader
 
-    from nexus_export.api.pruning import (MagnitudePruner, NMSparsityPruner, ShortGPTPruner, WandaPruner,
-                                      calibration_tensor, export_onnx)
+    from nexus_export.api.pruning import (
+        MagnitudePruner,
+        NMSparsityPruner,
+        ShortGPTPruner,
+        WandaPruner,
+        calibration_tensor,
+        export_onnx,
+    )
 
     with pytest.raises(UserError, match="sparsity of pass magnitude must be a number, got str '0.5' "
                                         r"\(write it without quotes\)"):

@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+from conftest import make_tiny
 from tokenizers import processors
 
-from conftest import make_tiny
 from nexus_export.cli import main
 from nexus_export.data import calibration_windows, choose_bos, evaluation_windows
 from nexus_export.data.windows import _stream

@@ -4,13 +4,13 @@ CPU in every other test."""
 
 import pytest
 import torch
-
 from conftest import tiny_program
-from nexus_export.evaluation.evaluate import program_perplexity
+
 from nexus_export.engine.pass_base import PassContext
+from nexus_export.evaluation.evaluate import program_perplexity
 from nexus_export.graph.program import Program
-from nexus_export.registry import get_pass
 from nexus_export.graph.runner import BlockRunner
+from nexus_export.registry import get_pass
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=f"needs a CUDA GPU; torch {torch.__version__} sees none")
 WINDOWS = torch.randint(0, 300, (8, 48), generator=torch.Generator().manual_seed(0))

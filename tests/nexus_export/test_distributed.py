@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny
 from safetensors.torch import load_file
 
-from conftest import make_tiny
 from nexus_export import distributed
 from nexus_export.distributed import World
 from nexus_export.errors import UserError

@@ -3,11 +3,11 @@ thresholds applied by hooks, every architecture, ONNX parity, measured sparsity,
 
 import pytest
 import torch
-
 from conftest import archs, make_tiny, tiny_program
-from nexus_export.evaluation.activation_stats import input_sparsity, summarize_inputs
-from nexus_export.errors import UserError
+
 from nexus_export.engine.pass_base import PassContext
+from nexus_export.errors import UserError
+from nexus_export.evaluation.activation_stats import input_sparsity, summarize_inputs
 from nexus_export.graph.program import Program
 from passes.activation import ActivationPass, place_thresholds
 from passes.shared.activation_greedy import greedy_levels

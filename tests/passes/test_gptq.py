@@ -3,15 +3,15 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_program
-from nexus_export.errors import UserError
+
 from nexus_export.engine.pass_base import PassContext
+from nexus_export.errors import UserError
 from passes.gptq import GPTQPass, quantization_grids
 from passes.shared.obs import factor_hessian, obs_sweep, reconstruction_error
 from passes.shared.quant_grid import Grid, grid_names
-from passes.sparsegpt import SparseGPTPass
 from passes.shared.sparsity import NMPattern, nm_valid
+from passes.sparsegpt import SparseGPTPass
 
 
 def problem(rows=16, cols=128, tokens=512, seed=0):

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import archs, make_tiny, tiny_program
+
 from nexus_export.errors import UserError
 from passes.magnitude import MagnitudePass
 from passes.shared.sparsity import NMPattern, nm_valid

@@ -5,11 +5,11 @@ import copy
 import onnx
 import pytest
 import torch
-
 from conftest import archs, make_tiny, tiny_program
+
+from nexus_export.engine.pass_base import PassContext
 from nexus_export.errors import UserError
 from nexus_export.graph.hf_export import save_hf
-from nexus_export.engine.pass_base import PassContext
 from nexus_export.graph.program import Program
 from passes.shortgpt import ShortGPTPass, loss_without_each, score_blocks
 from runtimes.onnx_export import lower_to_onnx

@@ -3,17 +3,17 @@ onnxruntime, a masking pass after it, and bad input."""
 
 import pytest
 import torch
-
 from conftest import archs, random_bases, tiny_program
-from nexus_export.errors import UserError
-from nexus_export.metrics import next_token_nll, perplexity
+
 from nexus_export.engine.pass_base import PassContext
+from nexus_export.errors import UserError
 from nexus_export.graph.slicing import fuse_norms, rotate_and_slice, with_projections
+from nexus_export.metrics import next_token_nll, perplexity
+from passes.shared.sparsity import NMPattern, nm_valid
 from passes.slicegpt import SliceGPTPass, kept_width, pca_basis
 from passes.sparsegpt import SparseGPTPass
-from passes.shared.sparsity import NMPattern, nm_valid
-from runtimes.onnx_export import lower_to_onnx
 from runtimes import ort
+from runtimes.onnx_export import lower_to_onnx
 
 CALIB = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(5))
 IDS = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(6))

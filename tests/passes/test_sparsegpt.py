@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-
 from conftest import archs, tiny_program
-from nexus_export.errors import UserError
+
 from nexus_export.engine.pass_base import PassContext
-from passes.sparsegpt import SparseGPTPass, sparsegpt_prune, upper_inverse_cholesky
+from nexus_export.errors import UserError
 from passes.shared.sparsity import NMPattern, nm_mask, nm_valid, unstructured_mask
+from passes.sparsegpt import SparseGPTPass, sparsegpt_prune, upper_inverse_cholesky
 
 
 def problem(rows=16, cols=64, tokens=256, seed=0):

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import archs, make_tiny, tiny_program
+
 from nexus_export.engine.pass_base import PassContext
 from nexus_export.graph.program import Program
 from passes import wanda

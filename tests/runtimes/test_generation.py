@@ -9,8 +9,8 @@ import onnx
 import pytest
 import torch
 import transformers
-
 from conftest import ARCHS, BLOCK_FORMS, archs, make_tiny, tiny_program
+
 from nexus_export.generate.loop import HFDecoder, ProgramDecoder, Sampling, generate
 from nexus_export.graph.hf_export import save_hf
 from nexus_export.graph.program import Program

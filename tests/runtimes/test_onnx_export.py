@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from conftest import tiny_program
+
 from nexus_export.errors import UserError
 from runtimes import ort, parity
 from runtimes.onnx_export import export_graph, lower_to_onnx

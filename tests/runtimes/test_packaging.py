@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_program
+
 from nexus_export.cli import main
 from nexus_export.errors import UserError
 from nexus_export.graph.hf_export import save_hf

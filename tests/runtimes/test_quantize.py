@@ -3,16 +3,16 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_program
-from nexus_export.errors import UserError
+
 from nexus_export.engine.pass_base import PassContext
+from nexus_export.errors import UserError
 from passes.gptq import GPTQPass, quantization_grids
 from passes.magnitude import MagnitudePass
+from passes.shared.quant_grid import Grid
 from runtimes import ort
 from runtimes.onnx_check import inspect_onnx
 from runtimes.onnx_export import lower_to_onnx
-from passes.shared.quant_grid import Grid
 from runtimes.quantize import dequantized_weights, quantize_onnx, write_grids, zeros_kept
 
 

@@ -8,8 +8,8 @@ import onnx
 import pytest
 import torch
 import transformers
-
 from conftest import tiny_program
+
 from nexus_export.graph.program import Program
 from passes.shared.quant_grid import Grid
 from runtimes import ort

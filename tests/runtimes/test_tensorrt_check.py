@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_program
+
 from nexus_export.cli import main
 from passes.magnitude import MagnitudePass
 from runtimes.onnx_export import lower_to_onnx

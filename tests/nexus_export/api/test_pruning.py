@@ -9,12 +9,22 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
+from nexus_export.api.pruning import (
+    CubicSparsityScheduler,
+    DynamicPruner,
+    GPTQQuantizer,
+    NMSparsityPruner,
+    SparseGPTConfig,
+    SparseGPTPruner,
+    WandaPruner,
+    apply_sparsity,
+    calibration_tensor,
+    evaluate_perplexity,
+    export_onnx,
+)
 from nexus_export.cli import main
 from nexus_export.data import calibration_windows, evaluation_windows
 from nexus_export.errors import UserError
-from nexus_export.api.pruning import (CubicSparsityScheduler, DynamicPruner, GPTQQuantizer, NMSparsityPruner, SparseGPTConfig,
-                                  SparseGPTPruner, WandaPruner, apply_sparsity, calibration_tensor,
-                                  evaluate_perplexity, export_onnx)
 from nexus_export.models.zoo import load_model
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import make_tiny, tiny_program
+
 from nexus_export.engine.calibration import collect, stages
 from nexus_export.errors import UserError
 from nexus_export.graph.program import Program

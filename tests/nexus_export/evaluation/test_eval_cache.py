@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from nexus_export.evaluation import eval_cache
 from nexus_export.cli import main
+from nexus_export.evaluation import eval_cache
 
 FAST = ["--eval-windows", "2", "--seq-len", "32", "--no-latency", "--no-decode-speed"]
 

@@ -9,11 +9,11 @@ import torch
 
 from nexus_export import distributed
 from nexus_export.cli import main
-from nexus_export.run.recipe import EvaluationSettings
 from nexus_export.errors import UserError
-from nexus_export.graph.program import Program
 from nexus_export.evaluation.zero_shot import ZeroShot, check_tasks
+from nexus_export.graph.program import Program
 from nexus_export.models.zoo import load_model
+from nexus_export.run.recipe import EvaluationSettings
 
 ROOT = Path(__file__).resolve().parents[3]
 TASKS = str(ROOT / "tests" / "nexus_export" / "data" / "zero_shot")

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
 from conftest import make_tiny, tiny_program
-from nexus_export.graph.capture import capture, parameters_on_meta
+
 from nexus_export.errors import UserError
+from nexus_export.graph.capture import capture, parameters_on_meta
 from nexus_export.graph.program import Program
 
 

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
 from conftest import archs, make_tiny, tiny_program
-from nexus_export.graph.capture import parameters_on_meta
+
 from nexus_export.errors import UserError
+from nexus_export.graph.capture import parameters_on_meta
 from nexus_export.graph.program import Program
 from nexus_export.weights.shards import checkpoint_files, index_checkpoint
 

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-
 from conftest import archs, make_tiny, tiny_program
+
 from nexus_export.errors import UserError
 from nexus_export.evaluation.evaluate import program_perplexity
-from nexus_export.metrics import next_token_nll, perplexity
 from nexus_export.graph.program import Program
 from nexus_export.graph.runner import BlockRunner, resolve_device
+from nexus_export.metrics import next_token_nll, perplexity
 
 
 def windows(n=3, seq=12, seed=0):

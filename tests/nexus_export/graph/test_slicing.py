@@ -3,11 +3,17 @@ it must be, and the sliced program computes what the projected calibration progr
 
 import pytest
 import torch
-
 from conftest import archs, make_tiny, random_bases, tiny_program
+
 from nexus_export.graph.program import Program
-from nexus_export.graph.slicing import (NormNotFusable, align_bases, find_norms, fuse_norms, rotate_and_slice,
-                                  with_projections)
+from nexus_export.graph.slicing import (
+    NormNotFusable,
+    align_bases,
+    find_norms,
+    fuse_norms,
+    rotate_and_slice,
+    with_projections,
+)
 
 IDS = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import ARCHS, make_tiny
+
 from nexus_export.errors import UserError
 from nexus_export.graph.program import Program
 from nexus_export.graph.structure import UnsupportedArchitecture

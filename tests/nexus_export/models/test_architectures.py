@@ -6,19 +6,19 @@ import copy
 import pytest
 import torch
 import transformers
-
 from conftest import ARCHS, BLOCK_FORMS, make_tiny, with_random_norms
+
+from nexus_export.engine.pass_base import PassContext
 from nexus_export.errors import UserError
 from nexus_export.evaluation.evaluate import program_perplexity
 from nexus_export.graph.program import Program
 from nexus_export.graph.slicing import NormNotFusable, find_norms
 from passes.magnitude import MagnitudePass
+from passes.shared.sparsity import NMPattern, nm_valid
 from passes.shortgpt import ShortGPTPass
 from passes.slicegpt import SliceGPTPass
 from passes.sparsegpt import SparseGPTPass
-from passes.shared.sparsity import NMPattern, nm_valid
 from passes.wanda import WandaPass
-from nexus_export.engine.pass_base import PassContext
 from runtimes import ort
 from runtimes.onnx_export import lower_to_onnx
 

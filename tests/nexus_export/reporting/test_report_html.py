@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-
-from nexus_export.reporting import plots
-from nexus_export.cli import main
-from nexus_export.reporting.report import write_reports
 from html_check import PNG, StrictPage, parse
+
+from nexus_export.cli import main
+from nexus_export.reporting import plots
+from nexus_export.reporting.report import write_reports
+
 
 def check_page(folder: Path) -> StrictPage:
     """report.html parses strictly, embeds every plot as a PNG, fetches nothing; report.md's links exist."""

@@ -6,8 +6,8 @@ import json
 import onnx
 import pytest
 import torch
-
 from conftest import make_tiny
+
 from nexus_export.cli import main
 
 FAST = ["--eval-windows", "2", "--seq-len", "64", "--no-latency"]
@@ -125,3 +125,29 @@ def test_no_passes_and_variants_without_onnxruntime_evaluation(tmp_path):
     assert report["passes"] == [] and report["sparsity"]["overall"] == 0.0
     assert [(a["name"], a["perplexity"]) for a in report["artifacts"]] == [("fp32", None), ("int4", None)]
     assert report["deploy"]["variant"] == "int4" and (tmp_path / "o" / "model.q4.onnx").is_file()
+
+
+def test_the_automatic_budget_follows_the_block_within_free_memory():
+    """auto: 2 GiB while a block fits in it; a wider block gets its own size (rounded up to 64 MiB), capped by free
+    memory but never below one block; a block larger than the free memory is refused before any work."""
+    from nexus_export.errors import UserError
+    from nexus_export.run.pipeline import auto_budget
+
+    GiB, MiB = 2**30, 2**20
+    assert auto_budget(300 * MiB, available=20 * GiB) == 2 * GiB
+    assert auto_budget(3264 * MiB + 1, available=20 * GiB) == 3264 * MiB + 64 * MiB  # a 70B-wide block
+    assert auto_budget(300 * MiB, available=GiB) == GiB  # 2 GiB does not fit: what is free
+    with pytest.raises(UserError, match="needs 3264MiB in float32 and this machine has 2048MiB free"):
+        auto_budget(3264 * MiB, available=2 * GiB)
+
+
+def test_the_store_takes_a_new_budget_and_spills_to_it(tmp_path):
+    from nexus_export.weights.store import WeightStore
+
+    store = WeightStore(budget=2**20, scratch=tmp_path)
+    for i in range(3):
+        store.set(f"w{i}", torch.full((256, 256), float(i)))  # 256 KiB each
+    assert store.resident_bytes() == 3 * 2**18
+    store.budget = 2**18
+    assert store.budget == 2**18 and store.resident_bytes() <= 2**18
+    assert [float(store.get(f"w{i}")[0, 0]) for i in range(3)] == [0.0, 1.0, 2.0]  # spilled ones read back

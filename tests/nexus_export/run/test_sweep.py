@@ -6,9 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from html_check import parse
 
 from nexus_export.cli import main
-from html_check import parse
 
 DATA = Path(__file__).parents[1] / "data"
 TASKS = str(DATA / "zero_shot")

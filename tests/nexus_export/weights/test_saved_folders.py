@@ -8,10 +8,10 @@ import json
 
 import pytest
 import torch
+from conftest import ARCHS, BLOCK_FORMS, archs, make_tiny
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import ARCHS, BLOCK_FORMS, archs, make_tiny
 from nexus_export.cli import main
 from nexus_export.errors import UserError
 from nexus_export.graph.program import Program

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-
 from conftest import tiny_program
-from nexus_export.errors import UserError
+
 from nexus_export.engine.pass_base import PassContext
-from passes.shared import owl
+from nexus_export.errors import UserError
 from passes.magnitude import MagnitudePass
+from passes.shared import owl
 from passes.sparsegpt import SparseGPTPass
 from passes.wanda import WandaPass
 

@@ -4,8 +4,8 @@ import itertools
 
 import pytest
 import torch
-
 from conftest import archs, tiny_program
+
 from nexus_export.errors import UserError
 from passes.shared import permute as P
 from passes.shared.mask_plan import plan_targets

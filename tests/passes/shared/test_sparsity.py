@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nexus_export.errors import UserError
-from passes.shared.sparsity import (NMPattern, nm_mask, nm_valid, parse_pattern, resolve_targets, unstructured_mask)
+from passes.shared.sparsity import NMPattern, nm_mask, nm_valid, parse_pattern, resolve_targets, unstructured_mask
 
 
 @settings(max_examples=60, deadline=None)
