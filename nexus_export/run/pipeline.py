@@ -200,6 +200,8 @@ class _Run:
                 pass_.check_calibration(program, self.cal_windows)
             _check_variants(self.recipe, program, self.passes, self.dtype)
             self.onnx_eval, self.onnx_eval_why = _plan(program, self.budget, self.ev.onnx)
+            if self.world.writer:
+                _check_disk(self.out_dir.parent, _disk_need(self.recipe, program, self.dtype, self.budget))
         self.program = program
         self.checkpoint_bytes = program.weight_bytes()
         self.params_dense = program.num_parameters()
@@ -510,6 +512,37 @@ def _calibration_report(cal) -> dict:
     mix = None if parts is None else [{"source": name, "share": share, "windows": count}
                                       for (name, share), count in zip(parts, mix_counts(parts, cal.samples))]
     return {**dataclasses.asdict(cal), **({"mix": mix} if mix else {})}
+
+
+def _disk_need(recipe: Recipe, program: Program, dtype: torch.dtype | None, budget: int) -> dict[str, int]:
+    """Bytes the run may write beside its output, by what writes them (an estimate from the parameter count): the ONNX
+    data file, the variants and the Hugging Face folder, and the scratch file where edits past the budget spill."""
+    params = program.num_parameters()
+    width = torch.finfo(dtype or program.main_dtype()).bits // 8
+    need = {"model.onnx.data": params * width}
+    if recipe.lowering.precision == "fp16":
+        need["model.fp16.onnx.data"] = params * 2
+    if recipe.quantize is not None:  # the weights' bits, and one float32 scale per group of 32 (at most)
+        need[f"model.q{recipe.quantize.bits}.onnx.data"] = params * recipe.quantize.bits // 8 + params // 8
+    if recipe.lowering.save_hf:
+        need["hf/"] = params * width
+    edits = recipe.quantize is not None or any(step.name != "shortgpt" for step in recipe.passes)
+    edited = program.weight_bytes() if edits else 0
+    if edited > budget:
+        need["scratch (edits past the memory budget)"] = edited - budget
+    return need
+
+
+def _check_disk(folder: Path, need: dict[str, int]) -> None:
+    """Refuse, before any work, a run whose outputs cannot fit on the disk that holds ``folder``."""
+    folder = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(folder).free
+    total = int(sum(need.values()) * 1.1)  # a tenth more: ONNX graphs, reports, tokenizer files, rounding
+    if total > free:
+        parts = ", ".join(f"{name} {_size(n)}" for name, n in need.items())
+        raise UserError(f"the outputs need about {_size(total, up=True)} on the disk of {folder} ({parts}, and a "
+                        f"tenth more for the rest) and it has {_size(free)} free; free space there or choose "
+                        "another --out")
 
 
 def _check_variants(recipe: Recipe, program: Program, passes: list, dtype: torch.dtype | None) -> None:

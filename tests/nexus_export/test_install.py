@@ -23,8 +23,11 @@ def test_a_non_editable_install_runs_the_zoo_model(tmp_path):
                     "--disable-pip-version-check", "--target", str(target), str(source)], check=True,
                    capture_output=True)
     assert not (target / "nexus_export" / "__init__.py").is_symlink()
-    assert sorted(p.name for p in (target / "nexus_export" / "models").iterdir()) == ["smollm2-135m.yaml",
-                                                                                       "tiny-llama.yaml"]
+    models = sorted(p.name for p in (target / "nexus_export" / "models").iterdir() if p.name != "__pycache__")
+    assert models == ["__init__.py", "smollm2-135m.yaml", "tiny-llama.yaml", "zoo.py"]
+    packages = [p.parent.relative_to(source) for p in source.rglob("__init__.py")
+                if p.parts[len(source.parts)] in ("nexus_export", "passes", "runtimes")]
+    assert [p for p in packages if not (target / p / "__init__.py").is_file()] == []  # every subpackage installed
     env = {**os.environ, "PYTHONPATH": str(target)}  # ahead of the editable install of the test environment
     work = tmp_path / "elsewhere"
     work.mkdir()

@@ -151,3 +151,17 @@ def test_the_store_takes_a_new_budget_and_spills_to_it(tmp_path):
     store.budget = 2**18
     assert store.budget == 2**18 and store.resident_bytes() <= 2**18
     assert [float(store.get(f"w{i}")[0, 0]) for i in range(3)] == [0.0, 1.0, 2.0]  # spilled ones read back
+
+
+def test_outputs_larger_than_the_free_disk_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    import collections
+
+    import nexus_export.run.pipeline as pipeline
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda path: usage(2**40, 2**40 - 2**10, 2**10))
+    assert prune(tmp_path / "out", "tiny-llama", "--fp16") == 2
+    err = capsys.readouterr().err
+    assert "the outputs need about" in err and "model.onnx.data" in err and "model.fp16.onnx.data" in err
+    assert "1KiB free; free space there or choose another --out" in err
+    assert list(tmp_path.iterdir()) == []
