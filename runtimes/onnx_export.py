@@ -345,6 +345,6 @@ def _share_initializers(model: ir.Model, written: ir.Model) -> None:
     for name, value in model.graph.initializers.items():
         if name in saved and value.const_value is not None:
             if tuple(saved[name].shape) != tuple(value.shape) or saved[name].dtype != value.dtype:
-                raise RuntimeError(f"initializer {name} differs between the two models ({value.shape}, "
-                                   f"{saved[name].shape})")
+                raise RuntimeError(f"initializer {name} differs between the two models ({value.shape} {value.dtype}, "
+                                   f"{saved[name].shape} {saved[name].dtype})")
             value.const_value = saved[name].const_value

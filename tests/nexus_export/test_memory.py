@@ -107,6 +107,7 @@ print(kept, traced() is None, len(proxy_tensor._FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_
 """
 
 
+@pytest.mark.slow
 def test_the_last_traced_graph_is_let_go():
     """torch keeps the last trace's graph alive through a module-level map; forget_last_trace clears it, and the
     capture (like every trace of ours) leaves it empty."""

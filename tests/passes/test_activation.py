@@ -93,6 +93,7 @@ def test_every_architecture_and_composition_with_two_four(arch):
     assert torch.isfinite(result.program.logits(windows(n=1))).all()
 
 
+@pytest.mark.slow
 def test_onnx_parity(tmp_path):
     from runtimes import ort, parity
     from runtimes.onnx_export import lower_to_onnx
@@ -161,6 +162,7 @@ def test_too_few_calibration_tokens_says_how_many():
         pass_.run(tiny_program("llama"), PassContext())
 
 
+@pytest.mark.slow
 def test_after_structural_passes():
     """After ShortGPT the remaining blocks get thresholds; after SliceGPT the sliced linears' inputs do (the shortcut
     matrices are not in a role); in both the target is reached and the logits are finite."""

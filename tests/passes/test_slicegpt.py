@@ -61,6 +61,7 @@ def test_quarter_slicing_on_every_architecture(arch):
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.slow
 def test_pca_beats_a_random_basis_on_the_calibration_text():
     program = tiny_program("llama", random_norms=True)
     windows = torch.randint(0, 300, (16, 32), generator=torch.Generator().manual_seed(7))
@@ -103,6 +104,7 @@ def test_pca_basis_orders_by_variance():
     assert [int(i) for i in q.abs().argmax(dim=0)] == [1, 0, 2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", archs("llama", "gpt2"))
 def test_sliced_onnx_runs_in_onnxruntime(arch, tmp_path):
     _, sliced, _ = quarter_sliced(arch, random_norms=True)
@@ -113,6 +115,7 @@ def test_sliced_onnx_runs_in_onnxruntime(arch, tmp_path):
     assert abs(onnx_ppl - torch_ppl) / torch_ppl < 1e-3
 
 
+@pytest.mark.slow
 def test_masking_pass_after_slicing_gives_valid_two_four():
     _, sliced, _ = quarter_sliced()
     pruned = SparseGPTPass({"pattern": "2:4"}).run(sliced, ctx()).program

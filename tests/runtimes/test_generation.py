@@ -122,6 +122,7 @@ def test_masked_model_generates_as_transformers_does_with_the_same_weights(tmp_p
     assert generate(CacheDecoder(kv), PROMPT, NEW_TOKENS).tokens == hf_greedy(model, PROMPT)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", archs("llama", "gpt2", "opt"))
 def test_fewer_blocks_fewer_cache_pairs_and_the_saved_folder_generates_the_same(arch, tmp_path):
     program = tiny_program(arch, layers=3)
@@ -134,6 +135,7 @@ def test_fewer_blocks_fewer_cache_pairs_and_the_saved_folder_generates_the_same(
     assert generate(CacheDecoder(kv), PROMPT, NEW_TOKENS).tokens == hf_greedy(reloaded, PROMPT)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", archs("llama", "opt"))
 def test_sliced_model_generates_as_its_program(arch, tmp_path):
     """SliceGPT rotates and slices the stream; the heads keep their sizes, and the cache model follows the program."""
@@ -149,6 +151,7 @@ def test_sliced_model_generates_as_its_program(arch, tmp_path):
     assert generate(CacheDecoder(kv), PROMPT, 24).tokens == generate(ProgramDecoder(sliced), PROMPT, 24).tokens
 
 
+@pytest.mark.slow
 def test_activation_thresholds_generate_as_the_program(tmp_path):
     program = tiny_program("llama")
     calibration = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))

@@ -115,6 +115,7 @@ def test_fixed_shape_program_is_a_user_error_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_graph_lowered_before_is_reused_and_its_weights_are_the_new_ones(tmp_path, caplog):
     """Masking changes weights, not the graph: the second lowering reuses the first one's export and writes the new
     weights (onnxruntime computes the pruned program's logits); a graph of another shape is exported afresh."""

@@ -177,6 +177,7 @@ def test_readme_python_snippet_runs(tmp_path, monkeypatch):
     assert bool(((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) >= 2).all())
 
 
+@pytest.mark.slow
 def test_dynamic_pruner_and_the_seeds_global_threshold(tiny):
     """DynamicPruner leaves the model as it was and returns a module applying per-input thresholds at the target;
     the seed's prune_by_activation applies one global threshold to this input only: its logits are the model's with

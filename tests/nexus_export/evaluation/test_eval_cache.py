@@ -37,6 +37,7 @@ def test_an_entry_reads_back_only_under_its_own_key_and_content(cache):
     assert "not an entry of this version" in eval_cache.load("a" * 40).rejected
 
 
+@pytest.mark.slow
 def test_a_changed_entry_is_measured_again_and_the_report_says_so(cache, tmp_path, caplog):
     first = tmp_path / "first"
     assert main(["-q", "prune", "--model", "tiny-llama", "--method", "magnitude", *FAST, "--out", str(first)]) == 0

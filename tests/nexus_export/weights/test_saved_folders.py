@@ -42,6 +42,7 @@ def test_a_gpt_neox_folder_reads_its_head_under_the_saved_name(tmp_path):
         assert torch.allclose(program.logits(ids), model(ids).logits, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", archs(*ARCHS, *BLOCK_FORMS))
 def test_a_saved_folder_prunes_end_to_end_with_every_method(arch, tmp_path):
     folder = tmp_path / "saved"
@@ -119,6 +120,7 @@ def bin_only(folder, model=None):
     return model
 
 
+@pytest.mark.slow
 def test_pickled_weights_need_the_opt_in_and_are_converted_once(tmp_path, monkeypatch, capsys, caplog):
     monkeypatch.setenv("NEXUS_EXPORT_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "bin"
