@@ -583,11 +583,12 @@ def auto_budget(block: int, available: int | None = None) -> int:
     if available is not None and need > available:
         raise UserError(f"one decoder block of this model needs {_size(block)} in float32 and this machine has "
                         f"{_size(available)} free; free memory or run on a machine with more")
-    budget = max(DEFAULT_BUDGET, need)
-    if available is not None:
-        budget = max(need, min(budget, available))
-    log.info("memory budget %s (auto: %s)", _size(budget),
-             f"one decoder block needs {_size(block)}" if need > DEFAULT_BUDGET else "the 2 GiB default fits a block")
+    wanted = max(DEFAULT_BUDGET, need)
+    budget = wanted if available is None else max(need, min(wanted, available))
+    why = f"one decoder block needs {_size(block)}" if need > DEFAULT_BUDGET else "2 GiB holds a decoder block"
+    if budget < wanted:
+        why += f"; capped at the {_size(available)} free"
+    log.info("memory budget %s (auto: %s)", _size(budget), why)
     return budget
 
 

@@ -30,6 +30,7 @@ def heap_script(script: str, *args: str) -> str:
     return value
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(getattr(memory._libc(), "malloc_trim", None) is None, reason="the C library has no malloc_trim")
 def test_trim_returns_holes_in_the_heap():
     assert float(heap_script(SCRIPT)) < 50  # without trim the holes stay resident
@@ -75,6 +76,7 @@ print(memory.current_rss_mb() - base < 60, float(tensors[0].sum()) == 10 * mib /
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(getattr(memory._libc(), "mallopt", None) is None, reason="the C library has no mallopt")
 def test_large_allocations_mapped_are_returned_on_free():
     assert heap_script(MAPPED) == "False"  # glibc's own threshold keeps the 390 MiB of holes resident

@@ -139,6 +139,7 @@ def test_a_graph_lowered_before_is_reused_and_its_weights_are_the_new_ones(tmp_p
         onnx.load(str(first), load_external_data=False).graph.node)
 
 
+@pytest.mark.slow
 def test_the_exporters_trace_is_let_go(monkeypatch):
     """torch's tracer maps the fake tensors of its last trace to that graph's nodes (a module-level dict it empties
     only when the next trace starts): after an export the map is empty, so the decomposed graph can go."""

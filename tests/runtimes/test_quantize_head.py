@@ -32,6 +32,7 @@ def dequantized(w: torch.Tensor, grid: Grid) -> torch.Tensor:
     return grid.dequantize(grid.layer_codes(w, scales, zeros), scales, zeros)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("tied", [True, False])
 def test_head_and_embedding_compute_the_dequantized_grid(tmp_path, bits, tied):

@@ -72,6 +72,7 @@ def test_task_folders_are_checked():
         check_tasks(["tiny_choice"], [TASKS + "-missing"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--eval-tasks", "tiny_choise", "--eval-include", TASKS], "close names: tiny_choice"),
     (["--eval-tasks", "tiny_choice,", "--eval-include", TASKS], "has an empty entry; e.g. --eval-tasks hellaswag"),
