@@ -22,6 +22,7 @@ A program captured with its key/value cache marked lowers to two files over one 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
@@ -146,12 +147,24 @@ def export_graph(exported: torch.export.ExportedProgram, opset: int, extra_outpu
     if key in _EXPORTS:
         _EXPORTS.move_to_end(key)
         log.info("onnx export: the graph of an earlier lowering in this process, reused")
-        return _EXPORTS[key].clone()
+        return _independent_clone(_EXPORTS[key])
     model = _export(exported, opset, list(extra_outputs))
-    _EXPORTS[key] = model.clone()
+    _EXPORTS[key] = _independent_clone(model)
     while len(_EXPORTS) > KEEP_EXPORTS:
         _EXPORTS.popitem(last=False)
     return model
+
+
+def _independent_clone(model: ir.Model) -> ir.Model:
+    """A clone that shares nothing mutable with ``model``: onnx_ir's clone shares each value's type object, so setting
+    a dtype on a clone (binding bf16 weights) changed the kept export too, and the next lowering of the same graph in
+    float32 declared its weights bf16 (found as the cache and full-sequence models disagreeing on a weight's dtype)."""
+    clone = model.clone()
+    values = [*clone.graph.inputs, *clone.graph.initializers.values(), *(o for n in clone.graph for o in n.outputs)]
+    for value in values:
+        if value.type is not None:
+            value.type = copy.copy(value.type)
+    return clone
 
 
 def graph_key(exported: torch.export.ExportedProgram, opset: int) -> str:

@@ -153,3 +153,17 @@ def test_the_exporters_trace_is_let_go(monkeypatch):
     monkeypatch.setattr(proxy_tensor, "_FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT", {})
     model = export_graph(tiny_program("llama").exported, 18)
     assert len(model.graph) > 0 and proxy_tensor._FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT == {}
+
+
+def test_a_reused_export_keeps_no_dtype_of_an_earlier_lowering(tmp_path):
+    """A graph exported once serves later lowerings in any dtype: binding bf16 or fp16 weights to one lowering's copy
+    must not change the kept export (onnx_ir's clone shares type objects), or a later float32 lowering of the same
+    graph declares bf16 weights and its cache and full-sequence models disagree."""
+    for i, (dtype, lower) in enumerate([(torch.bfloat16, "both"), (torch.float16, "logits"), (None, "both")]):
+        path = lower_to_onnx(tiny_program("llama"), tmp_path / str(i) / "model.onnx", dtype=dtype, lower=lower)
+    for file in (path, path.with_name("model.kv.onnx")):
+        weights = {t.name: t.data_type for t in onnx.load(str(file), load_external_data=False).graph.initializer}
+        assert weights["lm.model.embed_tokens.weight"] == onnx.TensorProto.FLOAT, file.name
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    expected = tiny_program("llama").logits(ids).detach().numpy()
+    assert np.abs(ort.logits(ort.session(path), ids.numpy()) - expected).max() < 1e-4
