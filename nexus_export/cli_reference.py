@@ -7,12 +7,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
 
 WIDTH = "118"  # argparse wraps help to $COLUMNS: fixed, so the page is the same on every terminal
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
+
+log = logging.getLogger(__name__)
 
 
 def reference_markdown() -> str:
@@ -47,12 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     if check:
         current = PAGE.read_text() if PAGE.is_file() else ""
         if current != text:
-            print(f"{PAGE} is stale: run python -m nexus_export.cli_reference", file=sys.stderr)
+            log.error("%s is stale: run python -m nexus_export.cli_reference", PAGE)
             return 1
         return 0
     PAGE.write_text(text)
+    log.info("wrote %s", PAGE)
     return 0
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     sys.exit(main())

@@ -83,6 +83,23 @@ def with_random_norms(arch: str, layers: int = 2) -> torch.nn.Module:
     return model
 
 
+class BlockStack(torch.nn.Module):
+    """A hand-made causal LM for structures no transformers family has: embedding, ``blocks`` in turn, head
+    (vocabulary 50, width 16)."""
+
+    def __init__(self, blocks: list[torch.nn.Module]):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 16)
+        self.layers = torch.nn.ModuleList(blocks)
+        self.head = torch.nn.Linear(16, 50)
+
+    def forward(self, input_ids, attention_mask):
+        x = self.emb(input_ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
 def random_bases(n: int, width: int, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.linalg.qr(torch.randn(width, width, dtype=torch.float64, generator=g))[0] for _ in range(n)]

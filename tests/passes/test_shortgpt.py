@@ -5,7 +5,7 @@ import copy
 import onnx
 import pytest
 import torch
-from conftest import archs, make_tiny, tiny_program
+from conftest import BlockStack, archs, make_tiny, tiny_program
 
 from nexus_export.engine.pass_base import PassContext
 from nexus_export.errors import UserError
@@ -157,24 +157,8 @@ class MLPBlock(torch.nn.Module):
         return x + self.down(torch.relu(self.up(self.norm(x))))
 
 
-class MLPOnly(torch.nn.Module):
-    """Blocks with an MLP sublayer only."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb = torch.nn.Embedding(50, 16)
-        self.layers = torch.nn.ModuleList(MLPBlock() for _ in range(3))
-        self.head = torch.nn.Linear(16, 50)
-
-    def forward(self, input_ids, attention_mask):
-        x = self.emb(input_ids)
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(x)
-
-
 def test_attention_strategy_needs_attention():
-    program = Program.from_model(MLPOnly())
+    program = Program.from_model(BlockStack([MLPBlock() for _ in range(3)]))
     assert [s.kind for s in program.structure.sublayers] == ["mlp"] * 3
     with pytest.raises(UserError, match="needs blocks with an attention sublayer"):
         ShortGPTPass({"remove": 1, "strategy": "attention"}).check(program)

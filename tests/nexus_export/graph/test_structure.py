@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import ARCHS, make_tiny
+from conftest import ARCHS, BlockStack, make_tiny
 
 from nexus_export.errors import UserError
 from nexus_export.graph.program import Program
@@ -72,23 +72,9 @@ class ParallelBlock(torch.nn.Module):
         return x + self.a(h) + self.m(h)
 
 
-class ParallelLM(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = torch.nn.Embedding(50, 16)
-        self.layers = torch.nn.ModuleList([ParallelBlock(), ParallelBlock()])
-        self.head = torch.nn.Linear(16, 50)
-
-    def forward(self, input_ids, attention_mask):
-        x = self.emb(input_ids)
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(x)
-
-
 def test_unsupported_architecture_is_a_clear_error():
     with pytest.raises(UnsupportedArchitecture) as info:
-        Program.from_model(ParallelLM())
+        Program.from_model(BlockStack([ParallelBlock(), ParallelBlock()]))
     assert isinstance(info.value, UserError)
     assert "unsupported architecture" in str(info.value)
 
