@@ -526,8 +526,7 @@ def _disk_need(recipe: Recipe, program: Program, dtype: torch.dtype | None, budg
         need[f"model.q{recipe.quantize.bits}.onnx.data"] = params * recipe.quantize.bits // 8 + params // 8
     if recipe.lowering.save_hf:
         need["hf/"] = params * width
-    edits = recipe.quantize is not None or any(step.name != "shortgpt" for step in recipe.passes)
-    edited = program.weight_bytes() if edits else 0
+    edited = program.weight_bytes() if recipe.passes or recipe.quantize is not None else 0  # at most every weight
     if edited > budget:
         need["scratch (edits past the memory budget)"] = edited - budget
     return need
