@@ -48,6 +48,7 @@ from nexus_export.memory import forget_last_trace
 from nexus_export.outdir import file_mode
 from nexus_export.run.recipe import LOWER, MIN_OPSET
 
+from . import onnx_graph_cache
 from .onnx_cache import is_cache_model, to_cache_model, to_full_model
 from .onnx_gqa import drop_repeated_heads
 
@@ -140,7 +141,8 @@ def export_graph(exported: torch.export.ExportedProgram, opset: int, extra_outpu
 
     The export depends only on the graph, not on the weights' values, and masking passes leave the graph as it was:
     a graph this process exported already (a sweep's next point, another masking run) is cloned from the last
-    exports kept instead of exported again (seconds to tens of seconds saved per lowering)."""
+    exports kept instead of exported again (seconds to tens of seconds saved per lowering), and one an earlier
+    process exported is read from the graph cache on disk (onnx_graph_cache.py)."""
     if opset < MIN_OPSET:
         raise UserError(f"opset {opset} is not supported: torch's ONNX exporter needs opset >= {MIN_OPSET}")
     key = graph_key(exported, opset) + ",".join(extra_outputs)
@@ -148,7 +150,13 @@ def export_graph(exported: torch.export.ExportedProgram, opset: int, extra_outpu
         _EXPORTS.move_to_end(key)
         log.info("onnx export: the graph of an earlier lowering in this process, reused")
         return _independent_clone(_EXPORTS[key])
-    model = _export(exported, opset, list(extra_outputs))
+    stored_key = onnx_graph_cache.entry_key(key, Path(__file__))
+    model = onnx_graph_cache.load(stored_key)
+    if model is not None:
+        log.info("onnx export: the graph an earlier run exported, read from %s", onnx_graph_cache.folder())
+    else:
+        model = _export(exported, opset, list(extra_outputs))
+        onnx_graph_cache.save(stored_key, model)
     _EXPORTS[key] = _independent_clone(model)
     while len(_EXPORTS) > KEEP_EXPORTS:
         _EXPORTS.popitem(last=False)

@@ -31,6 +31,10 @@ def archs(*names: str) -> list:
 # Dense perplexities cached by one run are read by the next (nexus_export/evaluation/eval_cache.py): each test process gets a
 # fresh cache, so no result of an earlier session (or earlier code) is ever read.
 os.environ["NEXUS_EXPORT_EVAL_CACHE"] = tempfile.mkdtemp(prefix="nexus-export-eval-cache-")
+# ONNX graphs exported by one test are read by the next, across the workers of one run (xdist gives them one run id)
+# but never from an earlier run: the export itself stays tested by every run.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+os.environ["NEXUS_EXPORT_GRAPH_CACHE"] = os.path.join(tempfile.gettempdir(), f"nexus-export-graphs-{_RUN}")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # lm-eval's local test task reads a JSONL file: never the network
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

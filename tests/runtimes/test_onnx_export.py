@@ -140,7 +140,7 @@ def test_a_graph_lowered_before_is_reused_and_its_weights_are_the_new_ones(tmp_p
 
 
 @pytest.mark.slow
-def test_the_exporters_trace_is_let_go(monkeypatch):
+def test_the_exporters_trace_is_let_go(monkeypatch, tmp_path):
     """torch's tracer maps the fake tensors of its last trace to that graph's nodes (a module-level dict it empties
     only when the next trace starts): after an export the map is empty, so the decomposed graph can go."""
     from collections import OrderedDict
@@ -150,6 +150,7 @@ def test_the_exporters_trace_is_let_go(monkeypatch):
     import runtimes.onnx_export as onnx_export
 
     monkeypatch.setattr(onnx_export, "_EXPORTS", OrderedDict())  # exported afresh, not from this process's cache
+    monkeypatch.setenv("NEXUS_EXPORT_GRAPH_CACHE", str(tmp_path))  # nor from the graph cache on disk
     monkeypatch.setattr(proxy_tensor, "_FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT", {})
     model = export_graph(tiny_program("llama").exported, 18)
     assert len(model.graph) > 0 and proxy_tensor._FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT == {}
