@@ -32,7 +32,8 @@ from common import setup_logging
 ROOT = Path(__file__).resolve().parents[1]
 TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
                  vocab_size=32000, tie_word_embeddings=False)  # TinyLlama-1.1B's width, at several depths below
-SHAPES = {  # LlamaConfig arguments of real model shapes
+LLAMA3 = dict(num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0)
+SHAPES = {  # LlamaConfig arguments of real model shapes (70b-2: two blocks of Llama-3-70B)
     "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                  num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
     "360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
@@ -42,6 +43,8 @@ SHAPES = {  # LlamaConfig arguments of real model shapes
     "1.1b-44": dict(TINYLLAMA, num_hidden_layers=44),
     "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "8b": dict(LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32),
+    "70b-2": dict(LLAMA3, hidden_size=8192, intermediate_size=28672, num_hidden_layers=2, num_attention_heads=64),
 }
 METHODS = {
     "magnitude": ["--method", "magnitude", "--pattern", "2:4"],
@@ -49,6 +52,7 @@ METHODS = {
     "sparsegpt": ["--method", "sparsegpt", "--pattern", "2:4"],
     "shortgpt": ["--method", "shortgpt", "--remove-ratio", "0.25"],
     "slicegpt": ["--method", "slicegpt", "--slicing", "0.25"],
+    "gptq": ["--method", "none", "--quantize-bits", "4", "--quantize-method", "gptq"],
 }
 PROTOCOL = ["--calib-samples", "8", "--seq-len", "256", "--eval-windows", "4", "--no-latency", "--onnx-eval", "off"]
 SHARD_BYTES = 2**30
@@ -107,9 +111,12 @@ def run(folder: Path, method: str, budget: str, out: Path) -> dict:
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     sampled, hwm = [0.0], [0.0]
+    free_before = shutil.disk_usage(out.parent).free
+    free_min = [free_before]
 
     def sample() -> None:
         while proc.poll() is None:
+            free_min[0] = min(free_min[0], shutil.disk_usage(out.parent).free)
             try:
                 with open(f"/proc/{proc.pid}/status") as f:
                     for line in f:
@@ -131,12 +138,16 @@ def run(folder: Path, method: str, budget: str, out: Path) -> dict:
     if proc.returncode:
         return {"error": err.strip().splitlines()[-1] if err.strip() else f"exit {proc.returncode}", "wall_s": wall}
     report = json.loads((out / "report.json").read_text())
+    written = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     shutil.rmtree(out, ignore_errors=True)
     return {"wall_s": wall, "peak_gib": max(hwm[0], sampled[0]), "sampled_gib": sampled[0],
             "ru_maxrss_gib": usage.ru_maxrss / 2**20,  # for the record: starts at this script's peak (see above)
             "inside_gib": report["peak_rss_mb"] / 1024, "params": report["model"]["params_dense"],
             "bytes": report["model"]["checkpoint_bytes"], "pass_s": report["passes"][0]["wall_s"],
             "stages": {r["stage"]: r["peak_rss_mb"] for r in report["stages"]},
+            "stage_s": {r["stage"]: r["wall_s"] for r in report["stages"]},
+            "blocks": report["model"]["structure"].get("blocks"),
+            "written_gib": written / 2**30, "disk_peak_gib": (free_before - free_min[0]) / 2**30,
             "spikes": {r["stage"]: {"mb": r["spike_mb"], "at": r["spike_at"]}
                        for r in report["stages"] if "spike_mb" in r}}
 
@@ -154,7 +165,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
-    ap.add_argument("--budget", default="1GiB", help="--memory-budget of every run")
+    ap.add_argument("--budget", default="auto", help="--memory-budget of every run (earlier rows: 1GiB)")
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "scale", help="scratch folder of the runs")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "scale.json",
                     help="the results so far, updated after every run")

@@ -110,7 +110,7 @@ class GPTQPass(Pass):
         def quantize(name: str, stats) -> dict:
             hessian = stats.hessian()
             if key not in stats.derived:  # once per input: q, k and v (gate and up) share it
-                stats.derived[key] = factor_hessian(hessian, cfg.percdamp, cfg.act_order)
+                stats.derived[key] = factor_hessian(hessian, cfg.percdamp, cfg.act_order, layer=name)
             factor = stats.derived[key]
             weight = program.weight(name, device=hessian.device)
             target = targets.get(name)

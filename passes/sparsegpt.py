@@ -68,7 +68,7 @@ class SparseGPTPass(MaskingPass):
         def prune(target: Target, stats) -> dict:
             hessian = stats.hessian()
             if "sparsegpt" not in stats.derived:  # once per input: q, k and v (gate and up) share it
-                stats.derived["sparsegpt"] = factor_hessian(hessian, cfg.percdamp)
+                stats.derived["sparsegpt"] = factor_hessian(hessian, cfg.percdamp, layer=target.name)
             weight = program.weight(target.name, device=hessian.device)
             new, facts = sparsegpt_prune(weight, hessian, target.sparsity, pattern, cfg.blocksize, cfg.percdamp,
                                          stats.derived["sparsegpt"])

@@ -31,6 +31,11 @@ from nexus_export.progress import Progress
 
 log = logging.getLogger(__name__)
 
+# X^T X is accumulated in float32, batch by batch into one matrix (the references accumulate in float32 too). Against
+# float64 accumulation on SmolLM2-135M (bench/hessian_precision.py): see docs/results.md. At 28,672 inputs (a 70B
+# down projection) the float64 matrix alone was 6.6 GB and each batch added two [in, in] temporaries.
+HESSIAN_DTYPE = torch.float32
+
 
 class InputStats:
     """Streaming statistics of one linear input X [tokens, in_features].
@@ -41,7 +46,7 @@ class InputStats:
     def __init__(self, in_features: int, hessian: bool, device: torch.device | str = "cpu"):
         self.tokens = 0
         self.sq_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
-        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float64, device=device) if hessian else None
+        self.xtx = torch.zeros(in_features, in_features, dtype=HESSIAN_DTYPE, device=device) if hessian else None
         self.derived: dict = {}
         self._scaled = False
 
@@ -52,7 +57,7 @@ class InputStats:
         self.tokens += x.shape[0]
         self.sq_sum += (x * x).sum(dim=0, dtype=torch.float64)
         if self.xtx is not None:
-            self.xtx += (x.t() @ x).double()
+            self.xtx.addmm_(x.t(), x)  # accumulated where it lives: no [in, in] temporary
 
     def reduce(self) -> None:
         """Sum the statistics over every process of a distributed run (each ran its share of the windows)."""
@@ -72,8 +77,8 @@ class InputStats:
         return self.sq_sum.sqrt()
 
     def hessian(self) -> torch.Tensor:
-        """H = (2/n) X^T X, float64 (SparseGPT's Hessian). Scaled in place on the first call (a second [in, in]
-        float64 matrix is 512 MiB for the MLP input of a 3B model), so read it once all windows are in."""
+        """H = (2/n) X^T X in HESSIAN_DTYPE (SparseGPT's Hessian). Scaled in place on the first call (a second
+        [in, in] matrix is 3.3 GB for the MLP input of a 70B model), so read it once all windows are in."""
         if self.xtx is None:
             raise RuntimeError("the Hessian was not collected; ask for hessian=True")
         if not self._scaled:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from scipy.linalg import lapack
 
 from nexus_export.errors import UserError
 from passes.shared.quant_grid import Grid
@@ -43,41 +45,61 @@ class HessianFactor:
     perm: torch.Tensor | None = None
 
 
-def factor_hessian(hessian: torch.Tensor, percdamp: float, act_order: bool = False) -> HessianFactor:
-    """The Hessian of one input made ready for the sweep (see HessianFactor); ``hessian`` is not changed."""
+def factor_hessian(hessian: torch.Tensor, percdamp: float, act_order: bool = False, layer: str = "") -> HessianFactor:
+    """The Hessian of one input made ready for the sweep (see HessianFactor); ``hessian`` is not changed. ``layer``
+    names the input in the error when no damping makes it positive definite."""
     dead = torch.diag(hessian) == 0
     perm = torch.argsort(torch.diag(hessian), descending=True) if act_order else None
-    upper, damp = upper_inverse_cholesky(hessian, percdamp, dead, perm)
+    upper, damp = upper_inverse_cholesky(hessian, percdamp, dead, perm, layer)
     return HessianFactor(upper, damp, dead, perm)
 
 
 def upper_inverse_cholesky(hessian: torch.Tensor, percdamp: float, dead: torch.Tensor | None = None,
-                           perm: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+                           perm: torch.Tensor | None = None, layer: str = "") -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + damp I)^-1 in COMPUTE_DTYPE (of P H P^T when ``perm`` is given), with H_ii = 1
-    for the ``dead`` inputs; damping grows tenfold on failure. Returns (factor, damp fraction). At most two [D, D]
-    matrices in COMPUTE_DTYPE exist at once beside ``hessian`` (D is 8192-28672 for the MLP of a 3B-70B model)."""
+    for the ``dead`` inputs; damping grows tenfold on failure. Returns (factor, damp fraction). One [D, D] matrix in
+    COMPUTE_DTYPE exists beside ``hessian``: it is factored, inverted and factored again in place (D is 8192-28672
+    for the MLP of a 3B-70B model: 3.3 GB in float32 at 28672). ``layer`` names the input in the error."""
     damp = percdamp
     for _ in range(MAX_DAMPING_RETRIES):
-        damped = hessian.to(COMPUTE_DTYPE, copy=True)
+        factor = hessian.to(COMPUTE_DTYPE, copy=True)
         if dead is not None and bool(dead.any()):
-            damped[dead, dead] = 1.0
+            factor[dead, dead] = 1.0
         if perm is not None:
-            damped = damped[perm][:, perm]
-        diag_mean = float(torch.diag(damped).mean())
-        damped.diagonal().add_(damp * diag_mean)  # H + damp I without an identity matrix beside it
-        try:
-            lower = torch.linalg.cholesky(damped)
-        except torch.linalg.LinAlgError:
-            log.warning("OBS sweep: Cholesky failed with damping %.3g; retrying with %.3g", damp, damp * 10)
-            damp *= 10
-            continue
-        finally:
-            del damped
-        inverse = torch.cholesky_inverse(lower)
-        del lower
-        return torch.linalg.cholesky(inverse, upper=True), damp
-    raise UserError(f"the Hessian is not positive definite even with damping {damp / 10:.3g}; "
-                    "use more calibration samples or a larger percdamp")
+            factor = factor.index_select(0, perm)
+            factor = factor.index_select(1, perm)
+        factor.diagonal().add_(damp * float(torch.diag(factor).mean()))  # H + damp I without an identity beside it
+        if inverse_upper_cholesky_(factor):
+            return factor, damp
+        del factor
+        log.warning("OBS sweep: Cholesky failed with damping %.3g; retrying with %.3g", damp, damp * 10)
+        damp *= 10
+    where = f" of the input of {layer}" if layer else ""
+    raise UserError(f"the Hessian{where} is not positive definite even with damping {damp / 10:.3g} of its mean "
+                    f"diagonal; raise --percdamp (now {percdamp:g}) or calibrate on more samples")
+
+
+def inverse_upper_cholesky_(a: torch.Tensor) -> bool:
+    """a := U, the upper triangular factor with a^-1 = U^T U, in place; False when ``a`` (symmetric) is not positive
+    definite. On CPU through LAPACK on the tensor's own memory (potrf, potri, potrf: no second [D, D] matrix), on
+    other devices through torch (two temporaries there)."""
+    if a.device.type != "cpu":
+        lower, info = torch.linalg.cholesky_ex(a)
+        if int(info):
+            return False
+        a.copy_(torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True))
+        return True
+    m = a.numpy().T  # the same memory read column-major, which LAPACK works in; the matrix is symmetric
+    potrf, potri = lapack.get_lapack_funcs(("potrf", "potri"), (m,))
+    for step in (lambda: potrf(m, lower=1, overwrite_a=1, clean=0),  # lower triangle := L, A = L L^T
+                 lambda: potri(m, lower=1, overwrite_c=1),  # lower triangle := that of A^-1
+                 lambda: potrf(m, lower=1, overwrite_a=1, clean=1)):  # := L2 with A^-1 = L2 L2^T, the rest zero
+        out, info = step()
+        if not np.shares_memory(out, m):
+            raise RuntimeError("LAPACK worked on a copy; the factor would be lost")
+        if info:
+            return False
+    return True  # read row-major, the column-major L2 is L2^T: U
 
 
 @dataclass
@@ -166,7 +188,7 @@ def obs_sweep(weight: torch.Tensor, factor: HessianFactor, *, sparsity: float = 
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1.0)  # no [out, in] temporary (1 GB for a 70B down proj)
 
     if perm is not None:
         W = W[:, torch.argsort(perm)]
@@ -185,7 +207,11 @@ def _nm_mask(W: torch.Tensor, d: torch.Tensor, pattern: NMPattern) -> torch.Tens
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(2, low, True).reshape(rows, cols)
 
 
-def reconstruction_error(old: torch.Tensor, new: torch.Tensor, hessian: torch.Tensor) -> float:
-    """||(W' - W) X||^2 / n for H = (2/n) X^T X, in float64."""
-    delta = new.double() - old.detach().double()
-    return float(((delta @ hessian.double()) * delta).sum()) / 2.0
+def reconstruction_error(old: torch.Tensor, new: torch.Tensor, hessian: torch.Tensor, rows: int = 1024) -> float:
+    """||(W' - W) X||^2 / n for H = (2/n) X^T X: the sum over rows of d H d^T / 2 with d = W' - W, taken ``rows``
+    rows at a time (no [out, in] temporary) in the Hessian's dtype and summed in float64."""
+    total = 0.0
+    for i in range(0, old.shape[0], rows):
+        delta = new[i:i + rows].to(hessian.dtype) - old[i:i + rows].detach().to(hessian.dtype)
+        total += float(((delta @ hessian) * delta).sum(dtype=torch.float64))
+    return total / 2.0

@@ -106,7 +106,7 @@ def test_one_factor_per_input_and_hessians_freed(monkeypatch):
     reference = tiny_program("llama")
     calls, stats_seen = [], []
     real_factor, real_free = sparsegpt.factor_hessian, InputStats.free
-    monkeypatch.setattr(sparsegpt, "factor_hessian", lambda h, p: calls.append(h.shape) or real_factor(h, p))
+    monkeypatch.setattr(sparsegpt, "factor_hessian", lambda h, p, **kw: calls.append(h.shape) or real_factor(h, p, **kw))
     monkeypatch.setattr(InputStats, "free", lambda self: stats_seen.append(self) or real_free(self))
     program = tiny_program("llama")
     SparseGPTPass({"pattern": "2:4", "blocksize": 32}).run(program, PassContext(calibration_windows=ids))
