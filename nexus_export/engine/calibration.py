@@ -57,7 +57,10 @@ class InputStats:
         self.tokens += x.shape[0]
         self.sq_sum += (x * x).sum(dim=0, dtype=torch.float64)
         if self.xtx is not None:
-            self.xtx.addmm_(x.t(), x)  # accumulated where it lives: no [in, in] temporary
+            if self.xtx.dtype == x.dtype:
+                self.xtx.addmm_(x.t(), x)  # accumulated where it lives: no [in, in] temporary
+            else:  # a float64 accumulator (the reference of bench/hessian_precision.py) sums float32 products
+                self.xtx += (x.t() @ x).to(self.xtx.dtype)
 
     def reduce(self) -> None:
         """Sum the statistics over every process of a distributed run (each ran its share of the windows)."""

@@ -14,9 +14,13 @@ stay where they are (a checkpoint on disk, or the caller's model) for the weight
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import logging
 import re
 import time
+import warnings
+from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -29,6 +33,11 @@ from nexus_export.graph.kv_cache import past_cache, positions
 from nexus_export.memory import forget_last_trace
 
 log = logging.getLogger(__name__)
+
+# Captures of Hugging Face models in this process, by _capture_key: a sweep's next point, the API pruning one model
+# twice and the test suite capture the same graph again (seconds each; tens for a 135M model). Weights are meta.
+_CAPTURES: OrderedDict[str, torch.export.ExportedProgram] = OrderedDict()
+KEEP_CAPTURES = 2
 
 COMPUTE_DTYPE = torch.float32  # the dtype every captured graph computes in (float64 where the math needs it)
 MAX_BATCH = 1024
@@ -133,9 +142,15 @@ def capture(model: torch.nn.Module, vocab_size: int | None = None) -> torch.expo
         if not vocab_size:
             emb = next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
             vocab_size = emb.num_embeddings if emb is not None else 2
+    cached = _is_hf_model(model)
+    key = _capture_key(model, vocab_size) if cached else None
+    if key in _CAPTURES:
+        _CAPTURES.move_to_end(key)
+        log.info("captured %s: the graph of an earlier capture of this model in this process, reused",
+                 type(model).__name__)
+        return _copy(_CAPTURES[key])
     was_training = model.training
     model.eval()
-    cached = _is_hf_model(model)
     ids, mask = example_inputs(vocab_size, past=TRACE_PAST if cached else 0)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     seq = torch.export.Dim("sequence", min=2, max=MAX_SEQUENCE)
@@ -153,7 +168,46 @@ def capture(model: torch.nn.Module, vocab_size: int | None = None) -> torch.expo
         forget_last_trace()
     log.info("captured %s with torch.export in %.1f s", type(model).__name__, time.perf_counter() - start)
     _check_constants(exported, type(model).__name__)
-    return rebuild(exported, None)  # one input per tensor: a tied weight's unused second placeholder goes
+    exported = rebuild(exported, None)  # one input per tensor: a tied weight's unused second placeholder goes
+    if key is not None:
+        _CAPTURES[key] = _copy(exported)
+        while len(_CAPTURES) > KEEP_CAPTURES:
+            _CAPTURES.popitem(last=False)
+    return exported
+
+
+def _capture_key(model: torch.nn.Module, vocab_size: int) -> str:
+    """What a Hugging Face model's captured graph depends on: its class, config, module tree, parameter names,
+    shapes, dtypes and ties, its buffers (and the values of those the graph keeps as constants, such as rotary
+    frequencies), and the versions of torch and transformers. Weight values are not in the graph."""
+    import transformers
+
+    digest = hashlib.sha256()
+    config = model.config
+    for part in (type(model).__module__, type(model).__qualname__, config.to_json_string(use_diff=False),
+                 str(getattr(config, "_attn_implementation", None)), repr(model), str(vocab_size),
+                 torch.__version__, transformers.__version__):
+        digest.update(part.encode())
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        tied = first.setdefault(id(p), name)
+        digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{tied}".encode())
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for key, b in module._buffers.items():
+            if b is None:
+                continue
+            digest.update(f"{prefix}.{key}:{tuple(b.shape)}:{b.dtype}".encode())
+            swapped = key not in module._non_persistent_buffers_set and b.is_floating_point()  # see meta_weights
+            if not swapped and b.device.type != "meta":  # in the graph as a constant: its values matter
+                digest.update(b.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _copy(exported: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """An independent copy (passes edit graphs in place); its weights are meta, so this copies no data."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own LeafSpec deprecation, raised by copying
+        return copy.deepcopy(exported)
 
 
 def _check_constants(exported: torch.export.ExportedProgram, what: str) -> None:

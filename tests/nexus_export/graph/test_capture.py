@@ -89,3 +89,32 @@ def test_a_wrapper_that_builds_a_cache_while_traced_is_refused_with_the_fix():
     wrapper = CachedWrapper(use_cache=False)
     with torch.no_grad():
         assert torch.allclose(Program.from_model(wrapper).logits(ids), wrapper(ids), atol=1e-5)
+
+
+def test_a_model_captured_again_reuses_the_graph_and_a_changed_one_does_not(caplog, monkeypatch):
+    """The same architecture and config capture to the same graph whatever the weights: the second capture is a copy
+    of the first (passes editing it leave the kept one alone); another config or depth is captured afresh."""
+    from collections import OrderedDict
+
+    import nexus_export.graph.capture as capture_module
+
+    monkeypatch.setattr(capture_module, "_CAPTURES", OrderedDict())
+    first = capture(make_tiny("llama", seed=0))
+    with caplog.at_level("INFO", logger="nexus_export.graph.capture"):
+        again = capture(make_tiny("llama", seed=1))
+    assert any("reused" in r.message for r in caplog.records)
+    assert again.graph_module.code == first.graph_module.code and again.graph is not first.graph
+    again.graph.erase_node(next(iter(reversed(again.graph.nodes))))  # a pass editing its program's graph in place
+    assert capture(make_tiny("llama")).graph_module.code == first.graph_module.code
+
+    caplog.clear()
+    with caplog.at_level("INFO", logger="nexus_export.graph.capture"):
+        fewer = capture(make_tiny("llama", layers=1))
+        model = make_tiny("llama")
+        model.config.rope_theta = 500.0  # the rotary frequencies the graph keeps as constants differ ...
+        model.model.rotary_emb.inv_freq.mul_(2.0)
+        other = capture(model)
+    assert not any("reused" in r.message for r in caplog.records)
+    assert len(fewer.graph.nodes) < len(first.graph.nodes)
+    inv = next(name for name in other.constants if "inv_freq" in name)
+    assert not torch.equal(other.constants[inv], first.constants[inv])  # ... and so do the captured ones
