@@ -1,12 +1,16 @@
-"""How the Hessian is accumulated and factored, against the float64 reference: masks and perplexity.
+"""The two ways the Hessian is accumulated and factored, against each other and a control: masks and perplexity.
 
-SparseGPT 2:4 (and GPTQ 4-bit) on one model, each setting from the same dense weights: the reference accumulates
-X^T X in float64 and factors it with torch (two [D, D] temporaries); the present code accumulates in float32 and
-factors in place through LAPACK (nexus_export/engine/calibration.py, passes/shared/obs.py). For each setting: the
+SparseGPT 2:4 (and GPTQ 4-bit) on one model, each setting from the same dense weights. The reference is what every
+input up to LEAN_HESSIAN_WIDTH (16,384) gets: X^T X accumulated in float64, factored with torch (two [D, D]
+temporaries). The lean Hessian of wider inputs is accumulated in float32 and factored in place through LAPACK
+(nexus_export/engine/calibration.py, passes/shared/obs.py); here it is forced on every input. The control is the
+reference on a rescaled Hessian: the same result in exact arithmetic, so it shows how far rounding alone moves the
+sweep (it amplifies near-ties: one flipped 2:4 choice changes every later update of its row). For each setting: the
 share of weights whose pruned/kept state agrees with the reference's, the share of weights that differ at all
 (after GPTQ), perplexity on the evaluation windows and on the other text, and pruning seconds.
 
-    .venv/bin/python bench/hessian_precision.py                     # SmolLM2-135M, the default protocol (~20 min)
+    .venv/bin/python bench/hessian_precision.py                     # SmolLM2-135M, the default protocol (~30 min)
+    .venv/bin/python bench/hessian_precision.py --passes "sparsegpt 2:4" --settings 0,1   # reference and control
     .venv/bin/python bench/hessian_precision.py --model tiny-llama --eval-windows 4 --seq-len 64 --calib-samples 4
 """
 
@@ -25,19 +29,20 @@ from nexus_export.evaluation.evaluate import program_perplexity
 from nexus_export.registry import get_pass
 
 
-def torch_factoring(a: torch.Tensor) -> bool:
-    """The factoring before the in-place one: torch's Cholesky, inverse and Cholesky, two temporaries."""
-    lower, info = torch.linalg.cholesky_ex(a)
-    if int(info):
-        return False
-    a.copy_(torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True))
-    return True
+FACTOR = obs.inverse_upper_cholesky_
 
 
-SETTINGS = {  # name: (accumulation dtype, factoring)
-    "float64, torch (reference)": (torch.float64, torch_factoring),
-    "float64, in place": (torch.float64, obs.inverse_upper_cholesky_),
-    "float32, in place (default)": (torch.float32, obs.inverse_upper_cholesky_),
+def rescaled(a: torch.Tensor) -> bool:
+    """The reference's factoring of H times 1 + 2^-20: the same masks and weights in exact arithmetic (the sweep's
+    w^2 / d^2 and err / d * Hinv do not change when H is scaled), so what moves is rounding alone: the control."""
+    return FACTOR(a.mul_(1.0 + 2.0**-20))
+
+
+NEVER = 10**9
+SETTINGS = {  # name: (LEAN_HESSIAN_WIDTH, factoring)
+    "float64, torch (reference; inputs up to 16,384 wide)": (NEVER, FACTOR),
+    "float64, torch, H x (1 + 2^-20) (control)": (NEVER, rescaled),
+    "float32, in place (the lean Hessian of wider inputs)": (0, FACTOR),
 }
 PASSES = {"sparsegpt 2:4": ("sparsegpt", {"pattern": "2:4"}),
           "gptq 4-bit": ("gptq", {"bits": 4, "group_size": 128})}
@@ -46,6 +51,8 @@ PASSES = {"sparsegpt 2:4": ("sparsegpt", {"pattern": "2:4"}),
 def main() -> int:
     ap = protocol_parser(__doc__.splitlines()[0], other_text=True)
     ap.add_argument("--passes", default=",".join(PASSES), help=f"comma-separated, of {', '.join(PASSES)}")
+    ap.add_argument("--settings", default="", help="comma-separated indices into the settings (default: all; the "
+                    "first is the reference every row is compared with)")
     args = ap.parse_args()
     setup_logging()
     loaded, program, evals, calib = load_protocol(args.model, args.eval_windows, args.calib_samples, args.seq_len)
@@ -56,8 +63,10 @@ def main() -> int:
     for label in args.passes.split(","):
         name, options = PASSES[label]
         reference = None
-        for setting, (dtype, factoring) in SETTINGS.items():
-            calibration.HESSIAN_DTYPE, obs.inverse_upper_cholesky_ = dtype, factoring
+        chosen = [int(i) for i in args.settings.split(",")] if args.settings else range(len(SETTINGS))
+        for setting, (width, factoring) in [list(SETTINGS.items())[i] for i in chosen]:
+            calibration.LEAN_HESSIAN_WIDTH = obs.LEAN_HESSIAN_WIDTH = width
+            obs.inverse_upper_cholesky_ = factoring
             pruned = program.fork()
             start = time.perf_counter()
             get_pass(name)(options).run(pruned, PassContext(calibration_windows=calib))

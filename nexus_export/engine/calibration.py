@@ -31,10 +31,19 @@ from nexus_export.progress import Progress
 
 log = logging.getLogger(__name__)
 
-# X^T X is accumulated in float32, batch by batch into one matrix (the references accumulate in float32 too). Against
-# float64 accumulation on SmolLM2-135M (bench/hessian_precision.py): see docs/results.md. At 28,672 inputs (a 70B
-# down projection) the float64 matrix alone was 6.6 GB and each batch added two [in, in] temporaries.
-HESSIAN_DTYPE = torch.float32
+# Inputs wider than this get the lean Hessian: X^T X accumulated in float32 in place (addmm_, as the references
+# accumulate) and factored in place (passes/shared/obs.py), two [D, D] float32 matrices in all instead of a float64
+# one, two float32 temporaries per calibration batch and three while factoring: at 28,672 inputs (a 70B down
+# projection) 6.6 GB instead of 6.6 + 3 x 3.3 GB. Narrower inputs (every input up to 8B's 14,336-wide down projection)
+# keep float64 accumulation and torch's factoring, so their results are what they were. Measured against each other
+# on SmolLM2-135M by bench/hessian_precision.py (docs/results.md): the lean path moves SparseGPT 2:4's perplexity as
+# much as rescaling the Hessian by 1 + 2^-20 does (rounding alone), no more.
+LEAN_HESSIAN_WIDTH = 16384
+
+
+def hessian_dtype(in_features: int) -> torch.dtype:
+    """The dtype X^T X of an input this wide is accumulated in (see LEAN_HESSIAN_WIDTH)."""
+    return torch.float32 if in_features > LEAN_HESSIAN_WIDTH else torch.float64
 
 
 class InputStats:
@@ -46,7 +55,8 @@ class InputStats:
     def __init__(self, in_features: int, hessian: bool, device: torch.device | str = "cpu"):
         self.tokens = 0
         self.sq_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
-        self.xtx = torch.zeros(in_features, in_features, dtype=HESSIAN_DTYPE, device=device) if hessian else None
+        self.xtx = (torch.zeros(in_features, in_features, dtype=hessian_dtype(in_features), device=device)
+                    if hessian else None)
         self.derived: dict = {}
         self._scaled = False
 
@@ -57,9 +67,9 @@ class InputStats:
         self.tokens += x.shape[0]
         self.sq_sum += (x * x).sum(dim=0, dtype=torch.float64)
         if self.xtx is not None:
-            if self.xtx.dtype == x.dtype:
-                self.xtx.addmm_(x.t(), x)  # accumulated where it lives: no [in, in] temporary
-            else:  # a float64 accumulator (the reference of bench/hessian_precision.py) sums float32 products
+            if self.xtx.dtype == x.dtype:  # the lean Hessian: accumulated where it lives, no [in, in] temporary
+                self.xtx.addmm_(x.t(), x)
+            else:  # float64: a sum of each batch's float32 product
                 self.xtx += (x.t() @ x).to(self.xtx.dtype)
 
     def reduce(self) -> None:
@@ -80,8 +90,8 @@ class InputStats:
         return self.sq_sum.sqrt()
 
     def hessian(self) -> torch.Tensor:
-        """H = (2/n) X^T X in HESSIAN_DTYPE (SparseGPT's Hessian). Scaled in place on the first call (a second
-        [in, in] matrix is 3.3 GB for the MLP input of a 70B model), so read it once all windows are in."""
+        """H = (2/n) X^T X in ``hessian_dtype(in_features)`` (SparseGPT's Hessian). Scaled in place on the first
+        call (a second [in, in] matrix is 3.3 GB for the MLP input of a 70B model), so read it once all windows are in."""
         if self.xtx is None:
             raise RuntimeError("the Hessian was not collected; ask for hessian=True")
         if not self._scaled:

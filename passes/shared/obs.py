@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from scipy.linalg import lapack
 
+from nexus_export.engine.calibration import LEAN_HESSIAN_WIDTH
 from nexus_export.errors import UserError
 from passes.shared.quant_grid import Grid
 from passes.shared.sparsity import NMPattern
@@ -57,9 +58,9 @@ def factor_hessian(hessian: torch.Tensor, percdamp: float, act_order: bool = Fal
 def upper_inverse_cholesky(hessian: torch.Tensor, percdamp: float, dead: torch.Tensor | None = None,
                            perm: torch.Tensor | None = None, layer: str = "") -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + damp I)^-1 in COMPUTE_DTYPE (of P H P^T when ``perm`` is given), with H_ii = 1
-    for the ``dead`` inputs; damping grows tenfold on failure. Returns (factor, damp fraction). One [D, D] matrix in
-    COMPUTE_DTYPE exists beside ``hessian``: it is factored, inverted and factored again in place (D is 8192-28672
-    for the MLP of a 3B-70B model: 3.3 GB in float32 at 28672). ``layer`` names the input in the error."""
+    for the ``dead`` inputs; damping grows tenfold on failure. Returns (factor, damp fraction). Beside ``hessian``, one
+    [D, D] matrix in COMPUTE_DTYPE, and two temporaries while it is factored unless D is past LEAN_HESSIAN_WIDTH
+    (3.3 GB each in float32 at a 70B model's 28,672). ``layer`` names the input in the error."""
     damp = percdamp
     for _ in range(MAX_DAMPING_RETRIES):
         factor = hessian.to(COMPUTE_DTYPE, copy=True)
@@ -80,10 +81,10 @@ def upper_inverse_cholesky(hessian: torch.Tensor, percdamp: float, dead: torch.T
 
 
 def inverse_upper_cholesky_(a: torch.Tensor) -> bool:
-    """a := U, the upper triangular factor with a^-1 = U^T U, in place; False when ``a`` (symmetric) is not positive
-    definite. On CPU through LAPACK on the tensor's own memory (potrf, potri, potrf: no second [D, D] matrix), on
-    other devices through torch (two temporaries there)."""
-    if a.device.type != "cpu":
+    """a := U, the upper triangular factor with a^-1 = U^T U; False when ``a`` (symmetric) is not positive definite.
+    Through torch (two [D, D] temporaries), or, for a CPU matrix past LEAN_HESSIAN_WIDTH, through LAPACK on the
+    tensor's own memory (potrf, potri, potrf: no second [D, D] matrix; the result differs from torch's by rounding)."""
+    if a.device.type != "cpu" or a.shape[0] <= LEAN_HESSIAN_WIDTH:
         lower, info = torch.linalg.cholesky_ex(a)
         if int(info):
             return False

@@ -40,7 +40,7 @@ def test_statistics_equal_a_plain_forward_pass():
         x = torch.cat(seen[name])
         assert stats[name].tokens == 64
         assert torch.allclose(stats[name].column_norms(), x.pow(2).sum(0).sqrt(), rtol=1e-5)
-        assert stats[name].hessian().dtype == torch.float32  # accumulated in float32 (HESSIAN_DTYPE)
+        assert stats[name].hessian().dtype == torch.float64  # narrow inputs: float64 (LEAN_HESSIAN_WIDTH)
         assert torch.allclose(stats[name].hessian().double(), 2 / 64 * x.t() @ x, rtol=1e-4, atol=1e-6)
     # q, k and v read one tensor: one statistic, whose Hessian is scaled once however often it is read
     assert stats["model.layers.1.self_attn.q_proj"] is stats["model.layers.1.self_attn.k_proj"]
@@ -159,3 +159,18 @@ def test_every_long_pass_resumes_to_the_same_result(tmp_path, monkeypatch, name,
     assert got.weight_names() == ref.weight_names()
     for param in ref.weight_names():
         assert torch.equal(got.parameter(param), ref.parameter(param)), param
+
+
+def test_a_wide_input_accumulates_its_hessian_in_float32(tiny_program_factory, monkeypatch):
+    """Past LEAN_HESSIAN_WIDTH (0 here) X^T X is accumulated in float32 in place: the same matrix up to rounding."""
+    import nexus_export.engine.calibration as calibration
+
+    program = tiny_program_factory("llama")
+    ids = torch.randint(0, 300, (6, 16), generator=torch.Generator().manual_seed(0))
+    lins = [program.linear("model.layers.0.mlp.down_proj")]
+    runner = BlockRunner(program, ids, batch_size=3)
+    narrow = collect(runner, 0, lins, hessian=True)[lins[0].name].hessian()
+    monkeypatch.setattr(calibration, "LEAN_HESSIAN_WIDTH", 0)
+    lean = collect(runner, 0, lins, hessian=True)[lins[0].name].hessian()
+    assert narrow.dtype == torch.float64 and lean.dtype == torch.float32
+    assert torch.allclose(lean.double(), narrow, rtol=1e-5, atol=1e-6 * float(narrow.abs().max()))

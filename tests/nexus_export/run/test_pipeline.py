@@ -26,9 +26,10 @@ def bf16_folder(tmp_path_factory):
     return folder
 
 
-def prune(out, model, *extra, method="magnitude"):
+def prune(out, model, *extra, method="magnitude", decode=False):
+    """A CLI run on the fast protocol; the decode-speed stage (which lowers the dense model too) only when asked."""
     return main(["-q", "prune", "--model", str(model), "--method", method, "--pattern", "2:4", *FAST, *extra,
-                 "--out", str(out)])
+                 *([] if decode else ["--no-decode-speed"]), "--out", str(out)])
 
 
 def report_of(out):
@@ -38,7 +39,7 @@ def report_of(out):
 @pytest.mark.slow
 def test_a_bf16_checkpoint_stays_bf16_and_a_small_budget_changes_nothing(tmp_path, bf16_folder, capsys):
     out = tmp_path / "run"
-    assert prune(out, bf16_folder) == 0
+    assert prune(out, bf16_folder, decode=True) == 0
     report = report_of(out)
     assert report["execution"] == {"device": "cpu", "dtype": "bf16", "compute_dtype": "fp32",
                                    "memory_budget_bytes": 2 * 2**30, "world_size": 1, "backend": None}
@@ -50,7 +51,7 @@ def test_a_bf16_checkpoint_stays_bf16_and_a_small_budget_changes_nothing(tmp_pat
     assert all(row["peak_rss_mb"] > 100 for row in rows.values())  # the process holds torch: never under 100 MiB
     assert all(report["timings"][f"{name}_s"] == row["wall_s"] for name, row in rows.items())
     assert sum(row["wall_s"] for row in rows.values()) <= report["timings"]["total_s"]
-    assert rows["capture"]["wall_s"] > 0.1 and rows["lower"]["wall_s"] > 0.1  # torch.export and ONNX export
+    assert rows["capture"]["wall_s"] > 0 and rows["lower"]["wall_s"] > 0.1  # (a graph captured before is reused)
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     dtypes = {t.name: t.data_type for t in model.graph.initializer}
     assert dtypes["lm.model.layers.0.mlp.down_proj.weight"] == onnx.TensorProto.BFLOAT16

@@ -12,7 +12,7 @@ from nexus_export.cli import main
 
 DATA = Path(__file__).parents[1] / "data"
 TASKS = str(DATA / "zero_shot")
-FAST = ["--calib-samples", "4", "--eval-windows", "2", "--seq-len", "64", "--no-latency"]
+FAST = ["--calib-samples", "4", "--eval-windows", "2", "--seq-len", "64", "--no-latency", "--no-decode-speed"]
 
 
 @pytest.mark.slow

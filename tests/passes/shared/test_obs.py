@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nexus_export.errors import UserError
+from passes.shared import obs
 from passes.shared.obs import inverse_upper_cholesky_, reconstruction_error, upper_inverse_cholesky
 
 
@@ -15,8 +16,12 @@ def _spd(n: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
     return h.to(dtype)
 
 
+@pytest.mark.parametrize("lean", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_the_in_place_factor_is_torchs_and_uses_the_matrix_itself(dtype):
+def test_the_factor_is_torchs_and_the_lean_one_uses_the_matrix_itself(dtype, lean, monkeypatch):
+    """Narrow inputs: torch's factoring, as before. Past LEAN_HESSIAN_WIDTH (0 here): LAPACK on the matrix's own
+    memory, equal up to rounding."""
+    monkeypatch.setattr(obs, "LEAN_HESSIAN_WIDTH", 0 if lean else 10**9)
     h = _spd(96, dtype)
     expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     a = h.clone()
@@ -29,7 +34,9 @@ def test_the_in_place_factor_is_torchs_and_uses_the_matrix_itself(dtype):
     assert torch.allclose(a.t() @ a, torch.linalg.inv(h), rtol=tol * 10, atol=tol * 10)
 
 
-def test_a_matrix_that_is_not_positive_definite_is_reported_not_factored():
+@pytest.mark.parametrize("lean", [False, True])
+def test_a_matrix_that_is_not_positive_definite_is_reported_not_factored(lean, monkeypatch):
+    monkeypatch.setattr(obs, "LEAN_HESSIAN_WIDTH", 0 if lean else 10**9)
     assert not inverse_upper_cholesky_(-torch.eye(4))
 
 
