@@ -3,10 +3,11 @@ next process (the demo's second run, a sweep's next point under torchrun, the te
 
 The export depends only on the program's graph, not on its weights' values (onnx_export.graph_key), and takes seconds
 for a tiny model and tens of seconds for a 135M one, while reading the stored graph back takes a fraction of that.
-An entry is the exporter's model with its weights left out: their initializers hold meta tensors (nothing to store),
-so each is written as an external-data reference to nothing (its shape and dtype kept) and restored as a meta tensor of the same shape and dtype on reading. The key adds
-what the export's output depends on besides the graph: torch's, onnxscript's and onnx_ir's versions and the source of
-the module that runs the export.
+An entry is the exporter's model with its weights left out: their initializers hold meta tensors (nothing to
+store), so each is written as an external-data reference to nothing (its shape and dtype kept) and restored as a meta
+tensor on reading. The per-node metadata (stack traces, module paths), which lowering clears anyway, is left out too
+(a tiny two-block model's entry: 53 kB without it). The key adds what the export's output depends on besides the
+graph: torch's, onnxscript's and onnx_ir's versions and the source of the module that runs the export.
 
 Folder: ``$NEXUS_EXPORT_GRAPH_CACHE``, default ``$NEXUS_EXPORT_CACHE/onnx-graphs``; the newest ``KEEP`` entries stay.
 Entries are written to a temporary file and renamed into place, so concurrent processes never read half an entry.
@@ -25,17 +26,19 @@ import onnx
 import onnx_ir as ir
 import onnxscript
 import torch
+from onnx_ir.passes import common
 
 from nexus_export.models.zoo import cache_root
 
 log = logging.getLogger(__name__)
 
-KEEP = 64  # entries; one is 0.1-3 MB (graph only) for the models in the zoo
+KEEP = 64  # entries (graphs only, no weights)
 META_KEY = "nexus_export.meta_initializers"  # JSON {name: torch dtype} of the initializers stored without data
 PLACEHOLDER = "no-data"  # their external-data location: kept shape and dtype, nothing to read
 
 
 def folder() -> Path:
+    """Where entries live: ``$NEXUS_EXPORT_GRAPH_CACHE``, default ``$NEXUS_EXPORT_CACHE/onnx-graphs``."""
     env = os.environ.get("NEXUS_EXPORT_GRAPH_CACHE")
     return Path(env).expanduser() if env else cache_root() / "onnx-graphs"
 
@@ -80,15 +83,20 @@ def save(key: str, model: ir.Model) -> None:
             meta[name] = str(raw.dtype).removeprefix("torch.")
             value.const_value = ir.ExternalTensor(PLACEHOLDER, 0, 0, value.dtype, shape=value.shape, name=name)
     stored.metadata_props[META_KEY] = json.dumps(meta)
+    common.ClearMetadataAndDocStringPass()(stored)
     target = folder()
+    partial = None
     try:
         target.mkdir(parents=True, exist_ok=True)
         proto = ir.serde.serialize_model(stored)
         with tempfile.NamedTemporaryFile(dir=target, suffix=".partial", delete=False) as f:
+            partial = Path(f.name)
             f.write(proto.SerializeToString())
-        os.replace(f.name, target / f"{key}.onnx")
-    except (OSError, ValueError) as exc:
+        os.replace(partial, target / f"{key}.onnx")
+    except Exception as exc:  # a cache that cannot be written costs the next run an export, never this run
         log.warning("onnx graph cache: cannot store an entry in %s (%s)", target, exc)
+        if partial is not None:
+            partial.unlink(missing_ok=True)
         return
     entries = sorted(target.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
     for old in entries[KEEP:]:
