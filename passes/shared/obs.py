@@ -27,6 +27,10 @@ from passes.shared.sparsity import NMPattern
 log = logging.getLogger(__name__)
 
 MAX_DAMPING_RETRIES = 6
+# scipy's bundled LAPACK indexes with 32-bit integers: its potrf crashed the process (SIGSEGV) on a 28,672-wide float32
+# matrix (3.3 GB). Larger matrices are factored by torch (MKL) with its temporaries until the in-place factoring is
+# done in blocks.
+LAPACK_MAX_BYTES = 2**31 - 1
 # The OBS math runs in float32, as in the references (the Hessian is accumulated in float64 and cast once). Measured on
 # SmolLM2-135M 2:4 (default protocol): float32 64.28, float64 66.40 perplexity: the difference is mask choices flipping
 # on near-ties, not accuracy, and float32 reproduces the reference's 64.43.
@@ -83,8 +87,10 @@ def upper_inverse_cholesky(hessian: torch.Tensor, percdamp: float, dead: torch.T
 def inverse_upper_cholesky_(a: torch.Tensor) -> bool:
     """a := U, the upper triangular factor with a^-1 = U^T U; False when ``a`` (symmetric) is not positive definite.
     Through torch (two [D, D] temporaries), or, for a CPU matrix past LEAN_HESSIAN_WIDTH, through LAPACK on the
-    tensor's own memory (potrf, potri, potrf: no second [D, D] matrix; the result differs from torch's by rounding)."""
-    if a.device.type != "cpu" or a.shape[0] <= LEAN_HESSIAN_WIDTH:
+    tensor's own memory (potrf, potri, potrf: no second [D, D] matrix; the result differs from torch's by rounding)
+    while scipy's LAPACK can index it (LAPACK_MAX_BYTES)."""
+    too_big = a.numel() * a.element_size() > LAPACK_MAX_BYTES
+    if a.device.type != "cpu" or a.shape[0] <= LEAN_HESSIAN_WIDTH or too_big:
         lower, info = torch.linalg.cholesky_ex(a)
         if int(info):
             return False

@@ -67,3 +67,15 @@ def test_the_error_taken_in_row_blocks_is_the_whole_product():
     whole = float(((delta @ h) * delta).sum()) / 2.0
     assert reconstruction_error(old, new, h, rows=3) == pytest.approx(whole, rel=1e-12)
     assert reconstruction_error(old, new, h.float(), rows=4) == pytest.approx(whole, rel=1e-5)
+
+
+def test_a_matrix_too_large_for_scipys_lapack_is_factored_by_torch(monkeypatch):
+    """scipy's LAPACK indexes with 32-bit integers (it crashed on a 3.3 GB matrix): past LAPACK_MAX_BYTES the lean
+    path falls back to torch, with the same factor."""
+    monkeypatch.setattr(obs, "LEAN_HESSIAN_WIDTH", 0)
+    monkeypatch.setattr(obs, "LAPACK_MAX_BYTES", 0)
+    monkeypatch.setattr(obs.lapack, "get_lapack_funcs", lambda *a, **k: pytest.fail("scipy's LAPACK was called"))
+    h = _spd(32, torch.float32)
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    a = h.clone()
+    assert inverse_upper_cholesky_(a) and torch.allclose(a, expected, rtol=1e-4, atol=1e-6)
