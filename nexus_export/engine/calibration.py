@@ -32,12 +32,12 @@ from nexus_export.progress import Progress
 log = logging.getLogger(__name__)
 
 # Inputs wider than this get the lean Hessian: X^T X accumulated in float32 in place (addmm_, as the references
-# accumulate) and factored in place (passes/shared/obs.py), two [D, D] float32 matrices in all instead of a float64
-# one, two float32 temporaries per calibration batch and three while factoring: at 28,672 inputs (a 70B down
-# projection) 6.6 GB instead of 6.6 + 3 x 3.3 GB. Narrower inputs (every input up to 8B's 14,336-wide down projection)
-# keep float64 accumulation and torch's factoring, so their results are what they were. Measured against each other
-# on SmolLM2-135M by bench/hessian_precision.py (docs/results.md): the lean path moves SparseGPT 2:4's perplexity as
-# much as rescaling the Hessian by 1 + 2^-20 does (rounding alone), no more.
+# accumulate; no per-batch [in, in] temporaries) and factored in place where scipy's LAPACK can (passes/shared/obs.py).
+# At 28,672 inputs (a 70B down projection) the float64 matrix alone was 6.6 GB and each batch added 3.3 + 6.6 GB of
+# temporaries. Narrower inputs (every input up to 8B's 14,336-wide down projection) keep float64 accumulation and
+# torch's factoring, so their results are what they were. Measured against each other on SmolLM2-135M by
+# bench/hessian_precision.py (docs/results.md): the lean path moves SparseGPT 2:4's perplexity as much as rescaling
+# the Hessian by 1 + 2^-20 does (rounding alone), no more.
 LEAN_HESSIAN_WIDTH = 16384
 
 
