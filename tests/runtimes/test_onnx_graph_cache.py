@@ -6,6 +6,7 @@ import logging
 from collections import OrderedDict
 
 import onnx
+import pytest
 import torch
 from conftest import tiny_program
 
@@ -17,6 +18,7 @@ def _files(folder):
     return {name: (folder / name).read_bytes() for name in ("model.onnx", "model.kv.onnx", "model.onnx.data")}
 
 
+@pytest.mark.slow
 def test_a_stored_graph_lowers_to_the_files_a_fresh_export_writes(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("NEXUS_EXPORT_GRAPH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(onnx_export, "_EXPORTS", OrderedDict())  # as in a new process
