@@ -116,13 +116,19 @@ class QuantizeSettings:
     accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (onnxruntime's fastest on CPUs), 0 = float32
 
 
+def _shown(keys: set) -> list[str]:
+    """Keys as an error message shows them, sorted: quoted when they hold a newline or another unprintable character
+    (the message stays one line)."""
+    return sorted(str(k) if str(k).isprintable() else repr(k) for k in keys)
+
+
 def _settings(cls, data: Any, section: str):
     if data is None:
         return cls()
     if not isinstance(data, dict):
         raise UserError(f"recipe section {section!r} must be a mapping of settings")
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = _shown(set(data) - names)
     if unknown:
         raise UserError(f"unknown key(s) {', '.join(unknown)} in recipe section {section!r}; valid: {', '.join(sorted(names))}")
     import typing
@@ -164,7 +170,7 @@ class Recipe:
             raise UserError("a recipe must be a mapping with at least 'model' and 'passes'")
         valid = {"model", "passes", "calibration", "evaluation", "lowering", "quantize", "execution", "bos",
                  "convert_pickled"}
-        unknown = sorted(set(data) - valid)
+        unknown = _shown(set(data) - valid)
         if unknown:
             raise UserError(f"unknown recipe key(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
         if not data.get("model") or not isinstance(data["model"], (str, Path)):
