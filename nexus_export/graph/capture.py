@@ -14,12 +14,10 @@ stay where they are (a checkpoint on disk, or the caller's model) for the weight
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import re
 import time
-import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Iterator
@@ -28,7 +26,7 @@ import torch
 import torch.fx.traceback as fx_traceback
 
 from nexus_export.errors import UserError
-from nexus_export.graph.graph_edit import rebuild
+from nexus_export.graph.graph_edit import copy_program, rebuild
 from nexus_export.graph.kv_cache import past_cache, positions
 from nexus_export.memory import forget_last_trace
 
@@ -148,7 +146,7 @@ def capture(model: torch.nn.Module, vocab_size: int | None = None) -> torch.expo
         _CAPTURES.move_to_end(key)
         log.info("captured %s: the graph of an earlier capture of this model in this process, reused",
                  type(model).__name__)
-        return _copy(_CAPTURES[key])
+        return copy_program(_CAPTURES[key])  # passes edit graphs in place; weights are meta
     was_training = model.training
     model.eval()
     ids, mask = example_inputs(vocab_size, past=TRACE_PAST if cached else 0)
@@ -170,7 +168,7 @@ def capture(model: torch.nn.Module, vocab_size: int | None = None) -> torch.expo
     _check_constants(exported, type(model).__name__)
     exported = rebuild(exported, None)  # one input per tensor: a tied weight's unused second placeholder goes
     if key is not None:
-        _CAPTURES[key] = _copy(exported)
+        _CAPTURES[key] = copy_program(exported)
         while len(_CAPTURES) > KEEP_CAPTURES:
             _CAPTURES.popitem(last=False)
     return exported
@@ -201,13 +199,6 @@ def _capture_key(model: torch.nn.Module, vocab_size: int) -> str:
             if not swapped and b.device.type != "meta":  # in the graph as a constant: its values matter
                 digest.update(b.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def _copy(exported: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """An independent copy (passes edit graphs in place); its weights are meta, so this copies no data."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch's own LeafSpec deprecation, raised by copying
-        return copy.deepcopy(exported)
 
 
 def _check_constants(exported: torch.export.ExportedProgram, what: str) -> None:
