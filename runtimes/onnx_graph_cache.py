@@ -69,7 +69,10 @@ def load(key: str) -> ir.Model | None:
         shape = [int(d) for d in value.shape]
         value.const_value = ir.tensor_adapters.TorchTensor(
             torch.empty(shape, dtype=getattr(torch, dtype), device="meta"), name=name)
-    os.utime(path)  # recently used: kept when older entries go
+    try:
+        os.utime(path)  # recently used: kept when older entries go
+    except OSError:  # another process trimmed it meanwhile: the graph read is still good
+        pass
     return model
 
 
@@ -98,6 +101,17 @@ def save(key: str, model: ir.Model) -> None:
         if partial is not None:
             partial.unlink(missing_ok=True)
         return
-    entries = sorted(target.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in entries[KEEP:]:
+    _trim(target)
+
+
+def _trim(target: Path) -> None:
+    """Keep the newest ``KEEP`` entries; other processes may be trimming or writing the same folder meanwhile."""
+    dated = []
+    for entry in target.glob("*.onnx"):
+        try:
+            dated.append((entry.stat().st_mtime, entry))
+        except OSError:  # removed by another process between the listing and the stat
+            continue
+    dated.sort(reverse=True)
+    for _, old in dated[KEEP:]:
         old.unlink(missing_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 
 import onnx
@@ -54,3 +55,14 @@ def test_a_corrupt_entry_is_exported_again_and_old_entries_go(tmp_path, monkeypa
     monkeypatch.setattr(onnx_graph_cache, "KEEP", 1)
     onnx_graph_cache.save("another", again)
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["another.onnx"]  # the newest entry stays
+
+
+def test_trimming_skips_entries_another_process_removed_meanwhile(tmp_path, monkeypatch):
+    """Test workers share one folder: an entry that vanishes between the listing and its date is not an error."""
+    monkeypatch.setattr(onnx_graph_cache, "KEEP", 1)
+    (tmp_path / "old.onnx").write_bytes(b"a")
+    (tmp_path / "new.onnx").write_bytes(b"b")
+    os.utime(tmp_path / "old.onnx", (1, 1))
+    (tmp_path / "gone.onnx").symlink_to(tmp_path / "missing")  # listed, but its stat fails like a removed file's
+    onnx_graph_cache._trim(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gone.onnx", "new.onnx"]
