@@ -1,10 +1,14 @@
 """memory: trim gives freed heap pages back, imports frozen, large tensors mapped, torch's last trace let go, short
 rises in memory counted and placed."""
 
+import gc
 import subprocess
 import sys
+import time
+import weakref
 
 import pytest
+import torch
 
 from nexus_export import memory
 
@@ -63,6 +67,8 @@ def test_frozen_imports_leave_later_cycles_collectable():
 
 MAPPED = """
 import sys
+import time
+import weakref
 import torch
 from nexus_export import memory
 if "map" in sys.argv:
@@ -184,3 +190,28 @@ def test_the_peak_is_this_programs_own_not_the_spawners():
     out = subprocess.run([sys.executable, "-c", INHERITED], capture_output=True, text=True, check=True).stdout
     own, ru_maxrss = (float(v) for v in out.split())
     assert ru_maxrss > 400 and own < 200
+
+
+def test_release_collects_at_most_a_tenth_of_the_time(monkeypatch):
+    """A full collection right after one that took 10 s waits until 90 s have passed since; then it runs."""
+    class Node:
+        pass
+
+    def cycle():
+        a, b = Node(), Node()
+        a.other, b.other, a.weight = b, a, torch.ones(10)
+        return weakref.ref(a.weight)
+
+    gc.disable()  # only release() collects here
+    try:
+        now = time.perf_counter()
+        monkeypatch.setitem(memory._collected, "end", now)
+        monkeypatch.setitem(memory._collected, "cost", 10.0)
+        alive = cycle()
+        memory.release()
+        assert alive() is not None  # 10 s of collecting ended just now: not yet
+        monkeypatch.setitem(memory._collected, "end", now - 91.0)
+        memory.release()
+        assert alive() is None and memory._collected["cost"] < 10.0
+    finally:
+        gc.enable()
