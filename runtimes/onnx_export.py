@@ -30,7 +30,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -51,6 +50,7 @@ from nexus_export.run.recipe import LOWER, MIN_OPSET
 from . import onnx_graph_cache
 from .onnx_cache import is_cache_model, to_cache_model, to_full_model
 from .onnx_gqa import drop_repeated_heads
+from .torch_onnx_steps import Exporter
 
 log = logging.getLogger(__name__)
 
@@ -93,28 +93,29 @@ def lower_to_onnx(program: Program, out_path: Path, opset: int = 18, external_da
     if out_path.is_dir():
         raise UserError(f"{out_path} is a folder; give the path of the .onnx file to write")
     if layout is None:
-        model = _lowered(program, program.exported, opset, [], dtype)
+        model = _lowered(program, Exporter(program.exported), opset, [], dtype)
         return write_models(model, out_path, external_data, "logits")[0]
     nodes, outputs = zip(*cache_outputs(layout))  # the cache's values leave the graph as extra outputs, named
-    marked = with_outputs(program.exported, list(nodes))
+    exporter = Exporter(with_outputs(program.exported, list(nodes)))  # one graph, decomposed once for both opsets
     cache = full = None
     if lower != "logits" or opset >= GENERATION_OPSET:
-        cache = _lowered(program, marked, max(opset, GENERATION_OPSET), list(outputs), dtype)
+        cache = _lowered(program, exporter, max(opset, GENERATION_OPSET), list(outputs), dtype)
         to_cache_model(cache)
     if lower != "generate" and opset < GENERATION_OPSET:  # the full-sequence model keeps the opset asked for
-        full = _lowered(program, marked, opset, list(outputs), dtype)
+        full = _lowered(program, exporter, opset, list(outputs), dtype)
         to_cache_model(full)
         to_full_model(full)
+    del exporter
     if cache is None:
         return write_models(full, out_path, external_data, "logits")[0]
     return write_models(cache, out_path, external_data, lower, full=full)[0]
 
 
-def _lowered(program: Program, exported: torch.export.ExportedProgram, opset: int, outputs: list[str],
-             dtype: torch.dtype | None) -> ir.Model:
-    """``exported`` (the program's graph, or it with named extra outputs) as ONNX with the program's weights bound
+def _lowered(program: Program, exporter: Exporter, opset: int, outputs: list[str], dtype: torch.dtype | None
+             ) -> ir.Model:
+    """The exporter's graph (the program's, or it with named extra outputs) as ONNX with the program's weights bound
     lazily in ``dtype``."""
-    model = export_graph(exported, opset, outputs)
+    model = export_graph(exporter.exported, opset, outputs, exporter)
     folded = bind_weights(model, program, dtype)
     # the exporter's per-node metadata (stack traces, module paths) would be most of the file of a small model
     common.ClearMetadataAndDocStringPass()(model)
@@ -135,14 +136,16 @@ _EXPORTS: OrderedDict[str, ir.Model] = OrderedDict()  # graphs exported in this 
 KEEP_EXPORTS = 2  # a lowering's two graphs (the two opsets): a masking run's dense model reuses both
 
 
-def export_graph(exported: torch.export.ExportedProgram, opset: int, extra_outputs: list[str] = ()) -> ir.Model:
+def export_graph(exported: torch.export.ExportedProgram, opset: int, extra_outputs: list[str] = (),
+                 exporter: Exporter | None = None) -> ir.Model:
     """torch.onnx.export of the program's graph (its weights are meta: nothing is computed or copied), with the
     dynamic axes named batch/sequence; outputs after the logits get the names ``extra_outputs``.
 
     The export depends only on the graph, not on the weights' values, and masking passes leave the graph as it was:
     a graph this process exported already (a sweep's next point, another masking run) is cloned from the last
     exports kept instead of exported again (seconds to tens of seconds saved per lowering), and one an earlier
-    process exported is read from the graph cache on disk (onnx_graph_cache.py)."""
+    process exported is read from the graph cache on disk (onnx_graph_cache.py). An ``exporter`` of ``exported``
+    shared by calls at several opsets decomposes the graph once (torch_onnx_steps.py)."""
     if opset < MIN_OPSET:
         raise UserError(f"opset {opset} is not supported: torch's ONNX exporter needs opset >= {MIN_OPSET}")
     key = graph_key(exported, opset) + ",".join(extra_outputs)
@@ -155,7 +158,7 @@ def export_graph(exported: torch.export.ExportedProgram, opset: int, extra_outpu
     if model is not None:
         log.info("onnx export: the graph an earlier run exported, read from %s", onnx_graph_cache.folder())
     else:
-        model = _export(exported, opset, list(extra_outputs))
+        model = _export(exporter or Exporter(exported), opset, list(extra_outputs))
         onnx_graph_cache.save(stored_key, model)
     _EXPORTS[key] = _independent_clone(model)
     while len(_EXPORTS) > KEEP_EXPORTS:
@@ -193,14 +196,11 @@ def graph_key(exported: torch.export.ExportedProgram, opset: int) -> str:
     return digest.hexdigest()
 
 
-def _export(exported: torch.export.ExportedProgram, opset: int, extra_outputs: list[str]) -> ir.Model:
+def _export(exporter: Exporter, opset: int, extra_outputs: list[str]) -> ir.Model:
     start = time.perf_counter()
     # The exporter notes once per process that torchvision's ops are not registered: noise for a language model.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        program = torch.onnx.export(exported, args=(), dynamo=True, input_names=list(INPUT_NAMES),
-                                    output_names=[OUTPUT_NAME, *extra_outputs], opset_version=opset, optimize=False, verbose=False)
+    program = exporter.export(opset, INPUT_NAMES, [OUTPUT_NAME, *extra_outputs])
     forget_last_trace()  # the exporter's decomposed graph would otherwise outlive the lowering
     _name_dynamic_axes(program)
     model = program.model
