@@ -33,9 +33,11 @@ from nexus_export.memory import forget_last_trace
 log = logging.getLogger(__name__)
 
 # Captures of Hugging Face models in this process, by _capture_key: a sweep's next point, the API pruning one model
-# twice and the test suite capture the same graph again (seconds each; tens for a 135M model). Weights are meta.
+# twice and the test suite capture the same graph again (seconds each; tens for a 135M model). Weights are meta, so an
+# entry is a graph only; a run captures one or two models, the test suite's workers dozens of tiny ones (in the files
+# of every family, 39 captures took 18 traces with room for all of them, 39 with room for two).
 _CAPTURES: OrderedDict[str, torch.export.ExportedProgram] = OrderedDict()
-KEEP_CAPTURES = 2
+KEEP_CAPTURES = 16
 
 COMPUTE_DTYPE = torch.float32  # the dtype every captured graph computes in (float64 where the math needs it)
 MAX_BATCH = 1024

@@ -123,12 +123,23 @@ def add_parameter(exported: ExportedProgram, store: WeightStore, target: str, va
     return node
 
 
-def call(graph: fx.Graph, target, args: tuple, like: fx.Node) -> fx.Node:
-    """A call_function node carrying ``like``'s module stack and source metadata (its value is refreshed later)."""
+def call(graph: fx.Graph, target, args: tuple, like: fx.Node, infer: bool = True) -> fx.Node:
+    """A call_function node carrying ``like``'s module stack and source metadata, and its own value: ``target`` run
+    on its inputs' fake values (shapes only, symbolic dims kept), so the graph's metadata stays true without a
+    retrace. With ``infer=False`` (a graph mid-edit whose inputs do not fit yet: SliceGPT's shortcuts, added before the
+    widths change) or where an input has no fake value, ``like``'s value stands in until the program is retraced."""
     node = graph.call_function(target, args)
-    for key in ("val", "nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn"):
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn"):
         if key in like.meta:
             node.meta[key] = like.meta[key]
+    inputs = [a for a in pytree.tree_leaves(args) if isinstance(a, fx.Node)]
+    fake_mode = detect_fake_mode([a.meta.get("val") for a in inputs])
+    if infer and fake_mode is not None and all("val" in a.meta for a in inputs):
+        values = pytree.tree_map(lambda a: a.meta["val"] if isinstance(a, fx.Node) else a, args)
+        with fake_mode:
+            node.meta["val"] = target(*values)
+    elif "val" in like.meta:
+        node.meta["val"] = like.meta["val"]
     return node
 
 

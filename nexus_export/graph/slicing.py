@@ -229,7 +229,7 @@ def fuse_norms(program: Program) -> Program:
             _center_writers(program, exported, store)
         for site in sites:
             _make_scale_free(graph, site, width)
-    fused = rebuild(exported, store, retrace=True)
+    fused = rebuild(exported, store)  # the new nodes carry their own values (graph_edit.call): no retrace
     log.info("fused %d norms (%s)", len(sites), ", ".join(sorted({s.kind for s in sites})))
     return program.derive(fused, store)
 
@@ -479,7 +479,7 @@ def rotate_and_slice(fused: Program, bases: list[torch.Tensor], in_place: bool =
             block = structure.blocks[sub.block]
             param = add_parameter(exported, store, f"{WRAPPER_PREFIX}{block}.{sub.kind}_shortcut.weight", s.t())
             with graph.inserting_before(add):
-                node = call(graph, aten.linear.default, (stream, param), add)
+                node = call(graph, aten.linear.default, (stream, param), add, infer=False)  # retraced below
             add.replace_input_with(stream, node)
             shortcuts += 1
         rotate(structure.lm_head, q_in=basis(len(bases) - 1))

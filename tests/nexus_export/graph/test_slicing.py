@@ -4,6 +4,8 @@ it must be, and the sliced program computes what the projected calibration progr
 import pytest
 import torch
 from conftest import archs, make_tiny, random_bases, tiny_program
+from torch._guards import detect_fake_mode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from nexus_export.graph.program import Program
 from nexus_export.graph.slicing import (
@@ -30,6 +32,7 @@ def test_fusion_keeps_logits_and_leaves_scale_free_norms(arch):
     sites = find_norms(fused, fused.exported)
     assert len(sites) == 2 * 2 + 1  # two sublayers per block, plus the final norm
     assert all(s.kind == "rmsnorm" and s.weight is None and s.bias is None for s in sites)
+    assert stale_values(fused) == []  # fused without a retrace: the new nodes' shapes are right
     assert not fused.structure.tied_embedding
     head = fused.structure.linears[fused.structure.lm_head].weight
     assert head not in fused.structure.embeddings.values()
@@ -39,6 +42,20 @@ def test_fusion_keeps_logits_and_leaves_scale_free_norms(arch):
         for sub in fused.structure.sublayers:
             for name in sub.writers:
                 assert float(fused.weight(name).detach().double().mean(dim=0).abs().max()) < 1e-6
+
+
+def stale_values(program: Program) -> list[str]:
+    """Nodes whose recorded value's shape differs from the shape a fresh fake run of the graph gives."""
+    graph_module = program.exported.graph_module
+    placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
+    fake_mode = detect_fake_mode([n.meta["val"] for n in placeholders])
+    recorded = {n.name: n.meta.get("val") for n in graph_module.graph.nodes}
+    FakeTensorProp(graph_module, fake_mode).propagate_dont_convert_inputs(*[n.meta["val"] for n in placeholders])
+    stale = [n.name for n in graph_module.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)
+             and str(recorded[n.name].shape) != str(n.meta["val"].shape)]
+    for node in graph_module.graph.nodes:
+        node.meta["val"] = recorded[node.name]
+    return stale
 
 
 @pytest.mark.parametrize("arch", archs())
