@@ -28,7 +28,6 @@ from nexus_export.engine.pass_base import PassContext
 from nexus_export.evaluation.evaluate import program_perplexity
 from nexus_export.registry import get_pass
 
-
 FACTOR = obs.inverse_upper_cholesky_
 
 

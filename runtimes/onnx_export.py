@@ -47,7 +47,7 @@ from nexus_export.memory import forget_last_trace
 from nexus_export.outdir import file_mode
 from nexus_export.run.recipe import LOWER, MIN_OPSET
 
-from . import onnx_graph_cache
+from . import onnx_graph_cache, torch_onnx_steps
 from .onnx_cache import is_cache_model, to_cache_model, to_full_model
 from .onnx_gqa import drop_repeated_heads
 from .torch_onnx_steps import Exporter
@@ -153,7 +153,7 @@ def export_graph(exported: torch.export.ExportedProgram, opset: int, extra_outpu
         _EXPORTS.move_to_end(key)
         log.info("onnx export: the graph of an earlier lowering in this process, reused")
         return _independent_clone(_EXPORTS[key])
-    stored_key = onnx_graph_cache.entry_key(key, Path(__file__))
+    stored_key = onnx_graph_cache.entry_key(key, [Path(__file__), Path(torch_onnx_steps.__file__)])
     model = onnx_graph_cache.load(stored_key)
     if model is not None:
         log.info("onnx export: the graph an earlier run exported, read from %s", onnx_graph_cache.folder())

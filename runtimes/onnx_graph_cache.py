@@ -7,7 +7,7 @@ An entry is the exporter's model with its weights left out: their initializers h
 store), so each is written as an external-data reference to nothing (its shape and dtype kept) and restored as a meta
 tensor on reading. The per-node metadata (stack traces, module paths), which lowering clears anyway, is left out too
 (a tiny two-block model's entry: 53 kB without it). The key adds what the export's output depends on besides the
-graph: torch's, onnxscript's and onnx_ir's versions and the source of the module that runs the export.
+graph: torch's, onnxscript's and onnx_ir's versions and the source of the modules that run the export.
 
 Folder: ``$NEXUS_EXPORT_GRAPH_CACHE``, default ``$NEXUS_EXPORT_CACHE/onnx-graphs``; the newest ``KEEP`` entries stay.
 Entries are written to a temporary file and renamed into place, so concurrent processes never read half an entry.
@@ -43,12 +43,13 @@ def folder() -> Path:
     return Path(env).expanduser() if env else cache_root() / "onnx-graphs"
 
 
-def entry_key(graph_key: str, exporter_source: Path) -> str:
-    """``graph_key`` with the versions and the exporting module's source that the exported graph depends on."""
+def entry_key(graph_key: str, exporter_sources: list[Path]) -> str:
+    """``graph_key`` with the versions and the exporting modules' sources that the exported graph depends on."""
     digest = hashlib.sha256()
     for part in (graph_key, torch.__version__, onnxscript.__version__, ir.__version__):
         digest.update(part.encode())
-    digest.update(exporter_source.read_bytes())
+    for source in exporter_sources:
+        digest.update(source.read_bytes())
     return digest.hexdigest()[:40]
 
 

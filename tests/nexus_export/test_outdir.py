@@ -2,7 +2,6 @@
 Ctrl-C. A run killed with SIGKILL and resumed is test_distributed's killed writer (a 2-process run resumed by one
 process, to the uninterrupted result)."""
 
-import json
 import os
 import signal
 import subprocess
