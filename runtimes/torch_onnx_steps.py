@@ -7,9 +7,11 @@ A lowering exports one graph twice: the cache model at opset 23 and the full-seq
 decompositions keep the operators the registry implements and decompose the others; opset 23 implements one more
 (``aten.rms_norm``, as RMSNormalization), which a Hugging Face model's graph does not hold (its norms are written out
 in elementwise ops). So ``Exporter`` decomposes once per graph when the implemented operators the graph calls are the
-same at both opsets, and again when they are not; it keeps one registry per opset. The steps are torch's own private functions, called in the order ``torch.onnx.export`` calls them
-(torch 2.13); ``STEPS`` is False where they are missing and ``export`` then calls ``torch.onnx.export`` itself.
-tests/runtimes/test_torch_onnx_steps.py checks that both give the same graph.
+same at both opsets, and again when they are not; it keeps one registry per opset. The steps are torch's own private
+functions, called in the order ``torch.onnx.export`` calls them (torch 2.13); ``STEPS`` is False where they are
+missing, and ``Exporter.export`` then calls ``torch.onnx.export`` itself. tests/runtimes/test_torch_onnx_steps.py
+checks that both give the same graph. Measured on SmolLM2-135M's two files: 36.9 s against 55.4 s
+(bench/lowering_speed.py).
 """
 
 from __future__ import annotations

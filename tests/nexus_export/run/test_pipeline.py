@@ -50,7 +50,8 @@ def test_a_bf16_checkpoint_stays_bf16_and_a_small_budget_changes_nothing(tmp_pat
     rows = {row["stage"]: row for row in report["stages"]}
     assert all(row["peak_rss_mb"] > 100 for row in rows.values())  # the process holds torch: never under 100 MiB
     assert all(report["timings"][f"{name}_s"] == row["wall_s"] for name, row in rows.items())
-    assert sum(row["wall_s"] for row in rows.values()) <= report["timings"]["total_s"]
+    rounding = 0.005 * (len(rows) + 1)  # every figure is rounded to 0.01 s
+    assert sum(row["wall_s"] for row in rows.values()) <= report["timings"]["total_s"] + rounding
     assert rows["capture"]["wall_s"] > 0 and rows["lower"]["wall_s"] > 0.1  # (a graph captured before is reused)
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     dtypes = {t.name: t.data_type for t in model.graph.initializer}
