@@ -67,8 +67,6 @@ def test_frozen_imports_leave_later_cycles_collectable():
 
 MAPPED = """
 import sys
-import time
-import weakref
 import torch
 from nexus_export import memory
 if "map" in sys.argv:
