@@ -105,7 +105,7 @@ def lower_to_onnx(program: Program, out_path: Path, opset: int = 18, external_da
         full = _lowered(program, exporter, opset, list(outputs), dtype)
         to_cache_model(full)
         to_full_model(full)
-    del exporter
+    del exporter  # its decomposed graph goes before the weights are written
     if cache is None:
         return write_models(full, out_path, external_data, "logits")[0]
     return write_models(cache, out_path, external_data, lower, full=full)[0]

@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 
 # Captures of Hugging Face models in this process, by _capture_key: a sweep's next point, the API pruning one model
 # twice and the test suite capture the same graph again (seconds each; tens for a 135M model). Weights are meta, so an
-# entry is a graph only; a run captures one or two models, the test suite's workers dozens of tiny ones (in the files
-# of every family, 39 captures took 18 traces with room for all of them, 39 with room for two).
+# entry is a graph only; a run captures one or two models, the test suite's workers dozens of tiny ones (in
+# test_architectures.py and test_generation.py in one process: 42 captures took 39 traces with room for two entries,
+# 18 with room for all).
 _CAPTURES: OrderedDict[str, torch.export.ExportedProgram] = OrderedDict()
 KEEP_CAPTURES = 16
 
