@@ -58,8 +58,9 @@ PROTOCOL = ["--calib-samples", "8", "--seq-len", "256", "--eval-windows", "4", "
 SHARD_BYTES = 2**30
 
 
-def checkpoint(name: str) -> Path:
-    """The synthetic checkpoint folder of shape ``name``, built (seeded, shard by shard) when missing."""
+def checkpoint(name: str, shape: dict | None = None) -> Path:
+    """The synthetic checkpoint folder of shape ``name`` (``shape``: LlamaConfig arguments, SHAPES[name] when
+    omitted), built (seeded, shard by shard) when missing."""
     import transformers
     from safetensors.torch import save_file
 
@@ -72,7 +73,7 @@ def checkpoint(name: str) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     config = transformers.LlamaConfig(max_position_embeddings=2048, bos_token_id=256, eos_token_id=256,
-                                      pad_token_id=256, **SHAPES[name])
+                                      pad_token_id=256, **(shape or SHAPES[name]))
     config.dtype = "bfloat16"
     with parameters_on_meta():
         model = transformers.LlamaForCausalLM(config)
