@@ -5,11 +5,21 @@
 # out/gpu); the end of each log is printed as it finishes, so a step that runs out of time costs only itself.
 #
 #     bash bench/gpu_checks.sh                  # on the GPU machine, from the repository root
+#
+# The machine's image may hold older packages than nexus-export needs (seen: transformers 5.17, which cannot capture
+# a model with its cache: 5.24 is the oldest that can). Wheels in .whl/ are installed first, to /tmp/site, ahead of
+# the image's: here, `pip download --no-deps` them into .whl (transformers 5.25.0 and what it needs that the image
+# lacks: huggingface_hub 2.4.0, httpx2, httpcore2, truststore, kernels, tomlkit, click, idna, hf-xet, regex), and
+# name .whl in the device tool's carry.
 set -u
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NEXUS_EXPORT_CACHE=${NEXUS_EXPORT_CACHE:-/tmp/nexus-export-cache}
 PY=${PY:-python3}
+if compgen -G ".whl/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 
 step() {  # step NAME SECONDS COMMAND...: run it under a time limit, log to $OUT/NAME.log, print the log's end
     local name=$1 limit=$2 start=$SECONDS

@@ -4,3 +4,5 @@ rotation and slicing, the Hugging Face folder written back).
 
 May import the ground floor and ``weights``.
 """
+
+

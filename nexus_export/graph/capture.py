@@ -28,6 +28,7 @@ import torch.fx.traceback as fx_traceback
 from nexus_export.errors import UserError
 from nexus_export.graph.graph_edit import copy_program, rebuild
 from nexus_export.graph.kv_cache import past_cache, positions
+from nexus_export.graph.trace_settings import tracing
 from nexus_export.memory import forget_last_trace
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,7 @@ def capture(model: torch.nn.Module, vocab_size: int | None = None) -> torch.expo
     start = time.perf_counter()
     try:
         # preserve_node_meta: the cache's tags (node.meta["custom"]) reach the captured graph
-        with torch.no_grad(), meta_weights(model), fx_traceback.preserve_node_meta():
+        with torch.no_grad(), meta_weights(model), fx_traceback.preserve_node_meta(), tracing():
             exported = torch.export.export(CausalLM(model), (ids, mask), dynamic_shapes=dynamic, strict=False)
     except Exception as exc:  # torch.export raises many types; all become one clear message
         raise UserError(f"torch.export could not capture {type(model).__name__}: {describe_export_failure(exc)}") from exc

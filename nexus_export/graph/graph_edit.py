@@ -25,6 +25,7 @@ from torch.export.graph_signature import (
     TensorArgument,
 )
 
+from nexus_export.graph.trace_settings import tracing
 from nexus_export.memory import forget_last_trace
 from nexus_export.weights.store import WeightStore
 
@@ -136,7 +137,7 @@ def call(graph: fx.Graph, target, args: tuple, like: fx.Node, infer: bool = True
     fake_mode = detect_fake_mode([a.meta.get("val") for a in inputs])
     if infer and fake_mode is not None and all("val" in a.meta for a in inputs):
         values = pytree.tree_map(lambda a: a.meta["val"] if isinstance(a, fx.Node) else a, args)
-        with fake_mode:
+        with fake_mode, tracing():
             node.meta["val"] = target(*values)
     elif "val" in like.meta:
         node.meta["val"] = like.meta["val"]
@@ -180,7 +181,8 @@ def rebuild(exported: ExportedProgram, store: WeightStore | None, rename: Callab
     edited = _program(exported, graph, specs, state, constants)
     if not retrace:
         return edited
-    retraced = edited.run_decompositions({})
+    with tracing():
+        retraced = edited.run_decompositions({})
     forget_last_trace()
     # A copy: the retraced graph keeps every node the trace erased in its namespace (30,911 names for SmolLM2-135M's
     # 2,000 nodes), fake values and all, for as long as the program lives.

@@ -36,6 +36,7 @@ from nexus_export.graph.graph_edit import add_parameter, call, copy_program, met
 from nexus_export.graph.program import Program
 from nexus_export.graph.structure import block_boundaries, op_name, through
 from nexus_export.graph.surgery import stream_operand
+from nexus_export.graph.trace_settings import tracing
 from nexus_export.naming import WRAPPER_PREFIX
 from nexus_export.progress import Progress
 from nexus_export.weights.store import WeightStore
@@ -96,7 +97,7 @@ def _fix_widths(exported: ExportedProgram) -> None:
         else:
             values.append(mode.from_tensor(exported.constants[spec.target]))
     exported.graph_module.recompile()
-    with mode, torch.no_grad():
+    with mode, torch.no_grad(), tracing():
         _WidthFixer(exported.graph_module).run(*values)
 
 

@@ -16,6 +16,7 @@ from nexus_export.graph.slicing import (
     rotate_and_slice,
     with_projections,
 )
+from nexus_export.graph.trace_settings import tracing
 
 IDS = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
 
@@ -50,7 +51,8 @@ def stale_values(program: Program) -> list[str]:
     placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
     fake_mode = detect_fake_mode([n.meta["val"] for n in placeholders])
     recorded = {n.name: n.meta.get("val") for n in graph_module.graph.nodes}
-    FakeTensorProp(graph_module, fake_mode).propagate_dont_convert_inputs(*[n.meta["val"] for n in placeholders])
+    with tracing():  # as the graph edits run it, on every supported torch
+        FakeTensorProp(graph_module, fake_mode).propagate_dont_convert_inputs(*[n.meta["val"] for n in placeholders])
     stale = [n.name for n in graph_module.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)
              and str(recorded[n.name].shape) != str(n.meta["val"].shape)]
     for node in graph_module.graph.nodes:
