@@ -4,5 +4,3 @@ rotation and slicing, the Hugging Face folder written back).
 
 May import the ground floor and ``weights``.
 """
-
-
