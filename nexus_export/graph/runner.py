@@ -29,6 +29,11 @@ from nexus_export.metrics import next_token_nll, prediction_chunks, token_nll
 
 log = logging.getLogger(__name__)
 
+# A token embedding or lm_head larger than this in the compute dtype is read in rows: the embedding as the rows of the
+# tokens at hand, the head a vocabulary chunk of this size at a time (4.2 GB each whole at Llama-3-70B's 128,256 x
+# 8,192 in float32). Smaller ones are read whole: the SmolLM2 demo's 113 MB head runs as before.
+WHOLE_VOCABULARY_BYTES = 256 * 2**20
+
 
 def parse_device(device: str | torch.device | None) -> torch.device | None:
     """``auto`` (None), ``cpu``, ``cuda`` or ``cuda:N``; anything else is a UserError (checked without a device)."""
@@ -54,6 +59,27 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
             raise UserError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s) "
                             f"(cuda:0-cuda:{torch.cuda.device_count() - 1})")
     return dev
+
+
+_RESHAPES = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten.unsqueeze.default}
+
+
+def _token_tables(prefix: Part) -> list[int] | None:
+    """The indices (among ``prefix.weights``) of the tables the token ids are looked up in, when that is all the
+    prefix does with the ids' values (their shape aside; reshapes followed); None when it uses them otherwise."""
+    placeholders = [n for n in prefix.module.graph.nodes if n.op == "placeholder"]
+    tables, todo = [], [placeholders[len(prefix.weights)]]
+    while todo:
+        node = todo.pop()
+        for user in node.users:
+            if user.target in _RESHAPES and user.args[0] is node:
+                todo.append(user)
+            elif user.target is torch.ops.aten.embedding.default and user.args[1] is node and \
+                    user.args[0] in placeholders[:len(prefix.weights)]:
+                tables.append(placeholders.index(user.args[0]))
+            elif user.target is not torch.ops.aten.sym_size.int:
+                return None
+    return tables
 
 
 @dataclass
@@ -82,11 +108,11 @@ class BlockRunner:
         self.batch_size = batch_size
         self.micro = next(m for m in range(min(self.MICRO, batch_size), 0, -1) if batch_size % m == 0)
         self.host = self.device.type == "cuda" and self._too_big_for_device(windows)
-        weights = self.load(self.graphs.prefix)
+        weights, windows_in = self._prefix_weights(windows)
         streams, sides = [], []
         with torch.no_grad():
             for start in range(0, len(windows), self.micro):
-                ids = windows[start:start + self.micro].to(self.device)
+                ids = windows_in[start:start + self.micro].to(self.device)
                 mask = torch.ones_like(ids) if attention_mask is None else \
                     attention_mask[start:start + self.micro].to(self.device)
                 out = self.graphs.prefix(weights, ids, mask)
@@ -115,6 +141,27 @@ class BlockRunner:
     def load(self, part: Part) -> list[torch.Tensor]:
         """A part's weights from the store, floating ones in the compute dtype, on the device."""
         return [self.program.store.get(name, COMPUTE_DTYPE, self.device) for name in part.weights]
+
+    def _prefix_weights(self, windows: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The prefix's weights and the token ids to give it. A token embedding larger than WHOLE_VOCABULARY_BYTES in
+        the compute dtype is read as the rows of the tokens the windows hold, and the ids renumbered into those rows
+        (the same lookup: 2,048 tokens of a 128k x 8,192 embedding are 64 MiB, not 4 GiB), when the prefix reads the
+        ids through token embeddings only."""
+        prefix = self.graphs.prefix
+        tables = _token_tables(prefix)
+        large = [j for j in tables or [] if self.program.store.nbytes(prefix.weights[j], COMPUTE_DTYPE)
+                 > WHOLE_VOCABULARY_BYTES]
+        if not large:
+            return self.load(prefix), windows
+        used, renumbered = torch.unique(windows, return_inverse=True)
+        weights = []
+        for j, name in enumerate(prefix.weights):
+            if j in large:
+                rows = [self.program.store.rows(name, int(t), 1, COMPUTE_DTYPE) for t in used]
+                weights.append(torch.cat(rows).to(self.device))
+            else:
+                weights.append(self.program.store.get(name, COMPUTE_DTYPE, self.device))
+        return weights, renumbered
 
     def inputs(self, k: int, m: int, stream: torch.Tensor | None = None) -> tuple:
         """Block k's inputs for micro-batch m: the current stream (or ``stream``) and m's side values."""
@@ -206,9 +253,13 @@ class BlockRunner:
 
         When the suffix reads nothing but the stream (final norm, head, elementwise post-processing: all per token),
         it runs on ``metrics.CHUNK`` positions of one window at a time, so logits never exist for more than that many
-        tokens; otherwise on a whole micro-batch."""
-        weights = self.load(self.graphs.suffix)
+        tokens (and a head past WHOLE_VOCABULARY_BYTES is read a vocabulary chunk at a time); otherwise on a whole
+        micro-batch."""
         tokenwise = not self.graphs.suffix_side_index
+        head = self._head_chunking() if tokenwise else None
+        if head is not None:
+            return self._nll_by_vocabulary(*head)
+        weights = self.load(self.graphs.suffix)
         total, tokens = 0.0, 0
         for i in range(self.batches):
             ids = self.windows[i * self.micro:(i + 1) * self.micro].to(self.device)
@@ -224,3 +275,47 @@ class BlockRunner:
                     total += token_nll(logits[0], ids[r, t0 + 1:t1 + 1])
                     tokens += t1 - t0
         return total, tokens
+
+    def _head_chunking(self) -> tuple[int, int] | None:
+        """(the lm_head weight's index among the suffix's weights, rows per chunk) when the head is larger than
+        WHOLE_VOCABULARY_BYTES in the compute dtype, stored [vocabulary, width] and without a bias; else None."""
+        structure = self.program.structure
+        head = structure.linears.get(structure.lm_head) if structure.lm_head else None
+        if head is None or head.weight_layout != "out_in" or head.bias is not None or \
+                head.weight not in self.graphs.suffix.weights:
+            return None
+        row = head.in_features * torch.empty((), dtype=COMPUTE_DTYPE).element_size()
+        if head.out_features * row <= WHOLE_VOCABULARY_BYTES:
+            return None
+        return self.graphs.suffix.weights.index(head.weight), max(1, WHOLE_VOCABULARY_BYTES // row)
+
+    def _nll_by_vocabulary(self, index: int, rows: int) -> tuple[float, int]:
+        """``nll`` with the head read ``rows`` vocabulary rows at a time: the suffix runs once per chunk on every
+        position (the post-processing after the head is elementwise, so each chunk's logits are the full logits'
+        columns), each position keeping a running log-sum-exp (float64) and its target's logit."""
+        name = self.graphs.suffix.weights[index]
+        weights = [self.program.store.get(w, COMPUTE_DTYPE, self.device) for j, w in enumerate(self.graphs.suffix.weights)
+                   if j != index]
+        vocab = self.program.store.shape(name)[0]
+        pieces = []  # (batch, window in it, t0, t1, targets, running log-sum-exp, target logit)
+        for i in range(self.batches):
+            ids = self.windows[i * self.micro:(i + 1) * self.micro].to(self.device)
+            for r in range(len(ids)):
+                for t0, t1 in prediction_chunks(ids.shape[1]):
+                    n = t1 - t0
+                    pieces.append((i, r, t0, t1, ids[r, t0 + 1:t1 + 1],
+                                   torch.full((n,), -torch.inf, dtype=torch.float64, device=self.device),
+                                   torch.zeros(n, dtype=torch.float64, device=self.device)))
+        for v0 in range(0, vocab, rows):
+            count = min(rows, vocab - v0)
+            chunk = [*weights[:index], self.program.store.rows(name, v0, count, COMPUTE_DTYPE, self.device),
+                     *weights[index:]]
+            for i, r, t0, t1, targets, lse, picked in pieces:
+                stream = self._use(self.state.streams[i])[r:r + 1, t0:t1]
+                logits = self.logits(i, stream, chunk)[0].double()
+                lse.copy_(torch.logaddexp(lse, torch.logsumexp(logits, dim=-1)))
+                inside = (targets >= v0) & (targets < v0 + count)
+                picked[inside] = logits[inside.nonzero().squeeze(1), targets[inside] - v0]
+            del chunk
+        total = sum(float((lse - picked).sum()) for *_, lse, picked in pieces)
+        return total, sum(t1 - t0 for _, _, t0, t1, *_ in pieces)

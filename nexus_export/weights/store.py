@@ -14,6 +14,7 @@ one budget: what any of them produced counts once, against the same cap.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -190,6 +191,25 @@ class WeightStore:
         may be the memory the store holds; change it with ``set``."""
         entry = self._entry(name)
         tensor = entry.tensor if entry.tensor is not None else read_tensor(entry.location, dtype)
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        if device is not None and tensor.device != torch.device(device):
+            tensor = tensor.to(device, non_blocking=False)
+        return tensor
+
+    def rows(self, name: str, start: int, count: int, dtype: torch.dtype | None = None,
+             device: torch.device | str | None = None) -> torch.Tensor:
+        """Rows ``start .. start+count`` of ``name`` along its first axis, as ``get`` gives them: from a shard only
+        their bytes are read, so a 128k-row head or embedding is never whole in memory in the compute dtype."""
+        entry = self._entry(name)
+        if entry.tensor is not None:
+            tensor = entry.tensor.narrow(0, start, count)
+        else:
+            loc = entry.location
+            row = loc.nbytes // loc.shape[0]
+            part = dataclasses.replace(loc, start=loc.start + start * row, end=loc.start + (start + count) * row,
+                                       shape=(count, *loc.shape[1:]))
+            tensor = read_tensor(part, dtype)
         if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
         if device is not None and tensor.device != torch.device(device):

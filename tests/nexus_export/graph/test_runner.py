@@ -90,3 +90,30 @@ def test_devices():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="sees no CUDA GPU"):
             resolve_device("cuda:0")
+
+
+@pytest.mark.parametrize("arch", archs("llama", "gpt2"))
+def test_a_large_vocabulary_is_read_in_rows_with_the_same_result(arch, monkeypatch):
+    """Past WHOLE_VOCABULARY_BYTES the token embedding is read as the rows of the tokens at hand (the same streams,
+    to the bit) and the head a chunk of rows at a time (the same NLL). GPT-2 also reads positions through an
+    embedding, which stays whole, and its suffix reads side values, so its head is read whole."""
+    from nexus_export.graph import runner as runner_module
+
+    program = tiny_program(arch)
+    ids = windows(n=4, seq=24)
+    whole = BlockRunner(program, ids, batch_size=2)
+    entering = torch.cat(whole.streams()).clone()
+    whole.run_blocks()
+    expected = whole.nll()
+    monkeypatch.setattr(runner_module, "WHOLE_VOCABULARY_BYTES", 40 * 64 * 4)  # 40 rows of a 64-wide table
+    read = []
+    real_rows = program.store.rows
+    monkeypatch.setattr(program.store, "rows", lambda name, *a, **kw: read.append(name) or real_rows(name, *a, **kw))
+    rows = BlockRunner(program, ids, batch_size=2)
+    assert torch.equal(torch.cat(rows.streams()), entering)
+    assert len(read) == len(torch.unique(ids))  # one row per distinct token
+    rows.run_blocks()
+    got = rows.nll()
+    chunks = -(-program.config.vocab_size // 40) if not rows.graphs.suffix_side_index else 0  # GPT-2's suffix
+    assert len(read) - len(torch.unique(ids)) == chunks  # the head, 40 rows at a time, where the suffix is per token
+    assert got[1] == expected[1] and got[0] == pytest.approx(expected[0], rel=1e-6)

@@ -33,6 +33,16 @@ def test_reads_by_offset_in_the_asked_dtype(shard):
     assert store.total_bytes() == 12 * 4 + 5 * 2
 
 
+
+def test_rows_read_only_their_bytes(tmp_path):
+    table = torch.randn(7, 5).to(torch.bfloat16)
+    save_file({"emb": table, "after": torch.ones(3)}, str(tmp_path / "m.safetensors"))
+    store = store_of(tmp_path / "m.safetensors")
+    assert torch.equal(store.rows("emb", 2, 3), table[2:5])
+    assert torch.equal(store.rows("emb", 6, 1, torch.float32), table[6:].float())
+    store.set("emb", table.float() * 2)  # a produced tensor, in memory
+    assert torch.equal(store.rows("emb", 0, 2, torch.float32), (table[:2].float() * 2).to(torch.bfloat16).float())
+
 def test_set_keeps_the_store_dtype_and_the_checkpoint_is_untouched(shard):
     path, tensors = shard
     store = store_of(path, dtype=torch.bfloat16)
