@@ -1,13 +1,15 @@
 """Activation sparsity benchmark: calibrated per-input thresholds against the seed's one global threshold.
 
 For each target sparsity, the ``activation`` pass places one threshold per linear input on the calibration windows,
-with the same sparsity in every input (uniform) or as TEAL's greedy allocation spreads it within each block; the
+with the same sparsity in every input (uniform) or as TEAL's greedy allocation spreads it within each block, by
+each criterion asked for (magnitude |x_i|, TEAL's; wina, |x_i| times its weight column's norm); the
 seed's global threshold is then searched (bisection) until it zeroes the same share of the linear inputs'
 entries on the evaluation windows as the calibrated thresholds do, so both rows of a sparsity compare at the same
 measured sparsity. Prints one Markdown table: measured sparsity, share of the blocks' multiply-adds that read a zero,
 perplexity on the evaluation windows in PyTorch and onnxruntime, and on text the calibration never saw.
 
     .venv/bin/python bench/activation_quality.py                     # SmolLM2-135M, the default protocol
+    .venv/bin/python bench/activation_quality.py --sparsities 0.4,0.5 --criteria magnitude,wina
     .venv/bin/python bench/activation_quality.py --model tiny-llama --eval-windows 4 --seq-len 64 --calib-samples 4
 """
 
@@ -29,6 +31,7 @@ ROLES = ["attn_in", "attn_out", "mlp_in", "mlp_out"]
 def main() -> int:
     ap = protocol_parser(__doc__.splitlines()[0], other_text=True)
     ap.add_argument("--sparsities", default="0.25,0.4,0.5,0.6", help="comma-separated targets in (0, 1)")
+    ap.add_argument("--criteria", default="magnitude", help="comma-separated, of magnitude and wina (magnitude)")
     ap.add_argument("--search-windows", type=int, default=8,
                     help="evaluation windows the global threshold's bisection measures on (8)")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
@@ -56,12 +59,17 @@ def main() -> int:
 
     measure("dense", None, program)
     for target in (float(s) for s in args.sparsities.split(",")):
-        calibrated = ActivationPass({"sparsity": target}).run(program.fork(),
-                                                              PassContext(calibration_windows=calib)).program
-        measure("per-input, uniform", target, calibrated)
-        greedy = ActivationPass({"sparsity": target, "allocation": "greedy"}).run(
-            program.fork(), PassContext(calibration_windows=calib)).program
-        measure("per-input, greedy", target, greedy)
+        calibrated = None
+        for criterion in args.criteria.split(","):
+            named = "" if criterion == "magnitude" else f" ({criterion})"
+            for allocation in ("uniform", "greedy"):
+                pruned = ActivationPass({"sparsity": target, "allocation": allocation, "criterion": criterion}).run(
+                    program.fork(), PassContext(calibration_windows=calib)).program
+                measure(f"per-input, {allocation}{named}", target, pruned)
+                if criterion == "magnitude" and allocation == "uniform":
+                    calibrated = pruned  # the global threshold below matches its measured sparsity
+        if calibrated is None:  # the seed's row matches magnitude's uniform thresholds
+            continue
         wanted = summarize_inputs(input_sparsity(calibrated, search))["sparsity"]  # the uniform one's
         low, high = 0.0, 1.0
         while summarize_inputs(input_sparsity(global_at(high), search))["sparsity"] < wanted:

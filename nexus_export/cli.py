@@ -262,7 +262,8 @@ def _disk_full(exc: BaseException) -> str | None:
                     "again; nothing was written")
         seen = seen.__cause__ or seen.__context__
     text = str(exc)
-    for marker in ("No space left on device", "File too large", "Disk quota exceeded"):
+    for marker in ("No space left on device", "File too large", "Disk quota exceeded",
+                   "Not enough free space"):  # the last: numpy's tofile, with no errno
         if marker in text:
             return (f"could not write the output: {marker}; free disk space (or raise the file-size limit) and run "
                     "again; nothing was written")

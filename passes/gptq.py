@@ -78,6 +78,7 @@ class GPTQPass(Pass):
     config_class = GPTQConfig
     flag_prefix = None  # driven by the quantize section's flags (--quantize-bits, ...), not flags of its own
     needs_calibration = True
+    keeps_blocks = True
     joint_methods: ClassVar[tuple[str, ...]] = JOINT_METHODS
 
     @staticmethod

@@ -60,6 +60,7 @@ class SparseGPTPass(MaskingPass):
     name = "sparsegpt"
     config_class = SparseGPTConfig
     needs_calibration = True
+    keeps_blocks = True
 
     def apply(self, program: Program, ctx: PassContext) -> tuple[Program, dict]:
         cfg: SparseGPTConfig = self.config

@@ -45,6 +45,7 @@ class WandaPass(MaskingPass):
     name = "wanda"
     config_class = WandaConfig
     needs_calibration = True
+    keeps_blocks = True
 
     def apply(self, program: Program, ctx: PassContext) -> tuple[Program, dict]:
         cfg: WandaConfig = self.config

@@ -529,6 +529,10 @@ def _disk_need(recipe: Recipe, program: Program, dtype: torch.dtype | None, budg
     edited = program.weight_bytes() if recipe.passes or recipe.quantize is not None else 0  # at most every weight
     if edited > budget:
         need["scratch (edits past the memory budget)"] = edited - budget
+    keeping = [step for step in run_steps(recipe) if get_pass(step.name).keeps_blocks]
+    if keeping:  # each finished block of such a pass stays on disk for --resume until the run ends
+        blocks = sum(program.store.nbytes(lin.weight) for lin in program.structure.in_blocks())
+        need["resume checkpoints (until the run ends)"] = blocks * len(keeping)
     return need
 
 

@@ -21,6 +21,21 @@ def limited(limit: int, *args: str, cwd=None) -> subprocess.CompletedProcess:
                           preexec_fn=cap, timeout=600, cwd=cwd)
 
 
+@pytest.mark.parametrize("exc", [
+    OSError(28, "No space left on device", "/out/model.onnx.data"),
+    OSError("Not enough free space to write 1050673152 bytes after offset 15009849344"),  # numpy's tofile: no errno
+    RuntimeError("wrapped"),
+])
+def test_a_full_disk_is_said_in_one_line_however_it_is_raised(exc):
+    from nexus_export.cli import _disk_full
+
+    said = _disk_full(exc)
+    if isinstance(exc, RuntimeError):
+        assert said is None  # any other failure stays an internal error
+    else:
+        assert said.startswith("could not write") and "free disk space" in said
+
+
 def leftovers(folder) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 

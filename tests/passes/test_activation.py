@@ -48,6 +48,52 @@ def test_thresholds_equal_the_model_thresholded_by_hooks():
     assert not torch.allclose(got, dense, atol=1e-3)  # the thresholds do something
 
 
+
+def test_wina_thresholds_equal_the_model_thresholded_by_hooks():
+    """With criterion wina the rewrite is x -> x * (|x| * c >= t), c the norms of the weight columns x multiplies
+    (over q, k and v together; gate and up), computed here from the model's own modules; each input's calibration
+    share sits at the target, and the graph gains one float32 parameter of limits per input."""
+    model = make_tiny("llama")
+    result = run(Program.from_model(model), sparsity=0.5, criterion="wina")
+    changes = result.report.changes
+    assert changes["criterion"] == "wina" and changes["calibration_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    handles = []
+    for entry in changes["thresholds"].values():
+        columns = sum(model.get_submodule(n).weight.detach().double().pow(2).sum(dim=0) for n in entry["linears"])
+        c, t = columns.sqrt().float(), entry["threshold"]
+        for name in entry["linears"]:
+            handles.append(model.get_submodule(name).register_forward_pre_hook(
+                lambda module, args, t=t, c=c: (args[0] * (args[0].abs() * c >= t),)))
+    ids = windows(n=2, seed=5)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    for h in handles:
+        h.remove()
+    limits = [n for n in result.program.store.names() if n.endswith(".activation_limit")]
+    assert len(limits) == 4 * 2 and all(result.program.store.stored_dtype(n) == torch.float32 for n in limits)
+    # |x| >= t / c and |x| * c >= t round differently at the boundary: a handful of entries may flip
+    assert torch.allclose(result.program.logits(ids), expected, atol=1e-3, rtol=1e-3)
+
+
+def test_wina_keeps_what_moves_the_output_where_columns_differ():
+    """Columns whose weights are 30x larger carry most of the output: at the same share of zeroed entries, WINA's
+    thresholds (which spare them) leave logits nearer the dense model's than magnitude thresholds do."""
+    model = make_tiny("llama")
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for lin in (layer.mlp.down_proj, layer.self_attn.o_proj):
+                lin.weight.mul_(torch.where(torch.rand(lin.in_features, generator=gen) < 0.2, 30.0, 1.0))
+    ids = windows(n=2, seed=6)
+    with torch.no_grad():
+        dense = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    errors = {}
+    for criterion in ("magnitude", "wina"):
+        result = run(Program.from_model(model), sparsity=0.5, roles=["attn_out", "mlp_out"], criterion=criterion)
+        assert result.report.changes["calibration_sparsity"] == pytest.approx(0.5, abs=1e-3)
+        errors[criterion] = float((result.program.logits(ids) - dense).norm() / dense.norm())
+    assert errors["wina"] < 0.7 * errors["magnitude"]
+
 @pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.7])
 def test_each_threshold_sits_at_the_target_quantile(sparsity):
     program = tiny_program("llama")
@@ -94,11 +140,12 @@ def test_every_architecture_and_composition_with_two_four(arch):
 
 
 @pytest.mark.slow
-def test_onnx_parity(tmp_path):
+@pytest.mark.parametrize("criterion", ["magnitude", "wina"])  # wina: per-column limits as initializers
+def test_onnx_parity(tmp_path, criterion):
     from runtimes import ort, parity
     from runtimes.onnx_export import lower_to_onnx
 
-    result = run(tiny_program("llama"), sparsity=0.5)
+    result = run(tiny_program("llama"), sparsity=0.5, criterion=criterion)
     path = lower_to_onnx(result.program, tmp_path / "model.onnx")
     import onnx
 
@@ -134,6 +181,8 @@ def test_greedy_allocation_keeps_the_mean_and_with_one_input_is_uniform():
     result = run(tiny_program("llama"), sparsity=0.4, allocation="greedy")
     assert result.report.changes["allocation"] == "greedy"
     assert result.report.changes["calibration_sparsity"] == pytest.approx(0.4, abs=0.01)
+    wina = run(tiny_program("llama"), sparsity=0.4, allocation="greedy", criterion="wina")
+    assert wina.report.changes["calibration_sparsity"] == pytest.approx(0.4, abs=0.01)
 
 
 ROLES_ALL = ("attn_in", "attn_out", "mlp_in", "mlp_out")
@@ -141,6 +190,7 @@ ROLES_ALL = ("attn_in", "attn_out", "mlp_in", "mlp_out")
 
 @pytest.mark.parametrize("options, message", [
     ({"allocation": "best"}, "uniform or greedy"),
+    ({"criterion": "teal"}, "magnitude or wina"),
     ({"greedy_step": 0.0}, "greedy_step"),
     ({"sparsity": 0.97}, "at most 0.95"),
     ({"sparsity": 1.0}, r"\[0, 1\)"),

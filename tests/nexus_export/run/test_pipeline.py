@@ -167,3 +167,6 @@ def test_outputs_larger_than_the_free_disk_are_refused_before_any_work(tmp_path,
     assert "the outputs need about" in err and "model.onnx.data" in err and "model.fp16.onnx.data" in err
     assert "1KiB free; free space there or choose another --out" in err
     assert list(tmp_path.iterdir()) == []
+    for method, kept in (("wanda", True), ("magnitude", False)):  # Wanda keeps each finished block for --resume
+        assert prune(tmp_path / "out", "tiny-llama", "--method", method) == 2
+        assert ("resume checkpoints (until the run ends)" in capsys.readouterr().err) is kept
