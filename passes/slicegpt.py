@@ -92,7 +92,6 @@ class SliceGPTPass(Pass):
     name = "slicegpt"
     config_class = SliceGPTConfig
     needs_calibration = True
-    keeps_blocks = True
     not_after = {"slicegpt": "slice the original model once, with the slicing you want",
                  "activation": "a rotation moves the small entries the thresholds were placed for; put activation "
                                "after slicegpt"}

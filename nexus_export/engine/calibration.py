@@ -193,6 +193,10 @@ class Checkpoint:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, self.folder / name)
 
+    def block_file(self, k: int) -> Path:
+        """Where unit ``k``'s tensors are saved."""
+        return self.folder / f"block_{k}.safetensors"
+
     def save(self, k: int, tensors: dict[str, torch.Tensor], streams: list[torch.Tensor] | None, notes: dict) -> None:
         """Unit ``k`` is done: keep its ``tensors``, the ``streams`` (None: none to keep) and the ``notes``. In a
         distributed run every rank calls this with its share of the streams; rank 0 writes them all."""
@@ -201,7 +205,7 @@ class Checkpoint:
         if not distributed.world().writer:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._write(f"block_{k}.safetensors", tensors)
+        self._write(self.block_file(k).name, tensors)
         stream_file = None
         if streams is not None:
             stream_file = f"streams_{k}.safetensors"
@@ -231,7 +235,7 @@ class Checkpoint:
         if state.get("fingerprint") != self.fingerprint:
             raise UserError(f"the checkpoint in {self.folder} is from a different model, pass or calibration set; "
                             "run without --resume to start over")
-        files = [self.folder / f"block_{k}.safetensors" for k in range(done + 1)]
+        files = [self.block_file(k) for k in range(done + 1)]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise UserError(f"the checkpoint in {self.folder} lacks {', '.join(missing[:3])}; run without --resume to "
@@ -295,6 +299,8 @@ def calibrate_blocks(program: Program, windows: torch.Tensor,
             names = [n for lin in block_linears for n in (lin.weight, *program.store.companions(lin.weight))]
             weights = {name: program.parameter(name) for name in names}
             checkpoint.save(k, weights, runner.streams(), notes)
+            if distributed.world().writer:  # the block's weights are read from the checkpoint from now on
+                program.store.adopt(checkpoint.block_file(k))
         trim()  # the block's statistics and temporaries are gone: give their pages back while edits accumulate
         progress.update(k + 1)
     return notes

@@ -516,7 +516,8 @@ def _calibration_report(cal) -> dict:
 
 def _disk_need(recipe: Recipe, program: Program, dtype: torch.dtype | None, budget: int) -> dict[str, int]:
     """Bytes the run may write beside its output, by what writes them (an estimate from the parameter count): the ONNX
-    data file, the variants and the Hugging Face folder, and the scratch file where edits past the budget spill."""
+    data file, the variants and the Hugging Face folder, the scratch file where edits past the budget spill, and the
+    resume checkpoints of calibrated passes (their blocks are read from there instead of spilling)."""
     params = program.num_parameters()
     width = torch.finfo(dtype or program.main_dtype()).bits // 8
     need = {"model.onnx.data": params * width}
@@ -526,10 +527,11 @@ def _disk_need(recipe: Recipe, program: Program, dtype: torch.dtype | None, budg
         need[f"model.q{recipe.quantize.bits}.onnx.data"] = params * recipe.quantize.bits // 8 + params // 8
     if recipe.lowering.save_hf:
         need["hf/"] = params * width
+    steps = run_steps(recipe)
+    keeping = [step for step in steps if get_pass(step.name).keeps_blocks]
     edited = program.weight_bytes() if recipe.passes or recipe.quantize is not None else 0  # at most every weight
-    if edited > budget:
+    if edited > budget and (len(keeping) < len(steps) or not steps):  # a checkpointed block is read from there
         need["scratch (edits past the memory budget)"] = edited - budget
-    keeping = [step for step in run_steps(recipe) if get_pass(step.name).keeps_blocks]
     if keeping:  # each finished block of such a pass stays on disk for --resume until the run ends
         blocks = sum(program.store.nbytes(lin.weight) for lin in program.structure.in_blocks())
         need["resume checkpoints (until the run ends)"] = blocks * len(keeping)

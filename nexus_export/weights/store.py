@@ -311,6 +311,17 @@ class WeightStore:
         if self.resident_bytes() + nbytes > self.budget:
             self.spill(max(0, self.budget - nbytes))
 
+    def adopt(self, path: Path) -> None:
+        """The produced tensors saved in ``path`` (a safetensors file keyed by this store's names, written from what
+        it holds: a pass's resume checkpoint) are read from that file from now on: they leave memory and never go to
+        a spill file, so a finished block is on disk once, not in its checkpoint and again in the scratch folder."""
+        for key, loc in read_header(path).items():
+            entry = self._entries.get(key)
+            if entry is not None and entry.tensor is not None and entry.owned and loc.dtype == entry.dtype \
+                    and tuple(loc.shape) == tuple(entry.shape):
+                entry.location, entry.tensor = loc, None
+        trim()
+
     def spill(self, keep: int = 0) -> None:
         """Write the oldest produced tensors held in memory (by this store or its forks) to scratch files and free
         them, until at most ``keep`` bytes stay. Spilling the oldest rather than everything keeps what is resident

@@ -43,6 +43,19 @@ def test_rows_read_only_their_bytes(tmp_path):
     store.set("emb", table.float() * 2)  # a produced tensor, in memory
     assert torch.equal(store.rows("emb", 0, 2, torch.float32), (table[:2].float() * 2).to(torch.bfloat16).float())
 
+
+def test_adopted_tensors_are_read_from_their_file_and_never_spill(tmp_path):
+    store = WeightStore(budget=2**20, scratch=tmp_path / "scratch")
+    store.set("w", torch.randn(64, 64))
+    store.set("other", torch.randn(8, 8))
+    save_file({"w": store.get("w")}, str(tmp_path / "block_0.safetensors"))  # a checkpoint of what the store holds
+    expected = store.get("w").clone()
+    store.adopt(tmp_path / "block_0.safetensors")
+    assert store.resident_bytes() == 8 * 8 * 4  # only "other" is held
+    assert torch.equal(store.get("w"), expected)
+    store.spill()
+    assert store.spilled_bytes == 8 * 8 * 4  # "w" is not written again
+
 def test_set_keeps_the_store_dtype_and_the_checkpoint_is_untouched(shard):
     path, tensors = shard
     store = store_of(path, dtype=torch.bfloat16)
