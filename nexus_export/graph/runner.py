@@ -294,8 +294,8 @@ class BlockRunner:
         position (the post-processing after the head is elementwise, so each chunk's logits are the full logits'
         columns), each position keeping a running log-sum-exp (float64) and its target's logit."""
         name = self.graphs.suffix.weights[index]
-        weights = [self.program.store.get(w, COMPUTE_DTYPE, self.device) for j, w in enumerate(self.graphs.suffix.weights)
-                   if j != index]
+        weights = [self.program.store.get(w, COMPUTE_DTYPE, self.device)
+                   for j, w in enumerate(self.graphs.suffix.weights) if j != index]
         vocab = self.program.store.shape(name)[0]
         pieces = []  # (batch, window in it, t0, t1, targets, running log-sum-exp, target logit)
         for i in range(self.batches):
