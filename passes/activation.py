@@ -90,11 +90,14 @@ class Threshold:
     columns: torch.Tensor | None = None  # wina: the column norms c_i; x_i is kept where |x_i| * c_i >= value
 
     def limits(self) -> torch.Tensor | float:
-        """What |x| is compared with: the value, or per column value / c_i (0 stays 0; a dead column's limit is
-        huge, so its entries, which move nothing, are zeroed)."""
-        if self.columns is None:
-            return self.value
-        return self.value / self.columns.clamp_min(torch.finfo(torch.float32).tiny)
+        """What |x| is compared with: the value, or per column (see column_limits)."""
+        return self.value if self.columns is None else column_limits(self.value, self.columns)
+
+
+def column_limits(value: float, columns: torch.Tensor) -> torch.Tensor:
+    """WINA's limits on |x_i|: value / c_i (0 stays 0; a dead column's limit is huge, so its entries, which move
+    nothing, are zeroed)."""
+    return value / columns.clamp_min(torch.finfo(torch.float32).tiny)
 
 
 class ActivationPass(Pass):
@@ -164,9 +167,8 @@ def place_thresholds(program: Program, windows: torch.Tensor, sparsity: float, r
                      greedy_step: float = 0.05, criterion: str = "magnitude") -> list[Threshold]:
     """For every input of a linear with one of ``roles``: the score (see the module docstring) below which its share
     of calibration values lie (exact over up to SAMPLE_VALUES values per input, a seeded uniform sample of them beyond
-    that). The share is
-    ``sparsity`` for every input (uniform), or per input as TEAL's greedy allocation chooses it in each block, with the
-    same width-weighted mean (see activation_greedy)."""
+    that). The share is ``sparsity`` for every input (uniform), or per input as TEAL's greedy allocation chooses it in
+    each block, with the same width-weighted mean (see activation_greedy)."""
     runner = BlockRunner(program, windows, batch_size)
     by_block: dict[int, list[list[str]]] = {}
     for block, names in input_groups(program, roles):
@@ -231,7 +233,7 @@ def _block_error(runner: BlockRunner, k: int, inputs: list[int], values: dict[in
         for j, level in zip(inputs, levels):
             below = min(int(level * ordered[j].numel()), ordered[j].numel() - 1)
             value = float(ordered[j][below]) if below else 0.0
-            limits.append(Threshold(k, [], value, 0.0, columns.get(j)).limits() if j in columns
+            limits.append(column_limits(value, columns[j]) if j in columns
                           else torch.tensor(value, device=runner.device))
         return [part(weights, *batch, *limits)[0] for batch in entering]
 

@@ -311,7 +311,7 @@ class BlockRunner:
             chunk = [*weights[:index], self.program.store.rows(name, v0, count, COMPUTE_DTYPE, self.device),
                      *weights[index:]]
             for i, r, t0, t1, targets, lse, picked in pieces:
-                stream = self._use(self.state.streams[i])[r:r + 1, t0:t1]
+                stream = self._use(self.state.streams[i][r:r + 1, t0:t1])  # only these positions move
                 logits = self.logits(i, stream, chunk)[0].double()
                 lse.copy_(torch.logaddexp(lse, torch.logsumexp(logits, dim=-1)))
                 inside = (targets >= v0) & (targets < v0 + count)

@@ -190,12 +190,8 @@ class WeightStore:
         """The tensor ``name`` (floating tensors converted to ``dtype``), on ``device``. Treat it as read-only: it
         may be the memory the store holds; change it with ``set``."""
         entry = self._entry(name)
-        tensor = entry.tensor if entry.tensor is not None else read_tensor(entry.location, dtype)
-        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-            tensor = tensor.to(dtype)
-        if device is not None and tensor.device != torch.device(device):
-            tensor = tensor.to(device, non_blocking=False)
-        return tensor
+        return _converted(entry.tensor if entry.tensor is not None else read_tensor(entry.location, dtype), dtype,
+                          device)
 
     def rows(self, name: str, start: int, count: int, dtype: torch.dtype | None = None,
              device: torch.device | str | None = None) -> torch.Tensor:
@@ -210,11 +206,7 @@ class WeightStore:
             part = dataclasses.replace(loc, start=loc.start + start * row, end=loc.start + (start + count) * row,
                                        shape=(count, *loc.shape[1:]))
             tensor = read_tensor(part, dtype)
-        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-            tensor = tensor.to(dtype)
-        if device is not None and tensor.device != torch.device(device):
-            tensor = tensor.to(device, non_blocking=False)
-        return tensor
+        return _converted(tensor, dtype, device)
 
     def identity(self, name: str, exact: bool = False) -> str:
         """A cheap signature of a tensor's contents: where it lies in the checkpoint (file, offset, size, the file's
@@ -363,3 +355,12 @@ class WeightStore:
         size = sum(loc.nbytes for loc in locations.values())
         self._ledger.spilled_bytes += size
         log.info("weight store: spilled %d tensors (%.0f MiB) to %s", len(entries), size / 2**20, path.name)
+
+
+def _converted(tensor: torch.Tensor, dtype: torch.dtype | None, device: torch.device | str | None) -> torch.Tensor:
+    """``tensor`` in ``dtype`` (floating tensors only) and on ``device``, each where given."""
+    if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+        tensor = tensor.to(dtype)
+    if device is not None and tensor.device != torch.device(device):
+        tensor = tensor.to(device, non_blocking=False)
+    return tensor
