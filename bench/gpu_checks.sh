@@ -37,7 +37,7 @@ step setup 90 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,c
   $PY -c 'import tensorrt' 2>&1 | tail -1;
   $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . &&
   $PY -c 'from nexus_export.registry import pass_names; print(pass_names())'"
-step cuda-tests 120 $PY -m pytest -n 0 -q -rs -p no:cacheprovider tests/nexus_export/test_device.py \
+step cuda-tests 90 $PY -m pytest -n 0 -q -rs -p no:cacheprovider tests/nexus_export/test_device.py \
   tests/runtimes/test_gpu_runtimes.py
 # nvidia-smi beside the parity run: the GPU memory the process holds, seen from outside it
 ( while sleep 0.5; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits 2>/dev/null; done ) >"$OUT/gpu-memory.log" &
@@ -45,9 +45,9 @@ SAMPLER=$!
 step parity 240 $PY bench/device_parity.py --json "$OUT/parity.json"
 kill $SAMPLER
 echo "GPU memory used, most seen from outside: $(sort -n "$OUT/gpu-memory.log" | tail -1) MiB"
-step two-four 90 bash -c "$PY bench/gpu_24.py --sizes 4096,8192,16384 --model \
+step two-four 75 bash -c "$PY bench/gpu_24.py --sizes 4096,8192,16384 --model \
   \$($PY -c 'import sys; sys.path.insert(0, \"bench\"); from scale import checkpoint; print(checkpoint(\"135m\"))')"
-TAIL=40 step two-ranks 45 $PY -m torch.distributed.run --nproc-per-node 2 -m nexus_export.cli prune --model tiny-llama \
+TAIL=40 step two-ranks 40 $PY -m torch.distributed.run --nproc-per-node 2 -m nexus_export.cli prune --model tiny-llama \
   --method wanda --sparsity 0.5 --device cuda --out /tmp/two-ranks --force
 grep -h "nexus-export: error" "$OUT/two-ranks.log"
-TAIL=40 step quick-loop 120 $PY -m pytest -n 8 -q -m "not slow" -p no:cacheprovider --tb=line -rfE
+TAIL=40 step quick-loop 100 $PY -m pytest -n 8 -q -m "not slow" -p no:cacheprovider --tb=line -rfE
