@@ -66,9 +66,12 @@ def process_device(device: torch.device) -> torch.device:
     """The device of this process: with several processes on CUDA, the GPU of its local rank."""
     if launched() and device.type == "cuda" and device.index is None:
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        if local >= torch.cuda.device_count():
-            raise UserError(f"local rank {local} has no GPU: this node has {torch.cuda.device_count()}; launch at "
-                            "most one process per GPU (--nproc-per-node)")
+        # every rank of the node checks the node, not only the ranks without a GPU: a rank that stopped alone left
+        # the others waiting in their first collective, deaf to torchrun's SIGTERM, until it killed them
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", local + 1))
+        if max(processes, local + 1) > torch.cuda.device_count():
+            raise UserError(f"{max(processes, local + 1)} processes on this node and {torch.cuda.device_count()} "
+                            "GPUs: launch at most one process per GPU (--nproc-per-node)")
         return torch.device("cuda", local)
     return device
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 
@@ -22,6 +23,11 @@ BLOCK_FORMS = {
     "phi": ("PhiConfig", "PhiForCausalLM", dict()),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(use_parallel_residual=True)),
 }
+
+
+# lm-eval comes with the [eval] extra, which scripts/test.sh installs; elsewhere (a GPU machine's image) its tests skip
+needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
+                                   reason="lm-eval is not installed: pip install 'nexus-export[eval]'")
 
 
 def archs(*names: str) -> list:

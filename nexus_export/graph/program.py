@@ -229,22 +229,61 @@ class Program:
     def materialize(self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
         """The whole model as one torch module ``(input_ids, attention_mask) -> logits`` with every weight in memory
         (floating ones in ``dtype``) on ``device``: for runtimes that need it whole (torch's 2:4 kernels on a GPU),
-        and only for models that fit."""
+        and only for models that fit. The graph was traced in float32, so a narrower ``dtype`` goes to the weights
+        of the linears alone, which read their input in it and hand float32 on (as autocast would); norms and
+        embeddings stay float32. A wider one is every floating weight's and flows through by type promotion."""
         from nexus_export.graph.blocks import set_device
 
         module = self.exported.module(check_guards=False)  # the traced past's guards: the past here is empty
-        state = {name: self.store.get(name, dtype) for name in self.weight_names()}
+        narrow = dtype is not None and dtype.is_floating_point and dtype.itemsize < COMPUTE_DTYPE.itemsize
+        linear_weights = _matmul_weights(module.graph) if narrow else set()
+        state = {name: self.store.get(name, dtype if name in linear_weights or not narrow else COMPUTE_DTYPE)
+                 for name in self.weight_names()}
         module.load_state_dict(state, strict=False, assign=True)
         left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
         if left:  # a name the store does not know: the module would fail later, far from the cause
             raise RuntimeError(f"materialize: no stored weight for {', '.join(left[:3])}")
         set_device(module.graph, torch.device(device))
+        if narrow:
+            _linears_in(module.graph, linear_weights, dtype)
         module.recompile()
         return module.to(device)
 
     def module(self) -> torch.nn.Module:
         """A torch module ``(input_ids, attention_mask) -> logits`` over this program (block by block, no copy)."""
         return ProgramModule(self)
+
+
+_MATMULS = {torch.ops.aten.linear.default: 0, torch.ops.aten.addmm.default: 1, torch.ops.aten.mm.default: 0}
+
+
+def _matmul_operands(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The weights (``get_attr`` operands) a multiplication node reads; none for other nodes."""
+    if node.op != "call_function" or node.target not in _MATMULS:
+        return []
+    return [a for a in node.args if isinstance(a, torch.fx.Node) and a.op == "get_attr"]
+
+
+def _matmul_weights(graph: torch.fx.Graph) -> set[str]:
+    """The weights that only multiplications read (a head tied to the embedding is not one of them)."""
+    return {n.target for n in graph.nodes
+            if n.op == "get_attr" and n.users and all(n in _matmul_operands(u) for u in n.users)}
+
+
+def _linears_in(graph: torch.fx.Graph, weights: set[str], dtype: torch.dtype) -> None:
+    """Cast the input of every multiplication by ``weights`` to ``dtype`` and its result back to the float32 the rest
+    of the traced graph computes in, in place."""
+    for node in list(graph.nodes):
+        operands = _matmul_operands(node)
+        if not operands or any(w.target not in weights for w in operands):
+            continue
+        at = _MATMULS[node.target]
+        with graph.inserting_before(node):
+            cast = graph.call_function(torch.ops.aten.to.dtype, (node.args[at], dtype))
+        node.update_arg(at, cast)
+        with graph.inserting_after(node):
+            back = graph.call_function(torch.ops.aten.to.dtype, (node, COMPUTE_DTYPE))
+        node.replace_all_uses_with(back, delete_user_cb=lambda user: user is not back)
 
 
 class ProgramModule(torch.nn.Module):

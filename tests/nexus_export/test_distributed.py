@@ -234,3 +234,18 @@ def test_a_killed_writer_stops_every_rank_and_one_process_resumes_its_checkpoint
     # block 0's weights came from two processes (X^T X summed in another order, weights equal to ~1e-6): a near tie
     # in a later block may fall the other way
     assert same / total >= 0.999
+
+
+@pytest.mark.parametrize("local_rank", ["0", "1"])
+def test_more_processes_than_gpus_stops_every_rank_of_the_node(monkeypatch, local_rank):
+    """Rank 0 has a GPU too, but stops with its peer (seen on a one-GPU machine: the peer without one stopped alone and
+    rank 0 hung in its first collective until torchrun killed it)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match="2 processes on this node and 1 GPUs: launch at most one process per GPU"):
+        distributed.process_device(torch.device("cuda"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert distributed.process_device(torch.device("cuda")) == torch.device("cuda", 0)

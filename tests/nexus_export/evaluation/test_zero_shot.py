@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import needs_lm_eval
 
 from nexus_export import distributed
 from nexus_export.cli import main
@@ -19,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[3]
 TASKS = str(ROOT / "tests" / "nexus_export" / "data" / "zero_shot")
 
 
+@needs_lm_eval
 def test_the_adapter_scores_what_lm_evals_hugging_face_model_scores():
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
@@ -47,6 +49,7 @@ def test_the_adapter_scores_what_lm_evals_hugging_face_model_scores():
     assert score == pytest.approx(expected, rel=1e-6) and score != pytest.approx(ours[0][0], rel=1e-3)
 
 
+@needs_lm_eval
 def test_the_dense_accuracy_is_cached_like_the_dense_perplexity():
     """A second run on the same weights reads the dense accuracies from the evaluation cache (a sweep scores the dense
     model once); the tasks, limit or weights changing is a new entry."""
@@ -66,6 +69,7 @@ def test_the_dense_accuracy_is_cached_like_the_dense_perplexity():
     assert not third.dense_from_cache
 
 
+@needs_lm_eval
 def test_task_folders_are_checked():
     assert "tiny_choice" in check_tasks(["tiny_choice"], [TASKS]).all_tasks
     with pytest.raises(UserError, match="not a folder of lm-eval task YAML"):

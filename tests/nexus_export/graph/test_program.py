@@ -57,6 +57,28 @@ def test_write_through_prunes_the_callers_model_in_place():
     assert float(weight.detach().abs().sum()) == 0
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_materialize_in_half_precision_computes_the_linears_in_it(arch, dtype):
+    """The float32-traced graph with half-precision weights: every linear reads its input in that dtype (as torch's
+    2:4 kernels need) and the logits stay those of the float32 model to half precision."""
+    program = tiny_program(arch)
+    ids = torch.randint(0, 250, (2, 10), generator=torch.Generator().manual_seed(0))
+    module = program.materialize(dtype)
+    weights = {n.target: n for n in module.graph.nodes if n.op == "get_attr"}
+    block_weights = [weights[lin.weight] for lin in program.structure.in_blocks()]
+    for weight in block_weights:  # every block linear multiplies a weight in dtype by an input cast to dtype
+        assert module.get_parameter(weight.target).dtype == dtype
+        (matmul,) = weight.users
+        cast = [a for a in matmul.args if isinstance(a, torch.fx.Node) and a.op != "get_attr"]
+        assert [(c.target, c.args[1]) for c in cast] == [(torch.ops.aten.to.dtype, dtype)]
+    with torch.no_grad():
+        half, full = module(ids, torch.ones_like(ids)), program.logits(ids)
+    assert half.dtype == torch.float32
+    assert float((half - full).abs().max()) < 0.02 * float(full.abs().max())
+    assert float((half - full).abs().max()) > 0  # the linears really ran in half precision
+
+
 def test_materialize_gives_the_whole_model_as_one_module():
     program = tiny_program("gpt2")
     ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
