@@ -19,21 +19,30 @@ import torch
 from torch import fx
 from torch.export.graph_signature import InputKind
 
+from nexus_export.graph.capture import COMPUTE_DTYPE
 from nexus_export.graph.kv_cache import tag_of
 from nexus_export.graph.structure import ancestors, block_boundaries, op_name
 
 LINEAR_INPUT_ARG = {"linear": 0, "addmm": 1, "mm": 0}
+LINEAR_WEIGHT_ARG = {"linear": 1, "addmm": 2, "mm": 1}
 
 
 @dataclass
 class Part:
-    """A piece of the graph as a function ``(*weights, *inputs) -> tuple``; ``weights`` are store names."""
+    """A piece of the graph as a function ``(*weights, *inputs) -> tuple``; ``weights`` are store names. The weights
+    in ``cast`` are multiplied by linears alone, and the graph casts each to the compute dtype just before its
+    linear: they may be given in their stored dtype (bf16), so a block's matrices are in float32 one at a time."""
 
     module: fx.GraphModule
     weights: list[str]
+    cast: frozenset[str] = frozenset()
 
     def __call__(self, weights: list[torch.Tensor], *inputs) -> tuple:
         return self.module(*weights, *inputs)
+
+    def with_graph(self, graph: fx.Graph) -> Part:
+        """The same weights (and casts) over another graph that takes them the same way."""
+        return Part(fx.GraphModule(torch.nn.Module(), graph), list(self.weights), self.cast)
 
 
 @dataclass
@@ -93,8 +102,27 @@ def _copy(nodes: Iterable[fx.Node], weights: dict[str, str], inputs: list[fx.Nod
     graph.output(tuple(env[o] for o in outputs))
     set_device(graph, device)
     _without_empty_past(graph)
+    cast = {weights[n.name] for n in used if _cast_at_linears(graph, env[n], n.meta.get("val"))}
     graph.lint()
-    return Part(fx.GraphModule(torch.nn.Module(), graph), [weights[n.name] for n in used])
+    return Part(fx.GraphModule(torch.nn.Module(), graph), [weights[n.name] for n in used], frozenset(cast))
+
+
+def _cast_at_linears(graph: fx.Graph, weight: fx.Node, value) -> bool:
+    """If every reader of the floating weight placeholder ``weight`` multiplies by it as a linear's weight, read it
+    through a cast to the compute dtype placed just before each linear (a no-op on a float32 tensor; on a bf16 one a
+    float32 copy that lives until that linear is done). Returns whether it did."""
+    readers = list(weight.users)
+    if not readers or not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point:
+        return False
+    if any(op_name(r) not in LINEAR_WEIGHT_ARG or len(r.args) <= LINEAR_WEIGHT_ARG[op_name(r)]
+           or r.args[LINEAR_WEIGHT_ARG[op_name(r)]] is not weight
+           or weight in r.args[:LINEAR_WEIGHT_ARG[op_name(r)]] for r in readers):
+        return False
+    for reader in readers:
+        with graph.inserting_before(reader):
+            as_computed = graph.call_function(torch.ops.aten.to.dtype, (weight, COMPUTE_DTYPE))
+        reader.replace_input_with(weight, as_computed)
+    return True
 
 
 def _without_empty_past(graph: fx.Graph) -> None:
@@ -208,4 +236,4 @@ def output_only(part: Part, index: int) -> Part:
     chosen = result[index] if isinstance(result, (tuple, list)) else result
     graph.output((chosen,))
     graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
-    return Part(fx.GraphModule(torch.nn.Module(), graph), list(part.weights))
+    return part.with_graph(graph)

@@ -283,7 +283,7 @@ def _linears_in(graph: torch.fx.Graph, weights: set[str], dtype: torch.dtype) ->
         node.update_arg(at, cast)
         with graph.inserting_after(node):
             back = graph.call_function(torch.ops.aten.to.dtype, (node, COMPUTE_DTYPE))
-        node.replace_all_uses_with(back, delete_user_cb=lambda user: user is not back)
+        node.replace_all_uses_with(back, delete_user_cb=lambda user, back=back: user is not back)
 
 
 class ProgramModule(torch.nn.Module):

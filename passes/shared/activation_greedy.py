@@ -47,7 +47,7 @@ def thresholded_block(part: Part, inputs: list[int]) -> Part:
         for user in readers:
             user.replace_input_with(x, kept)
     graph.lint()
-    return Part(fx.GraphModule(torch.nn.Module(), graph), list(part.weights))
+    return part.with_graph(graph)
 
 
 def greedy_levels(block_error: Callable[[list[float]], float], widths: list[int], target: float,

@@ -6,9 +6,11 @@ from conftest import archs, make_tiny, tiny_program
 
 from nexus_export.errors import UserError
 from nexus_export.evaluation.evaluate import program_perplexity
+from nexus_export.graph.capture import parameters_on_meta
 from nexus_export.graph.program import Program
 from nexus_export.graph.runner import BlockRunner, resolve_device
 from nexus_export.metrics import next_token_nll, perplexity
+from nexus_export.weights.shards import checkpoint_files, index_checkpoint
 
 
 def windows(n=3, seq=12, seed=0):
@@ -117,3 +119,30 @@ def test_a_large_vocabulary_is_read_in_rows_with_the_same_result(arch, monkeypat
     chunks = -(-program.config.vocab_size // 40) if not rows.graphs.suffix_side_index else 0  # GPT-2's suffix
     assert len(read) - len(torch.unique(ids)) == chunks  # the head, 40 rows at a time, where the suffix is per token
     assert got[1] == expected[1] and got[0] == pytest.approx(expected[0], rel=1e-6)
+
+
+@pytest.mark.parametrize("arch", archs("llama", "gpt2"))  # gpt2: Conv1D weights multiplied by addmm
+def test_linear_weights_load_in_their_stored_dtype_and_compute_the_same(tmp_path, arch):
+    """A bf16 checkpoint's linear weights are handed to a block in bf16 and cast by the block just before each linear
+    (a 70B block is then never whole in float32); the block computes exactly what it does with float32 weights."""
+    model = make_tiny(arch)
+    model.to(torch.bfloat16).save_pretrained(tmp_path, safe_serialization=True)
+    with parameters_on_meta():
+        meta = type(model)(model.config)
+    program = Program.from_checkpoint(meta, index_checkpoint(checkpoint_files(tmp_path)))
+    ids = torch.randint(0, 300, (4, 12), generator=torch.Generator().manual_seed(0))
+    runner = BlockRunner(program, ids, batch_size=4)
+    linears = {lin.weight for lin in program.structure.in_blocks()}
+    for k, block in enumerate(runner.graphs.blocks):
+        assert block.cast == linears & set(block.weights) and len(block.cast) == {"llama": 7, "gpt2": 4}[arch]
+        weights = runner.load(block)
+        assert {n: w.dtype for n, w in zip(block.weights, weights) if w.is_floating_point()} == {
+            n: torch.bfloat16 if n in block.cast else torch.float32 for n in block.weights}
+        as_float32 = [program.store.get(n, torch.float32) for n in block.weights]
+        for m in range(runner.batches):
+            narrow, wide = block(weights, *runner.inputs(k, m)), block(as_float32, *runner.inputs(k, m))
+            assert all(torch.equal(a, b) for a, b in zip(narrow, wide))
+        casts = [n for n in block.module.graph.nodes if n.target == torch.ops.aten.to.dtype and n.args[0].op ==
+                 "placeholder" and n.args[0].name.startswith("w_")]
+        assert len(casts) == len(block.cast) and all(list(c.users) == [c.next] for c in casts)  # each just in time
+        runner.step(k)
