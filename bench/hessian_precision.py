@@ -2,7 +2,7 @@
 
 SparseGPT 2:4 (and GPTQ 4-bit) on one model, each setting from the same dense weights. The reference is what every
 input up to LEAN_HESSIAN_WIDTH (16,384) gets: X^T X accumulated in float64, factored with torch (two [D, D]
-temporaries). The lean Hessian of wider inputs is accumulated in float32 and factored in place through LAPACK
+temporaries). The lean Hessian of wider inputs is accumulated in float32 and factored in place, in blocks
 (nexus_export/engine/calibration.py, passes/shared/obs.py); here it is forced on every input. The control is the
 reference on a rescaled Hessian: the same result in exact arithmetic, so it shows how far rounding alone moves the
 sweep (it amplifies near-ties: one flipped 2:4 choice changes every later update of its row). For each setting: the

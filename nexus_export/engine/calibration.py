@@ -32,7 +32,7 @@ from nexus_export.progress import Progress
 log = logging.getLogger(__name__)
 
 # Inputs wider than this get the lean Hessian: X^T X accumulated in float32 in place (addmm_, as the references
-# accumulate; no per-batch [in, in] temporaries) and factored in place where scipy's LAPACK can (passes/shared/obs.py).
+# accumulate; no per-batch [in, in] temporaries) and factored in place, in blocks (passes/shared/obs.py).
 # At 28,672 inputs (a 70B down projection) the float64 matrix alone was 6.6 GB and each batch added 3.3 + 6.6 GB of
 # temporaries. Narrower inputs (every input up to 8B's 14,336-wide down projection) keep float64 accumulation and
 # torch's factoring, so their results are what they were. Measured against each other on SmolLM2-135M by

@@ -15,9 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from scipy.linalg import lapack
 
 from nexus_export.engine.calibration import LEAN_HESSIAN_WIDTH
 from nexus_export.errors import UserError
@@ -27,10 +25,9 @@ from passes.shared.sparsity import NMPattern
 log = logging.getLogger(__name__)
 
 MAX_DAMPING_RETRIES = 6
-# scipy's bundled LAPACK indexes with 32-bit integers: its potrf crashed the process (SIGSEGV) on a 28,672-wide float32
-# matrix (3.3 GB). Larger matrices are factored by torch (MKL) with its temporaries until the in-place factoring is
-# done in blocks.
-LAPACK_MAX_BYTES = 2**31 - 1
+# Columns a block of the in-place factoring works on: its temporaries are [D, FACTOR_BLOCK] (117 MB at a 70B model's
+# 28,672 in float32), and a block this wide keeps the updates in large matrix products.
+FACTOR_BLOCK = 1024
 # The OBS math runs in float32, as in the references (the Hessian is accumulated in float64 and cast once). Measured on
 # SmolLM2-135M 2:4 (default protocol): float32 64.28, float64 66.40 perplexity: the difference is mask choices flipping
 # on near-ties, not accuracy, and float32 reproduces the reference's 64.43.
@@ -64,7 +61,8 @@ def upper_inverse_cholesky(hessian: torch.Tensor, percdamp: float, dead: torch.T
     """Upper Cholesky factor of (H + damp I)^-1 in COMPUTE_DTYPE (of P H P^T when ``perm`` is given), with H_ii = 1
     for the ``dead`` inputs; damping grows tenfold on failure. Returns (factor, damp fraction). Beside ``hessian``, one
     [D, D] matrix in COMPUTE_DTYPE, and two temporaries while it is factored unless D is past LEAN_HESSIAN_WIDTH
-    (3.3 GB each in float32 at a 70B model's 28,672). ``layer`` names the input in the error."""
+    (3.3 GB each in float32 at a 70B model's 28,672: there it is factored in place). ``layer`` names the input in
+    the error."""
     damp = percdamp
     for _ in range(MAX_DAMPING_RETRIES):
         factor = hessian.to(COMPUTE_DTYPE, copy=True)
@@ -86,27 +84,47 @@ def upper_inverse_cholesky(hessian: torch.Tensor, percdamp: float, dead: torch.T
 
 def inverse_upper_cholesky_(a: torch.Tensor) -> bool:
     """a := U, the upper triangular factor with a^-1 = U^T U; False when ``a`` (symmetric) is not positive definite.
-    Through torch (two [D, D] temporaries), or, for a CPU matrix past LEAN_HESSIAN_WIDTH, through LAPACK on the
-    tensor's own memory (potrf, potri, potrf: no second [D, D] matrix; the result differs from torch's by rounding)
-    while scipy's LAPACK can index it (LAPACK_MAX_BYTES)."""
-    too_big = a.numel() * a.element_size() > LAPACK_MAX_BYTES
-    if a.device.type != "cpu" or a.shape[0] <= LEAN_HESSIAN_WIDTH or too_big:
-        lower, info = torch.linalg.cholesky_ex(a)
+    Through torch (two [D, D] temporaries), or, past LEAN_HESSIAN_WIDTH, in blocks on the tensor's own memory
+    (``blocked_inverse_upper_cholesky_``: temporaries of a block column only; the result differs from torch's by
+    rounding)."""
+    if a.shape[0] > LEAN_HESSIAN_WIDTH:
+        return blocked_inverse_upper_cholesky_(a)
+    lower, info = torch.linalg.cholesky_ex(a)
+    if int(info):
+        return False
+    a.copy_(torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True))
+    return True
+
+
+def blocked_inverse_upper_cholesky_(a: torch.Tensor, block: int = FACTOR_BLOCK) -> bool:
+    """``inverse_upper_cholesky_`` in place, ``block`` columns at a time. If A = V V^T with V upper triangular (a
+    Cholesky factorization taken from the bottom-right corner up), then A^-1 = V^-T V^-1, so U = V^-1. First a := V,
+    block columns from the right: the diagonal block's own factor, the block column above it solved against it, and
+    the rank-``block`` update of what lies above and to the left (``addmm_`` on the matrix's own memory); then
+    a := V^-1, block columns from the left. Beside ``a``, tensors of one block column ([D, block]) at most."""
+    n = a.shape[0]
+    starts = range(0, n, block)
+    for j in reversed(starts):
+        e = min(j + block, n)
+        lower, info = torch.linalg.cholesky_ex(a[j:e, j:e].flip(0, 1))
         if int(info):
             return False
-        a.copy_(torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True))
-        return True
-    m = a.numpy().T  # the same memory read column-major, which LAPACK works in; the matrix is symmetric
-    potrf, potri = lapack.get_lapack_funcs(("potrf", "potri"), (m,))
-    for step in (lambda: potrf(m, lower=1, overwrite_a=1, clean=0),  # lower triangle := L, A = L L^T
-                 lambda: potri(m, lower=1, overwrite_c=1),  # lower triangle := that of A^-1
-                 lambda: potrf(m, lower=1, overwrite_a=1, clean=1)):  # := L2 with A^-1 = L2 L2^T, the rest zero
-        out, info = step()
-        if not np.shares_memory(out, m):
-            raise RuntimeError("LAPACK worked on a copy; the factor would be lost")
-        if info:
-            return False
-    return True  # read row-major, the column-major L2 is L2^T: U
+        corner = lower.flip(0, 1)  # upper triangular, its block of A = corner corner^T
+        a[j:e, j:e].copy_(corner)
+        a[e:, j:e].zero_()  # below the diagonal: what the updates left there
+        if j:
+            above = torch.linalg.solve_triangular(corner.T, a[:j, j:e], upper=False, left=False)  # B corner^-T
+            a[:j, j:e].copy_(above)
+            a[:j, :j].addmm_(above, above.T, alpha=-1.0)
+            del above
+    eye = torch.eye(block, dtype=a.dtype, device=a.device)
+    for j in starts:
+        e = min(j + block, n)
+        inverse = torch.linalg.solve_triangular(a[j:e, j:e], eye[: e - j, : e - j], upper=True)
+        if j:  # [[T11^-1, -T11^-1 T12 T22^-1], [0, T22^-1]], T11^-1 already in place
+            a[:j, j:e].copy_(-(a[:j, :j] @ a[:j, j:e]) @ inverse)
+        a[j:e, j:e].copy_(inverse)
+    return True
 
 
 @dataclass

@@ -19,7 +19,7 @@ def _spd(n: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("lean", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_factor_is_torchs_and_the_lean_one_uses_the_matrix_itself(dtype, lean, monkeypatch):
-    """Narrow inputs: torch's factoring, as before. Past LEAN_HESSIAN_WIDTH (0 here): LAPACK on the matrix's own
+    """Narrow inputs: torch's factoring, as before. Past LEAN_HESSIAN_WIDTH (0 here): in blocks on the matrix's own
     memory, equal up to rounding."""
     monkeypatch.setattr(obs, "LEAN_HESSIAN_WIDTH", 0 if lean else 10**9)
     h = _spd(96, dtype)
@@ -69,13 +69,18 @@ def test_the_error_taken_in_row_blocks_is_the_whole_product():
     assert reconstruction_error(old, new, h.float(), rows=4) == pytest.approx(whole, rel=1e-5)
 
 
-def test_a_matrix_too_large_for_scipys_lapack_is_factored_by_torch(monkeypatch):
-    """scipy's LAPACK indexes with 32-bit integers (it crashed on a 3.3 GB matrix): past LAPACK_MAX_BYTES the lean
-    path falls back to torch, with the same factor."""
-    monkeypatch.setattr(obs, "LEAN_HESSIAN_WIDTH", 0)
-    monkeypatch.setattr(obs, "LAPACK_MAX_BYTES", 0)
-    monkeypatch.setattr(obs.lapack, "get_lapack_funcs", lambda *a, **k: pytest.fail("scipy's LAPACK was called"))
-    h = _spd(32, torch.float32)
+@pytest.mark.parametrize("size, block", [(96, 32), (100, 32), (70, 128), (257, 64)])
+def test_the_blocked_factor_is_torchs_whatever_the_blocks(size, block):
+    """The in-place factoring of wide Hessians, with the matrix a whole number of blocks, not one, and one block."""
+    h = _spd(size, torch.float64)
     expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     a = h.clone()
-    assert inverse_upper_cholesky_(a) and torch.allclose(a, expected, rtol=1e-4, atol=1e-6)
+    assert obs.blocked_inverse_upper_cholesky_(a, block)
+    assert torch.allclose(a, expected, rtol=1e-10, atol=1e-10 * float(expected.abs().max()))
+    assert torch.equal(a, torch.triu(a))
+    singular = h.clone()
+    singular[size - 1, size - 1] = -1.0  # fails in the first block it factors
+    assert not obs.blocked_inverse_upper_cholesky_(singular, block)
+    singular = h.clone()
+    singular[0, 0] = 0.0  # fails in the last
+    assert not obs.blocked_inverse_upper_cholesky_(singular, block)
