@@ -1,7 +1,8 @@
 """Pruning quality benchmark: dense, magnitude, Wanda and SparseGPT at 50% unstructured and 2:4 on one model.
 
 ``--set permute``: Wanda and SparseGPT 2:4 without and with the channel permutation (--permute); ``--set owl``: Wanda
-and SparseGPT at 60% and 70% unstructured, uniform and with OWL's per-block sparsities (--layerwise owl).
+and SparseGPT at 60% and 70% unstructured, uniform and with OWL's per-block sparsities (--layerwise owl); ``--set
+removal``: ShortGPT's 7 blocks by perplexity and sublayers removed to the same share of parameters.
 
 Prints one Markdown table: perplexity on the evaluation windows in PyTorch and onnxruntime, perplexity on text the
 calibration never saw (the license texts in /usr/share/common-licenses, when present), achieved sparsity, pruning
@@ -30,11 +31,17 @@ SETS = {
     "permute": [(m, {"pattern": "2:4", **extra}) for m in ("wanda", "sparsegpt") for extra in ({}, {"permute": True})],
     "owl": [(m, {"sparsity": s, **extra}) for m in ("wanda", "sparsegpt") for s in (0.6, 0.7)
             for extra in ({}, {"layerwise": "owl"})],
+    # ShortGPT's best whole-block ranking at 7 of SmolLM2's 30 blocks, and sublayers to the same parameter share
+    "removal": [("shortgpt", {"remove": 7, "strategy": "perplexity"}),
+                ("shortgpt", {"granularity": "sublayer", "remove_params": 0.2333})],
 }
 
 
 def label(options: dict) -> str:
-    """The pattern column: N:M or the unstructured sparsity, and what was added (permute, owl)."""
+    """The pattern column: N:M or the unstructured sparsity, and what was added (permute, owl); what a removal took."""
+    if "remove" in options or "remove_params" in options:
+        return (f"{options['remove_params']:.1%} of parameters in sublayers" if "remove_params" in options
+                else f"{options['remove']} blocks")
     text = options.get("pattern") or f"{options['sparsity']:.0%} unstructured"
     return text + (" permuted" if options.get("permute") else "") + (" owl" if options.get("layerwise") else "")
 
@@ -51,25 +58,24 @@ def main() -> int:
     loaded, program, evals, calib = load_protocol(args.model, args.eval_windows, args.calib_samples, args.seq_len,
                                                   args.calib_source)
     ood = other_text_windows(loaded.tokenizer, args.ood_windows, args.seq_len)
-    targets = [lin.name for lin in program.structure.in_blocks()]
+    dense_total = sum(lin.in_features * lin.out_features for lin in program.structure.in_blocks())
     wanted = set(filter(None, args.methods.split(",")))
     patterns = set(filter(None, args.patterns.split(",")))
     rows = []
 
     def measure(pruned, label: str, pattern: str, wall, rss) -> None:
-        zeros = sum(int((pruned.weight(n) == 0).sum()) for n in targets)
-        total = sum(pruned.weight(n).numel() for n in targets)
+        """A row; its sparsity is the share of the dense blocks' linear weights that are zero or gone."""
+        kept = sum(int((pruned.weight(lin.name) != 0).sum()) for lin in pruned.structure.in_blocks())
         rows.append(dict(method=label, pattern=pattern, **quality(pruned, evals, ood, f"{label} {pattern}"),
-                         sparsity=zeros / total, prune_s=wall, peak_rss_mb=rss))
+                         sparsity=1.0 - kept / dense_total, prune_s=wall, peak_rss_mb=rss))
         print_table(rows, flush=True)
 
     measure(program, "dense", "-", None, None)
     for name, options in SETS[args.set]:
         if (wanted and name not in wanted) or (patterns and options.get("pattern", "unstructured") not in patterns):
             continue
-        pruned = program.fork()  # every row starts from the dense weights
-        report = get_pass(name)(options).run(pruned, PassContext(calibration_windows=calib)).report
-        measure(pruned, name, label(options), report.wall_s, report.peak_rss_mb)
+        result = get_pass(name)(options).run(program.fork(), PassContext(calibration_windows=calib))
+        measure(result.program, name, label(options), result.report.wall_s, result.report.peak_rss_mb)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0

@@ -16,6 +16,11 @@ Strategies:
   model with that block removed alone (Kim et al., "Shortened LLaMA"); with ``iterative`` the blocks are re-ranked
   after each removal, on the model without the blocks removed so far. Not checkpointed: an interrupted ranking starts
   over with --resume.
+
+``granularity sublayer`` ranks attention and MLP sublayers instead, each by the calibration loss of the model without
+it alone (the ``perplexity`` strategy's measure), and removes them, cheapest first by loss added per parameter removed,
+until ``remove_params`` of the blocks' linear parameters (or ``remove`` sublayers) are gone; a block that loses both
+sublayers is removed whole.
 """
 
 from __future__ import annotations
@@ -35,10 +40,12 @@ from nexus_export.graph.runner import BlockRunner
 from nexus_export.graph.surgery import remove_attention, remove_blocks
 from nexus_export.metrics import next_token_nll
 from nexus_export.progress import Progress
+from passes.shared.repair import check_repairable, fit_repairs, fold
 
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("similarity", "attention", "gradient", "perplexity")
+GRANULARITIES = ("block", "sublayer")
 DEFAULT_RANK_WINDOWS = 8  # calibration windows the perplexity strategy scores on (each costs ~n/2 forward passes)
 
 
@@ -46,18 +53,40 @@ DEFAULT_RANK_WINDOWS = 8  # calibration windows the perplexity strategy scores o
 class ShortGPTConfig(PassConfig):
     remove: int | None = option(None, "shortgpt: number of blocks (or attention sublayers) to remove")
     remove_ratio: float | None = option(None, "shortgpt: fraction of blocks to remove")
+    remove_params: float | None = option(None, "shortgpt sublayer: fraction of the blocks' linear parameters to "
+                                               "remove, e.g. 0.25")
     layers: list | str | None = option(None, "shortgpt: exactly these blocks, e.g. 20,21,22 (no scoring needed)")
     strategy: str = option("similarity", "shortgpt: similarity (default), attention, gradient or perplexity")
+    granularity: str = option("block", "shortgpt: remove whole blocks (block, default) or attention and MLP "
+                                       "sublayers ranked by calibration loss (sublayer)", choices=GRANULARITIES)
     batch_size: int = option(8, "calibration windows per forward (gradient: per backward)", flag=False)
     rank_windows: int | None = option(None, "shortgpt perplexity: calibration windows the loss is measured on "
                                             "(default 8)")
     iterative: bool = option(False, "shortgpt perplexity: re-rank after each removal")
+    repair: str | None = option(None, "shortgpt: linear: replace each removed span by a linear map fitted on the "
+                                      "calibration windows and folded into the sublayer before it",
+                                choices=("linear",))
 
     def validate(self) -> None:
-        given = [x for x in (self.remove, self.remove_ratio, self.layers) if x is not None]
+        given = [x for x in (self.remove, self.remove_ratio, self.remove_params, self.layers) if x is not None]
         if len(given) != 1:
-            raise UserError("say what to remove with exactly one of remove (a count), remove_ratio (a fraction) or "
-                            "layers (a list of block indices)")
+            raise UserError("say what to remove with exactly one of remove (a count), remove_ratio (a fraction), "
+                            "remove_params (a fraction of parameters, granularity sublayer) or layers (a list of block "
+                            "indices)")
+        if self.granularity not in GRANULARITIES:
+            raise UserError(f"unknown granularity {self.granularity!r}; use block or sublayer")
+        if self.granularity == "sublayer":
+            if self.layers is not None or self.remove_ratio is not None:
+                raise UserError("granularity sublayer removes sublayers by rank: give remove (a count of sublayers) "
+                                "or remove_params (a fraction of the blocks' parameters), not layers or remove_ratio")
+            if self.strategy not in ("similarity", "perplexity"):
+                raise UserError(f"granularity sublayer ranks by calibration loss; strategy {self.strategy!r} does "
+                                "not apply (leave it out)")
+        elif self.remove_params is not None:
+            raise UserError("remove_params (--remove-params) belongs to granularity sublayer; add --granularity "
+                            "sublayer, or give blocks with remove or remove_ratio")
+        if self.remove_params is not None and not 0.0 < self.remove_params < 1.0:
+            raise UserError(f"remove_params must be in (0, 1), got {self.remove_params}")
         if self.strategy not in STRATEGIES:
             raise UserError(f"unknown strategy {self.strategy!r}; use one of {', '.join(STRATEGIES)}")
         if self.remove is not None and self.remove < 0:
@@ -68,11 +97,19 @@ class ShortGPTConfig(PassConfig):
             raise UserError(f"batch_size must be positive, got {self.batch_size}")
         if self.layers is not None:
             self.layer_list()
-        if self.strategy != "perplexity" and (self.rank_windows is not None or self.iterative):
+        if self.ranks_by_loss() is False and (self.rank_windows is not None or self.iterative):
             raise UserError("rank_windows (--rank-windows) and iterative (--iterative) belong to strategy perplexity; "
-                            "add --strategy perplexity")
+                            "add --strategy perplexity (or --granularity sublayer)")
+        if self.repair not in (None, "linear"):
+            raise UserError(f"unknown repair {self.repair!r}; use linear")
+        if self.repair is not None and self.remove == 0:
+            raise UserError("--repair linear repairs what is removed; nothing is (--remove 0)")
         if self.rank_windows is not None and self.rank_windows < 1:
             raise UserError(f"rank_windows must be a positive number of windows, got {self.rank_windows}")
+
+    def ranks_by_loss(self) -> bool:
+        """Whether the ranking is the calibration loss without each unit (strategy perplexity, every sublayer run)."""
+        return self.strategy == "perplexity" or self.granularity == "sublayer"
 
     def windows_to_rank(self) -> int:
         return self.rank_windows if self.rank_windows is not None else DEFAULT_RANK_WINDOWS
@@ -98,16 +135,16 @@ class ShortGPTPass(Pass):
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
-        return self.config.layers is None
+        return self.config.layers is None or self.config.repair is not None
 
     def hf_refusal(self) -> str | None:
-        if self.config.strategy == "attention":
-            return ("strategy attention removes attention sublayers and leaves blocks without one, which no "
-                    "transformers class holds")
+        if self.config.strategy == "attention" or self.config.granularity == "sublayer":
+            return ("removing sublayers leaves blocks without an attention or an MLP, which no transformers class "
+                    "holds")
         return None
 
     def check_calibration(self, program: Program, windows) -> None:
-        if self.config.strategy == "perplexity" and self.config.layers is None and windows is not None \
+        if self.config.ranks_by_loss() and self.config.layers is None and windows is not None \
                 and self.config.rank_windows is not None and self.config.rank_windows > len(windows):
             raise UserError(f"--rank-windows {self.config.rank_windows} is more than the {len(windows)} calibration "
                             "windows; use at most that many (or raise --calib-samples)")
@@ -121,6 +158,13 @@ class ShortGPTPass(Pass):
         if program.origin.get("sliced_widths"):
             raise UserError("shortgpt cannot remove blocks of a sliced model (each block's stream has its own rotated "
                             "basis); put shortgpt before slicegpt in the recipe")
+        if self.config.repair is not None:
+            check_repairable(program)
+            if self.config.granularity == "block":
+                check_sublayers(program, None, "--repair linear")
+        if self.config.granularity == "sublayer":
+            check_sublayers(program, self.config.remove)
+            return
         if self.config.strategy == "attention":
             blocks_with_attention = {s.block for s in program.structure.sublayers if s.kind == "attention"}
             if not blocks_with_attention:
@@ -150,6 +194,9 @@ class ShortGPTPass(Pass):
             if windows is None or len(windows) == 0:
                 raise UserError("shortgpt needs calibration data to rank blocks, or an explicit list of layers")
             start = time.perf_counter()
+            if cfg.granularity == "sublayer":
+                self.check_calibration(program, windows)
+                return remove_ranked_sublayers(self, program, ctx, start)
             if cfg.strategy == "perplexity":
                 self.check_calibration(program, windows)
                 ranking = windows[: cfg.windows_to_rank()]
@@ -163,6 +210,9 @@ class ShortGPTPass(Pass):
             extra["ranking_s"] = round(time.perf_counter() - start, 2)
             chosen = sorted(order)
         n_before = len(program.structure.blocks)
+        units = [(k, "attention") for k in chosen] if cfg.strategy == "attention" else \
+            [(k, kind) for k in chosen for kind in ("attention", "mlp")]
+        program, repaired = self.repaired(program, ctx, units)
         if cfg.strategy == "attention":
             new = remove_attention(program, chosen)
         else:
@@ -175,9 +225,25 @@ class ShortGPTPass(Pass):
             "blocks_before": n_before,
             "blocks_after": len(new.structure.blocks),
             **(extra if cfg.layers is None else {}),
+            **repaired,
         }
         log.info("shortgpt: removed %s %s", changes["unit"] + "s", chosen)
         return new, changes
+
+
+    def repaired(self, program: Program, ctx: PassContext, units: list[tuple[int, str]]) -> tuple[Program, dict]:
+        """With --repair linear: a fork of ``program`` whose sublayers before the removed ``units`` carry the fitted
+        maps, and the report's entries; else ``program`` as it is."""
+        if self.config.repair is None or not units:
+            return program, {}
+        windows = ctx.calibration_windows
+        if windows is None or len(windows) == 0:
+            raise UserError("--repair linear fits on calibration data; give calibration windows")
+        repairs = fit_repairs(program, windows, units, self.config.batch_size)
+        program = program.fork()
+        fold(program, repairs)
+        return program, {"repair": [{"after": _label(r.after), "span": [_label(u) for u in r.span],
+                                     "writer": r.writer, "residual": round(r.residual, 6)} for r in repairs]}
 
 
 def score_blocks(program: Program, windows: torch.Tensor, strategy: str, batch_size: int = 8,
@@ -312,3 +378,138 @@ def _taylor_scores(program: Program, windows: torch.Tensor, batch_size: int, che
             checkpoint.save(i, {}, None, {"totals": totals.tolist()})
         progress.update(i + 1)
     return {k: float(abs(totals[k])) for k in range(n)}
+
+
+# ------------------------------------------------------------------------------------------------ sublayers
+
+Unit = tuple[int, str]  # (block, "attention" or "mlp")
+
+
+def sublayer_params(program: Program) -> dict[Unit, int]:
+    """The linear parameters (weights and biases) of every attention and MLP sublayer."""
+    linears = program.structure.linears
+    return {(sub.block, sub.kind): sum(linears[n].in_features * linears[n].out_features
+                                       + (linears[n].out_features if linears[n].bias else 0)
+                                       for n in (*sub.readers, *sub.writers))
+            for sub in program.structure.sublayers}
+
+
+def check_sublayers(program: Program, count: int | None, what: str = "granularity sublayer") -> None:
+    """Sublayer removal (and the repair) needs every block to be an attention sublayer then an MLP sublayer, each on
+    its own residual add; removal must leave one sublayer."""
+    kinds: dict[int, list[str]] = {}
+    for sub in program.structure.sublayers:
+        kinds.setdefault(sub.block, []).append(sub.kind)
+    n = len(program.structure.blocks)
+    odd = [k for k in range(n) if kinds.get(k) != ["attention", "mlp"]]
+    if odd:
+        raise UserError(f"{what} needs blocks of an attention sublayer then an MLP sublayer, each with its own "
+                        f"residual add; block {odd[0]} has {kinds.get(odd[0], [])} (attention and MLP side by side "
+                        "share one add); remove whole blocks without it")
+    if count is not None and not 0 <= count < 2 * n:
+        raise UserError(f"cannot remove {count} of {2 * n} sublayers; at most {2 * n - 1} (one must stay)")
+
+
+def remove_ranked_sublayers(pass_: ShortGPTPass, program: Program, ctx: PassContext, start: float
+                            ) -> tuple[Program, dict]:
+    """Rank sublayers by the calibration loss without each, remove the cheapest (loss added per parameter) until the
+    count or the parameter share is reached, re-ranking after each removal with ``cfg.iterative``."""
+    from nexus_export.graph.surgery import remove_sublayers
+
+    cfg: ShortGPTConfig = pass_.config
+    windows = ctx.calibration_windows[: cfg.windows_to_rank()]
+    params = sublayer_params(program)
+    total = sum(params.values())
+    budget = None if cfg.remove_params is None else cfg.remove_params * total
+    base, losses = loss_without_each_sublayer(program, windows, set(), cfg.batch_size)
+
+    def cheapest(base: float, losses: dict[Unit, float]) -> Unit:
+        return min(losses, key=lambda u: ((losses[u] - base) / params[u], u))
+
+    order: list[Unit] = []
+    removed_params = 0
+    current_base, current = base, dict(losses)
+    while (len(order) < cfg.remove) if budget is None else (removed_params < budget):
+        if len(order) == len(params) - 1:
+            raise UserError(f"--remove-params {cfg.remove_params} would remove every sublayer; use a smaller share")
+        unit = cheapest(current_base, current)
+        order.append(unit)
+        removed_params += params[unit]
+        current.pop(unit)
+        if cfg.iterative and current and ((len(order) < cfg.remove) if budget is None else removed_params < budget):
+            current_base, current = loss_without_each_sublayer(program, windows, set(order), cfg.batch_size)
+            log.info("shortgpt sublayer: removed %s (calibration loss %.4f)", _label(unit), current_base)
+    repaired_program, repaired = pass_.repaired(program, ctx, order)
+    new = remove_sublayers(repaired_program, order)
+    changes = {
+        "strategy": "perplexity",
+        "unit": "sublayer",
+        "granularity": "sublayer",
+        "dense_loss": round(base, 6),
+        "scores": {_label(u): round(v, 6) for u, v in sorted(losses.items())},
+        "removal_order": [_label(u) for u in order],
+        "removed": [_label(u) for u in sorted(order)],
+        "removed_params": removed_params,
+        "removed_params_share": round(removed_params / total, 6),
+        "blocks_before": len(program.structure.blocks),
+        "blocks_after": len(new.structure.blocks),
+        "rank_windows": len(windows),
+        "iterative": cfg.iterative,
+        "ranking_s": round(time.perf_counter() - start, 2),
+        **repaired,
+    }
+    log.info("shortgpt: removed sublayers %s (%.1f%% of the blocks' linear parameters)",
+             changes["removed"], 100 * removed_params / total)
+    return new, changes
+
+
+def _label(unit: Unit) -> str:
+    return f"{unit[0]}.{unit[1]}"
+
+
+@torch.no_grad()
+def loss_without_each_sublayer(program: Program, windows: torch.Tensor, removed: set[Unit], batch_size: int = 8
+                               ) -> tuple[float, dict[Unit, float]]:
+    """The mean next-token NLL on ``windows`` of the model without the sublayers in ``removed``, and of that model
+    without each other sublayer alone. One walk through the blocks, as ``loss_without_each``: a block's attention is
+    skipped by running its attention-less twin (the same MLP on the stream that entered the block), its MLP by taking
+    the stream after its attention."""
+    from nexus_export.graph.surgery import remove_sublayers
+
+    windows = distributed.local(windows, batch_size)
+    n = len(program.structure.blocks)
+    full = BlockRunner(program, windows, batch_size)
+    mlp_only = BlockRunner(remove_sublayers(program, [(k, "attention") for k in range(n)]), windows, batch_size)
+    suffix = full.load(full.graphs.suffix)
+    units = [(k, kind) for k in range(n) for kind in ("attention", "mlp") if (k, kind) not in removed]
+    totals: dict[Unit | None, float] = {}
+    tokens = 0
+    progress = Progress("shortgpt sublayer losses", full.batches, "batches", every_s=10.0)
+    for i in range(full.batches):
+        h = full.inputs(0, i)[0]
+        alive: dict[Unit, torch.Tensor] = {}  # candidate -> the stream of the model without it
+        for k in range(n):
+            weights = {"full": full.load(full.graphs.blocks[k]), "mlp": mlp_only.load(mlp_only.graphs.blocks[k])}
+
+            def through(stream: torch.Tensor, skip: set[str], k=k, i=i, weights=weights) -> torch.Tensor:
+                if {"attention", "mlp"} <= skip:
+                    return stream
+                if "attention" in skip:
+                    return mlp_only.graphs.blocks[k](weights["mlp"], *mlp_only.inputs(k, i, stream))[0]
+                out = full.graphs.blocks[k](weights["full"], *full.inputs(k, i, stream))
+                return out[full.graphs.residuals[k]["attention"]] if "mlp" in skip else out[0]
+
+            skip = {kind for b, kind in removed if b == k}
+            alive = {u: through(s, skip) for u, s in alive.items()}
+            for kind in ("attention", "mlp"):
+                if (k, kind) not in removed:
+                    alive[(k, kind)] = through(h, skip | {kind})
+            h = through(h, skip)
+            del weights
+        ids = windows[i * full.micro:(i + 1) * full.micro].to(full.device)
+        for u, stream in [*alive.items(), (None, h)]:
+            totals[u] = totals.get(u, 0.0) + next_token_nll(full.logits(i, stream, suffix), ids)[0]
+        tokens += ids.shape[0] * (ids.shape[1] - 1)
+        progress.update(i + 1)
+    *sums, tokens = distributed.sum_float(totals.get(None, 0.0), *(totals.get(u, 0.0) for u in units), tokens)
+    return sums[0] / tokens, {u: total / tokens for u, total in zip(units, sums[1:])}

@@ -219,7 +219,8 @@ class ShortGPTPruner(_Pruner):
             calibration_dataloader = _builtin_windows(model, tokenizer, nsamples or 64)
         metrics = super().prune_model(model, calibration_dataloader, nsamples)
         program = metrics["program"]
-        metrics["model"] = to_hf_model(program) if not program.origin.get("attention_removed") else None
+        partial = program.origin.get("attention_removed") or program.origin.get("mlp_removed")
+        metrics["model"] = None if partial else to_hf_model(program)
         return metrics
 
 

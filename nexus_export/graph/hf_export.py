@@ -114,9 +114,10 @@ def _check(program: Program) -> None:
     if program.config is None:
         raise UserError("this program has no Hugging Face config (it was not captured from a transformers model); "
                         "a Hugging Face folder cannot be written")
-    if program.origin.get("attention_removed"):
-        raise UserError("attention sublayers were removed from some blocks; transformers has no such architecture, "
-                        "so --save-hf is not possible (the ONNX model is still written)")
+    gone = [kind for kind in ("attention", "mlp") if program.origin.get(f"{kind}_removed")]
+    if gone:
+        raise UserError(f"{' and '.join(gone)} sublayers were removed from some blocks; transformers has no such "
+                        "architecture, so --save-hf is not possible (the ONNX model is still written)")
     if program.origin.get("sliced_widths"):
         raise UserError("a sliced model (slicegpt) has shortcut matrices and per-block widths that no transformers "
                         "class holds, so --save-hf is not possible (the ONNX model is still written)")

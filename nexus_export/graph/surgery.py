@@ -1,4 +1,4 @@
-"""Graph surgery on a captured program: remove decoder blocks or attention sublayers from the graph itself.
+"""Graph surgery on a captured program: remove decoder blocks or sublayers (attention, MLP) from the graph itself.
 
 The residual stream is rewired around what is removed, dead nodes and their weights are deleted (from the graph and
 from a fork of the store), and the remaining blocks are renumbered (parameter names, node metadata, config), so the
@@ -54,28 +54,46 @@ def remove_blocks(program: Program, blocks: list[int]) -> Program:
 
 def remove_attention(program: Program, blocks: list[int]) -> Program:
     """A new program in which the attention sublayer of each of ``blocks`` is gone (its residual add bypassed)."""
-    drop = sorted(set(blocks))
+    return remove_sublayers(program, [(k, "attention") for k in blocks])
+
+
+def remove_sublayers(program: Program, sublayers: list[tuple[int, str]]) -> Program:
+    """A new program without the given (block, kind) sublayers ("attention" or "mlp"): each one's residual add is
+    bypassed, so the stream goes past it unchanged. A block that loses all its sublayers is removed whole (and the
+    blocks after it renumbered: ``origin["attention_removed"]`` and ``["mlp_removed"]`` list the new numbers), so
+    that the result is a shallower model where it can be."""
+    drop = sorted(set(sublayers))
     if not drop:
         return program
-    exported = copy_program(program.exported)
-    nodes = {n.name: n for n in exported.graph.nodes}
-    live = _live(exported.graph)
-    found = set()
-    for sub, add_name in zip(program.structure.sublayers, program.structure.residual_adds):
-        if sub.kind == "attention" and sub.block in drop:
-            add = nodes[add_name]
-            add.replace_all_uses_with(stream_operand(add))
-            found.add(sub.block)
-    missing = sorted(set(drop) - found)
+    kinds: dict[int, set[str]] = {}
+    for sub in program.structure.sublayers:
+        kinds.setdefault(sub.block, set()).add(sub.kind)
+    missing = [f"{k}.{kind}" for k, kind in drop if kind not in kinds.get(k, set())]
     if missing:
-        raise UserError(f"blocks {missing} have no attention sublayer to remove")
-    _delete_dead(exported.graph, live)
-    store = program.store.fork()
-    exported = rebuild(exported, store)
-    log.info("removed the attention sublayers of blocks %s", drop)
-    origin = dict(program.origin)
-    origin["attention_removed"] = sorted(set(origin.get("attention_removed", [])) | set(drop))
-    return program.derive(exported, store, origin=origin)
+        raise UserError(f"no sublayer {', '.join(missing)} to remove (blocks 0-{len(program.structure.blocks) - 1}, "
+                        f"sublayers {', '.join(sorted(set().union(*kinds.values())))})")
+    whole = sorted(k for k in kinds if kinds[k] <= {kind for b, kind in drop if b == k})
+    program = remove_blocks(program, whole)
+    partial = [(k - sum(w < k for w in whole), kind) for k, kind in drop if k not in whole]  # renumbered
+    if partial:
+        exported = copy_program(program.exported)
+        nodes = {n.name: n for n in exported.graph.nodes}
+        live = _live(exported.graph)
+        for sub, add_name in zip(program.structure.sublayers, program.structure.residual_adds):
+            if (sub.block, sub.kind) in partial:
+                add = nodes[add_name]
+                add.replace_all_uses_with(stream_operand(add))
+        _delete_dead(exported.graph, live)
+        store = program.store.fork()
+        exported = rebuild(exported, store)
+        log.info("removed sublayers %s", ", ".join(f"{k}.{kind}" for k, kind in partial))
+        origin = dict(program.origin)
+        for kind in ("attention", "mlp"):
+            gone = [k for k, c in partial if c == kind]
+            if gone:
+                origin[f"{kind}_removed"] = sorted(set(origin.get(f"{kind}_removed", [])) | set(gone))
+        program = program.derive(exported, store, origin=origin)
+    return program
 
 
 def stream_operand(add: torch.fx.Node) -> torch.fx.Node:
