@@ -32,16 +32,19 @@ SETS = {
     "owl": [(m, {"sparsity": s, **extra}) for m in ("wanda", "sparsegpt") for s in (0.6, 0.7)
             for extra in ({}, {"layerwise": "owl"})],
     # ShortGPT's best whole-block ranking at 7 of SmolLM2's 30 blocks, and sublayers to the same parameter share
-    "removal": [("shortgpt", {"remove": 7, "strategy": "perplexity"}),
-                ("shortgpt", {"granularity": "sublayer", "remove_params": 0.2333})],
+    "removal": [(m, {**how, **repair}) for m in ("shortgpt",) for how in (
+        {"remove": 7, "strategy": "perplexity"}, {"granularity": "sublayer", "remove_params": 0.2333})
+        for repair in ({}, {"repair": "linear"})],
 }
 
 
 def label(options: dict) -> str:
     """The pattern column: N:M or the unstructured sparsity, and what was added (permute, owl); what a removal took."""
     if "remove" in options or "remove_params" in options:
-        return (f"{options['remove_params']:.1%} of parameters in sublayers" if "remove_params" in options
-                else f"{options['remove']} blocks")
+        unit = "sublayers" if options.get("granularity") == "sublayer" else "blocks"
+        text = (f"{options['remove_params']:.1%} of parameters in sublayers" if "remove_params" in options
+                else f"{options['remove']} {unit}")
+        return text + (" + linear repair" if options.get("repair") else "")
     text = options.get("pattern") or f"{options['sparsity']:.0%} unstructured"
     return text + (" permuted" if options.get("permute") else "") + (" owl" if options.get("layerwise") else "")
 
