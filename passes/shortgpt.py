@@ -41,6 +41,7 @@ from nexus_export.graph.surgery import remove_attention, remove_blocks
 from nexus_export.metrics import next_token_nll
 from nexus_export.progress import Progress
 from passes.shared.repair import check_repairable, fit_repairs, fold
+from passes.shared.sublayers import KINDS, SublayerRunner, Unit, check_sublayers, label
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class ShortGPTConfig(PassConfig):
             raise UserError(f"batch_size must be positive, got {self.batch_size}")
         if self.layers is not None:
             self.layer_list()
-        if self.ranks_by_loss() is False and (self.rank_windows is not None or self.iterative):
+        if not self.ranks_by_loss() and (self.rank_windows is not None or self.iterative):
             raise UserError("rank_windows (--rank-windows) and iterative (--iterative) belong to strategy perplexity; "
                             "add --strategy perplexity (or --granularity sublayer)")
         if self.repair not in (None, "linear"):
@@ -211,7 +212,7 @@ class ShortGPTPass(Pass):
             chosen = sorted(order)
         n_before = len(program.structure.blocks)
         units = [(k, "attention") for k in chosen] if cfg.strategy == "attention" else \
-            [(k, kind) for k in chosen for kind in ("attention", "mlp")]
+            [(k, kind) for k in chosen for kind in KINDS]
         program, repaired = self.repaired(program, ctx, units)
         if cfg.strategy == "attention":
             new = remove_attention(program, chosen)
@@ -230,7 +231,6 @@ class ShortGPTPass(Pass):
         log.info("shortgpt: removed %s %s", changes["unit"] + "s", chosen)
         return new, changes
 
-
     def repaired(self, program: Program, ctx: PassContext, units: list[tuple[int, str]]) -> tuple[Program, dict]:
         """With --repair linear: a fork of ``program`` whose sublayers before the removed ``units`` carry the fitted
         maps, and the report's entries; else ``program`` as it is."""
@@ -242,7 +242,7 @@ class ShortGPTPass(Pass):
         repairs = fit_repairs(program, windows, units, self.config.batch_size)
         program = program.fork()
         fold(program, repairs)
-        return program, {"repair": [{"after": _label(r.after), "span": [_label(u) for u in r.span],
+        return program, {"repair": [{"after": label(r.after), "span": [label(u) for u in r.span],
                                      "writer": r.writer, "residual": round(r.residual, 6)} for r in repairs]}
 
 
@@ -382,9 +382,6 @@ def _taylor_scores(program: Program, windows: torch.Tensor, batch_size: int, che
 
 # ------------------------------------------------------------------------------------------------ sublayers
 
-Unit = tuple[int, str]  # (block, "attention" or "mlp")
-
-
 def sublayer_params(program: Program) -> dict[Unit, int]:
     """The linear parameters (weights and biases) of every attention and MLP sublayer."""
     linears = program.structure.linears
@@ -392,22 +389,6 @@ def sublayer_params(program: Program) -> dict[Unit, int]:
                                        + (linears[n].out_features if linears[n].bias else 0)
                                        for n in (*sub.readers, *sub.writers))
             for sub in program.structure.sublayers}
-
-
-def check_sublayers(program: Program, count: int | None, what: str = "granularity sublayer") -> None:
-    """Sublayer removal (and the repair) needs every block to be an attention sublayer then an MLP sublayer, each on
-    its own residual add; removal must leave one sublayer."""
-    kinds: dict[int, list[str]] = {}
-    for sub in program.structure.sublayers:
-        kinds.setdefault(sub.block, []).append(sub.kind)
-    n = len(program.structure.blocks)
-    odd = [k for k in range(n) if kinds.get(k) != ["attention", "mlp"]]
-    if odd:
-        raise UserError(f"{what} needs blocks of an attention sublayer then an MLP sublayer, each with its own "
-                        f"residual add; block {odd[0]} has {kinds.get(odd[0], [])} (attention and MLP side by side "
-                        "share one add); remove whole blocks without it")
-    if count is not None and not 0 <= count < 2 * n:
-        raise UserError(f"cannot remove {count} of {2 * n} sublayers; at most {2 * n - 1} (one must stay)")
 
 
 def remove_ranked_sublayers(pass_: ShortGPTPass, program: Program, ctx: PassContext, start: float
@@ -438,7 +419,7 @@ def remove_ranked_sublayers(pass_: ShortGPTPass, program: Program, ctx: PassCont
         current.pop(unit)
         if cfg.iterative and current and ((len(order) < cfg.remove) if budget is None else removed_params < budget):
             current_base, current = loss_without_each_sublayer(program, windows, set(order), cfg.batch_size)
-            log.info("shortgpt sublayer: removed %s (calibration loss %.4f)", _label(unit), current_base)
+            log.info("shortgpt sublayer: removed %s (calibration loss %.4f)", label(unit), current_base)
     repaired_program, repaired = pass_.repaired(program, ctx, order)
     new = remove_sublayers(repaired_program, order)
     changes = {
@@ -446,9 +427,9 @@ def remove_ranked_sublayers(pass_: ShortGPTPass, program: Program, ctx: PassCont
         "unit": "sublayer",
         "granularity": "sublayer",
         "dense_loss": round(base, 6),
-        "scores": {_label(u): round(v, 6) for u, v in sorted(losses.items())},
-        "removal_order": [_label(u) for u in order],
-        "removed": [_label(u) for u in sorted(order)],
+        "scores": {label(u): round(v, 6) for u, v in sorted(losses.items())},
+        "removal_order": [label(u) for u in order],
+        "removed": [label(u) for u in sorted(order)],
         "removed_params": removed_params,
         "removed_params_share": round(removed_params / total, 6),
         "blocks_before": len(program.structure.blocks),
@@ -463,52 +444,32 @@ def remove_ranked_sublayers(pass_: ShortGPTPass, program: Program, ctx: PassCont
     return new, changes
 
 
-def _label(unit: Unit) -> str:
-    return f"{unit[0]}.{unit[1]}"
-
-
 @torch.no_grad()
 def loss_without_each_sublayer(program: Program, windows: torch.Tensor, removed: set[Unit], batch_size: int = 8
                                ) -> tuple[float, dict[Unit, float]]:
     """The mean next-token NLL on ``windows`` of the model without the sublayers in ``removed``, and of that model
-    without each other sublayer alone. One walk through the blocks, as ``loss_without_each``: a block's attention is
-    skipped by running its attention-less twin (the same MLP on the stream that entered the block), its MLP by taking
-    the stream after its attention."""
-    from nexus_export.graph.surgery import remove_sublayers
-
+    without each other sublayer alone. One walk through the blocks, as ``loss_without_each``, each candidate's stream
+    carried from its block on (see SublayerRunner for how a sublayer is skipped)."""
     windows = distributed.local(windows, batch_size)
-    n = len(program.structure.blocks)
-    full = BlockRunner(program, windows, batch_size)
-    mlp_only = BlockRunner(remove_sublayers(program, [(k, "attention") for k in range(n)]), windows, batch_size)
-    suffix = full.load(full.graphs.suffix)
-    units = [(k, kind) for k in range(n) for kind in ("attention", "mlp") if (k, kind) not in removed]
+    runner = SublayerRunner(program, windows, batch_size)
+    suffix = runner.full.load(runner.full.graphs.suffix)
+    units = [(k, kind) for k in range(runner.blocks) for kind in KINDS if (k, kind) not in removed]
     totals: dict[Unit | None, float] = {}
     tokens = 0
-    progress = Progress("shortgpt sublayer losses", full.batches, "batches", every_s=10.0)
-    for i in range(full.batches):
-        h = full.inputs(0, i)[0]
+    progress = Progress("shortgpt sublayer losses", runner.batches, "batches", every_s=10.0)
+    for i in range(runner.batches):
+        h = runner.entering(i)
         alive: dict[Unit, torch.Tensor] = {}  # candidate -> the stream of the model without it
-        for k in range(n):
-            weights = {"full": full.load(full.graphs.blocks[k]), "mlp": mlp_only.load(mlp_only.graphs.blocks[k])}
-
-            def through(stream: torch.Tensor, skip: set[str], k=k, i=i, weights=weights) -> torch.Tensor:
-                if {"attention", "mlp"} <= skip:
-                    return stream
-                if "attention" in skip:
-                    return mlp_only.graphs.blocks[k](weights["mlp"], *mlp_only.inputs(k, i, stream))[0]
-                out = full.graphs.blocks[k](weights["full"], *full.inputs(k, i, stream))
-                return out[full.graphs.residuals[k]["attention"]] if "mlp" in skip else out[0]
-
+        for k in range(runner.blocks):
             skip = {kind for b, kind in removed if b == k}
-            alive = {u: through(s, skip) for u, s in alive.items()}
-            for kind in ("attention", "mlp"):
+            alive = {u: runner.through(k, s, i, skip) for u, s in alive.items()}
+            for kind in KINDS:
                 if (k, kind) not in removed:
-                    alive[(k, kind)] = through(h, skip | {kind})
-            h = through(h, skip)
-            del weights
-        ids = windows[i * full.micro:(i + 1) * full.micro].to(full.device)
+                    alive[(k, kind)] = runner.through(k, h, i, skip | {kind})
+            h = runner.through(k, h, i, skip)
+        ids = windows[i * runner.full.micro:(i + 1) * runner.full.micro].to(runner.full.device)
         for u, stream in [*alive.items(), (None, h)]:
-            totals[u] = totals.get(u, 0.0) + next_token_nll(full.logits(i, stream, suffix), ids)[0]
+            totals[u] = totals.get(u, 0.0) + next_token_nll(runner.full.logits(i, stream, suffix), ids)[0]
         tokens += ids.shape[0] * (ids.shape[1] - 1)
         progress.update(i + 1)
     *sums, tokens = distributed.sum_float(totals.get(None, 0.0), *(totals.get(u, 0.0) for u in units), tokens)

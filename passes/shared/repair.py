@@ -20,12 +20,11 @@ import torch
 
 from nexus_export.errors import UserError
 from nexus_export.graph.program import Program
-from nexus_export.graph.runner import BlockRunner
 from nexus_export.progress import Progress
+from passes.shared.sublayers import KINDS, SublayerRunner, Unit, label
 
 log = logging.getLogger(__name__)
 
-Unit = tuple[int, str]  # (block, "attention" or "mlp")
 RIDGE = 1e-6
 
 
@@ -54,78 +53,64 @@ def check_repairable(program: Program) -> None:
 def fit_repairs(program: Program, windows: torch.Tensor, removed: list[Unit], batch_size: int = 8
                 ) -> list[SpanRepair]:
     """The repair of every removed span of ``program`` (the model before removal) on the calibration ``windows``."""
-    from nexus_export.graph.surgery import remove_sublayers
-
     check_repairable(program)
-    n = len(program.structure.blocks)
-    order: list[Unit] = [(k, kind) for k in range(n) for kind in ("attention", "mlp")]
+    runner = SublayerRunner(program, windows, batch_size)
+    order: list[Unit] = [(k, kind) for k in range(runner.blocks) for kind in KINDS]
     gone = set(removed)
-    full = BlockRunner(program, windows, batch_size)
-    mlp_only = BlockRunner(remove_sublayers(program, [(k, "attention") for k in range(n)]), windows, batch_size)
     writers = {(s.block, s.kind): s.writers[0] for s in program.structure.sublayers}
-    streams = [full.inputs(0, m)[0] for m in range(full.batches)]
-    loaded: dict[tuple[str, int], list[torch.Tensor]] = {}
-
-    def run(unit: Unit, x: torch.Tensor, m: int) -> torch.Tensor:
-        """The stream after ``unit`` of the original model applied to ``x`` (micro-batch m's side values)."""
-        k, kind = unit
-        runner = full if kind == "attention" else mlp_only
-        key = (kind, k)
-        if key not in loaded:
-            loaded.clear()  # one sublayer's block weights at a time
-            loaded[key] = runner.load(runner.graphs.blocks[k])
-        out = runner.graphs.blocks[k](loaded[key], *runner.inputs(k, m, x))
-        return out[full.graphs.residuals[k]["attention"]] if kind == "attention" else out[0]
-
+    streams = [runner.entering(m) for m in range(runner.batches)]
     repairs: list[SpanRepair] = []
     progress = Progress("repair", len(order), "sublayers", every_s=10.0)
     i = 0
     while i < len(order):
         unit = order[i]
-        span = []
         j = i + 1
         while j < len(order) and order[j] in gone:
-            span.append(order[j])
             j += 1
+        span = order[i + 1:j]
         if unit in gone:  # a span at the very start: nothing before it to fold into
             i += 1
-            continue
-        if not span:
-            streams = [run(unit, h, m) for m, h in enumerate(streams)]
+        elif not span:
+            streams = [runner.apply(unit, h, m) for m, h in enumerate(streams)]
             i += 1
-            progress.update(i)
-            continue
-        d = streams[0].shape[-1]
-        gram = torch.zeros(d, d, dtype=torch.float64)  # y^T y
-        cross = torch.zeros(d, d, dtype=torch.float64)  # y^T (s - r)
-        target_sq = 0.0  # ||s - r||^2
-        outs = []  # y per micro-batch, in the stream's dtype
-        for m, h in enumerate(streams):
-            after = run(unit, h, m)
-            x = after
-            for removed_unit in span:
-                x = run(removed_unit, x, m)
-            y = (after - h).reshape(-1, d).double()
-            target = (x - h).reshape(-1, d).double()
-            gram += y.T @ y
-            cross += y.T @ target
-            target_sq += float((target * target).sum())
-            outs.append((after - h).reshape(-1, d))
-            del after, x, y, target
-        ridge = RIDGE * float(gram.diagonal().mean()) + 1e-12
-        t = torch.linalg.solve(gram + ridge * torch.eye(d, dtype=torch.float64), cross)
-        # ||y T - (s - r)||^2 and ||y - (s - r)||^2 from the sums alone
-        after_fit = float((t * (gram @ t)).sum() - 2 * (t * cross).sum()) + target_sq
-        plain = float(gram.diagonal().sum() - 2 * cross.diagonal().sum()) + target_sq
-        repairs.append(SpanRepair(unit, span, writers[unit], t, max(after_fit, 0.0) / plain if plain else 0.0))
-        log.info("repair: %s after %s, residual %.3f of plain removal's", _labels(span), _labels([unit]),
-                 repairs[-1].residual)
-        t_stream = t.to(streams[0].dtype)
-        streams = [h + (y @ t_stream).reshape(h.shape) for h, y in zip(streams, outs)]
-        del outs
-        i = j
+        else:
+            repair, streams = _fit_span(runner, unit, span, streams, writers[unit])
+            repairs.append(repair)
+            i = j
         progress.update(i)
     return repairs
+
+
+def _fit_span(runner: SublayerRunner, unit: Unit, span: list[Unit], streams: list[torch.Tensor], writer: str
+              ) -> tuple[SpanRepair, list[torch.Tensor]]:
+    """The map of ``span`` folded after ``unit``, and the streams leaving ``unit`` with it applied."""
+    d = streams[0].shape[-1]
+    gram = torch.zeros(d, d, dtype=torch.float64)  # y^T y
+    cross = torch.zeros(d, d, dtype=torch.float64)  # y^T (s - r)
+    target_sq = 0.0  # ||s - r||^2
+    outs = []  # y per micro-batch, in the stream's dtype
+    for m, h in enumerate(streams):
+        after = runner.apply(unit, h, m)
+        x = after
+        for removed in span:
+            x = runner.apply(removed, x, m)
+        y = (after - h).reshape(-1, d)
+        target = (x - h).reshape(-1, d).double()
+        gram += y.double().T @ y.double()
+        cross += y.double().T @ target
+        target_sq += float((target * target).sum())
+        outs.append(y)
+        del after, x, target
+    ridge = RIDGE * float(gram.diagonal().mean()) + 1e-12
+    t = torch.linalg.solve(gram + ridge * torch.eye(d, dtype=torch.float64), cross)
+    # ||y T - (s - r)||^2 and ||y - (s - r)||^2 from the sums alone
+    after_fit = float((t * (gram @ t)).sum() - 2 * (t * cross).sum()) + target_sq
+    plain = float(gram.diagonal().sum() - 2 * cross.diagonal().sum()) + target_sq
+    repair = SpanRepair(unit, span, writer, t, max(after_fit, 0.0) / plain if plain else 0.0)
+    log.info("repair: %s after %s, residual %.3f of plain removal's", ", ".join(map(label, span)), label(unit),
+             repair.residual)
+    t_stream = t.to(streams[0].dtype)
+    return repair, [h + (y @ t_stream).reshape(h.shape) for h, y in zip(streams, outs)]
 
 
 def fold(program: Program, repairs: list[SpanRepair]) -> None:
@@ -136,7 +121,3 @@ def fold(program: Program, repairs: list[SpanRepair]) -> None:
         program.set_weight(lin.name, (t.T @ program.weight(lin.name, torch.float64)).to(torch.float32))
         if lin.bias is not None:
             program.set_parameter(lin.bias, (program.parameter(lin.bias, torch.float64) @ t).to(torch.float32))
-
-
-def _labels(units: list[Unit]) -> str:
-    return ", ".join(f"{k}.{kind}" for k, kind in units)
