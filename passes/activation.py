@@ -110,6 +110,9 @@ class ActivationPass(Pass):
     def hf_refusal(self) -> str | None:
         return "no Hugging Face class applies activation thresholds in front of its linears"
 
+    def nudged(self, program: Program, factor: float) -> Program:
+        return nudged(program, factor)
+
     def with_threshold(self, program: Program, threshold: float) -> Program:
         """``program`` with one fixed ``threshold`` in front of every input of the chosen roles (no calibration: the
         seed's global threshold)."""
@@ -262,6 +265,26 @@ def column_norms(program: Program, names: list[str]) -> torch.Tensor:
     """||W[:, i]|| over the rows of every linear in ``names`` (which read one input), in float32 (summed in float64)."""
     total = sum(program.weight(name, torch.float64).pow(2).sum(dim=0) for name in names)
     return total.sqrt().float()
+
+
+def nudged(program: Program, factor: float) -> Program:
+    """``program`` with every activation threshold multiplied by ``factor`` (the literal of each magnitude threshold,
+    every WINA limit parameter); the given one unchanged. A hard threshold is discontinuous: scoring the program with
+    thresholds nudged by a rounding-sized factor measures how far rounding alone moves its perplexity."""
+    exported = copy_program(program.exported)
+    scaled = 0
+    for node in exported.graph.nodes:
+        if node.target == aten.ge.Scalar and getattr(node.args[0], "target", None) == aten.abs.default:
+            node.args = (node.args[0], float(node.args[1]) * factor)
+            scaled += 1
+    store = program.store.fork()
+    for name in program.weight_names():
+        if name.endswith(".activation_limit"):
+            store.set(name, program.store.get(name) * factor)
+            scaled += 1
+    if not scaled:
+        raise ValueError("nudged: the program has no activation thresholds")
+    return program.derive(rebuild(exported, store), store)
 
 
 def insert_thresholds(program: Program, thresholds: list[Threshold]) -> Program:

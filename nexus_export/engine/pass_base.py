@@ -135,6 +135,11 @@ class Pass:
     def check(self, program: Program) -> None:
         """Raise UserError if this pass cannot apply to ``program`` (called before any slow work starts)."""
 
+    def nudged(self, program: Program, factor: float) -> Program:
+        """For a pass that ``sparsifies_activations``: ``program`` with every threshold it placed multiplied by
+        ``factor`` (how far rounding alone moves the result)."""
+        raise NotImplementedError(f"{self.name} places no activation thresholds")
+
     def check_calibration(self, program: Program, windows: Any) -> None:
         """Raise UserError if the calibration windows cannot serve this pass (called before any slow work starts)."""
 

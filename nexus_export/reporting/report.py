@@ -63,6 +63,7 @@ def render_markdown(report: dict, plots: list | None = None) -> str:
         "| pruned (PyTorch) | not run (--eval-runtime onnxruntime) |",
         f"| pruned (onnxruntime) | {num(ppl['onnx'], '.3f', ppl.get('onnx_eval', ''))} |",
         *_parity_windows(report["parity"]),
+        *_rounding(ppl.get("activation_rounding")),
         "",
         "## Passes",
         "| pass | wall s | params before | params after | peak RSS MiB |",
@@ -131,6 +132,17 @@ def _generation(report: dict) -> list[str]:
     lines += ["", f"Greedy continuation of \"{gen['prompt']}\" ({gen['sample_tokens']} tokens):", ""]
     lines += [f"- {row['name']}: \"{' '.join(row['continuation'].split())}\"" for row in gen["models"]]
     return lines
+
+
+def _rounding(rounding: dict | None) -> list[str]:
+    """Activation thresholds nudged by a rounding-sized factor: PyTorch's own spread beside onnxruntime's difference."""
+    if not rounding:
+        return []
+    diff = rounding["onnx_vs_pytorch_rel"]
+    verdict = "" if diff is None else (f"; onnxruntime differs by {diff:.3%}, "
+                                       f"{'within' if rounding['onnx_within_spread'] else 'outside'} it")
+    return [f"| thresholds x (1 +- {rounding['nudge']:g}), {rounding['windows']} windows: PyTorch moves by | "
+            f"{rounding['pytorch_spread_rel']:.3%}{verdict} |"]
 
 
 def _parity_windows(parity: dict) -> list[str]:

@@ -54,6 +54,9 @@ from nexus_export.weights.store import DEFAULT_BUDGET, parse_bytes
 log = logging.getLogger(__name__)
 
 PARITY_WINDOWS, PARITY_TOKENS = 2, 128
+# Every activation threshold times 1 +- this (about ten float32 ulps): PyTorch's own perplexity spread under it is
+# what onnxruntime's difference from PyTorch is compared with (a hard threshold is discontinuous)
+ROUNDING_NUDGE = 1e-6
 
 
 class Stages:
@@ -263,11 +266,42 @@ class _Run:
                 self.activations = summarize_inputs(input_sparsity(self.program, self.windows, self.ev.batch_size))
             log.info("activation sparsity on the evaluation windows %.1f%% (%.1f%% of the blocks' multiply-adds read a "
                      "zero)", 100 * self.activations["sparsity"], 100 * self.activations["skippable_macs"])
+        self.rounding = None
+        if self.activations is not None and self.onnx_eval and self.score_pytorch:
+            with self.stage("activation_rounding"):
+                self.rounding = self._rounding_spread()
         self.hf_parity = None
         if self.recipe.lowering.save_hf:
             with self.stage("save_hf"):
                 self.hf_parity = save_hf(self.program, self.tmp / "hf", self.dtype,
                                          check=self.params_dense * 4 <= self.budget)
+
+    def _rounding_spread(self) -> dict:
+        """PyTorch's perplexity with every activation threshold nudged by ROUNDING_NUDGE up and down, on the windows
+        onnxruntime's perplexity is compared on (every window, or the parity windows under --eval-runtime pytorch)."""
+        every = self.ev.runtime != "pytorch"
+        windows = self.windows if every else self.parity_ids
+        thresholds = next(p for p in reversed(self.passes) if p.sparsifies_activations)
+        placed = self.pruned_ppl if every else program_perplexity(self.program, windows, self.ev.batch_size)[0]
+        nudged = [program_perplexity(thresholds.nudged(self.program, 1 + sign * ROUNDING_NUDGE), windows,
+                                     self.ev.batch_size, f"perplexity, thresholds x (1 {'+-'[sign < 0]} nudge)")[0]
+                  for sign in (1, -1)]
+        spread = max(abs(p - placed) / placed for p in nudged)
+        log.info("activation thresholds x (1 +- %g): PyTorch perplexity moves by %.3g relative", ROUNDING_NUDGE, spread)
+        return {"nudge": ROUNDING_NUDGE, "windows": "evaluation" if every else "parity", "pytorch": placed,
+                "pytorch_nudged": nudged, "pytorch_spread_rel": spread}
+
+    def _rounding_report(self) -> dict | None:
+        """The rounding spread beside onnxruntime's difference from PyTorch on the same windows."""
+        if self.rounding is None:
+            return None
+        if self.rounding["windows"] == "evaluation":
+            onnx = self.onnx_ppl
+            diff = abs(onnx - self.pruned_ppl) / self.pruned_ppl if onnx is not None else None
+        else:
+            diff = self.parity_ppl.get("perplexity_rel")
+        within = None if diff is None else diff <= self.rounding["pytorch_spread_rel"]
+        return {**self.rounding, "onnx_vs_pytorch_rel": diff, "onnx_within_spread": within}
 
     def lower(self) -> None:
         """The pruned program's ONNX models (and the dense one's cache model for the decode speed, unless an
@@ -403,7 +437,8 @@ class _Run:
                            "pruned": pruned_ppl, "pruned_runtime": self.pruned_runtime, "onnx": onnx_ppl,
                            "onnx_vs_pytorch_rel": (abs(onnx_ppl - pruned_ppl) / pruned_ppl
                                                    if onnx_ppl is not None and self.score_pytorch else None),
-                           "onnx_eval": _onnx_eval_note(self.onnx_eval, self.onnx_eval_why, ev.runtime)},
+                           "onnx_eval": _onnx_eval_note(self.onnx_eval, self.onnx_eval_why, ev.runtime),
+                           **({"activation_rounding": self._rounding_report()} if self.rounding else {})},
             "parity": {"max_abs_diff": self.parity, "inputs": f"{PARITY_WINDOWS} evaluation windows x "
                                                               f"{self.parity_ids.shape[1]} tokens", **self.parity_ppl,
                        **({"hf_folder_max_abs_diff": self.hf_parity} if recipe.lowering.save_hf else {})},

@@ -326,7 +326,14 @@ def test_activation_sparsity_on_top_of_two_four_end_to_end(tmp_path, capsys):
     assert measured["skippable_macs"] == pytest.approx(0.4, abs=0.05)
     ppl = report["perplexity"]
     assert abs(ppl["onnx"] - ppl["pruned"]) / ppl["pruned"] < 1e-3
+    rounding = ppl["activation_rounding"]  # PyTorch's own spread under a rounding-sized nudge, beside onnxruntime's
+    assert rounding["nudge"] == 1e-6 and rounding["windows"] == "evaluation" and rounding["pytorch"] == ppl["pruned"]
+    assert rounding["pytorch_spread_rel"] == pytest.approx(
+        max(abs(p - ppl["pruned"]) / ppl["pruned"] for p in rounding["pytorch_nudged"]))
+    assert rounding["onnx_vs_pytorch_rel"] == pytest.approx(abs(ppl["onnx"] - ppl["pruned"]) / ppl["pruned"])
+    assert rounding["onnx_within_spread"] == (rounding["onnx_vs_pytorch_rel"] <= rounding["pytorch_spread_rel"])
     markdown = (out / "report.md").read_text()
+    assert "| thresholds x (1 +- 1e-06), evaluation windows: PyTorch moves by |" in markdown
     assert "## Activation sparsity" in markdown
     assert "differ here by more than float rounding" in markdown  # the parity figures explained where they apply
     assert "| model.layers.0.self_attn.q_proj, model.layers.0.self_attn.k_proj, model.layers.0.self_attn.v_proj | 0 |" \

@@ -9,7 +9,7 @@ from nexus_export.engine.pass_base import PassContext
 from nexus_export.errors import UserError
 from nexus_export.evaluation.activation_stats import input_sparsity, summarize_inputs
 from nexus_export.graph.program import Program
-from passes.activation import ActivationPass, place_thresholds
+from passes.activation import ActivationPass, nudged, place_thresholds
 from passes.shared.activation_greedy import greedy_levels
 
 
@@ -47,6 +47,23 @@ def test_thresholds_equal_the_model_thresholded_by_hooks():
         dense = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     assert not torch.allclose(got, dense, atol=1e-3)  # the thresholds do something
 
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "wina"])
+def test_nudged_thresholds_scale_every_threshold(criterion):
+    """nudged(program, f) multiplies every threshold (magnitude's literals, WINA's limit parameters) by f: at 0 every
+    entry passes (the dense model), at 1 nothing changes, and the program nudged is left as it was."""
+    dense = tiny_program("llama")
+    result = run(dense, sparsity=0.5, criterion=criterion)
+    ids = windows(n=2, seed=5)
+    placed = result.program.logits(ids)
+    assert torch.allclose(nudged(result.program, 0.0).logits(ids), dense.logits(ids), atol=1e-5)
+    assert torch.equal(nudged(result.program, 1.0).logits(ids), placed)
+    half = nudged(result.program, 0.5).logits(ids)
+    assert not torch.allclose(half, placed, atol=1e-3) and not torch.allclose(half, dense.logits(ids), atol=1e-3)
+    assert torch.equal(result.program.logits(ids), placed)
+    with pytest.raises(ValueError, match="no activation thresholds"):
+        nudged(dense, 2.0)
 
 
 def test_wina_thresholds_equal_the_model_thresholded_by_hooks():
