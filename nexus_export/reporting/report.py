@@ -201,7 +201,8 @@ def _activations(report: dict) -> list[str]:
              "inputs could save: onnxruntime has none, so this is not a speed-up here). The thresholds are hard: an "
              "entry within rounding of one is kept by one runtime and zeroed by the other, and later blocks compound "
              "that, so PyTorch and onnxruntime differ here by more than float rounding, as PyTorch differs from itself "
-             "when the thresholds move by a millionth (bench/activation_rounding.py measures that spread).", "",
+             "when the thresholds move by a millionth: the perplexity table above gives that spread, measured by this "
+             "run, beside onnxruntime's difference.", "",
              "| input of | block | threshold | sparsity (calibration) | sparsity (evaluation) |", "|---|---|---|---|---|"]
     for p in report["passes"]:
         for name, t in p.get("changes", {}).get("thresholds", {}).items():
