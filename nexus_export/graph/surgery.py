@@ -86,7 +86,7 @@ def remove_sublayers(program: Program, sublayers: list[tuple[int, str]]) -> Prog
         _delete_dead(exported.graph, live)
         store = program.store.fork()
         exported = rebuild(exported, store)
-        log.info("removed sublayers %s", ", ".join(f"{k}.{kind}" for k, kind in partial))
+        log.debug("removed sublayers %s", ", ".join(f"{k}.{kind}" for k, kind in partial))
         origin = dict(program.origin)
         for kind in ("attention", "mlp"):
             gone = [k for k, c in partial if c == kind]
