@@ -2,7 +2,8 @@
 
 ``--set permute``: Wanda and SparseGPT 2:4 without and with the channel permutation (--permute); ``--set owl``: Wanda
 and SparseGPT at 60% and 70% unstructured, uniform and with OWL's per-block sparsities (--layerwise owl); ``--set
-removal``: ShortGPT's 7 blocks by perplexity and sublayers removed to the same share of parameters.
+removal``: ShortGPT's 7 blocks by perplexity and sublayers removed to the same share of parameters, each with and
+without --repair linear (``--set removal_iterative``: sublayers re-ranked after each removal).
 
 Prints one Markdown table: perplexity on the evaluation windows in PyTorch and onnxruntime, perplexity on text the
 calibration never saw (the license texts in /usr/share/common-licenses, when present), achieved sparsity, pruning
@@ -35,6 +36,9 @@ SETS = {
     "removal": [(m, {**how, **repair}) for m in ("shortgpt",) for how in (
         {"remove": 7, "strategy": "perplexity"}, {"granularity": "sublayer", "remove_params": 0.2333})
         for repair in ({}, {"repair": "linear"})],
+    # re-ranked after each removal, on 2 of the calibration windows (a ranking of 60 sublayers each round)
+    "removal_iterative": [("shortgpt", {"granularity": "sublayer", "remove_params": 0.2333, "iterative": True,
+                                        "rank_windows": 2, "repair": "linear"})],
 }
 
 
@@ -44,6 +48,7 @@ def label(options: dict) -> str:
         unit = "sublayers" if options.get("granularity") == "sublayer" else "blocks"
         text = (f"{options['remove_params']:.1%} of parameters in sublayers" if "remove_params" in options
                 else f"{options['remove']} {unit}")
+        text += f", iterative on {options['rank_windows']} windows" if options.get("iterative") else ""
         return text + (" + linear repair" if options.get("repair") else "")
     text = options.get("pattern") or f"{options['sparsity']:.0%} unstructured"
     return text + (" permuted" if options.get("permute") else "") + (" owl" if options.get("layerwise") else "")
