@@ -23,11 +23,10 @@ from torch import fx
 
 from nexus_export.engine.pass_base import Pass, PassConfig, PassContext, option
 from nexus_export.errors import UserError
-from nexus_export.graph.blocks import LINEAR_INPUT_ARG
 from nexus_export.graph.graph_edit import add_parameter, call, copy_program, rebuild
 from nexus_export.graph.program import Program
 from nexus_export.graph.runner import BlockRunner
-from nexus_export.graph.structure import op_name
+from nexus_export.graph.structure import LINEAR_INPUT_ARG, op_name
 from nexus_export.progress import Progress
 from passes.shared.activation_greedy import MAX_LEVEL, greedy_levels, thresholded_block
 

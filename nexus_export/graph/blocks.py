@@ -21,10 +21,7 @@ from torch.export.graph_signature import InputKind
 
 from nexus_export.graph.capture import COMPUTE_DTYPE
 from nexus_export.graph.kv_cache import tag_of
-from nexus_export.graph.structure import ancestors, block_boundaries, op_name
-
-LINEAR_INPUT_ARG = {"linear": 0, "addmm": 1, "mm": 0}
-LINEAR_WEIGHT_ARG = {"linear": 1, "addmm": 2, "mm": 1}
+from nexus_export.graph.structure import LINEAR_INPUT_ARG, LINEAR_WEIGHT_ARG, ancestors, block_boundaries, op_name
 
 
 @dataclass
@@ -215,7 +212,7 @@ def _linear_inputs(nodes: list[fx.Node], weight_to_linear: dict, weights: dict[s
         op = op_name(node)
         if op not in LINEAR_INPUT_ARG or len(node.args) < 2:
             continue
-        weight = node.args[-1] if op in ("addmm", "mm") else node.args[1]
+        weight = node.args[LINEAR_WEIGHT_ARG[op]]
         target = weights.get(weight.name) if isinstance(weight, fx.Node) and weight.op == "placeholder" else None
         lin = weight_to_linear.get(target)
         if lin is None:

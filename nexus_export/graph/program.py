@@ -18,7 +18,7 @@ from torch.export.graph_signature import InputKind
 
 from nexus_export.errors import UserError
 from nexus_export.graph.capture import COMPUTE_DTYPE, capture
-from nexus_export.graph.structure import Linear, Structure, read_structure
+from nexus_export.graph.structure import LINEAR_INPUT_ARG, Linear, Structure, op_name, read_structure
 from nexus_export.naming import WRAPPER_PREFIX
 from nexus_export.weights.shards import TensorLocation
 from nexus_export.weights.store import DEFAULT_BUDGET, WeightStore
@@ -254,12 +254,9 @@ class Program:
         return ProgramModule(self)
 
 
-_MATMULS = {torch.ops.aten.linear.default: 0, torch.ops.aten.addmm.default: 1, torch.ops.aten.mm.default: 0}
-
-
 def _matmul_operands(node: torch.fx.Node) -> list[torch.fx.Node]:
-    """The weights (``get_attr`` operands) a multiplication node reads; none for other nodes."""
-    if node.op != "call_function" or node.target not in _MATMULS:
+    """The weights (``get_attr`` operands: the matrix and a bias) a multiplication node reads; none for other nodes."""
+    if node.op != "call_function" or op_name(node) not in LINEAR_INPUT_ARG:
         return []
     return [a for a in node.args if isinstance(a, torch.fx.Node) and a.op == "get_attr"]
 
@@ -277,7 +274,7 @@ def _linears_in(graph: torch.fx.Graph, weights: set[str], dtype: torch.dtype) ->
         operands = _matmul_operands(node)
         if not operands or any(w.target not in weights for w in operands):
             continue
-        at = _MATMULS[node.target]
+        at = LINEAR_INPUT_ARG[op_name(node)]
         with graph.inserting_before(node):
             cast = graph.call_function(torch.ops.aten.to.dtype, (node.args[at], dtype))
         node.update_arg(at, cast)

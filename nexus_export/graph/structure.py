@@ -105,6 +105,11 @@ class Structure:
         }
 
 
+# Where a multiplication by a weight keeps its input and its weight: aten.linear(x, W, b), addmm(b, x, W), mm(x, W)
+LINEAR_INPUT_ARG = {"linear": 0, "addmm": 1, "mm": 0}
+LINEAR_WEIGHT_ARG = {"linear": 1, "addmm": 2, "mm": 1}
+
+
 def op_name(node: Node) -> str:
     """The short name of a call_function target (aten.linear.default -> "linear")."""
     target = node.target

@@ -37,7 +37,6 @@ import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-import nexus_export
 from nexus_export.errors import UserError
 from nexus_export.graph.capture import parameters_on_meta
 from nexus_export.outdir import sha256_file

@@ -1,7 +1,7 @@
 """Running a model sublayer by sublayer, with any attention or MLP sublayer skipped, for sublayer removal and repair.
 
-A block of attention then MLP is run through its own graph: the stream after its attention is one of the graph's
-outputs (the block without its MLP), and the block without its attention is the same block of a twin program whose
+A block of attention then MLP is run through its own graph, or that graph cut down to the stream after its attention
+(the block without its MLP), and the block without its attention is the same block of a twin program whose
 attention sublayers are all removed (its MLP on the stream that entered the block). Only blocks of that form are
 supported (``check_sublayers``).
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from nexus_export.errors import UserError
+from nexus_export.graph.blocks import Part, output_only
 from nexus_export.graph.program import Program
 from nexus_export.graph.runner import BlockRunner
 
@@ -49,7 +50,9 @@ class SublayerRunner:
         self.mlp_only = BlockRunner(remove_sublayers(program, [(k, "attention") for k in range(n)]), windows,
                                     batch_size)
         self.blocks = n
-        self._loaded: tuple[int, dict[str, list[torch.Tensor]]] | None = None
+        self._attention_only: dict[int, Part] = {}  # block -> the block without its MLP
+        self._block: int | None = None
+        self._loaded: dict[str, list[torch.Tensor]] = {}
 
     @property
     def batches(self) -> int:
@@ -64,20 +67,27 @@ class SublayerRunner:
         """The stream leaving block k, entered with ``stream`` (micro-batch m), without the sublayers in ``skip``."""
         if set(KINDS) <= set(skip):
             return stream
-        weights = self._weights(k)
         if "attention" in skip:
-            return self.mlp_only.graphs.blocks[k](weights["mlp"], *self.mlp_only.inputs(k, m, stream))[0]
-        out = self.full.graphs.blocks[k](weights["full"], *self.full.inputs(k, m, stream))
-        return out[self.full.graphs.residuals[k]["attention"]] if "mlp" in skip else out[0]
+            return self.mlp_only.graphs.blocks[k](self._weights(k, "mlp"), *self.mlp_only.inputs(k, m, stream))[0]
+        if "mlp" in skip:  # the block cut down to the stream after its attention: its MLP is not computed
+            if k not in self._attention_only:
+                self._attention_only[k] = output_only(self.full.graphs.blocks[k],
+                                                      self.full.graphs.residuals[k]["attention"])
+            part = self._attention_only[k]
+        else:
+            part = self.full.graphs.blocks[k]
+        return part(self._weights(k, "full"), *self.full.inputs(k, m, stream))[0]
 
     def apply(self, unit: Unit, stream: torch.Tensor, m: int) -> torch.Tensor:
         """The stream after sublayer ``unit`` alone, applied to ``stream``."""
         k, kind = unit
         return self.through(k, stream, m, {other for other in KINDS if other != kind})
 
-    def _weights(self, k: int) -> dict[str, list[torch.Tensor]]:
-        if self._loaded is None or self._loaded[0] != k:
-            self._loaded = None  # the last block's weights go first
-            self._loaded = (k, {"full": self.full.load(self.full.graphs.blocks[k]),
-                                "mlp": self.mlp_only.load(self.mlp_only.graphs.blocks[k])})
-        return self._loaded[1]
+    def _weights(self, k: int, graph: str) -> list[torch.Tensor]:
+        """Block k's weights for the ``graph`` ("full" or "mlp"), read once while block k is worked on."""
+        if self._block != k:
+            self._block, self._loaded = k, {}  # the last block's weights go first
+        if graph not in self._loaded:
+            runner = self.full if graph == "full" else self.mlp_only
+            self._loaded[graph] = runner.load(runner.graphs.blocks[k])
+        return self._loaded[graph]
