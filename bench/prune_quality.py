@@ -1,6 +1,7 @@
 """Pruning quality benchmark: dense, magnitude, Wanda and SparseGPT at 50% unstructured and 2:4 on one model.
 
-``--set permute``: Wanda and SparseGPT 2:4 without and with the channel permutation (--permute); ``--set owl``: Wanda
+``--set permute``: Wanda and SparseGPT 2:4 without and with the channel permutation (--permute); ``--set refit``:
+SparseGPT 2:4 without and with --refit-steps 30, each without and with --permute; ``--set owl``: Wanda
 and SparseGPT at 60% and 70% unstructured, uniform and with OWL's per-block sparsities (--layerwise owl); ``--set
 removal``: ShortGPT's 7 blocks by perplexity and sublayers removed to the same share of parameters, each with and
 without --repair linear (``--set removal_iterative``: sublayers re-ranked after each removal).
@@ -30,6 +31,9 @@ SETS = {
                 ("wanda", {"sparsity": 0.5}), ("wanda", {"pattern": "2:4"}),
                 ("sparsegpt", {"sparsity": 0.5}), ("sparsegpt", {"pattern": "2:4"})],
     "permute": [(m, {"pattern": "2:4", **extra}) for m in ("wanda", "sparsegpt") for extra in ({}, {"permute": True})],
+    # SparseGPT 2:4 with its kept weights re-solved for the chosen mask (30 conjugate-gradient steps), and with --permute
+    "refit": [("sparsegpt", {"pattern": "2:4", **permute, **refit}) for permute in ({}, {"permute": True})
+              for refit in ({}, {"refit_steps": 30})],
     "owl": [(m, {"sparsity": s, **extra}) for m in ("wanda", "sparsegpt") for s in (0.6, 0.7)
             for extra in ({}, {"layerwise": "owl"})],
     # ShortGPT's best whole-block ranking at 7 of SmolLM2's 30 blocks, and sublayers to the same parameter share
@@ -51,7 +55,9 @@ def label(options: dict) -> str:
         text += f", iterative on {options['rank_windows']} windows" if options.get("iterative") else ""
         return text + (" + linear repair" if options.get("repair") else "")
     text = options.get("pattern") or f"{options['sparsity']:.0%} unstructured"
-    return text + (" permuted" if options.get("permute") else "") + (" owl" if options.get("layerwise") else "")
+    text += " permuted" if options.get("permute") else ""
+    text += f" refit {options['refit_steps']}" if options.get("refit_steps") else ""
+    return text + (" owl" if options.get("layerwise") else "")
 
 
 def main() -> int:

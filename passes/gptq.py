@@ -60,6 +60,9 @@ class GPTQConfig(PassConfig):
             if method == "sparsegpt" and self.act_order:
                 raise UserError("act-order cannot be combined with the joint SparseGPT sweep (its mask follows the "
                                 "stored column order); drop --act-order or --joint")
+            if getattr(mask, "refit_steps", 0):
+                raise UserError("--refit-steps moves the kept weights after the mask is chosen, off the quantization "
+                                "grid of the joint sweep; drop --refit-steps or --joint")
 
     def grid(self) -> Grid:
         return Grid(self.bits, self.group_size, self.sym, self.clip_search)

@@ -116,11 +116,46 @@ def test_one_factor_per_input_and_hessians_freed(monkeypatch):
 
     monkeypatch.setattr(sparsegpt, "factor_hessian", real_factor)
 
-    def unshared(weight, hessian, sparsity, pattern, blocksize=128, percdamp=0.01, factor=None):
-        return real_prune(weight, hessian, sparsity, pattern, blocksize, percdamp)  # factor recomputed per linear
+    def unshared(weight, hessian, sparsity, pattern, blocksize=128, percdamp=0.01, factor=None, refit_steps=0):
+        return real_prune(weight, hessian, sparsity, pattern, blocksize, percdamp, refit_steps=refit_steps)  # own factor
 
     real_prune = sparsegpt.sparsegpt_prune
     monkeypatch.setattr(sparsegpt, "sparsegpt_prune", unshared)
     SparseGPTPass({"pattern": "2:4", "blocksize": 32}).run(reference, PassContext(calibration_windows=ids))
     for lin in program.structure.in_blocks():
         assert torch.equal(program.weight(lin.name), reference.weight(lin.name)), lin.name
+
+
+@pytest.mark.parametrize("pattern", [None, NMPattern(2, 4)])
+def test_refit_keeps_the_mask_and_lowers_the_error(pattern):
+    w, x, h = problem()
+    swept, plain = sparsegpt_prune(w, h, 0.5, pattern, blocksize=16)
+    refit, facts = sparsegpt_prune(w, h, 0.5, pattern, blocksize=16, refit_steps=30)
+    assert torch.equal(refit != 0, swept != 0)  # the sweep's mask, every kept weight still kept
+    assert facts["sweep_error"] == pytest.approx(plain["reconstruction_error"], rel=1e-12)
+    assert facts["reconstruction_error"] == pytest.approx(err(refit, w, x) ** 2 / len(x), rel=1e-4)
+    assert facts["reconstruction_error"] < 0.95 * facts["sweep_error"]
+    with pytest.raises(ValueError, match="grid"):
+        sparsegpt_prune(w, h, 0.5, pattern, grid=object(), refit_steps=1)
+
+
+def test_refit_pass_keeps_valid_2_4_and_lowers_every_layers_error():
+    ids = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for steps in (0, 10):
+        program = tiny_program("llama")
+        options = {"pattern": "2:4", "blocksize": 32, "permute": True, "refit_steps": steps}
+        runs[steps] = SparseGPTPass(options).run(program, PassContext(calibration_windows=ids)).report.changes
+    layers = runs[10]["per_layer"]
+    for name, layer in layers.items():
+        assert layer["nm_valid"] and layer["sparsity"] == pytest.approx(0.5)
+        assert layer["reconstruction_error"] < layer["sweep_error"]
+        assert "sweep_error" not in runs[0]["per_layer"][name]
+    first = "model.layers.0.self_attn.q_proj"  # the first stage sees the same inputs in both runs
+    assert layers[first]["sweep_error"] == pytest.approx(runs[0]["per_layer"][first]["reconstruction_error"])
+
+
+@pytest.mark.parametrize("steps", [-1, 2.5, True])
+def test_bad_refit_steps(steps):
+    with pytest.raises(UserError, match="refit_steps"):
+        SparseGPTPass({"pattern": "2:4", "refit_steps": steps})
