@@ -311,20 +311,6 @@ def test_bad_slicegpt_input(tmp_path, capsys, args, message):
 
 
 @pytest.mark.slow
-def test_refit_two_four_end_to_end_passes_the_strict_tensorrt_check(tmp_path, capsys):
-    """SparseGPT 2:4 with --permute and --refit-steps: every targeted layer of the written ONNX is valid 2:4 for
-    TensorRT (check-onnx --strict reads the targets from report.json) and each layer's refit lowered its error."""
-    out = tmp_path / "run"
-    assert prune(out, "--pattern", "2:4", "--permute", "--refit-steps", "10", "--calib-samples", "4",
-                 method="sparsegpt") == 0
-    layers = json.loads((out / "report.json").read_text())["passes"][0]["changes"]["per_layer"]
-    assert len(layers) == 14 and all(v["reconstruction_error"] < v["sweep_error"] for v in layers.values())
-    capsys.readouterr()
-    assert main(["check-onnx", str(out / "model.onnx"), "--tensorrt", "--strict"]) == 0
-    assert "targeted (from report.json): 14 of 14 eligible" in capsys.readouterr().out
-
-
-@pytest.mark.slow
 def test_activation_sparsity_on_top_of_two_four_end_to_end(tmp_path, capsys):
     """--activation-sparsity after a masking method: two passes, the thresholds in the ONNX model (onnxruntime within
     0.1% of PyTorch), the evaluation windows' measured sparsity near the target, and the tables in report.md."""

@@ -1,9 +1,12 @@
 """SparseGPT: the OBS update lowers reconstruction error, masks are valid, damping retries are reported."""
 
+import json
+
 import pytest
 import torch
 from conftest import archs, tiny_program
 
+from nexus_export.cli import main
 from nexus_export.engine.pass_base import PassContext
 from nexus_export.errors import UserError
 from passes.shared.sparsity import NMPattern, nm_mask, nm_valid, unstructured_mask
@@ -159,3 +162,18 @@ def test_refit_pass_keeps_valid_2_4_and_lowers_every_layers_error():
 def test_bad_refit_steps(steps):
     with pytest.raises(UserError, match="refit_steps"):
         SparseGPTPass({"pattern": "2:4", "refit_steps": steps})
+
+
+@pytest.mark.slow
+def test_refit_two_four_end_to_end_passes_the_strict_tensorrt_check(tmp_path, capsys):
+    """SparseGPT 2:4 with --permute and --refit-steps: every targeted layer of the written ONNX is valid 2:4 for
+    TensorRT (check-onnx --strict reads the targets from report.json) and each layer's refit lowered its error."""
+    out = tmp_path / "run"
+    assert main(["-q", "prune", "--model", "tiny-llama", "--method", "sparsegpt", "--pattern", "2:4", "--permute",
+                 "--refit-steps", "10", "--calib-samples", "4", "--eval-windows", "4", "--seq-len", "64", "--no-latency",
+                 "--no-decode-speed", "--out", str(out)]) == 0
+    layers = json.loads((out / "report.json").read_text())["passes"][0]["changes"]["per_layer"]
+    assert len(layers) == 14 and all(v["reconstruction_error"] < v["sweep_error"] for v in layers.values())
+    capsys.readouterr()
+    assert main(["check-onnx", str(out / "model.onnx"), "--tensorrt", "--strict"]) == 0
+    assert "targeted (from report.json): 14 of 14 eligible" in capsys.readouterr().out
