@@ -6,7 +6,7 @@ ONNX (weights streamed from the store) -> check the ONNX (zeros, N:M) -> onnxrun
 or the parity windows, as --eval-runtime says), latency -> report.json / report.md / report.html / plots /
 recipe.yaml. Every stage runs block by block through the weight store, so memory is one block's weights and the
 activations, whatever the model's size; the store's edits stay in memory within the budget and spill to a scratch
-file beside the output past it. Everything is written to a temporary folder renamed into place only when complete.
+file beside the output past it, and before lowering. Everything is written to a temporary folder renamed into place only when complete.
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ class _Run:
             program = Program.from_loaded(self.loaded, store_dtype=self.dtype, budget=self.budget or DEFAULT_BUDGET,
                                           scratch=self.scratch)
             if self.budget is None:
-                self.budget = program.store.budget = auto_budget(program.block_bytes())
+                self.budget = program.store.budget = auto_budget(*_block_need(program))
             program.device = str(self.device)
             for pass_ in self.passes:
                 pass_.check(program)
@@ -308,6 +308,10 @@ class _Run:
         earlier run on this machine measured it); then the program's facts, and the program let go."""
         lowering = self.recipe.lowering
         with self.stage("lower"):
+            # the lowering reads every weight tensor by tensor: the edits a pass left in memory (up to the budget;
+            # a calibrated pass's finished blocks are read from its checkpoints) go to the scratch file first, so
+            # they do not sit beside the lowering's own working set
+            self.program.store.spill()
             self.artifact = self.runtime.lower(self.program, self.tmp, opset=lowering.opset,
                                                external_data=lowering.external_data, dtype=self.out_dtype,
                                                lower=lowering.lower)
@@ -551,8 +555,8 @@ def _calibration_report(cal) -> dict:
 
 def _disk_need(recipe: Recipe, program: Program, dtype: torch.dtype | None, budget: int) -> dict[str, int]:
     """Bytes the run may write beside its output, by what writes them (an estimate from the parameter count): the ONNX
-    data file, the variants and the Hugging Face folder, the scratch file where edits past the budget spill, and the
-    resume checkpoints of calibrated passes (their blocks are read from there instead of spilling)."""
+    data file, the variants and the Hugging Face folder, the scratch file where a pass's edits spill (past the budget,
+    and all of them before lowering), and the resume checkpoints of calibrated passes (their blocks are read from there instead of spilling)."""
     params = program.num_parameters()
     width = torch.finfo(dtype or program.main_dtype()).bits // 8
     need = {"model.onnx.data": params * width}
@@ -565,8 +569,8 @@ def _disk_need(recipe: Recipe, program: Program, dtype: torch.dtype | None, budg
     steps = run_steps(recipe)
     keeping = [step for step in steps if get_pass(step.name).keeps_blocks]
     edited = program.weight_bytes() if recipe.passes or recipe.quantize is not None else 0  # at most every weight
-    if edited > budget and (len(keeping) < len(steps) or not steps):  # a checkpointed block is read from there
-        need["scratch (edits past the memory budget)"] = edited - budget
+    if edited and (len(keeping) < len(steps) or not steps):  # a checkpointed block is read from there
+        need["scratch (a pass's edits, spilled before lowering)"] = edited
     if keeping:  # each finished block of such a pass stays on disk for --resume until the run ends
         blocks = sum(program.store.nbytes(lin.weight) for lin in program.structure.in_blocks())
         need["resume checkpoints (until the run ends)"] = blocks * len(keeping)
@@ -614,14 +618,22 @@ def _quantization_grids(program: Program, recipe: Recipe) -> dict | None:
     return get_pass("gptq").quantization_grids(program)
 
 
-def auto_budget(block: int, available: int | None = None) -> int:
-    """The memory budget ``--memory-budget auto`` chooses: 2 GiB, or what one decoder block needs in float32 (rounded
-    up to 64 MiB) where that is more, so that a default never refuses a wide model; refused with what to do when the
-    machine's free memory (``MemAvailable``) cannot hold one block."""
+def _block_need(program: Program) -> tuple[int, str]:
+    """What the budget must hold: one decoder block's linear weights as the store keeps a pass's edits of them (the
+    output dtype, or the checkpoint's: a block is run one linear at a time in float32, outside the budget), and that
+    dtype's name for messages."""
+    dtype = program.store.dtype or program.main_dtype()
+    return program.block_bytes(dtype), str(dtype).removeprefix("torch.")
+
+
+def auto_budget(block: int, dtype: str = "float32", available: int | None = None) -> int:
+    """The memory budget ``--memory-budget auto`` chooses: 2 GiB, or one decoder block's weights in ``dtype`` (as a
+    pass's edits are kept; rounded up to 64 MiB) where that is more, so that a default never refuses a wide model;
+    refused with what to do when the machine's free memory (``MemAvailable``) cannot hold one block."""
     need = -(-block // 2**26) * 2**26
     available = memory.available_bytes() if available is None else available
     if available is not None and need > available:
-        raise UserError(f"one decoder block of this model needs {_size(block)} in float32 and this machine has "
+        raise UserError(f"one decoder block of this model needs {_size(block)} in {dtype} and this machine has "
                         f"{_size(available)} free; free memory or run on a machine with more")
     wanted = max(DEFAULT_BUDGET, need)
     budget = wanted if available is None else max(need, min(wanted, available))
@@ -635,9 +647,9 @@ def auto_budget(block: int, available: int | None = None) -> int:
 def _plan(program: Program, budget: int, onnx_eval: str) -> tuple[bool, str]:
     """Check the budget holds one block; say whether to evaluate the ONNX model in onnxruntime, and why not (its
     session holds every weight in float32)."""
-    block = program.block_bytes()
+    block, dtype = _block_need(program)
     if block > budget:
-        raise UserError(f"--memory-budget {_size(budget)} is smaller than one decoder block of this model in float32 "
+        raise UserError(f"--memory-budget {_size(budget)} is smaller than one decoder block of this model in {dtype} "
                         f"({_size(block)}); use --memory-budget {_size(block, up=True)} or more")
     need = program.num_parameters() * 4
     fits = need <= budget

@@ -137,10 +137,24 @@ def test_the_automatic_budget_follows_the_block_within_free_memory():
 
     GiB, MiB = 2**30, 2**20
     assert auto_budget(300 * MiB, available=20 * GiB) == 2 * GiB
-    assert auto_budget(3264 * MiB + 1, available=20 * GiB) == 3264 * MiB + 64 * MiB  # a 70B-wide block
+    assert auto_budget(3264 * MiB + 1, available=20 * GiB) == 3264 * MiB + 64 * MiB  # a 70B-wide block in float32
     assert auto_budget(300 * MiB, available=GiB) == GiB  # 2 GiB does not fit: what is free
-    with pytest.raises(UserError, match="needs 3264MiB in float32 and this machine has 2048MiB free"):
-        auto_budget(3264 * MiB, available=2 * GiB)
+    with pytest.raises(UserError, match="needs 1632MiB in bfloat16 and this machine has 1024MiB free"):
+        auto_budget(1632 * MiB, "bfloat16", available=GiB)
+
+
+def test_the_budget_holds_a_block_as_its_edits_are_kept(bf16_folder):
+    """A pass's edits of a bf16 checkpoint are kept in bf16 (the block runs one linear at a time in float32, outside
+    the budget), so the budget's need is the block in bf16, or in the output dtype when --dtype sets one."""
+    from nexus_export.graph.program import Program
+    from nexus_export.models.zoo import open_model
+    from nexus_export.run.pipeline import _block_need
+
+    linears = 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128)  # bytes of one block's q, o; k, v; gate, up, down in bf16
+    bf16 = Program.from_loaded(open_model(str(bf16_folder)))
+    assert _block_need(bf16) == (linears, "bfloat16")
+    as_fp32 = Program.from_loaded(open_model(str(bf16_folder)), store_dtype=torch.float32)
+    assert _block_need(as_fp32) == (2 * linears, "float32")
 
 
 def test_the_store_takes_a_new_budget_and_spills_to_it(tmp_path):
@@ -169,4 +183,25 @@ def test_outputs_larger_than_the_free_disk_are_refused_before_any_work(tmp_path,
     assert list(tmp_path.iterdir()) == []
     for method, kept in (("wanda", True), ("magnitude", False)):  # Wanda keeps each finished block for --resume
         assert prune(tmp_path / "out", "tiny-llama", "--method", method) == 2
-        assert ("resume checkpoints (until the run ends)" in capsys.readouterr().err) is kept
+        err = capsys.readouterr().err
+        assert ("resume checkpoints (until the run ends)" in err) is kept
+        assert ("scratch (a pass's edits, spilled before lowering)" in err) is not kept  # magnitude's stay in memory
+
+
+def test_a_pass_s_edits_are_spilled_before_lowering(tmp_path, monkeypatch, bf16_folder):
+    """The lowering's working set never sits beside a pass's edits: before it starts, every edit magnitude left in
+    memory (a checkpoint folder's weights are read from disk, so the edits are the store's own) is written to the
+    scratch file, none stays resident, and the run completes from there."""
+    from nexus_export.weights.store import WeightStore
+
+    real, emptied = WeightStore.spill, []
+
+    def spy(self, keep=0):
+        real(self, keep)
+        if keep == 0:
+            emptied.append((self.resident_bytes(), self.spilled_bytes))
+
+    monkeypatch.setattr(WeightStore, "spill", spy)
+    assert prune(tmp_path / "out", str(bf16_folder), "--sparsity", "0.5") == 0
+    block = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128  # q, o; k, v; gate, up, down
+    assert emptied == [(0, 2 * block * 2)]  # both blocks' linears in bf16, all written out before the lowering
