@@ -1,7 +1,8 @@
 """Pruning quality benchmark: dense, magnitude, Wanda and SparseGPT at 50% unstructured and 2:4 on one model.
 
 ``--set permute``: Wanda and SparseGPT 2:4 without and with the channel permutation (--permute); ``--set refit``:
-SparseGPT 2:4 without and with --refit-steps 30, each without and with --permute; ``--set owl``: Wanda
+SparseGPT 2:4 without and with --refit-steps 30, each without and with --permute; ``--set activation``: 40% of the
+activations by TEAL's and WINA's criterion (greedy allocation); ``--set owl``: Wanda
 and SparseGPT at 60% and 70% unstructured, uniform and with OWL's per-block sparsities (--layerwise owl); ``--set
 removal``: ShortGPT's 7 blocks by perplexity and sublayers removed to the same share of parameters, each with and
 without --repair linear (``--set removal_iterative``: sublayers re-ranked after each removal).
@@ -34,6 +35,9 @@ SETS = {
     # SparseGPT 2:4 with its kept weights re-solved for the chosen mask (30 conjugate-gradient steps), and with --permute
     "refit": [("sparsegpt", {"pattern": "2:4", **permute, **refit}) for permute in ({}, {"permute": True})
               for refit in ({}, {"refit_steps": 30})],
+    # activation thresholds at 40%, greedy allocation, by TEAL's |x| and by WINA's |x| * ||W[:, i]|| (the weights stay
+    # dense: the sparsity column is 0; the share of multiply-adds reading a zero is bench/activation_quality.py's)
+    "activation": [("activation", {"sparsity": 0.4, "allocation": "greedy", "criterion": c}) for c in ("magnitude", "wina")],
     "owl": [(m, {"sparsity": s, **extra}) for m in ("wanda", "sparsegpt") for s in (0.6, 0.7)
             for extra in ({}, {"layerwise": "owl"})],
     # ShortGPT's best whole-block ranking at 7 of SmolLM2's 30 blocks, and sublayers to the same parameter share
@@ -54,6 +58,8 @@ def label(options: dict) -> str:
                 else f"{options['remove']} {unit}")
         text += f", iterative on {options['rank_windows']} windows" if options.get("iterative") else ""
         return text + (" + linear repair" if options.get("repair") else "")
+    if "criterion" in options:
+        return f"{options['sparsity']:.0%} of activations, {options['criterion']}, {options['allocation']}"
     text = options.get("pattern") or f"{options['sparsity']:.0%} unstructured"
     text += " permuted" if options.get("permute") else ""
     text += f" refit {options['refit_steps']}" if options.get("refit_steps") else ""

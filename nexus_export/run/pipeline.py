@@ -6,7 +6,8 @@ ONNX (weights streamed from the store) -> check the ONNX (zeros, N:M) -> onnxrun
 or the parity windows, as --eval-runtime says), latency -> report.json / report.md / report.html / plots /
 recipe.yaml. Every stage runs block by block through the weight store, so memory is one block's weights and the
 activations, whatever the model's size; the store's edits stay in memory within the budget and spill to a scratch
-file beside the output past it, and before lowering. Everything is written to a temporary folder renamed into place only when complete.
+file beside the output past it, and before lowering. Everything is written to a temporary folder renamed into place
+only when complete.
 """
 
 from __future__ import annotations
@@ -556,7 +557,8 @@ def _calibration_report(cal) -> dict:
 def _disk_need(recipe: Recipe, program: Program, dtype: torch.dtype | None, budget: int) -> dict[str, int]:
     """Bytes the run may write beside its output, by what writes them (an estimate from the parameter count): the ONNX
     data file, the variants and the Hugging Face folder, the scratch file where a pass's edits spill (past the budget,
-    and all of them before lowering), and the resume checkpoints of calibrated passes (their blocks are read from there instead of spilling)."""
+    and all of them before lowering), and the resume checkpoints of calibrated passes (their blocks are read from
+    there instead of spilling)."""
     params = program.num_parameters()
     width = torch.finfo(dtype or program.main_dtype()).bits // 8
     need = {"model.onnx.data": params * width}
