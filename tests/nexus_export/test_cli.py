@@ -441,7 +441,8 @@ def test_quantization_method_defaults_to_gptq_when_the_run_calibrates():
                               "quantize": {"bits": 4, "joint": True}})
     (step,) = run_steps(joint)
     assert step.name == "gptq" and step.config.prune == {"method": "sparsegpt", "pattern": "2:4", "permute": False,
-                                                         "layerwise": "uniform", "owl_m": 5.0, "owl_lambda": 0.08}
+                                                         "layerwise": "uniform", "owl_m": 5.0, "owl_lambda": 0.08,
+                                                         "refit_steps": 0}  # checked: a refit cannot join the sweep
     assert step.config.percdamp == 0.02 and step.config.act_order is False  # N:M groups follow the stored order
     assert step.config.clip_search is False  # a group's range is fitted before its N:M mask is final
     wanda = Recipe.from_dict({"model": "tiny-llama", "passes": [{"wanda": {"pattern": "2:4"}}],

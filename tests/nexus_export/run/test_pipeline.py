@@ -81,8 +81,8 @@ def test_dtype_flag_changes_the_output_dtype(tmp_path, bf16_folder):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--memory-budget", "1KiB"], "--memory-budget 1KiB is smaller than one decoder block of this model in float32 "
-                                  "(144KiB); use --memory-budget 144KiB or more"),
+    (["--memory-budget", "1KiB"], "--memory-budget 1KiB is smaller than one decoder block of this model in bfloat16 "
+                                  "(72KiB); use --memory-budget 72KiB or more"),  # its edits are kept in bf16
     (["--memory-budget", "200KiB", "--onnx-eval", "on"], "onnxruntime would hold 439KiB of float32 weights, more "
                                                          "than the memory budget of 200KiB"),
     (["--memory-budget", "lots"], "not a positive size"),
