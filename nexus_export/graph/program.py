@@ -185,8 +185,9 @@ class Program:
                 by_dtype[d] = by_dtype.get(d, 0) + self.store.nbytes(param)
         return max(by_dtype, key=by_dtype.get) if by_dtype else torch.float32
 
-    def block_bytes(self, dtype: torch.dtype = COMPUTE_DTYPE) -> int:
-        """Bytes of the largest decoder block's linear weights in ``dtype`` (what running one block loads)."""
+    def block_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of the largest decoder block's linear weights in ``dtype`` (a pass's edits of one block, kept in the
+        store's dtype, are what the memory budget must hold)."""
         sizes: dict[int, int] = {}
         for lin in self.structure.in_blocks():
             sizes[lin.block] = sizes.get(lin.block, 0) + self.store.nbytes(lin.weight, dtype)
