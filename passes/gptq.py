@@ -25,7 +25,7 @@ from nexus_export.registry import get_pass
 from passes.shared.calibrated import calibrate_linears, calibration_facts
 from passes.shared.mask_plan import plan_targets
 from passes.shared.masking import MaskConfig, masking_changes
-from passes.shared.obs import factor_hessian, obs_sweep, reconstruction_error
+from passes.shared.obs import factor_hessian, obs_sweep
 from passes.shared.quant_grid import Grid, check_groups, grid_names
 from passes.wanda import wanda_mask
 
@@ -82,6 +82,7 @@ class GPTQPass(Pass):
     flag_prefix = None  # driven by the quantize section's flags (--quantize-bits, ...), not flags of its own
     needs_calibration = True
     keeps_blocks = True
+    factors_hessians = True
     joint_methods: ClassVar[tuple[str, ...]] = JOINT_METHODS
 
     @staticmethod
@@ -112,11 +113,11 @@ class GPTQPass(Pass):
         key = "gptq-act-order" if cfg.act_order else "gptq"
 
         def quantize(name: str, stats) -> dict:
-            hessian = stats.hessian()
-            if key not in stats.derived:  # once per input: q, k and v (gate and up) share it
-                stats.derived[key] = factor_hessian(hessian, cfg.percdamp, cfg.act_order, layer=name)
+            if key not in stats.derived:  # once per input: q, k and v (gate and up) share it; H becomes the factor
+                stats.derived[key] = factor_hessian(stats.take_hessian(), cfg.percdamp, cfg.act_order, layer=name,
+                                                    consume=True, scratch=program.store.scratch_folder())
             factor = stats.derived[key]
-            weight = program.weight(name, device=hessian.device)
+            weight = program.weight(name, device=factor.upper.device)
             target = targets.get(name)
             if method == "sparsegpt" and target is not None:
                 how = {"sparsity": target.sparsity, "pattern": pattern}
@@ -126,12 +127,11 @@ class GPTQPass(Pass):
                 zero = weight == 0
                 how = {"keep": ~zero} if bool(zero.any()) else {}
             result = obs_sweep(weight, factor, grid=grid, blocksize=cfg.blocksize, **how)
-            error = reconstruction_error(weight, result.weight, hessian)
             program.set_weight(name, result.weight)
             scale_name, zero_name = grid_names(program.linear(name).weight)
             program.set_parameter(scale_name, result.scales)
             program.set_parameter(zero_name, result.zeros.to(torch.uint8))
-            return {"damping": round(factor.damp, 6), "reconstruction_error": round(error, 6)}
+            return {"damping": round(factor.damp, 6), "reconstruction_error": round(result.error, 6)}
 
         notes = calibrate_linears(program, ctx, names, quantize, hessian=True, what="gptq", options=cfg.to_dict(),
                                   true_sequential=cfg.true_sequential, batch_size=cfg.batch_size)

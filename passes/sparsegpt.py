@@ -48,11 +48,12 @@ class SparseGPTConfig(CalibratedConfig):
             raise UserError(f"blocksize {self.blocksize} must be a multiple of the pattern's M={pattern.m}")
 
 
-def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: NMPattern | None,
+def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor | None, sparsity: float, pattern: NMPattern | None,
                     blocksize: int = 128, percdamp: float = 0.01, factor: HessianFactor | None = None,
                     grid: Grid | None = None, refit_steps: int = 0) -> tuple[torch.Tensor, dict]:
     """The pruned and updated [out, in] weight (same dtype) and facts for the report (damping, reconstruction error).
-    ``factor``: ``factor_hessian(hessian, percdamp)`` when the caller already has it (an input shared by linears).
+    ``factor``: ``factor_hessian(hessian, percdamp)`` when the caller already has it (an input shared by linears);
+    then ``hessian`` is only read by a refit and may be None without one (it may have become the factor).
     ``grid``: the kept weights are also quantized in the same sweep (the joint mode); then the weight is returned in
     float32 with the grid's scales and zero points in the facts (``scales``, ``zeros``).
     ``refit_steps``: the kept weights are then re-solved for this mask (passes.shared.refit); the facts add the
@@ -61,7 +62,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         raise ValueError("a refit moves weights off the quantization grid; refit without a grid")
     factor = factor if factor is not None else factor_hessian(hessian, percdamp)
     result = obs_sweep(weight, factor, sparsity=sparsity, pattern=pattern, grid=grid, blocksize=blocksize)
-    facts = {"damping": factor.damp, "reconstruction_error": reconstruction_error(weight, result.weight, hessian)}
+    facts = {"damping": factor.damp, "reconstruction_error": result.error}
     if refit_steps:
         result.weight = refit_masked(weight, result.weight, hessian, factor.damp, refit_steps)
         facts = {**facts, "sweep_error": facts["reconstruction_error"],
@@ -76,18 +77,21 @@ class SparseGPTPass(MaskingPass):
     config_class = SparseGPTConfig
     needs_calibration = True
     keeps_blocks = True
+    factors_hessians = True
 
     def apply(self, program: Program, ctx: PassContext) -> tuple[Program, dict]:
         cfg: SparseGPTConfig = self.config
         pattern = cfg.pattern_obj()
 
         def prune(target: Target, stats) -> dict:
-            hessian = stats.hessian()
             if "sparsegpt" not in stats.derived:  # once per input: q, k and v (gate and up) share it
-                stats.derived["sparsegpt"] = factor_hessian(hessian, cfg.percdamp, layer=target.name)
-            weight = program.weight(target.name, device=hessian.device)
-            new, facts = sparsegpt_prune(weight, hessian, target.sparsity, pattern, cfg.blocksize, cfg.percdamp,
-                                         stats.derived["sparsegpt"], refit_steps=cfg.refit_steps)
+                stats.derived["sparsegpt"] = factor_hessian(
+                    stats.hessian() if cfg.refit_steps else stats.take_hessian(), cfg.percdamp, layer=target.name,
+                    consume=not cfg.refit_steps, scratch=program.store.scratch_folder())  # the refit reads H again
+            factor = stats.derived["sparsegpt"]
+            weight = program.weight(target.name, device=factor.upper.device)
+            new, facts = sparsegpt_prune(weight, stats.hessian() if cfg.refit_steps else None, target.sparsity,
+                                         pattern, cfg.blocksize, cfg.percdamp, factor, refit_steps=cfg.refit_steps)
             program.set_weight(target.name, new)
             return {k: round(v, 6) for k, v in facts.items()}
 

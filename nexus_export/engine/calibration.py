@@ -93,11 +93,18 @@ class InputStats:
         """H = (2/n) X^T X in ``hessian_dtype(in_features)`` (SparseGPT's Hessian). Scaled in place on the first
         call (a second [in, in] matrix is 3.3 GB for the MLP input of a 70B model), so read it once all windows are in."""
         if self.xtx is None:
-            raise RuntimeError("the Hessian was not collected; ask for hessian=True")
+            raise RuntimeError("the Hessian was not collected (ask for hessian=True) or was handed over (take_hessian)")
         if not self._scaled:
             self.xtx.mul_(2.0 / max(self.tokens, 1))
             self._scaled = True
         return self.xtx
+
+    def take_hessian(self) -> torch.Tensor:
+        """The Hessian (as ``hessian``), handed over: these statistics let go of it, so the caller may overwrite it
+        (factor it in its own memory) and ``hessian`` refuses from now on."""
+        hessian = self.hessian()
+        self.xtx = None
+        return hessian
 
     def free(self) -> None:
         """Drop the Hessian and everything derived from it (the last linear reading this input is done)."""

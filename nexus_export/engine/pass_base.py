@@ -123,6 +123,7 @@ class Pass:
     config_class: ClassVar[type[PassConfig]] = PassConfig
     needs_calibration: ClassVar[bool] = False
     keeps_blocks: ClassVar[bool] = False  # checkpoints each finished block's weights for --resume (disk)
+    factors_hessians: ClassVar[bool] = False  # a float32 Hessian it factors in place is copied to scratch (disk)
     sparsifies_activations: ClassVar[bool] = False  # the report then measures the linear inputs' zeros
     not_after: ClassVar[dict[str, str]] = {}  # passes this one cannot follow in a recipe -> why (checked before work)
     flag_prefix: ClassVar[str | None] = ""  # its config's command-line flags: --<option>, --<prefix><option>, or none

@@ -29,6 +29,7 @@ import torch
 from nexus_export import __version__, distributed, memory
 from nexus_export.data import calibration_windows, choose_bos, evaluation_windows
 from nexus_export.data.sources import mix_counts, parse_mix
+from nexus_export.engine.calibration import LEAN_HESSIAN_WIDTH
 from nexus_export.engine.pass_base import PassContext
 from nexus_export.errors import UserError
 from nexus_export.evaluation import eval_cache
@@ -557,8 +558,8 @@ def _calibration_report(cal) -> dict:
 def _disk_need(recipe: Recipe, program: Program, dtype: torch.dtype | None, budget: int) -> dict[str, int]:
     """Bytes the run may write beside its output, by what writes them (an estimate from the parameter count): the ONNX
     data file, the variants and the Hugging Face folder, the scratch file where a pass's edits spill (past the budget,
-    and all of them before lowering), and the resume checkpoints of calibrated passes (their blocks are read from
-    there instead of spilling)."""
+    and all of them before lowering), the resume checkpoints of calibrated passes (their blocks are read from
+    there instead of spilling), and the copy of a wide Hessian that SparseGPT and GPTQ factor in place."""
     params = program.num_parameters()
     width = torch.finfo(dtype or program.main_dtype()).bits // 8
     need = {"model.onnx.data": params * width}
@@ -576,6 +577,9 @@ def _disk_need(recipe: Recipe, program: Program, dtype: torch.dtype | None, budg
     if keeping:  # each finished block of such a pass stays on disk for --resume until the run ends
         blocks = sum(program.store.nbytes(lin.weight) for lin in program.structure.in_blocks())
         need["resume checkpoints (until the run ends)"] = blocks * len(keeping)
+    widest = max((lin.in_features for lin in program.structure.in_blocks()), default=0)
+    if widest > LEAN_HESSIAN_WIDTH and any(get_pass(step.name).factors_hessians for step in steps):
+        need["a Hessian's copy while it is factored in place (the widest input's, float32)"] = widest * widest * 4
     return need
 
 

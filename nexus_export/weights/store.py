@@ -147,6 +147,11 @@ class WeightStore:
         if self.resident_bytes() > self._ledger.budget:
             self.spill(self._ledger.budget)
 
+    def scratch_folder(self) -> Path:
+        """The folder this store spills to (made when first asked for), where a pass may put temporary files of its
+        own: the run's scratch folder, on the disk the run's outputs were checked to fit."""
+        return self._scratch.path()
+
     @property
     def spilled_bytes(self) -> int:
         """Bytes this store and its forks wrote to scratch files so far."""

@@ -13,7 +13,10 @@ the others on the grid".
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -32,28 +35,42 @@ FACTOR_BLOCK = 1024
 # SmolLM2-135M 2:4 (default protocol): float32 64.28, float64 66.40 perplexity: the difference is mask choices flipping
 # on near-ties, not accuracy, and float32 reproduces the reference's 64.43.
 COMPUTE_DTYPE = torch.float32
+ROWS = 1024  # rows of a weight a temporary covers where a whole [out, in] one would be 1 GB (a 70B down projection)
 
 
 @dataclass
 class HessianFactor:
     """What the sweep needs from one input's Hessian, computed once and shared by every linear reading that input
-    (q, k and v; gate and up): the upper Cholesky factor of (H + damp I)^-1, the damping used, the dead inputs
-    (H_ii = 0: never active, their weights are zeroed) and, for act-order, the column order (decreasing diag H; the
-    factor is then of the permuted Hessian)."""
+    (q, k and v; gate and up): the upper Cholesky factor of (H + damp I)^-1, the damping used (``damp``: its fraction
+    of the mean diagonal; ``shift``: what was added to the diagonal), the dead inputs (H_ii = 0: never active, their
+    weights are zeroed) and, for act-order, the column order (decreasing diag H; the factor is then of the permuted
+    Hessian)."""
 
     upper: torch.Tensor
     damp: float
     dead: torch.Tensor
     perm: torch.Tensor | None = None
+    shift: float = 0.0
 
 
-def factor_hessian(hessian: torch.Tensor, percdamp: float, act_order: bool = False, layer: str = "") -> HessianFactor:
-    """The Hessian of one input made ready for the sweep (see HessianFactor); ``hessian`` is not changed. ``layer``
-    names the input in the error when no damping makes it positive definite."""
-    dead = torch.diag(hessian) == 0
-    perm = torch.argsort(torch.diag(hessian), descending=True) if act_order else None
-    upper, damp = upper_inverse_cholesky(hessian, percdamp, dead, perm, layer)
-    return HessianFactor(upper, damp, dead, perm)
+def factor_hessian(hessian: torch.Tensor, percdamp: float, act_order: bool = False, layer: str = "",
+                   consume: bool = False, scratch: Path | None = None) -> HessianFactor:
+    """The Hessian of one input made ready for the sweep (see HessianFactor). ``hessian`` is not changed, unless
+    ``consume``: the caller needs it no more, and a ``COMPUTE_DTYPE`` one becomes the factor in its own memory (no
+    second [D, D] matrix: 3.3 GB at a 70B model's 28,672 inputs), its values kept for the damping retries in a
+    temporary file under ``scratch`` (the default temporary folder when None). ``layer`` names the input in the error
+    when no damping makes it positive definite."""
+    diagonal = torch.diag(hessian)
+    dead = diagonal == 0
+    perm = torch.argsort(diagonal, descending=True) if act_order else None
+    if consume and hessian.dtype == COMPUTE_DTYPE:
+        with tempfile.TemporaryFile(dir=scratch) as backup:
+            hessian.numpy().tofile(backup)  # raw bytes, written from the matrix itself
+            upper, damp, shift = _factor(hessian.shape[0], _file_rows(backup, hessian), hessian, percdamp, dead,
+                                         perm, layer)
+    else:
+        upper, damp, shift = _factor(hessian.shape[0], lambda i, j: hessian[i:j], None, percdamp, dead, perm, layer)
+    return HessianFactor(upper, damp, dead, perm, shift)
 
 
 def upper_inverse_cholesky(hessian: torch.Tensor, percdamp: float, dead: torch.Tensor | None = None,
@@ -63,23 +80,61 @@ def upper_inverse_cholesky(hessian: torch.Tensor, percdamp: float, dead: torch.T
     [D, D] matrix in COMPUTE_DTYPE, and two temporaries while it is factored unless D is past LEAN_HESSIAN_WIDTH
     (3.3 GB each in float32 at a 70B model's 28,672: there it is factored in place). ``layer`` names the input in
     the error."""
+    upper, damp, _ = _factor(hessian.shape[0], lambda i, j: hessian[i:j], None, percdamp, dead, perm, layer)
+    return upper, damp
+
+
+def _factor(n: int, rows: Callable[[int, int], torch.Tensor], out: torch.Tensor | None, percdamp: float,
+            dead: torch.Tensor | None, perm: torch.Tensor | None, layer: str) -> tuple[torch.Tensor, float, float]:
+    """The damping loop of ``upper_inverse_cholesky``: each try fills ``out`` (a new matrix when None) from
+    ``rows(i, j)`` (rows i..j of H) and factors it in place. Returns (factor, damp fraction, diagonal shift)."""
     damp = percdamp
     for _ in range(MAX_DAMPING_RETRIES):
-        factor = hessian.to(COMPUTE_DTYPE, copy=True)
-        if dead is not None and bool(dead.any()):
-            factor[dead, dead] = 1.0
-        if perm is not None:
-            factor = factor.index_select(0, perm)
-            factor = factor.index_select(1, perm)
-        factor.diagonal().add_(damp * float(torch.diag(factor).mean()))  # H + damp I without an identity beside it
+        factor = _fill(n, rows, out, dead, perm)
+        shift = damp * float(torch.diag(factor).mean())
+        factor.diagonal().add_(shift)  # H + damp I without an identity beside it
         if inverse_upper_cholesky_(factor):
-            return factor, damp
+            return factor, damp, shift
         del factor
         log.warning("OBS sweep: Cholesky failed with damping %.3g; retrying with %.3g", damp, damp * 10)
         damp *= 10
     where = f" of the input of {layer}" if layer else ""
     raise UserError(f"the Hessian{where} is not positive definite even with damping {damp / 10:.3g} of its mean "
                     f"diagonal; raise --percdamp (now {percdamp:g}) or calibrate on more samples")
+
+
+def _fill(n: int, rows: Callable[[int, int], torch.Tensor], out: torch.Tensor | None, dead: torch.Tensor | None,
+          perm: torch.Tensor | None) -> torch.Tensor:
+    """P H P^T in COMPUTE_DTYPE (H when ``perm`` is None) with 1 on the diagonal of the dead inputs, written into
+    ``out`` (or a new matrix) FACTOR_BLOCK rows of H at a time: no permuted or converted [D, D] copy beside it."""
+    device = out.device if out is not None else rows(0, 1).device
+    out = torch.empty(n, n, dtype=COMPUTE_DTYPE, device=device) if out is None else out
+    where = torch.argsort(perm) if perm is not None else None  # row i of H is row where[i] of P H P^T
+    for i in range(0, n, FACTOR_BLOCK):
+        j = min(i + FACTOR_BLOCK, n)
+        block = rows(i, j).to(COMPUTE_DTYPE)
+        if perm is None:
+            out[i:j] = block
+        else:
+            out.index_copy_(0, where[i:j], block.index_select(1, perm))
+    if dead is not None and bool(dead.any()):
+        out.diagonal()[dead if perm is None else dead[perm]] = 1.0
+    return out
+
+
+def _file_rows(file, like: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+    """rows(i, j) of the matrix ``like`` [D, D] whose bytes ``file`` holds, read into a buffer of their own."""
+    n = like.shape[1]
+    size = like.element_size() * n
+
+    def rows(i: int, j: int) -> torch.Tensor:
+        block = torch.empty(j - i, n, dtype=like.dtype)
+        file.seek(i * size)
+        if file.readinto(memoryview(block.numpy()).cast("B")) != (j - i) * size:
+            raise OSError(f"the Hessian's temporary copy in {file.name} is short")
+        return block.to(like.device)
+
+    return rows
 
 
 def inverse_upper_cholesky_(a: torch.Tensor) -> bool:
@@ -132,6 +187,7 @@ class SweepResult:
     weight: torch.Tensor  # [out, in], COMPUTE_DTYPE, columns in the stored order
     scales: torch.Tensor | None = None  # [out, in / group_size] when a grid was given
     zeros: torch.Tensor | None = None
+    error: float = 0.0  # reconstruction_error(weight before, weight after, H), from the sweep's own terms
 
 
 def obs_sweep(weight: torch.Tensor, factor: HessianFactor, *, sparsity: float = 0.0,
@@ -144,12 +200,16 @@ def obs_sweep(weight: torch.Tensor, factor: HessianFactor, *, sparsity: float = 
     ``grid``: the other weights are rounded to it; each group's scale is taken when the group starts, on the updated
     weights without the masked ones, or, with act-order (``factor.perm``), from the whole weight before the sweep so
     that groups stay contiguous in the stored layout.
+
+    The result's ``error`` is the layer's reconstruction error, taken without the Hessian (which the caller may have
+    given away to the factor): the sweep moves the weight by -E U (E the columns' scaled errors, U the factor), so
+    with U^T U = (H + shift I)^-1 the damped error is ||E||^2 exactly, and the undamped one ||E||^2 - shift ||dW||^2.
     """
     perm = factor.perm
     if perm is not None and (sparsity or pattern is not None):
         raise UserError("act-order cannot choose a mask in the same sweep (N:M groups and mask blocks follow the stored "
                         "column order); prune first, or quantize without act-order")
-    W = weight.detach().to(COMPUTE_DTYPE, copy=True)
+    W = weight.detach().to(COMPUTE_DTYPE, copy=True)  # the only [out, in] copy: permuted in place, rows at a time
     rows, cols = W.shape
     W[:, factor.dead] = 0.0
     if pattern is not None and cols % pattern.m:
@@ -161,14 +221,15 @@ def obs_sweep(weight: torch.Tensor, factor: HessianFactor, *, sparsity: float = 
             raise UserError(f"group size {g} does not divide the input width {cols}")
         blocksize = max(g, blocksize - blocksize % g)  # every group inside one block of columns
         if perm is not None:
-            scales, zeros = grid.group_params(W if keep is None else W * keep)
+            scales, zeros = grid.group_params(W, keep)
         else:
             scales = torch.empty(rows, cols // g, dtype=COMPUTE_DTYPE, device=W.device)
             zeros = torch.empty_like(scales)
     if perm is not None:
-        W = W[:, perm]
+        _permute_columns_(W, perm)
         keep = keep[:, perm] if keep is not None else None
     Hinv = factor.upper
+    damped = 0.0  # ||E||^2
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -214,10 +275,22 @@ def obs_sweep(weight: torch.Tensor, factor: HessianFactor, *, sparsity: float = 
             Err1[:, i] = err
         W[:, i1:i2] = Q1
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1.0)  # no [out, in] temporary (1 GB for a 70B down proj)
+        damped += float(Err1.double().pow(2).sum())
 
     if perm is not None:
-        W = W[:, torch.argsort(perm)]
-    return SweepResult(W, scales, zeros)
+        _permute_columns_(W, torch.argsort(perm))
+    moved = 0.0  # ||dW||^2 over the live inputs (a dead input's weight is zeroed and weighs nothing in H)
+    for i in range(0, rows, ROWS):
+        delta = W[i:i + ROWS].double() - weight[i:i + ROWS].detach().to(W.device, torch.float64)
+        delta[:, factor.dead] = 0.0
+        moved += float(delta.pow(2).sum())
+    return SweepResult(W, scales, zeros, (damped - factor.shift * moved) / 2.0)
+
+
+def _permute_columns_(w: torch.Tensor, index: torch.Tensor) -> None:
+    """w := w[:, index], ROWS rows at a time (no [out, in] copy beside it)."""
+    for i in range(0, w.shape[0], ROWS):
+        w[i:i + ROWS] = w[i:i + ROWS].index_select(1, index)
 
 
 def _nm_mask(W: torch.Tensor, d: torch.Tensor, pattern: NMPattern) -> torch.Tensor:

@@ -91,12 +91,20 @@ class Grid:
         """The integer codes of ``x`` (as floats) on the grid."""
         return torch.clamp(torch.round(x / scale) + zero, 0, self.maxq)
 
-    def group_params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scales and zero points [rows, cols / group_size] of every group of ``w`` [rows, cols] (static groups)."""
-        rows, cols = w.shape
-        groups = w.reshape(rows * (cols // self.group_size), self.group_size)
-        scale, zero = self.params(groups)
-        return scale.reshape(rows, -1), zero.reshape(rows, -1)
+    def group_params(self, w: torch.Tensor, keep: torch.Tensor | None = None, rows: int = 1024
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scales and zero points [rows, cols / group_size] of every group of ``w`` [rows, cols] (static groups; the
+        weights where ``keep`` is False count as zero), ``rows`` rows at a time: the clip search's temporaries are
+        each the size of what it searches (1 GB apiece for a whole 70B down projection in float32), and the groups
+        are independent."""
+        n, cols = w.shape
+        scales = torch.empty(n, cols // self.group_size, dtype=torch.float32, device=w.device)
+        zeros = torch.empty_like(scales)
+        for i in range(0, n, rows):
+            part = w[i:i + rows] if keep is None else w[i:i + rows] * keep[i:i + rows]
+            scale, zero = self.params(part.reshape(-1, self.group_size))
+            scales[i:i + rows], zeros[i:i + rows] = scale.reshape(part.shape[0], -1), zero.reshape(part.shape[0], -1)
+        return scales, zeros
 
     def layer_codes(self, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
         """uint8 codes [rows, cols] of a whole weight on its group grids."""

@@ -203,3 +203,13 @@ def test_names_of_the_grids_follow_the_weight():
     assert grid_names("lm.model.layers.0.mlp.up_proj.weight") == ("lm.model.layers.0.mlp.up_proj.weight::qscale",
                                                                   "lm.model.layers.0.mlp.up_proj.weight::qzero")
     assert np.isclose(Grid(4, 32).maxq, 15)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 1024])
+def test_group_params_taken_rows_at_a_time_are_the_whole_ones(rows):
+    w = torch.randn(13, 64, generator=torch.Generator().manual_seed(6))
+    keep = torch.rand(13, 64, generator=torch.Generator().manual_seed(7)) > 0.5
+    grid = Grid(4, 16, clip_search=True)
+    whole = grid.params((w * keep).reshape(-1, 16))
+    scales, zeros = grid.group_params(w, keep, rows=rows)
+    assert torch.equal(scales, whole[0].reshape(13, 4)) and torch.equal(zeros, whole[1].reshape(13, 4))

@@ -117,10 +117,16 @@ def test_one_factor_per_input_and_hessians_freed(monkeypatch):
     assert len(calls) == 4 * blocks
     assert len(stats_seen) == 4 * blocks and all(s.xtx is None and not s.derived for s in stats_seen)
 
-    monkeypatch.setattr(sparsegpt, "factor_hessian", real_factor)
+    saved = {}  # the Hessian of the input being pruned, before it becomes the shared factor
+
+    def keep_hessian(h, p, **kw):
+        saved["h"] = h.clone()
+        return real_factor(h, p, **kw)
+
+    monkeypatch.setattr(sparsegpt, "factor_hessian", keep_hessian)
 
     def unshared(weight, hessian, sparsity, pattern, blocksize=128, percdamp=0.01, factor=None, refit_steps=0):
-        return real_prune(weight, hessian, sparsity, pattern, blocksize, percdamp, refit_steps=refit_steps)  # own factor
+        return real_prune(weight, saved["h"], sparsity, pattern, blocksize, percdamp, refit_steps=refit_steps)  # own
 
     real_prune = sparsegpt.sparsegpt_prune
     monkeypatch.setattr(sparsegpt, "sparsegpt_prune", unshared)
@@ -177,3 +183,32 @@ def test_refit_two_four_end_to_end_passes_the_strict_tensorrt_check(tmp_path, ca
     capsys.readouterr()
     assert main(["check-onnx", str(out / "model.onnx"), "--tensorrt", "--strict"]) == 0
     assert "targeted (from report.json): 14 of 14 eligible" in capsys.readouterr().out
+
+
+def test_wide_inputs_factor_their_hessian_in_place_and_prune_as_before(monkeypatch):
+    """Past LEAN_HESSIAN_WIDTH (0 here: every input), the float32 Hessian becomes its own factor (consume), and the
+    pass gives the weights it gives with the factor in a matrix of its own."""
+    import nexus_export.engine.calibration as calibration
+    import passes.shared.obs as obs
+    import passes.sparsegpt as sparsegpt
+
+    monkeypatch.setattr(calibration, "LEAN_HESSIAN_WIDTH", 0)
+    monkeypatch.setattr(obs, "LEAN_HESSIAN_WIDTH", 0)
+    ids = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(1))
+    consumed = []
+    real = sparsegpt.factor_hessian
+
+    def recording(h, p, **kw):
+        factor = real(h, p, **kw)
+        consumed.append(h.dtype == torch.float32 and factor.upper.data_ptr() == h.data_ptr())
+        return factor
+
+    monkeypatch.setattr(sparsegpt, "factor_hessian", recording)
+    lean = tiny_program("llama")
+    SparseGPTPass({"pattern": "2:4", "blocksize": 32}).run(lean, PassContext(calibration_windows=ids))
+    assert consumed and all(consumed)
+    monkeypatch.setattr(sparsegpt, "factor_hessian", lambda h, p, **kw: real(h, p, **{**kw, "consume": False}))
+    copied = tiny_program("llama")
+    SparseGPTPass({"pattern": "2:4", "blocksize": 32}).run(copied, PassContext(calibration_windows=ids))
+    for lin in lean.structure.in_blocks():
+        assert torch.equal(lean.weight(lin.name), copied.weight(lin.name)), lin.name

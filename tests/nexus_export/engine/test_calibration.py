@@ -179,3 +179,19 @@ def test_a_wide_input_accumulates_its_hessian_in_float32(tiny_program_factory, m
     lean = collect(runner, 0, lins, hessian=True)[lins[0].name].hessian()
     assert narrow.dtype == torch.float64 and lean.dtype == torch.float32
     assert torch.allclose(lean.double(), narrow, rtol=1e-5, atol=1e-6 * float(narrow.abs().max()))
+
+
+def test_a_hessian_handed_over_is_no_longer_the_statistics():
+    """take_hessian gives the scaled Hessian away: the statistics hold no reference to it and refuse to give it
+    again (a pass may have overwritten it with its factor); the column norms stay."""
+    from nexus_export.engine.calibration import InputStats
+
+    stats = InputStats(8, hessian=True)
+    x = torch.randn(20, 8, generator=torch.Generator().manual_seed(0))
+    stats.add(x)
+    taken = stats.take_hessian()
+    assert torch.allclose(taken, 2 / 20 * x.double().t() @ x.double(), rtol=1e-5, atol=1e-6)
+    assert stats.xtx is None
+    with pytest.raises(RuntimeError, match="handed over"):
+        stats.hessian()
+    assert torch.allclose(stats.column_norms(), x.double().norm(dim=0), rtol=1e-6)

@@ -186,6 +186,10 @@ def test_outputs_larger_than_the_free_disk_are_refused_before_any_work(tmp_path,
         err = capsys.readouterr().err
         assert ("resume checkpoints (until the run ends)" in err) is kept
         assert ("scratch (a pass's edits, spilled before lowering)" in err) is not kept  # magnitude's stay in memory
+    monkeypatch.setattr(pipeline, "LEAN_HESSIAN_WIDTH", 0)  # every input wide: its Hessian is factored in place
+    for method, copied in (("sparsegpt", True), ("wanda", False)):
+        assert prune(tmp_path / "out", "tiny-llama", "--method", method) == 2
+        assert ("a Hessian's copy while it is factored in place" in capsys.readouterr().err) is copied
 
 
 def test_a_pass_s_edits_are_spilled_before_lowering(tmp_path, monkeypatch, bf16_folder):

@@ -84,3 +84,65 @@ def test_the_blocked_factor_is_torchs_whatever_the_blocks(size, block):
     singular = h.clone()
     singular[0, 0] = 0.0  # fails in the last
     assert not obs.blocked_inverse_upper_cholesky_(singular, block)
+
+
+def _rank_deficient(n: int, seed: int = 3) -> torch.Tensor:
+    """A float32 Hessian of n / 2 tokens with a dead input, shifted so that 1% damping is not enough and 10% is."""
+    x = torch.randn(n // 2, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    x[:, 7] = 0.0
+    h = x.t() @ x / n
+    mean = float(h.diagonal().mean())
+    h.diagonal().sub_(0.05 * mean)
+    h[7, 7] = 0.0
+    return h.float()
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_a_consumed_hessian_becomes_the_factor_in_its_own_memory(act_order, tmp_path):
+    """consume: the float32 Hessian's memory holds the factor, bit for bit the factor of a copy, through the damping
+    retries (read back from the temporary file, which is gone afterwards)."""
+    h = _rank_deficient(300)
+    expected = obs.factor_hessian(h, 0.01, act_order)
+    assert expected.damp == pytest.approx(0.1)  # it took a retry
+    given = h.clone()
+    pointer = given.data_ptr()
+    factor = obs.factor_hessian(given, 0.01, act_order, consume=True, scratch=tmp_path)
+    assert factor.upper.data_ptr() == pointer
+    assert torch.equal(factor.upper, expected.upper) and factor.damp == expected.damp
+    assert factor.shift == expected.shift == pytest.approx(0.1 * float(h.diagonal().mean() + 1.0 / 300))
+    assert torch.equal(factor.dead, expected.dead) and bool(factor.dead[7]) and int(factor.dead.sum()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_float64_hessian_is_copied_once_even_when_consumed():
+    h = _spd(40, torch.float64)
+    factor = obs.factor_hessian(h, 0.01, consume=True)
+    assert factor.upper.dtype == torch.float32 and factor.upper.data_ptr() != h.data_ptr()
+    assert torch.equal(factor.upper, obs.factor_hessian(h, 0.01).upper)
+
+
+def _sweep_problem(dead: bool):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(512, 128, generator=g) @ (torch.eye(128) + torch.randn(128, 128, generator=g) / 12)
+    if dead:
+        x[:, [3, 50]] = 0.0
+    w = torch.randn(24, 128, generator=g)
+    return w, (2.0 / 512 * x.t() @ x).double()
+
+
+@pytest.mark.parametrize("dead", [False, True])
+@pytest.mark.parametrize("how", ["unstructured", "2:4", "grid", "act-order grid", "kept mask and grid"])
+def test_the_sweep_s_own_error_is_the_reconstruction_error(how, dead):
+    """The error the sweep returns (from its scaled column errors, without the Hessian) equals the reconstruction
+    error computed with the Hessian, whatever fixes the columns, with dead inputs too."""
+    from passes.shared.quant_grid import Grid
+    from passes.shared.sparsity import NMPattern
+
+    w, h = _sweep_problem(dead)
+    keep = torch.rand(w.shape, generator=torch.Generator().manual_seed(5)) > 0.3
+    options = {"unstructured": {"sparsity": 0.5}, "2:4": {"pattern": NMPattern(2, 4)}, "grid": {"grid": Grid(4, 32)},
+               "act-order grid": {"grid": Grid(4, 32)}, "kept mask and grid": {"grid": Grid(4, 32), "keep": keep}}[how]
+    factor = obs.factor_hessian(h, 0.01, act_order=how == "act-order grid")
+    result = obs.obs_sweep(w, factor, blocksize=32, **options)
+    direct = reconstruction_error(w, result.weight, h)
+    assert direct > 0 and result.error == pytest.approx(direct, rel=1e-4)
