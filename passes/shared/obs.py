@@ -64,8 +64,16 @@ def factor_hessian(hessian: torch.Tensor, percdamp: float, act_order: bool = Fal
     dead = diagonal == 0
     perm = torch.argsort(diagonal, descending=True) if act_order else None
     if consume and hessian.dtype == COMPUTE_DTYPE:
-        with tempfile.TemporaryFile(dir=scratch) as backup:
-            hessian.numpy().tofile(backup)  # raw bytes, written from the matrix itself
+        backup = None
+        try:
+            backup = tempfile.TemporaryFile(dir=scratch)
+            hessian.cpu().numpy().tofile(backup)  # raw bytes, written from the matrix itself (on a CPU)
+        except OSError as exc:
+            if backup is not None:
+                backup.close()
+            raise UserError(f"cannot write a copy of the Hessian{_of(layer)} to {scratch or tempfile.gettempdir()} "
+                            f"({exc.strerror or exc}); free disk space there") from None
+        with backup:
             upper, damp, shift = _factor(hessian.shape[0], _file_rows(backup, hessian), hessian, percdamp, dead,
                                          perm, layer)
     else:
@@ -98,9 +106,12 @@ def _factor(n: int, rows: Callable[[int, int], torch.Tensor], out: torch.Tensor 
         del factor
         log.warning("OBS sweep: Cholesky failed with damping %.3g; retrying with %.3g", damp, damp * 10)
         damp *= 10
-    where = f" of the input of {layer}" if layer else ""
-    raise UserError(f"the Hessian{where} is not positive definite even with damping {damp / 10:.3g} of its mean "
+    raise UserError(f"the Hessian{_of(layer)} is not positive definite even with damping {damp / 10:.3g} of its mean "
                     f"diagonal; raise --percdamp (now {percdamp:g}) or calibrate on more samples")
+
+
+def _of(layer: str) -> str:
+    return f" of the input of {layer}" if layer else ""
 
 
 def _fill(n: int, rows: Callable[[int, int], torch.Tensor], out: torch.Tensor | None, dead: torch.Tensor | None,
@@ -131,7 +142,7 @@ def _file_rows(file, like: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
         block = torch.empty(j - i, n, dtype=like.dtype)
         file.seek(i * size)
         if file.readinto(memoryview(block.numpy()).cast("B")) != (j - i) * size:
-            raise OSError(f"the Hessian's temporary copy in {file.name} is short")
+            raise OSError("the Hessian's temporary copy is short")
         return block.to(like.device)
 
     return rows

@@ -146,3 +146,10 @@ def test_the_sweep_s_own_error_is_the_reconstruction_error(how, dead):
     result = obs.obs_sweep(w, factor, blocksize=32, **options)
     direct = reconstruction_error(w, result.weight, h)
     assert direct > 0 and result.error == pytest.approx(direct, rel=1e-4)
+
+
+def test_a_hessian_that_cannot_be_copied_aside_is_a_clear_error(tmp_path):
+    h = _spd(8, torch.float32)
+    with pytest.raises(UserError, match=r"cannot write a copy of the Hessian of the input of L to .*missing.*free disk"):
+        obs.factor_hessian(h, 0.01, layer="L", consume=True, scratch=tmp_path / "missing")
+    assert torch.equal(h, _spd(8, torch.float32))  # not touched
