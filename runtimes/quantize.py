@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import torch
 from onnx import helper, numpy_helper
 
@@ -76,16 +77,39 @@ def quantize_onnx(src: str | Path, dst: str | Path, bits: int = 4, block_size: i
 
 def dequantized_weights(path: str | Path) -> dict[str, np.ndarray]:
     """The [K, N] float weights that each MatMulNBits node of a quantized model computes with (for checks)."""
-    model = onnx.load(str(path))
-    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    out = {}
-    for node in model.graph.node:
-        if node.op_type == "MatMulNBits":
-            codes, zero, k, n = nbits_codes(node, inits)
-            scales = inits[node.input[2]].reshape(n, -1).astype(np.float32)
-            w = ((codes.astype(np.float32) - zero) * scales[:, :, None]).reshape(n, -1)[:, :k]
-            out[nbits_layer(node)] = w.T
-    return out
+    model, base = load_graph(path)
+    inits = {t.name: t for t in model.graph.initializer}
+    return {nbits_layer(node): _dequantized(node, inits, base) for node in model.graph.node
+            if node.op_type == "MatMulNBits"}
+
+
+def load_graph(path: str | Path) -> tuple[onnx.ModelProto, Path]:
+    """The model at ``path`` without its external data, and the folder its external data locations are relative to:
+    a tensor is then read when it is needed (``initializer_array``), so a model larger than memory can be worked on
+    one tensor at a time."""
+    return onnx.load(str(path), load_external_data=False), Path(path).resolve().parent
+
+
+def initializer_array(tensor: onnx.TensorProto, base: Path) -> np.ndarray:
+    """The values of ``tensor``, read from its external data file under ``base`` when it has one (``tensor`` is not
+    changed, so the model keeps pointing at that file)."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    array = np.fromfile(base / info["location"], dtype=dtype, count=count, offset=int(info.get("offset", 0)))
+    if array.size != count:
+        raise UserError(f"{base / info['location']} is truncated: {tensor.name} needs {count} values")
+    return array.reshape(tuple(tensor.dims))
+
+
+def _dequantized(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], base: Path) -> np.ndarray:
+    """The [K, N] float weight one MatMulNBits node computes with, read from its initializers."""
+    arrays = {name: initializer_array(inits[name], base) for name in node.input[1:] if name}
+    codes, zero, k, n = nbits_codes(node, arrays)
+    scales = arrays[node.input[2]].reshape(n, -1).astype(np.float32)
+    return ((codes.astype(np.float32) - zero) * scales[:, :, None]).reshape(n, -1)[:, :k].T
 
 
 def nbits_layer(node: onnx.NodeProto) -> str:
@@ -129,7 +153,7 @@ def write_grids(src: str | Path, dst: str | Path, grid: Grid,
     computes exactly those weights in float32 (``head`` and ``accuracy_level`` as for ``quantize_onnx``)."""
     src, dst = Path(src), Path(dst)
     start = time.perf_counter()
-    model = onnx.load(str(src))
+    model, base = load_graph(src)  # each quantized weight is read when its node is written; the rest stays on disk
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     uses: dict[str, int] = {}
@@ -142,7 +166,8 @@ def write_grids(src: str | Path, dst: str | Path, grid: Grid,
         if layer not in grids or node.input[1] not in inits or len(inits[node.input[1]].dims) != 2:
             nodes.append(node)
             continue
-        nodes.append(_nbits_node(node, inits[node.input[1]], grid, *grids[layer], graph, layer, accuracy_level))
+        weight = torch.from_numpy(initializer_array(inits[node.input[1]], base)).t()  # [N, K]
+        nodes.append(_nbits_node(node, weight, grid, *grids[layer], graph, layer, accuracy_level))
         if uses[node.input[1]] == 1:
             graph.initializer.remove(inits[node.input[1]])
         done.add(layer)
@@ -154,28 +179,36 @@ def write_grids(src: str | Path, dst: str | Path, grid: Grid,
     graph.node.extend(nodes)
     if not any(op.domain == "com.microsoft" for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    if head:
+    if head:  # the head and the embedding are read whole
+        onnx.load_external_data_for_model(model, str(base))
         quantize_head(model, grid, accuracy_level)
-    written = write_models(model, dst, external_data=True, lower=lower)
+    graph_ir = ir.serde.deserialize_model(model)
+    ir.external_data.set_base_dir(graph_ir.graph, base)  # the float tensors are copied from src, one at a time
+    written = write_models(graph_ir, dst, external_data=True, lower=lower)
     log.info("wrote %s: %d MatMulNBits layers from their GPTQ grids (%d-bit, groups of %d) in %.1f s", dst.name,
              len(done), grid.bits, grid.group_size, time.perf_counter() - start)
     return written[0]
 
 
-def _nbits_node(node, init, grid: Grid, scales: torch.Tensor, zeros: torch.Tensor, graph, layer: str,
-                accuracy_level: int = 0):
-    """The MatMulNBits node (and its initializers, added to ``graph``) for one MatMul whose weight lies on its grid."""
-    w = torch.from_numpy(numpy_helper.to_array(init).copy()).float().t()  # [N, K]
+def _nbits_node(node, w: torch.Tensor, grid: Grid, scales: torch.Tensor, zeros: torch.Tensor, graph, layer: str,
+                accuracy_level: int = 0, rows: int = 1024):
+    """The MatMulNBits node (and its initializers, added to ``graph``) for one MatMul whose weight ``w`` [N, K] lies
+    on its grid; its codes are taken ``rows`` rows at a time (whole, their temporaries are several times the weight)."""
     n, k = w.shape
     scales, zeros = scales.float(), zeros.float()
-    codes = grid.layer_codes(w, scales, zeros)
-    off = (grid.dequantize(codes, scales, zeros) - w).abs().max().item()
+    codes = torch.empty(n, k, dtype=torch.uint8)
+    off = 0.0
+    for i in range(0, n, rows):
+        part = w[i:i + rows].float()
+        codes[i:i + rows] = grid.layer_codes(part, scales[i:i + rows], zeros[i:i + rows])
+        error = (grid.dequantize(codes[i:i + rows], scales[i:i + rows], zeros[i:i + rows]) - part).abs().max()
+        off = max(off, float(error))
     if off > 1e-6 * max(float(scales.abs().max()), 1e-12):
         raise UserError(f"the weight of {layer} is not on its quantization grid (off by {off:.3g}); was it changed "
                         "after the GPTQ pass?")
     blocks = k // grid.group_size
     packed = _pack(codes.numpy().reshape(n * blocks, grid.group_size), grid.bits).reshape(n, blocks, -1)
-    base = init.name
+    base = node.input[1]  # the weight initializer's name
     tensors = [numpy_helper.from_array(np.ascontiguousarray(packed), f"{base}_Q{grid.bits}"),
                numpy_helper.from_array(scales.numpy().reshape(-1).astype(np.float32), f"{base}_scales")]
     if not grid.sym:
@@ -192,18 +225,20 @@ def _nbits_node(node, init, grid: Grid, scales: torch.Tensor, zeros: torch.Tenso
 def zeros_kept(original: str | Path, quantized: str | Path, targets: set[str] | None = None) -> bool:
     """Whether every weight that is exactly zero in ``original`` dequantizes to exactly zero in ``quantized``; False
     when no quantized layer could be matched to an original weight (nothing was checked)."""
-    model = onnx.load(str(original))
+    model, base = load_graph(original)  # one layer of each model in memory at a time
     inits = {t.name: t for t in model.graph.initializer}
     dense = {}
     for node in model.graph.node:
         if node.op_type == "MatMul" and node.input[1] in inits:
             name = layer_name(node.input[1])
             if targets is None or name in targets:
-                dense[name] = numpy_helper.to_array(inits[node.input[1]])
-    deq = dequantized_weights(quantized)
-    matched = [name for name in dense if name in deq]
+                dense[name] = inits[node.input[1]]
+    q_model, q_base = load_graph(quantized)
+    q_inits = {t.name: t for t in q_model.graph.initializer}
+    matched = [node for node in q_model.graph.node if node.op_type == "MatMulNBits" and nbits_layer(node) in dense]
     if not matched:
         log.warning("zeros kept: no quantized layer of %s matches a weight of %s; nothing checked", quantized,
                     original)
         return False
-    return all(bool((deq[name][dense[name] == 0] == 0).all()) for name in matched)
+    return all(bool((_dequantized(node, q_inits, q_base)[initializer_array(dense[nbits_layer(node)], base) == 0] == 0)
+                    .all()) for node in matched)
