@@ -71,3 +71,28 @@ def test_symmetric_grid_is_onnxruntimes_round_to_nearest(tmp_path):
         scales, zeros = grid.group_params(w)
         ours = grid.dequantize(grid.layer_codes(w, scales, zeros), scales, zeros)
         np.testing.assert_allclose(ours.numpy().T, theirs[lin.name], rtol=0, atol=1e-6)
+
+
+def test_codes_taken_rows_at_a_time_are_the_whole_ones():
+    """The grid writer takes a weight's codes 1,024 rows at a time (a whole 70B weight's temporaries are several GB):
+    any row count gives the same initializers, and a weight off its grid in the last rows is still refused."""
+    import onnx
+    from onnx import helper
+
+    from runtimes import quantize
+
+    grid = Grid(4, 16)
+    w = torch.randn(37, 64, generator=torch.Generator().manual_seed(0))
+    scales, zeros = grid.group_params(w)
+    w = grid.dequantize(grid.layer_codes(w, scales, zeros), scales, zeros)
+    node = helper.make_node("MatMul", ["x", "layer.weight"], ["y"])
+    written = []
+    for rows in (1, 5, 1024):
+        graph = onnx.GraphProto()
+        quantize._nbits_node(node, w, grid, scales, zeros, graph, "layer", rows=rows)
+        written.append([t.SerializeToString() for t in graph.initializer])
+    assert written[0] == written[1] == written[2] and len(written[0]) == 2
+    off = w.clone()
+    off[36, 3] += float(scales[36, 0].abs()) * 0.3
+    with pytest.raises(UserError, match="not on its quantization grid"):
+        quantize._nbits_node(node, off, grid, scales, zeros, onnx.GraphProto(), "layer", rows=5)
