@@ -179,9 +179,8 @@ def write_grids(src: str | Path, dst: str | Path, grid: Grid,
     graph.node.extend(nodes)
     if not any(op.domain == "com.microsoft" for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    if head:  # the head and the embedding are read whole
-        onnx.load_external_data_for_model(model, str(base))
-        quantize_head(model, grid, accuracy_level)
+    if head:
+        quantize_head(model, grid, accuracy_level, read=lambda tensor: initializer_array(tensor, base))
     graph_ir = ir.serde.deserialize_model(model)
     ir.external_data.set_base_dir(graph_ir.graph, base)  # the float tensors are copied from src, one at a time
     written = write_models(graph_ir, dst, external_data=True, lower=lower)

@@ -11,6 +11,7 @@ are onnxruntime's (com.microsoft), like MatMulNBits everywhere else in a quantiz
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -25,16 +26,18 @@ log = logging.getLogger(__name__)
 MS = "com.microsoft"
 
 
-def quantize_head(model: onnx.ModelProto, grid: Grid, accuracy_level: int = 0) -> list[str]:
+def quantize_head(model: onnx.ModelProto, grid: Grid, accuracy_level: int = 0,
+                  read: Callable[[onnx.TensorProto], np.ndarray] = numpy_helper.to_array) -> list[str]:
     """Put the lm_head and the token embedding of ``model`` (float32 initializers) on ``grid`` in place; returns the
     layers quantized (none when the model has neither in a form this knows: a constant [vocab, width] table read by
-    a Gather of ``input_ids``, and a MatMul by its transpose or by a constant [width, vocab] matrix)."""
+    a Gather of ``input_ids``, and a MatMul by its transpose or by a constant [width, vocab] matrix). ``read`` gives
+    an initializer's values (one whose data is in an external file: read from there, one matrix at a time)."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     producer = {out: node for node in graph.node for out in node.output}
     embedding = next((n for n in graph.node if n.op_type == "Gather" and n.input[0] in inits
                       and len(inits[n.input[0]].dims) == 2 and n.input[1] == "input_ids"), None)
-    head, head_matrix, tied = _head(graph, inits, producer, embedding)
+    head, head_matrix, tied = _head(graph, inits, producer, embedding, read)
     done, drop = [], []
     grid = Grid(grid.bits, grid.group_size, sym=True, clip_search=True)
     if head is not None:
@@ -43,6 +46,7 @@ def quantize_head(model: onnx.ModelProto, grid: Grid, accuracy_level: int = 0) -
         codes, scales = _quantized(rows, grid)
         q_name, s_name = f"{name}_Q{grid.bits}", f"{name}_scales"
         vocab, width = rows.shape
+        rows = head_matrix = None  # a 128k vocabulary's matrix goes before the embedding's is read
         graph.initializer.extend([numpy_helper.from_array(codes.reshape(vocab, width // grid.group_size, -1), q_name),
                                   numpy_helper.from_array(scales, s_name)])
         _replace(graph, head, helper.make_node(
@@ -62,7 +66,7 @@ def quantize_head(model: onnx.ModelProto, grid: Grid, accuracy_level: int = 0) -
             embedding = None
     if embedding is not None:
         name = embedding.input[0]
-        codes, scales = _quantized(numpy_helper.to_array(inits[name]), grid)
+        codes, scales = _quantized(read(inits[name]), grid)
         graph.initializer.extend([numpy_helper.from_array(codes, f"{name}_Q{grid.bits}"),
                                   numpy_helper.from_array(scales, f"{name}_scales")])
         _replace(graph, embedding, _lookup(embedding, f"{name}_Q{grid.bits}", f"{name}_scales", grid))
@@ -79,7 +83,7 @@ def quantize_head(model: onnx.ModelProto, grid: Grid, accuracy_level: int = 0) -
     return done
 
 
-def _head(graph, inits: dict, producer: dict, embedding) -> tuple:
+def _head(graph, inits: dict, producer: dict, embedding, read: Callable) -> tuple:
     """(the head's MatMul node, its weight as [vocab, width] when tied else [width, vocab], tied) or (None, ...)."""
     vocab = _vocab(graph)
     for node in reversed(list(graph.node)):
@@ -87,12 +91,12 @@ def _head(graph, inits: dict, producer: dict, embedding) -> tuple:
             continue
         weight = node.input[1]
         if weight in inits and len(inits[weight].dims) == 2 and inits[weight].dims[1] == vocab:
-            return node, numpy_helper.to_array(inits[weight]), False
+            return node, read(inits[weight]), False
         transpose = producer.get(weight)
         if (embedding is not None and transpose is not None and transpose.op_type == "Transpose"
                 and transpose.input[0] == embedding.input[0]
                 and _perm(transpose) in (None, [1, 0]) and inits[embedding.input[0]].dims[0] == vocab):
-            return node, numpy_helper.to_array(inits[embedding.input[0]]), True
+            return node, read(inits[embedding.input[0]]), True
     return None, None, False
 
 
@@ -109,15 +113,20 @@ def _perm(node) -> list[int] | None:
     return None
 
 
-def _quantized(rows: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+def _quantized(rows: np.ndarray, grid: Grid, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """Packed codes [rows, cols * bits / 8] (uint8; 4 bits: two a byte, low nibble first) and float32 scales
-    [rows, cols / group] of ``rows`` on ``grid`` (symmetric: the zero point is the operators' default)."""
-    w = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
-    scales, zeros = grid.group_params(w)
-    codes = grid.layer_codes(w, scales, zeros).numpy()
-    if grid.bits == 4:
-        codes = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
-    return np.ascontiguousarray(codes), scales.numpy().astype(np.float32)
+    [rows, cols / group] of ``rows`` on ``grid`` (symmetric: the zero point is the operators' default), ``chunk``
+    rows at a time (the groups are independent; whole, a 128k vocabulary's temporaries are several GB each)."""
+    n, cols = rows.shape
+    codes = np.empty((n, cols * grid.bits // 8), dtype=np.uint8)
+    scales = np.empty((n, cols // grid.group_size), dtype=np.float32)
+    for i in range(0, n, chunk):
+        w = torch.from_numpy(np.ascontiguousarray(rows[i:i + chunk], dtype=np.float32))
+        s, z = grid.group_params(w)
+        part = grid.layer_codes(w, s, z).numpy()
+        codes[i:i + chunk] = (part[:, 0::2] | (part[:, 1::2] << 4)) if grid.bits == 4 else part
+        scales[i:i + chunk] = s.numpy()
+    return codes, scales
 
 
 def _lookup(gather, data: str, scales: str, grid: Grid):

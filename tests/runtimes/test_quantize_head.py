@@ -69,3 +69,22 @@ def test_a_model_without_a_vocabulary_table_is_left_alone(tmp_path):
     gather = next(n for n in model.graph.node if n.op_type == "Gather")
     gather.input[1] = "renamed_ids"  # nor does a Gather read input_ids
     assert quantize_head(model, Grid(4, 32)) == []
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_vocabulary_is_quantized_rows_at_a_time_as_whole(bits):
+    """The head's codes and scales are taken 1,024 rows at a time (a 128k vocabulary's temporaries would be several
+    GB each); a transposed (untied) head read in row blocks gives what the whole matrix gives."""
+    from runtimes.quantize_head import _quantized
+
+    grid = Grid(bits, 16, sym=True, clip_search=True)
+    rows = np.random.default_rng(0).standard_normal((64, 37)).astype(np.float32).T  # [37, 64], not contiguous
+    whole = _quantized(rows, grid, chunk=10**6)
+    for chunk in (1, 5):
+        part = _quantized(rows, grid, chunk=chunk)
+        assert np.array_equal(part[0], whole[0]) and np.array_equal(part[1], whole[1])
+    w = torch.from_numpy(np.ascontiguousarray(rows))
+    scales, zeros = grid.group_params(w)
+    codes = grid.layer_codes(w, scales, zeros).numpy()
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)) if bits == 4 else codes
+    assert np.array_equal(whole[0], packed) and np.array_equal(whole[1], scales.numpy())
