@@ -83,15 +83,17 @@ class SparseGPTPass(MaskingPass):
         cfg: SparseGPTConfig = self.config
         pattern = cfg.pattern_obj()
 
+        refit = bool(cfg.refit_steps)  # the refit reads H after the sweep; without it H may become its factor
+
         def prune(target: Target, stats) -> dict:
             if "sparsegpt" not in stats.derived:  # once per input: q, k and v (gate and up) share it
                 stats.derived["sparsegpt"] = factor_hessian(
-                    stats.hessian() if cfg.refit_steps else stats.take_hessian(), cfg.percdamp, layer=target.name,
-                    consume=not cfg.refit_steps, scratch=program.store.scratch_folder())  # the refit reads H again
+                    stats.hessian() if refit else stats.take_hessian(), cfg.percdamp, layer=target.name,
+                    consume=not refit, scratch=program.store.scratch_folder())
             factor = stats.derived["sparsegpt"]
             weight = program.weight(target.name, device=factor.upper.device)
-            new, facts = sparsegpt_prune(weight, stats.hessian() if cfg.refit_steps else None, target.sparsity,
-                                         pattern, cfg.blocksize, cfg.percdamp, factor, refit_steps=cfg.refit_steps)
+            new, facts = sparsegpt_prune(weight, stats.hessian() if refit else None, target.sparsity, pattern,
+                                         cfg.blocksize, cfg.percdamp, factor, refit_steps=cfg.refit_steps)
             program.set_weight(target.name, new)
             return {k: round(v, 6) for k, v in facts.items()}
 

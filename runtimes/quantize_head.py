@@ -121,7 +121,7 @@ def _quantized(rows: np.ndarray, grid: Grid, chunk: int = 1024) -> tuple[np.ndar
     codes = np.empty((n, cols * grid.bits // 8), dtype=np.uint8)
     scales = np.empty((n, cols // grid.group_size), dtype=np.float32)
     for i in range(0, n, chunk):
-        w = torch.from_numpy(np.ascontiguousarray(rows[i:i + chunk], dtype=np.float32))
+        w = torch.from_numpy(np.array(rows[i:i + chunk], dtype=np.float32))  # a chunk of its own (rows may be read-only)
         s, z = grid.group_params(w)
         part = grid.layer_codes(w, s, z).numpy()
         codes[i:i + chunk] = (part[:, 0::2] | (part[:, 1::2] << 4)) if grid.bits == 4 else part

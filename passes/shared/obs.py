@@ -77,7 +77,8 @@ def factor_hessian(hessian: torch.Tensor, percdamp: float, act_order: bool = Fal
             upper, damp, shift = _factor(hessian.shape[0], _file_rows(backup, hessian), hessian, percdamp, dead,
                                          perm, layer)
     else:
-        upper, damp, shift = _factor(hessian.shape[0], lambda i, j: hessian[i:j], None, percdamp, dead, perm, layer)
+        upper, damp, shift = _factor(hessian.shape[0], lambda i, j: hessian[i:j], _like(hessian), percdamp, dead,
+                                     perm, layer)
     return HessianFactor(upper, damp, dead, perm, shift)
 
 
@@ -88,14 +89,20 @@ def upper_inverse_cholesky(hessian: torch.Tensor, percdamp: float, dead: torch.T
     [D, D] matrix in COMPUTE_DTYPE, and two temporaries while it is factored unless D is past LEAN_HESSIAN_WIDTH
     (3.3 GB each in float32 at a 70B model's 28,672: there it is factored in place). ``layer`` names the input in
     the error."""
-    upper, damp, _ = _factor(hessian.shape[0], lambda i, j: hessian[i:j], None, percdamp, dead, perm, layer)
+    upper, damp, _ = _factor(hessian.shape[0], lambda i, j: hessian[i:j], _like(hessian), percdamp, dead, perm,
+                             layer)
     return upper, damp
 
 
-def _factor(n: int, rows: Callable[[int, int], torch.Tensor], out: torch.Tensor | None, percdamp: float,
+def _like(hessian: torch.Tensor) -> torch.Tensor:
+    """The [D, D] matrix in COMPUTE_DTYPE, on the Hessian's device, that a factor of a Hessian kept whole is made in."""
+    return torch.empty(hessian.shape, dtype=COMPUTE_DTYPE, device=hessian.device)
+
+
+def _factor(n: int, rows: Callable[[int, int], torch.Tensor], out: torch.Tensor, percdamp: float,
             dead: torch.Tensor | None, perm: torch.Tensor | None, layer: str) -> tuple[torch.Tensor, float, float]:
-    """The damping loop of ``upper_inverse_cholesky``: each try fills ``out`` (a new matrix when None) from
-    ``rows(i, j)`` (rows i..j of H) and factors it in place. Returns (factor, damp fraction, diagonal shift)."""
+    """The damping loop of ``upper_inverse_cholesky``: each try fills ``out`` from ``rows(i, j)`` (rows i..j of H)
+    and factors it in place. Returns (factor, damp fraction, diagonal shift)."""
     damp = percdamp
     for _ in range(MAX_DAMPING_RETRIES):
         factor = _fill(n, rows, out, dead, perm)
@@ -103,7 +110,6 @@ def _factor(n: int, rows: Callable[[int, int], torch.Tensor], out: torch.Tensor 
         factor.diagonal().add_(shift)  # H + damp I without an identity beside it
         if inverse_upper_cholesky_(factor):
             return factor, damp, shift
-        del factor
         log.warning("OBS sweep: Cholesky failed with damping %.3g; retrying with %.3g", damp, damp * 10)
         damp *= 10
     raise UserError(f"the Hessian{_of(layer)} is not positive definite even with damping {damp / 10:.3g} of its mean "
@@ -114,12 +120,10 @@ def _of(layer: str) -> str:
     return f" of the input of {layer}" if layer else ""
 
 
-def _fill(n: int, rows: Callable[[int, int], torch.Tensor], out: torch.Tensor | None, dead: torch.Tensor | None,
+def _fill(n: int, rows: Callable[[int, int], torch.Tensor], out: torch.Tensor, dead: torch.Tensor | None,
           perm: torch.Tensor | None) -> torch.Tensor:
     """P H P^T in COMPUTE_DTYPE (H when ``perm`` is None) with 1 on the diagonal of the dead inputs, written into
-    ``out`` (or a new matrix) FACTOR_BLOCK rows of H at a time: no permuted or converted [D, D] copy beside it."""
-    device = out.device if out is not None else rows(0, 1).device
-    out = torch.empty(n, n, dtype=COMPUTE_DTYPE, device=device) if out is None else out
+    ``out`` FACTOR_BLOCK rows of H at a time: no permuted or converted [D, D] copy beside it."""
     where = torch.argsort(perm) if perm is not None else None  # row i of H is row where[i] of P H P^T
     for i in range(0, n, FACTOR_BLOCK):
         j = min(i + FACTOR_BLOCK, n)
