@@ -52,9 +52,8 @@ METHODS = {
     "sparsegpt": ["--method", "sparsegpt", "--pattern", "2:4"],
     "shortgpt": ["--method", "shortgpt", "--remove-ratio", "0.25"],
     "slicegpt": ["--method", "slicegpt", "--slicing", "0.25"],
-    # GPTQ keeps its dequantized weights in float32 (what the int4 file is written from): a bf16 checkpoint needs
-    # --dtype fp32, as the CLI says when it is missing
-    "gptq": ["--method", "none", "--quantize-bits", "4", "--quantize-method", "gptq", "--dtype", "fp32"],
+    # GPTQ int4 keeps its dequantized weights in the checkpoint's dtype (bf16 here); the int4 file computes the grid
+    "gptq": ["--method", "none", "--quantize-bits", "4", "--quantize-method", "gptq"],
 }
 PROTOCOL = ["--calib-samples", "8", "--seq-len", "256", "--eval-windows", "4", "--no-latency", "--onnx-eval", "off"]
 SHARD_BYTES = 2**30

@@ -140,7 +140,9 @@ def _prune_args(prune: argparse.ArgumentParser, sweep: bool) -> None:
         prune.add_argument(flag, dest=spec.dest, help=spec.help, **spec.argparse)
     prune.add_argument("--save-hf", action="store_true", help="also write a Hugging Face folder to DIR/hf")
     prune.add_argument("--quantize-bits", type=int,
-                       help="then quantize the MatMul weights (gptq: the block linears) to 4 or 8 bits: model.q4.onnx")
+                       help="then quantize the MatMul weights (gptq: the block linears) to 4 or 8 bits: model.q4.onnx "
+                            "(rtn, and gptq at 8 bits, need float32 weights: --dtype fp32 on a bf16 or fp16 "
+                            "checkpoint)")
     prune.add_argument("--quantize-method", choices=("gptq", "rtn"),
                        help="gptq: error-compensated on the calibration data (default when the method calibrates); "
                             "rtn: round to nearest (default otherwise)")
@@ -156,7 +158,7 @@ def _prune_args(prune: argparse.ArgumentParser, sweep: bool) -> None:
                        help="symmetric grid (default); --no-quantize-sym: a zero point per group")
     prune.add_argument("--quantize-head", action=argparse.BooleanOptionalAction, default=None,
                        help="also the token embedding and lm_head, round to nearest; a tied pair stays one tensor "
-                            "(default); --no-quantize-head keeps them float32")
+                            "(default); --no-quantize-head keeps them float")
     prune.add_argument("--accuracy-level", type=int,
                        help="MatMulNBits compute: 4 (default) int8 activations, onnxruntime's fastest on CPUs; 0 "
                             "float32 (the PyTorch program's arithmetic)")

@@ -1,10 +1,12 @@
 """GPTQ: round every linear of the decoder blocks to a b-bit grid, compensating each column's rounding error in the
 columns not yet rounded (Frantar et al., ICLR 2023), on the calibration engine's Hessians.
 
-Before -> after: same graph and shapes; each weight holds its dequantized values (exactly on its grid, in float32)
-and its scales and zero points are kept beside it in the store (``W::qscale``, ``W::qzero``), from which lowering
-writes MatMulNBits. Weights that are exactly zero (a pruning pass before it) stay exactly zero. The head and the
-embeddings are not quantized (as in the reference).
+Before -> after: same graph and shapes; each weight holds its dequantized values, in the program's dtype (float32:
+exactly on its grid; bfloat16 or float16, 4-bit grids only: rounded to that dtype, near enough to the grid that every
+code is recovered from it), and its float32 scales and zero points are kept beside it in the store (``W::qscale``,
+``W::qzero``), from which lowering writes MatMulNBits that compute the exact grid values. Weights that are exactly
+zero (a pruning pass before it) stay exactly zero. The head and the embeddings are not quantized (as in the
+reference).
 
 Joint mode (``prune``): the masking pass's mask and the rounding happen in one sweep per layer, on one Hessian:
 SparseGPT chooses its mask inside the sweep, Wanda's mask is chosen first and fixed.
@@ -32,6 +34,10 @@ from passes.wanda import wanda_mask
 log = logging.getLogger(__name__)
 
 JOINT_METHODS = ("sparsegpt", "wanda")  # the masking passes the joint sweep can run inside itself
+# Grids whose dequantized weights may be kept in bfloat16 or float16: a value s * m (|m| <= 15) rounded to 8
+# significant bits is off by at most 15/256 of a step, so rounding it back to the grid finds its code; an 8-bit grid's
+# |m| reaches 128-255 steps, which bfloat16 cannot tell apart.
+HALF_BITS = (4,)
 
 
 @dataclass(frozen=True)
@@ -93,9 +99,11 @@ class GPTQPass(Pass):
     def check(self, program: Program) -> None:
         cfg: GPTQConfig = self.config
         dtype = program.store.dtype or program.main_dtype()
-        if dtype != torch.float32:
-            raise UserError(f"GPTQ keeps the dequantized weights in float32 and this program stores {dtype}; use "
-                            "--dtype fp32 (Python API: model.float())")
+        if dtype != torch.float32 and cfg.bits not in HALF_BITS:
+            name = str(dtype).replace("torch.", "")
+            raise UserError(f"GPTQ keeps the dequantized weights in the program's dtype ({name}), which cannot tell "
+                            f"the codes of {cfg.bits}-bit grids apart; use --dtype fp32 (Python API: model.float()) or "
+                            "--quantize-bits 4")
         check_groups(program, cfg.group_size)
         if cfg.prune is not None:
             cfg.mask()[1].targets(program)
@@ -129,7 +137,7 @@ class GPTQPass(Pass):
             result = obs_sweep(weight, factor, grid=grid, blocksize=cfg.blocksize, **how)
             program.set_weight(name, result.weight)
             scale_name, zero_name = grid_names(program.linear(name).weight)
-            program.set_parameter(scale_name, result.scales)
+            program.set_parameter(scale_name, result.scales, dtype=torch.float32)  # the grid itself, whatever the dtype
             program.set_parameter(zero_name, result.zeros.to(torch.uint8))
             return {"damping": round(factor.damp, 6), "reconstruction_error": round(result.error, 6)}
 

@@ -3,7 +3,8 @@
 Two ways in, one format out (onnxruntime's MatMulNBits, 4 or 8 bits, a scale per block of K):
 - ``quantize_onnx``: round to nearest (RTN) with onnxruntime's own quantizer, every constant MatMul weight;
 - ``write_grids``: the weights a GPTQ pass already put on its grids, written with that pass's scales and zero
-  points (the ONNX weights must lie exactly on them; the layers without a grid stay float).
+  points (the ONNX weights must lie on them: exactly in float32, to within their rounding in bf16 or fp16, stored
+  behind a Cast; the layers without a grid stay float).
 Either grid holds zero exactly, so a weight that pruning set to zero dequantizes to exactly zero: the sparsity survives
 quantization. Works on the ONNX that lowering wrote (constant [K, N] weights on MatMul).
 """
@@ -24,6 +25,7 @@ from nexus_export.errors import UserError
 from nexus_export.naming import layer_name
 from passes.shared.quant_grid import Grid
 
+from .onnx_constants import as_float32, drop_unread, float_constants, unit_roundoff
 from .onnx_export import write_models
 from .quantize_head import quantize_head
 
@@ -149,27 +151,25 @@ def write_grids(src: str | Path, dst: str | Path, grid: Grid,
                 accuracy_level: int = 0) -> Path:
     """Write ``dst`` (+ external data): ``src`` with the MatMul of every layer in ``grids`` (name -> scales and zero
     points [N, K / group]) replaced by MatMulNBits holding its codes on those grids. Every layer must be found and its
-    weight must lie on its grid (it does when the program's weights came from the GPTQ pass). By default the file
-    computes exactly those weights in float32 (``head`` and ``accuracy_level`` as for ``quantize_onnx``)."""
+    weight must lie on its grid (it does when the program's weights came from the GPTQ pass; a bf16 or fp16 weight,
+    read through its Cast, to within that dtype's rounding). By default the file computes exactly the grid values in
+    float32 (``head`` and ``accuracy_level`` as for ``quantize_onnx``)."""
     src, dst = Path(src), Path(dst)
     start = time.perf_counter()
     model, base = load_graph(src)  # each quantized weight is read when its node is written; the rest stays on disk
     graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    uses: dict[str, int] = {}
+    constants = float_constants(graph)  # a 16-bit weight is read through its Cast to float32
+    done, nodes, replaced = set(), [], set()
     for node in graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
-    done, nodes = set(), []
-    for node in graph.node:
-        layer = layer_name(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        if layer not in grids or node.input[1] not in inits or len(inits[node.input[1]].dims) != 2:
+        tensor = constants.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        layer = layer_name(tensor.name) if tensor is not None else None
+        if layer not in grids or len(tensor.dims) != 2:
             nodes.append(node)
             continue
-        weight = torch.from_numpy(initializer_array(inits[node.input[1]], base)).t()  # [N, K]
-        nodes.append(_nbits_node(node, weight, grid, *grids[layer], graph, layer, accuracy_level))
-        if uses[node.input[1]] == 1:
-            graph.initializer.remove(inits[node.input[1]])
+        weight = torch.from_numpy(as_float32(initializer_array(tensor, base))).t()  # [N, K]
+        nodes.append(_nbits_node(node, weight, grid, *grids[layer], graph, layer, tensor.name, accuracy_level,
+                                 unit_roundoff(tensor)))
+        replaced.add(tensor.name)
         done.add(layer)
     missing = sorted(set(grids) - done)
     if missing:
@@ -177,6 +177,7 @@ def write_grids(src: str | Path, dst: str | Path, grid: Grid,
                         f"{missing[0]}); the lowering did not produce the expected form")
     del graph.node[:]
     graph.node.extend(nodes)
+    drop_unread(graph, replaced)
     if not any(op.domain == "com.microsoft" for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     if head:
@@ -190,9 +191,11 @@ def write_grids(src: str | Path, dst: str | Path, grid: Grid,
 
 
 def _nbits_node(node, w: torch.Tensor, grid: Grid, scales: torch.Tensor, zeros: torch.Tensor, graph, layer: str,
-                accuracy_level: int = 0, rows: int = 1024):
-    """The MatMulNBits node (and its initializers, added to ``graph``) for one MatMul whose weight ``w`` [N, K] lies
-    on its grid; its codes are taken ``rows`` rows at a time (whole, their temporaries are several times the weight)."""
+                base: str, accuracy_level: int = 0, roundoff: float = 0.0, rows: int = 1024):
+    """The MatMulNBits node (and its initializers, named after ``base``, added to ``graph``) for one MatMul whose
+    weight ``w`` [N, K] lies on its grid, to within ``roundoff`` of each value (the relative rounding error of the
+    16-bit dtype it was stored in; 0 for float32); its codes are taken ``rows`` rows at a time (whole, their
+    temporaries are several times the weight)."""
     n, k = w.shape
     scales, zeros = scales.float(), zeros.float()
     codes = torch.empty(n, k, dtype=torch.uint8)
@@ -200,14 +203,13 @@ def _nbits_node(node, w: torch.Tensor, grid: Grid, scales: torch.Tensor, zeros: 
     for i in range(0, n, rows):
         part = w[i:i + rows].float()
         codes[i:i + rows] = grid.layer_codes(part, scales[i:i + rows], zeros[i:i + rows])
-        error = (grid.dequantize(codes[i:i + rows], scales[i:i + rows], zeros[i:i + rows]) - part).abs().max()
-        off = max(off, float(error))
+        exact = grid.dequantize(codes[i:i + rows], scales[i:i + rows], zeros[i:i + rows])
+        off = max(off, float(((exact - part).abs() - roundoff * exact.abs()).max()))
     if off > 1e-6 * max(float(scales.abs().max()), 1e-12):
         raise UserError(f"the weight of {layer} is not on its quantization grid (off by {off:.3g}); was it changed "
                         "after the GPTQ pass?")
     blocks = k // grid.group_size
     packed = _pack(codes.numpy().reshape(n * blocks, grid.group_size), grid.bits).reshape(n, blocks, -1)
-    base = node.input[1]  # the weight initializer's name
     tensors = [numpy_helper.from_array(np.ascontiguousarray(packed), f"{base}_Q{grid.bits}"),
                numpy_helper.from_array(scales.numpy().reshape(-1).astype(np.float32), f"{base}_scales")]
     if not grid.sym:
@@ -225,13 +227,13 @@ def zeros_kept(original: str | Path, quantized: str | Path, targets: set[str] | 
     """Whether every weight that is exactly zero in ``original`` dequantizes to exactly zero in ``quantized``; False
     when no quantized layer could be matched to an original weight (nothing was checked)."""
     model, base = load_graph(original)  # one layer of each model in memory at a time
-    inits = {t.name: t for t in model.graph.initializer}
+    constants = float_constants(model.graph)
     dense = {}
     for node in model.graph.node:
-        if node.op_type == "MatMul" and node.input[1] in inits:
-            name = layer_name(node.input[1])
+        if node.op_type == "MatMul" and node.input[1] in constants:
+            name = layer_name(constants[node.input[1]].name)
             if targets is None or name in targets:
-                dense[name] = inits[node.input[1]]
+                dense[name] = constants[node.input[1]]
     q_model, q_base = load_graph(quantized)
     q_inits = {t.name: t for t in q_model.graph.initializer}
     matched = [node for node in q_model.graph.node if node.op_type == "MatMulNBits" and nbits_layer(node) in dense]

@@ -21,6 +21,8 @@ from onnx import helper, numpy_helper
 from nexus_export.naming import layer_name
 from passes.shared.quant_grid import Grid
 
+from .onnx_constants import drop_unread, float_constants
+
 log = logging.getLogger(__name__)
 
 MS = "com.microsoft"
@@ -28,21 +30,22 @@ MS = "com.microsoft"
 
 def quantize_head(model: onnx.ModelProto, grid: Grid, accuracy_level: int = 0,
                   read: Callable[[onnx.TensorProto], np.ndarray] = numpy_helper.to_array) -> list[str]:
-    """Put the lm_head and the token embedding of ``model`` (float32 initializers) on ``grid`` in place; returns the
-    layers quantized (none when the model has neither in a form this knows: a constant [vocab, width] table read by
-    a Gather of ``input_ids``, and a MatMul by its transpose or by a constant [width, vocab] matrix). ``read`` gives
-    an initializer's values (one whose data is in an external file: read from there, one matrix at a time)."""
+    """Put the lm_head and the token embedding of ``model`` (initializers, float32 or a 16-bit dtype behind a Cast)
+    on ``grid`` in place; returns the layers quantized (none when the model has neither in a form this knows: a
+    constant [vocab, width] table read by a Gather of ``input_ids``, and a MatMul by its transpose or by a constant
+    [width, vocab] matrix). ``read`` gives an initializer's values (one whose data is in an external file: read from
+    there, one matrix at a time)."""
     graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
+    constants = float_constants(graph)
     producer = {out: node for node in graph.node for out in node.output}
-    embedding = next((n for n in graph.node if n.op_type == "Gather" and n.input[0] in inits
-                      and len(inits[n.input[0]].dims) == 2 and n.input[1] == "input_ids"), None)
-    head, head_matrix, tied = _head(graph, inits, producer, embedding, read)
+    embedding = next((n for n in graph.node if n.op_type == "Gather" and n.input[0] in constants
+                      and len(constants[n.input[0]].dims) == 2 and n.input[1] == "input_ids"), None)
+    head, head_matrix, tied = _head(graph, constants, producer, embedding, read)
     done, drop = [], []
     grid = Grid(grid.bits, grid.group_size, sym=True, clip_search=True)
     if head is not None:
         rows = head_matrix if tied else head_matrix.T  # [vocab, width]: MatMulNBits' [N, K]
-        name = head.input[1] if not tied else embedding.input[0]
+        name = constants[head.input[1] if not tied else embedding.input[0]].name  # the initializer's
         codes, scales = _quantized(rows, grid)
         q_name, s_name = f"{name}_Q{grid.bits}", f"{name}_scales"
         vocab, width = rows.shape
@@ -52,7 +55,7 @@ def quantize_head(model: onnx.ModelProto, grid: Grid, accuracy_level: int = 0,
         _replace(graph, head, helper.make_node(
             "MatMulNBits", [head.input[0], q_name, s_name], list(head.output), name=f"{name}_MatMulNBits", domain=MS,
             K=width, N=vocab, bits=grid.bits, block_size=grid.group_size, accuracy_level=accuracy_level))
-        drop.append(head.input[1] if not tied else None)
+        drop.append(name)
         done.append(layer_name(name) + (" (head, tied)" if tied else " (head)"))
         if tied:
             transpose = producer[head.input[1]]
@@ -62,20 +65,16 @@ def quantize_head(model: onnx.ModelProto, grid: Grid, accuracy_level: int = 0,
             graph.initializer.append(shape)
             graph.node.insert(0, helper.make_node("Reshape", [q_name, shape.name], [rows_name], name=f"{name}_rows"))
             _replace(graph, embedding, _lookup(embedding, rows_name, s_name, grid))
-            drop.append(name)
             embedding = None
     if embedding is not None:
-        name = embedding.input[0]
-        codes, scales = _quantized(read(inits[name]), grid)
+        name = constants[embedding.input[0]].name
+        codes, scales = _quantized(read(constants[name]), grid)
         graph.initializer.extend([numpy_helper.from_array(codes, f"{name}_Q{grid.bits}"),
                                   numpy_helper.from_array(scales, f"{name}_scales")])
         _replace(graph, embedding, _lookup(embedding, f"{name}_Q{grid.bits}", f"{name}_scales", grid))
         drop.append(name)
         done.append(layer_name(name) + " (embedding)")
-    used = {name for node in graph.node for name in node.input}
-    for name in drop:
-        if name is not None and name not in used:
-            graph.initializer.remove(inits[name])
+    drop_unread(graph, set(drop))
     if done and not any(op.domain == MS for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS, 1))
     log.info("quantized to %d bits (groups of %d, round to nearest): %s", grid.bits, grid.group_size,
@@ -83,20 +82,20 @@ def quantize_head(model: onnx.ModelProto, grid: Grid, accuracy_level: int = 0,
     return done
 
 
-def _head(graph, inits: dict, producer: dict, embedding, read: Callable) -> tuple:
+def _head(graph, constants: dict, producer: dict, embedding, read: Callable) -> tuple:
     """(the head's MatMul node, its weight as [vocab, width] when tied else [width, vocab], tied) or (None, ...)."""
     vocab = _vocab(graph)
     for node in reversed(list(graph.node)):
         if node.op_type != "MatMul" or len(node.input) != 2:
             continue
         weight = node.input[1]
-        if weight in inits and len(inits[weight].dims) == 2 and inits[weight].dims[1] == vocab:
-            return node, read(inits[weight]), False
+        if weight in constants and len(constants[weight].dims) == 2 and constants[weight].dims[1] == vocab:
+            return node, read(constants[weight]), False
         transpose = producer.get(weight)
         if (embedding is not None and transpose is not None and transpose.op_type == "Transpose"
                 and transpose.input[0] == embedding.input[0]
-                and _perm(transpose) in (None, [1, 0]) and inits[embedding.input[0]].dims[0] == vocab):
-            return node, read(inits[embedding.input[0]]), True
+                and _perm(transpose) in (None, [1, 0]) and constants[embedding.input[0]].dims[0] == vocab):
+            return node, read(constants[embedding.input[0]]), True
     return None, None, False
 
 

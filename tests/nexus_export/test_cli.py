@@ -388,6 +388,27 @@ def test_sparsegpt_then_gptq_end_to_end(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_gptq_in_bf16_end_to_end(tmp_path):
+    """A bf16 run quantizes with GPTQ without --dtype fp32: the float model stays bf16, the int4 file computes the
+    exact grid values, within rounding of the PyTorch program's bf16 ones, and keeps the 2:4 zeros."""
+    import onnx
+
+    out = tmp_path / "run"
+    assert prune(out, "--pattern", "2:4", "--calib-samples", "4", "--quantize-bits", "4", "--dtype", "bf16",
+                 "--no-quantize-head", "--accuracy-level", "0", method="sparsegpt") == 0
+    report = json.loads((out / "report.json").read_text())
+    bf16, int4 = report["artifacts"]
+    assert bf16["name"] == "bf16" and int4["name"] == "int4" and int4["layers"] == 14 and int4["pruned_zeros_kept"]
+    assert 0 < int4["vs_pytorch_rel"] < 1e-3 and int4["bytes"] < 0.6 * bf16["bytes"]
+    def stored(path):
+        model = onnx.load(str(path), load_external_data=False)
+        return {t.data_type for t in model.graph.initializer if "layers" in t.name and len(t.dims) >= 2}
+
+    assert stored(out / "model.onnx") == {onnx.TensorProto.BFLOAT16}
+    assert stored(out / "model.q4.onnx") == {onnx.TensorProto.UINT8}  # codes only: the bf16 block weights are gone
+
+
+@pytest.mark.slow
 def test_joint_sweep_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     assert prune(out, "--pattern", "2:4", "--calib-samples", "8", "--quantize-bits", "4", "--dtype", "fp32",
@@ -416,6 +437,12 @@ def test_joint_sweep_end_to_end(tmp_path, capsys):
     (["--method", "sparsegpt", "--act-order"], "--act-order set how to quantize, but nothing is quantized"),
     (["--method", "sparsegpt", "--pattern", "2:4", "--refit-steps", "5", "--quantize-bits", "4", "--joint"],
      "drop --refit-steps or --joint"),
+    (["--method", "magnitude", "--quantize-bits", "4", "--quantize-method", "rtn", "--dtype", "bf16"],
+     r"round-to-nearest quantization \(--quantize-method rtn\) starts from float32 weights, and this run writes "
+     "bf16; add --dtype fp32 or quantize with --quantize-method gptq"),
+    (["--method", "magnitude", "--fp16", "--dtype", "bf16"], "--fp16 starts from float32 weights.*add --dtype fp32$"),
+    (["--method", "sparsegpt", "--quantize-bits", "8", "--dtype", "bf16"],
+     "cannot tell the codes of 8-bit grids apart"),
 ])
 def test_bad_quantization_input(tmp_path, capsys, args, message):
     out = tmp_path / "out"

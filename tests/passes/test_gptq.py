@@ -195,8 +195,30 @@ def test_refusals_before_work():
         GPTQPass({"group_size": 32}).run(program, PassContext())
     half = tiny_program("llama")
     half.store.dtype = torch.bfloat16
-    with pytest.raises(UserError, match="--dtype fp32"):
-        GPTQPass({"group_size": 32}).check(half)
+    with pytest.raises(UserError, match=r"bfloat16.*8-bit grids apart; use --dtype fp32 .* or --quantize-bits 4"):
+        GPTQPass({"bits": 8, "group_size": 32}).check(half)
+    GPTQPass({"bits": 4, "group_size": 32}).check(half)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_program_keeps_the_grid_values_rounded_and_float32_scales(dtype):
+    """In a bf16 (fp16) program GPTQ keeps each weight as its grid value rounded to that dtype (half the memory of
+    float32) and its scales in float32: the first stage's layers, which see the same inputs either way, hold the
+    float32 run's values rounded, on the same grids; every weight still gives back its codes."""
+    exact = GPTQPass({"group_size": 32}).run(tiny_program("llama"), PassContext(calibration_windows=windows())).program
+    half = tiny_program("llama")
+    half.store.dtype = dtype
+    half = GPTQPass({"group_size": 32}).run(half, PassContext(calibration_windows=windows())).program
+    grid, first = Grid(4, 32), ("q_proj", "k_proj", "v_proj")
+    exact_grids, half_grids = quantization_grids(exact), quantization_grids(half)
+    for lin in half.structure.in_blocks():
+        w, (scales, zeros) = half.weight(lin.name), half_grids[lin.name]
+        assert w.dtype == dtype and scales.dtype == torch.float32
+        codes = grid.layer_codes(w.float(), scales, zeros.float())
+        assert torch.equal(grid.dequantize(codes, scales, zeros.float()).to(dtype), w)
+        if lin.name.startswith("model.layers.0.") and lin.name.endswith(first):
+            assert torch.equal(scales, exact_grids[lin.name][0]) and torch.equal(zeros, exact_grids[lin.name][1])
+            assert torch.equal(exact.weight(lin.name).to(dtype), w)
 
 
 def test_names_of_the_grids_follow_the_weight():

@@ -1,6 +1,7 @@
 """GPTQ grids to MatMulNBits: codes and scales as the pass chose them, parity with PyTorch, zeros kept, refusals."""
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from conftest import tiny_program
@@ -46,6 +47,37 @@ def test_matmulnbits_computes_the_programs_weights(tmp_path, bits, sym):
     assert size(q) < size(fp32)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_matmulnbits_from_a_16_bit_model_computes_the_exact_grid(tmp_path, dtype):
+    """A bf16 (fp16) program keeps GPTQ's weights rounded to its dtype, lowered behind Casts to float32: the file
+    written from it finds every code from the rounded weight, computes the exact grid values, keeps the pruned zeros
+    and no longer holds the 16-bit weights it replaced."""
+    program = tiny_program("llama")
+    program.store.dtype = dtype
+    MagnitudePass({"pattern": "2:4"}).run(program)
+    windows = torch.randint(0, 300, (8, 64), generator=torch.Generator().manual_seed(0))
+    pass_ = GPTQPass({"group_size": 32})
+    program = pass_.run(program, PassContext(calibration_windows=windows)).program
+    half = lower_to_onnx(program, tmp_path / "model.onnx")
+    grid, grids = pass_.config.grid(), quantization_grids(program)
+    q = write_grids(half, tmp_path / "model.q.onnx", grid, grids, head=False)
+    weights = dequantized_weights(q)
+    assert len(weights) == 14
+    for name, w in weights.items():
+        scales, zeros = grids[name][0], grids[name][1].float()
+        exact = grid.dequantize(grid.layer_codes(program.weight(name).float(), scales, zeros), scales, zeros)
+        assert not torch.equal(exact.to(dtype).float(), exact) or name.endswith("v_proj")  # rounding did happen
+        np.testing.assert_array_equal(w, exact.numpy().T)
+        program.store.set(program.linear(name).weight, exact, torch.float32)
+    assert zeros_kept(half, q)
+    model = onnx.load(str(q), load_external_data=False)
+    stored = {t.name for t in model.graph.initializer if len(t.dims) == 2 and t.data_type != onnx.TensorProto.UINT8}
+    casts = [n.input[0] for n in model.graph.node if n.op_type == "Cast" and n.input[0] in stored]
+    assert casts == [] and sorted(stored) == ["lm.lm_head.weight", "lm.model.embed_tokens.weight"]  # float32 here
+    ids = torch.arange(64).reshape(2, 32)
+    assert np.abs(ort.logits(ort.session(q), ids.numpy()) - program.logits(ids).numpy()).max() < 1e-4
+
+
 def test_a_weight_off_its_grid_is_refused(tmp_path):
     program, fp32, _ = quantized(tmp_path, 4, True)
     grids = quantization_grids(program)
@@ -89,10 +121,11 @@ def test_codes_taken_rows_at_a_time_are_the_whole_ones():
     written = []
     for rows in (1, 5, 1024):
         graph = onnx.GraphProto()
-        quantize._nbits_node(node, w, grid, scales, zeros, graph, "layer", rows=rows)
+        quantize._nbits_node(node, w, grid, scales, zeros, graph, "layer", "layer.weight", rows=rows)
         written.append([t.SerializeToString() for t in graph.initializer])
     assert written[0] == written[1] == written[2] and len(written[0]) == 2
     off = w.clone()
     off[36, 3] += float(scales[36, 0].abs()) * 0.3
     with pytest.raises(UserError, match="not on its quantization grid"):
-        quantize._nbits_node(node, off, grid, scales, zeros, onnx.GraphProto(), "layer", rows=5)
+        quantize._nbits_node(node, off, grid, scales, zeros, onnx.GraphProto(), "layer", "layer.weight",
+                             rows=5)

@@ -88,3 +88,29 @@ def test_a_vocabulary_is_quantized_rows_at_a_time_as_whole(bits):
     codes = grid.layer_codes(w, scales, zeros).numpy()
     packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)) if bits == 4 else codes
     assert np.array_equal(whole[0], packed) and np.array_equal(whole[1], scales.numpy())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_bf16_vocabulary_is_read_through_its_cast(tmp_path, tied):
+    """A bf16 model stores its embedding and head in bf16 behind Casts to float32: they are quantized from those
+    values, and their bf16 tables and Casts leave the file."""
+    program = Program.from_model(tied_llama()) if tied else tiny_program("llama")
+    for name in program.weight_names():  # every weight on bf16 values, so a float32 file computes the same numbers
+        if program.store.nbytes(name) >= 4096:
+            program.store.set(name, program.parameter(name, torch.float32).to(torch.bfloat16), torch.float32)
+    grid = Grid(4, 32)
+    model = onnx.load(str(lower_to_onnx(program, tmp_path / "model.onnx", lower="logits", dtype=torch.bfloat16)))
+    assert quantize_head(model, grid, accuracy_level=0)
+    onnx.save(model, str(tmp_path / "q.onnx"), save_as_external_data=True, location="q.onnx.data")
+    vocabulary = [t.name for t in model.graph.initializer if 300 in t.dims and 64 in t.dims]
+    assert vocabulary == [] and not [n for n in model.graph.node if n.op_type == "Cast" and "embed" in n.input[0]]
+    embed = program.structure.embeddings["model.embed_tokens"]
+    program.store.set(embed, dequantized(program.parameter(embed), grid))
+    if not tied:
+        head = program.linear("lm_head").weight
+        program.store.set(head, dequantized(program.parameter(head), grid))
+    expected = ort.logits(ort.session(lower_to_onnx(program, tmp_path / "ref" / "model.onnx", lower="logits")),
+                          torch.arange(48).reshape(2, 24))
+    actual = ort.logits(ort.session(tmp_path / "q.onnx"), torch.arange(48).reshape(2, 24))
+    assert np.abs(actual - expected).max() < 1e-4
