@@ -244,8 +244,9 @@ def test_gptq_quantizer_refusals(tiny):
         GPTQQuantizer(group_size=32).quantize_model(model, None)
     with pytest.raises(UserError, match="group size 128 does not divide the input width 64"):
         GPTQQuantizer(group_size=128).quantize_model(model, torch.ones(2, 16, dtype=torch.long))
-    with pytest.raises(UserError, match=r"model.float\(\)"):
-        GPTQQuantizer(group_size=32).quantize_model(model.to(torch.bfloat16), torch.ones(2, 16, dtype=torch.long))
+    with pytest.raises(UserError, match=r"8-bit grids apart; use --dtype fp32 \(Python API: model.float\(\)\)"):
+        GPTQQuantizer(bits=8, group_size=32).quantize_model(model.to(torch.bfloat16),
+                                                            torch.ones(2, 16, dtype=torch.long))
 
 
 
