@@ -32,6 +32,20 @@ def dequantized(w: torch.Tensor, grid: Grid) -> torch.Tensor:
     return grid.dequantize(grid.layer_codes(w, scales, zeros), scales, zeros)
 
 
+def assert_computes_the_grid(program, grid: Grid, tied: bool, tmp_path) -> None:
+    """tmp_path/q.onnx computes what ``program`` does with its embedding (and head) replaced by the dequantized grid
+    weights, in float32."""
+    embed = program.structure.embeddings["model.embed_tokens"]
+    program.store.set(embed, dequantized(program.parameter(embed, torch.float32), grid), torch.float32)
+    if not tied:
+        head = program.linear("lm_head").weight
+        program.store.set(head, dequantized(program.parameter(head, torch.float32), grid), torch.float32)
+    expected = ort.logits(ort.session(lower_to_onnx(program, tmp_path / "ref" / "model.onnx", lower="logits")),
+                          torch.arange(48).reshape(2, 24))
+    actual = ort.logits(ort.session(tmp_path / "q.onnx"), torch.arange(48).reshape(2, 24))
+    assert np.abs(actual - expected).max() < 1e-4
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("tied", [True, False])
@@ -50,16 +64,7 @@ def test_head_and_embedding_compute_the_dequantized_grid(tmp_path, bits, tied):
     assert floats == []  # no float vocabulary table left: a tied pair is one quantized tensor
     quantized = [t.name for t in model.graph.initializer if t.name.endswith(f"_Q{bits}")]
     assert len(quantized) == (1 if tied else 2)
-    # the same model with its embedding (and head) replaced by the dequantized grid weights, in float32
-    embed = program.structure.embeddings["model.embed_tokens"]
-    program.store.set(embed, dequantized(program.parameter(embed), grid))
-    if not tied:
-        head = program.linear("lm_head").weight
-        program.store.set(head, dequantized(program.parameter(head), grid))
-    expected = ort.logits(ort.session(lower_to_onnx(program, tmp_path / "ref" / "model.onnx", lower="logits")),
-                          torch.arange(48).reshape(2, 24))
-    actual = ort.logits(ort.session(tmp_path / "q.onnx"), torch.arange(48).reshape(2, 24))
-    assert np.abs(actual - expected).max() < 1e-4
+    assert_computes_the_grid(program, grid, tied, tmp_path)
 
 
 def test_a_model_without_a_vocabulary_table_is_left_alone(tmp_path):
@@ -101,16 +106,11 @@ def test_a_bf16_vocabulary_is_read_through_its_cast(tmp_path, tied):
             program.store.set(name, program.parameter(name, torch.float32).to(torch.bfloat16), torch.float32)
     grid = Grid(4, 32)
     model = onnx.load(str(lower_to_onnx(program, tmp_path / "model.onnx", lower="logits", dtype=torch.bfloat16)))
+    tables = {t.name for t in model.graph.initializer if 300 in t.dims and t.data_type == onnx.TensorProto.BFLOAT16}
+    casts = [n for n in model.graph.node if n.op_type == "Cast" and n.input[0] in tables]
+    assert len(tables) == (1 if tied else 2) and len(casts) == len(tables)  # the form read through
     assert quantize_head(model, grid, accuracy_level=0)
     onnx.save(model, str(tmp_path / "q.onnx"), save_as_external_data=True, location="q.onnx.data")
-    vocabulary = [t.name for t in model.graph.initializer if 300 in t.dims and 64 in t.dims]
-    assert vocabulary == [] and not [n for n in model.graph.node if n.op_type == "Cast" and "embed" in n.input[0]]
-    embed = program.structure.embeddings["model.embed_tokens"]
-    program.store.set(embed, dequantized(program.parameter(embed), grid))
-    if not tied:
-        head = program.linear("lm_head").weight
-        program.store.set(head, dequantized(program.parameter(head), grid))
-    expected = ort.logits(ort.session(lower_to_onnx(program, tmp_path / "ref" / "model.onnx", lower="logits")),
-                          torch.arange(48).reshape(2, 24))
-    actual = ort.logits(ort.session(tmp_path / "q.onnx"), torch.arange(48).reshape(2, 24))
-    assert np.abs(actual - expected).max() < 1e-4
+    assert not tables & {t.name for t in model.graph.initializer}
+    assert not [n for n in model.graph.node if n.op_type == "Cast" and n.input[0] in tables]
+    assert_computes_the_grid(program, grid, tied, tmp_path)
