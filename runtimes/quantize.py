@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -27,6 +28,7 @@ from passes.shared.quant_grid import Grid
 
 from .onnx_constants import as_float32, drop_unread, float_constants, unit_roundoff
 from .onnx_export import write_models
+from .onnx_scratch import ScratchData
 from .quantize_head import quantize_head
 
 log = logging.getLogger(__name__)
@@ -160,42 +162,47 @@ def write_grids(src: str | Path, dst: str | Path, grid: Grid,
     graph = model.graph
     constants = float_constants(graph)  # a 16-bit weight is read through its Cast to float32
     done, nodes, replaced = set(), [], set()
-    for node in graph.node:
-        tensor = constants.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        layer = layer_name(tensor.name) if tensor is not None else None
-        if layer not in grids or len(tensor.dims) != 2:
-            nodes.append(node)
-            continue
-        weight = torch.from_numpy(as_float32(initializer_array(tensor, base))).t()  # [N, K]
-        nodes.append(_nbits_node(node, weight, grid, *grids[layer], graph, layer, tensor.name, accuracy_level,
-                                 unit_roundoff(tensor)))
-        replaced.add(tensor.name)
-        done.add(layer)
-    missing = sorted(set(grids) - done)
-    if missing:
-        raise UserError(f"{len(missing)} quantized layers have no constant MatMul weight in {src.name} (e.g. "
-                        f"{missing[0]}); the lowering did not produce the expected form")
-    del graph.node[:]
-    graph.node.extend(nodes)
-    drop_unread(graph, replaced)
-    if not any(op.domain == "com.microsoft" for op in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    if head:
-        quantize_head(model, grid, accuracy_level, read=lambda tensor: initializer_array(tensor, base))
-    graph_ir = ir.serde.deserialize_model(model)
-    ir.external_data.set_base_dir(graph_ir.graph, base)  # the float tensors are copied from src, one at a time
-    written = write_models(graph_ir, dst, external_data=True, lower=lower)
+    with ScratchData(base) as scratch:  # each layer's codes go to disk as they are made, not all held until saved
+        for node in graph.node:
+            tensor = constants.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+            layer = layer_name(tensor.name) if tensor is not None else None
+            if layer not in grids or len(tensor.dims) != 2:
+                nodes.append(node)
+                continue
+            weight = torch.from_numpy(as_float32(initializer_array(tensor, base))).t()  # [N, K]
+            nodes.append(_nbits_node(node, weight, grid, *grids[layer], graph, layer, tensor.name, scratch.tensor,
+                                     accuracy_level, unit_roundoff(tensor)))
+            replaced.add(tensor.name)
+            done.add(layer)
+        missing = sorted(set(grids) - done)
+        if missing:
+            raise UserError(f"{len(missing)} quantized layers have no constant MatMul weight in {src.name} (e.g. "
+                            f"{missing[0]}); the lowering did not produce the expected form")
+        del graph.node[:]
+        graph.node.extend(nodes)
+        drop_unread(graph, replaced)
+        if not any(op.domain == "com.microsoft" for op in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        if head:
+            quantize_head(model, grid, accuracy_level, read=lambda tensor: initializer_array(tensor, base),
+                          store=scratch.tensor)
+        scratch.close()
+        graph_ir = ir.serde.deserialize_model(model)
+        ir.external_data.set_base_dir(graph_ir.graph, base)  # every tensor is copied from a file, one at a time
+        written = write_models(graph_ir, dst, external_data=True, lower=lower)
+        del graph_ir
     log.info("wrote %s: %d MatMulNBits layers from their GPTQ grids (%d-bit, groups of %d) in %.1f s", dst.name,
              len(done), grid.bits, grid.group_size, time.perf_counter() - start)
     return written[0]
 
 
 def _nbits_node(node, w: torch.Tensor, grid: Grid, scales: torch.Tensor, zeros: torch.Tensor, graph, layer: str,
-                base: str, accuracy_level: int = 0, roundoff: float = 0.0, rows: int = 1024):
-    """The MatMulNBits node (and its initializers, named after ``base``, added to ``graph``) for one MatMul whose
-    weight ``w`` [N, K] lies on its grid, to within ``roundoff`` of each value (the relative rounding error of the
-    16-bit dtype it was stored in; 0 for float32); its codes are taken ``rows`` rows at a time (whole, their
-    temporaries are several times the weight)."""
+                base: str, store: Callable[[np.ndarray, str], onnx.TensorProto], accuracy_level: int = 0,
+                roundoff: float = 0.0, rows: int = 1024):
+    """The MatMulNBits node (and its initializers, named after ``base``, made by ``store`` and added to ``graph``)
+    for one MatMul whose weight ``w`` [N, K] lies on its grid, to within ``roundoff`` of each value (the relative
+    rounding error of the 16-bit dtype it was stored in; 0 for float32); its codes are taken ``rows`` rows at a time
+    (whole, their temporaries are several times the weight)."""
     n, k = w.shape
     scales, zeros = scales.float(), zeros.float()
     codes = torch.empty(n, k, dtype=torch.uint8)
@@ -210,13 +217,12 @@ def _nbits_node(node, w: torch.Tensor, grid: Grid, scales: torch.Tensor, zeros: 
                         "after the GPTQ pass?")
     blocks = k // grid.group_size
     packed = _pack(codes.numpy().reshape(n * blocks, grid.group_size), grid.bits).reshape(n, blocks, -1)
-    tensors = [numpy_helper.from_array(np.ascontiguousarray(packed), f"{base}_Q{grid.bits}"),
-               numpy_helper.from_array(scales.numpy().reshape(-1).astype(np.float32), f"{base}_scales")]
+    tensors = [store(packed, f"{base}_Q{grid.bits}"), store(scales.numpy().reshape(-1), f"{base}_scales")]
     if not grid.sym:
         zp = zeros.numpy().astype(np.uint8)
         if grid.bits == 4 and zp.shape[1] % 2:
             zp = np.concatenate([zp, np.zeros((n, 1), np.uint8)], axis=1)
-        tensors.append(numpy_helper.from_array(_pack(zp, grid.bits).reshape(-1), f"{base}_zero_points"))
+        tensors.append(store(_pack(zp, grid.bits).reshape(-1), f"{base}_zero_points"))
     graph.initializer.extend(tensors)
     return helper.make_node("MatMulNBits", [node.input[0], *(t.name for t in tensors)], list(node.output),
                             name=(node.name or base) + f"_Q{grid.bits}", domain="com.microsoft", K=k, N=n,

@@ -29,12 +29,14 @@ MS = "com.microsoft"
 
 
 def quantize_head(model: onnx.ModelProto, grid: Grid, accuracy_level: int = 0,
-                  read: Callable[[onnx.TensorProto], np.ndarray] = numpy_helper.to_array) -> list[str]:
+                  read: Callable[[onnx.TensorProto], np.ndarray] = numpy_helper.to_array,
+                  store: Callable[[np.ndarray, str], onnx.TensorProto] = numpy_helper.from_array) -> list[str]:
     """Put the lm_head and the token embedding of ``model`` (initializers, float32 or a 16-bit dtype behind a Cast)
     on ``grid`` in place; returns the layers quantized (none when the model has neither in a form this knows: a
     constant [vocab, width] table read by a Gather of ``input_ids``, and a MatMul by its transpose or by a constant
     [width, vocab] matrix). ``read`` gives an initializer's values (one whose data is in an external file: read from
-    there, one matrix at a time)."""
+    there, one matrix at a time); ``store`` makes an initializer of new values (``onnx_scratch.ScratchData.tensor``:
+    written to a file, not held)."""
     graph = model.graph
     constants = float_constants(graph)
     producer = {out: node for node in graph.node for out in node.output}
@@ -50,8 +52,8 @@ def quantize_head(model: onnx.ModelProto, grid: Grid, accuracy_level: int = 0,
         q_name, s_name = f"{name}_Q{grid.bits}", f"{name}_scales"
         vocab, width = rows.shape
         rows = head_matrix = None  # a 128k vocabulary's matrix goes before the embedding's is read
-        graph.initializer.extend([numpy_helper.from_array(codes.reshape(vocab, width // grid.group_size, -1), q_name),
-                                  numpy_helper.from_array(scales, s_name)])
+        graph.initializer.extend([store(codes.reshape(vocab, width // grid.group_size, -1), q_name),
+                                  store(scales, s_name)])
         _replace(graph, head, helper.make_node(
             "MatMulNBits", [head.input[0], q_name, s_name], list(head.output), name=f"{name}_MatMulNBits", domain=MS,
             K=width, N=vocab, bits=grid.bits, block_size=grid.group_size, accuracy_level=accuracy_level))
@@ -69,8 +71,7 @@ def quantize_head(model: onnx.ModelProto, grid: Grid, accuracy_level: int = 0,
     if embedding is not None:
         name = constants[embedding.input[0]].name
         codes, scales = _quantized(read(constants[name]), grid)
-        graph.initializer.extend([numpy_helper.from_array(codes, f"{name}_Q{grid.bits}"),
-                                  numpy_helper.from_array(scales, f"{name}_scales")])
+        graph.initializer.extend([store(codes, f"{name}_Q{grid.bits}"), store(scales, f"{name}_scales")])
         _replace(graph, embedding, _lookup(embedding, f"{name}_Q{grid.bits}", f"{name}_scales", grid))
         drop.append(name)
         done.append(layer_name(name) + " (embedding)")

@@ -375,9 +375,14 @@ class _Run:
         self.pruned_runtime = "pytorch" if self.score_pytorch else "onnxruntime"
 
     def write_variants(self) -> None:
-        """The fp16 and quantized model files the recipe asks for, each scored in onnxruntime."""
+        """The fp16 and quantized model files the recipe asks for (their writing a stage of its own), each scored in
+        onnxruntime."""
         runtime = self.runtime
-        for variant in runtime.variants(self.artifact, self.recipe, set(self.targeted), self.grids):
+        if self.recipe.quantize is None and self.recipe.lowering.precision != "fp16":
+            return
+        with self.stage("write_variants"):
+            variants = runtime.variants(self.artifact, self.recipe, set(self.targeted), self.grids)
+        for variant in variants:
             variant["perplexity"] = variant["parity_max_abs_diff"] = None
             if self.onnx_eval:
                 with self.stage(f"variant:{variant['name']}"):

@@ -45,6 +45,7 @@ def test_matmulnbits_computes_the_programs_weights(tmp_path, bits, sym):
     assert np.abs(ort.logits(ort.session(q), ids.numpy()) - expected).max() < 1e-4
     size = lambda p: sum(f.stat().st_size for f in p.parent.glob(p.name + "*"))  # noqa: E731
     assert size(q) < size(fp32)
+    assert not list(tmp_path.glob(".scratch-*"))  # the codes' scratch file went once they were copied
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -89,7 +90,7 @@ def test_a_weight_off_its_grid_is_refused(tmp_path):
     with pytest.raises(UserError, match="no constant MatMul weight"):
         write_grids(fp32, tmp_path / "bad.onnx", GPTQPass({"group_size": 32}).config.grid(),
                     {"no.such.layer": (scales, zeros)})
-    assert not (tmp_path / "bad.onnx").exists()
+    assert not (tmp_path / "bad.onnx").exists() and not list(tmp_path.glob(".scratch-*"))  # no scratch file left
 
 
 def test_symmetric_grid_is_onnxruntimes_round_to_nearest(tmp_path):
@@ -109,7 +110,7 @@ def test_codes_taken_rows_at_a_time_are_the_whole_ones():
     """The grid writer takes a weight's codes 1,024 rows at a time (a whole 70B weight's temporaries are several GB):
     any row count gives the same initializers, and a weight off its grid in the last rows is still refused."""
     import onnx
-    from onnx import helper
+    from onnx import helper, numpy_helper
 
     from runtimes import quantize
 
@@ -121,11 +122,12 @@ def test_codes_taken_rows_at_a_time_are_the_whole_ones():
     written = []
     for rows in (1, 5, 1024):
         graph = onnx.GraphProto()
-        quantize._nbits_node(node, w, grid, scales, zeros, graph, "layer", "layer.weight", rows=rows)
+        quantize._nbits_node(node, w, grid, scales, zeros, graph, "layer", "layer.weight",
+                             numpy_helper.from_array, rows=rows)
         written.append([t.SerializeToString() for t in graph.initializer])
     assert written[0] == written[1] == written[2] and len(written[0]) == 2
     off = w.clone()
     off[36, 3] += float(scales[36, 0].abs()) * 0.3
     with pytest.raises(UserError, match="not on its quantization grid"):
         quantize._nbits_node(node, off, grid, scales, zeros, onnx.GraphProto(), "layer", "layer.weight",
-                             rows=5)
+                             numpy_helper.from_array, rows=5)

@@ -127,6 +127,8 @@ def test_no_passes_and_variants_without_onnxruntime_evaluation(tmp_path):
     assert report["passes"] == [] and report["sparsity"]["overall"] == 0.0
     assert [(a["name"], a["perplexity"]) for a in report["artifacts"]] == [("fp32", None), ("int4", None)]
     assert report["deploy"]["variant"] == "int4" and (tmp_path / "o" / "model.q4.onnx").is_file()
+    stages = [row["stage"] for row in report["stages"]]
+    assert stages[-2:] == ["check_onnx", "write_variants"]  # the int4 file's writing has its own peak and time
 
 
 def test_the_automatic_budget_follows_the_block_within_free_memory():
