@@ -141,8 +141,7 @@ def _prune_args(prune: argparse.ArgumentParser, sweep: bool) -> None:
     prune.add_argument("--save-hf", action="store_true", help="also write a Hugging Face folder to DIR/hf")
     prune.add_argument("--quantize-bits", type=int,
                        help="then quantize the MatMul weights (gptq: the block linears) to 4 or 8 bits: model.q4.onnx "
-                            "(rtn, and gptq at 8 bits, need float32 weights: --dtype fp32 on a bf16 or fp16 "
-                            "checkpoint)")
+                            "(gptq at 8 bits needs float32 weights: --dtype fp32 on a bf16 or fp16 checkpoint)")
     prune.add_argument("--quantize-method", choices=("gptq", "rtn"),
                        help="gptq: error-compensated on the calibration data (default when the method calibrates); "
                             "rtn: round to nearest (default otherwise)")

@@ -1,12 +1,15 @@
 """Prune, then quantize: block-wise weight-only quantization of an ONNX model's MatMul weights (MatMulNBits).
 
 Two ways in, one format out (onnxruntime's MatMulNBits, 4 or 8 bits, a scale per block of K):
-- ``quantize_onnx``: round to nearest (RTN) with onnxruntime's own quantizer, every constant MatMul weight;
+- ``quantize_onnx``: round to nearest (RTN), every constant MatMul weight, on the grid onnxruntime's own quantizer
+  uses (the same weights it writes: tests/runtimes/test_quantize.py);
 - ``write_grids``: the weights a GPTQ pass already put on its grids, written with that pass's scales and zero
   points (the ONNX weights must lie on them: exactly in float32, to within their rounding in bf16 or fp16, stored
   behind a Cast; the layers without a grid stay float).
-Either grid holds zero exactly, so a weight that pruning set to zero dequantizes to exactly zero: the sparsity survives
-quantization. Works on the ONNX that lowering wrote (constant [K, N] weights on MatMul).
+Both read one weight at a time from the source's external data and write its codes to a scratch file as they are
+made (onnx_scratch.py), so a model larger than memory can be quantized. Either grid holds zero exactly, so a weight
+that pruning set to zero dequantizes to exactly zero: the sparsity survives quantization. Works on the ONNX that
+lowering wrote (constant [K, N] weights on MatMul, float32 or behind a Cast from a 16-bit dtype).
 """
 
 from __future__ import annotations
@@ -56,27 +59,13 @@ def quantize_onnx(src: str | Path, dst: str | Path, bits: int = 4, block_size: i
                   lower: str = "both", head: bool = False, accuracy_level: int = 0) -> Path:
     """Write ``dst`` (+ external data): ``src`` with every constant MatMul weight rounded to ``bits`` bits (a scale
     per block of ``block_size`` inputs; ``sym`` False adds a zero point per block), and with ``head`` the embedding
-    and lm_head too (quantize_head.py). ``accuracy_level``: MatMulNBits' (4: int8 activations, onnxruntime's fastest
-    on the CPU; 0: float32). From a key/value-cache model the cache twin is written too (see
-    onnx_export.write_models); returns the first path written."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    src, dst = Path(src), Path(dst)
+    and lm_head too (quantize_head.py, each group's range searched). ``accuracy_level``: MatMulNBits' (4: int8
+    activations, onnxruntime's fastest on the CPU; 0: float32). From a key/value-cache model the cache twin is
+    written too (see onnx_export.write_models); returns the first path written."""
     check_quantization(src, bits, block_size)
-    start = time.perf_counter()
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
-    model = onnx.load(str(src))
-    if head:
-        quantize_head(model, Grid(bits, block_size), accuracy_level)
-    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=sym,
-                                     accuracy_level=accuracy_level or None)
-    quantizer.process()
-    model = quantizer.model.model
-    quantized = sum(1 for n in model.graph.node if n.op_type == "MatMulNBits")
-    written = write_models(model, dst, external_data=True, lower=lower)
-    log.info("quantized %s to %d-bit (block %d): %d MatMulNBits layers in %.1f s", src.name, bits, block_size,
-             quantized, time.perf_counter() - start)
-    return written[0]
+    grid = Grid(bits, block_size, sym)
+    return _write_nbits(src, dst, grid, lambda layer, weight: grid.group_params(weight), None, lower, head,
+                        accuracy_level, "rounded to nearest")
 
 
 def dequantized_weights(path: str | Path) -> dict[str, np.ndarray]:
@@ -156,25 +145,40 @@ def write_grids(src: str | Path, dst: str | Path, grid: Grid,
     weight must lie on its grid (it does when the program's weights came from the GPTQ pass; a bf16 or fp16 weight,
     read through its Cast, to within that dtype's rounding). By default the file computes exactly the grid values in
     float32 (``head`` and ``accuracy_level`` as for ``quantize_onnx``)."""
+    return _write_nbits(src, dst, grid, lambda layer, weight: grids[layer], set(grids), lower, head, accuracy_level,
+                        "from their GPTQ grids")
+
+
+def _write_nbits(src: str | Path, dst: str | Path, grid: Grid,
+                 params: Callable[[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]], layers: set[str] | None,
+                 lower: str, head: bool, accuracy_level: int, how: str) -> Path:
+    """``src`` written at ``dst`` with the MatMul of each layer in ``layers`` (every constant [K, N] MatMul weight
+    when None) as MatMulNBits on the grids ``params(layer, weight [N, K])`` gives. With ``layers`` given, each
+    weight must already lie on its grid (it is checked, and a layer not found is refused). One weight is read at a
+    time, and its codes go to a scratch file beside the source's data, not into memory."""
     src, dst = Path(src), Path(dst)
     start = time.perf_counter()
-    model, base = load_graph(src)  # each quantized weight is read when its node is written; the rest stays on disk
+    model, base = load_graph(src)  # each weight is read when its node is written; the rest stays on disk
     graph = model.graph
-    constants = float_constants(graph)  # a 16-bit weight is read through its Cast to float32
+    read = lambda tensor: initializer_array(tensor, base)  # noqa: E731
     done, nodes, replaced = set(), [], set()
     with ScratchData(base) as scratch:  # each layer's codes go to disk as they are made, not all held until saved
+        if head:  # first: with every MatMul quantized below, the untied head would be found as one more
+            quantize_head(model, grid, accuracy_level, read=read, store=scratch.tensor)
+        constants = float_constants(graph)  # a 16-bit weight is read through its Cast to float32
         for node in graph.node:
             tensor = constants.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
             layer = layer_name(tensor.name) if tensor is not None else None
-            if layer not in grids or len(tensor.dims) != 2:
+            if tensor is None or len(tensor.dims) != 2 or (layers is not None and layer not in layers):
                 nodes.append(node)
                 continue
-            weight = torch.from_numpy(as_float32(initializer_array(tensor, base))).t()  # [N, K]
-            nodes.append(_nbits_node(node, weight, grid, *grids[layer], graph, layer, tensor.name, scratch.tensor,
-                                     accuracy_level, unit_roundoff(tensor)))
+            weight = torch.from_numpy(as_float32(read(tensor))).t()  # [N, K]
+            roundoff = unit_roundoff(tensor) if layers is not None else None
+            nodes.append(_nbits_node(node, weight, grid, *params(layer, weight), graph, layer, tensor.name,
+                                     scratch.tensor, accuracy_level, roundoff))
             replaced.add(tensor.name)
             done.add(layer)
-        missing = sorted(set(grids) - done)
+        missing = sorted(set(layers or ()) - done)
         if missing:
             raise UserError(f"{len(missing)} quantized layers have no constant MatMul weight in {src.name} (e.g. "
                             f"{missing[0]}); the lowering did not produce the expected form")
@@ -183,26 +187,23 @@ def write_grids(src: str | Path, dst: str | Path, grid: Grid,
         drop_unread(graph, replaced)
         if not any(op.domain == "com.microsoft" for op in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-        if head:
-            quantize_head(model, grid, accuracy_level, read=lambda tensor: initializer_array(tensor, base),
-                          store=scratch.tensor)
         scratch.close()
         graph_ir = ir.serde.deserialize_model(model)
         ir.external_data.set_base_dir(graph_ir.graph, base)  # every tensor is copied from a file, one at a time
         written = write_models(graph_ir, dst, external_data=True, lower=lower)
         del graph_ir
-    log.info("wrote %s: %d MatMulNBits layers from their GPTQ grids (%d-bit, groups of %d) in %.1f s", dst.name,
-             len(done), grid.bits, grid.group_size, time.perf_counter() - start)
+    log.info("wrote %s: %d MatMulNBits layers %s (%d-bit, groups of %d) in %.1f s", dst.name, len(done), how,
+             grid.bits, grid.group_size, time.perf_counter() - start)
     return written[0]
 
 
 def _nbits_node(node, w: torch.Tensor, grid: Grid, scales: torch.Tensor, zeros: torch.Tensor, graph, layer: str,
                 base: str, store: Callable[[np.ndarray, str], onnx.TensorProto], accuracy_level: int = 0,
-                roundoff: float = 0.0, rows: int = 1024):
+                roundoff: float | None = 0.0, rows: int = 1024):
     """The MatMulNBits node (and its initializers, named after ``base``, made by ``store`` and added to ``graph``)
     for one MatMul whose weight ``w`` [N, K] lies on its grid, to within ``roundoff`` of each value (the relative
-    rounding error of the 16-bit dtype it was stored in; 0 for float32); its codes are taken ``rows`` rows at a time
-    (whole, their temporaries are several times the weight)."""
+    rounding error of the 16-bit dtype it was stored in; 0 for float32; None: rounded to the grid, not checked);
+    its codes are taken ``rows`` rows at a time (whole, their temporaries are several times the weight)."""
     n, k = w.shape
     scales, zeros = scales.float(), zeros.float()
     codes = torch.empty(n, k, dtype=torch.uint8)
@@ -210,8 +211,9 @@ def _nbits_node(node, w: torch.Tensor, grid: Grid, scales: torch.Tensor, zeros: 
     for i in range(0, n, rows):
         part = w[i:i + rows].float()
         codes[i:i + rows] = grid.layer_codes(part, scales[i:i + rows], zeros[i:i + rows])
-        exact = grid.dequantize(codes[i:i + rows], scales[i:i + rows], zeros[i:i + rows])
-        off = max(off, float(((exact - part).abs() - roundoff * exact.abs()).max()))
+        if roundoff is not None:
+            exact = grid.dequantize(codes[i:i + rows], scales[i:i + rows], zeros[i:i + rows])
+            off = max(off, float(((exact - part).abs() - roundoff * exact.abs()).max()))
     if off > 1e-6 * max(float(scales.abs().max()), 1e-12):
         raise UserError(f"the weight of {layer} is not on its quantization grid (off by {off:.3g}); was it changed "
                         "after the GPTQ pass?")

@@ -601,16 +601,13 @@ def _check_disk(folder: Path, need: dict[str, int]) -> None:
 
 
 def _check_variants(recipe: Recipe, program: Program, passes: list, dtype: torch.dtype | None) -> None:
-    """The fp16 variant and round-to-nearest quantization start from float32 weights (GPTQ's own check says which
-    grids it can keep in a 16-bit dtype), and block-wise quantization needs a block size that divides every layer's
-    input width (a sliced model's widths included): refused now, not after the work."""
+    """The fp16 variant starts from float32 weights (round to nearest reads a 16-bit weight through its Cast; GPTQ's
+    own check says which grids it can keep in a 16-bit dtype), and block-wise quantization needs a block size that
+    divides every layer's input width (a sliced model's widths included): refused now, not after the work."""
     written = dtype or program.main_dtype()
-    rtn = recipe.quantize is not None and recipe.quantize.method != "gptq"
-    if (rtn or recipe.lowering.precision == "fp16") and written != torch.float32:
-        fp16 = recipe.lowering.precision == "fp16"
-        what = "--fp16" if fp16 else "round-to-nearest quantization (--quantize-method rtn)"
-        raise UserError(f"{what} starts from float32 weights, and this run writes {dtype_name(written)}; add "
-                        "--dtype fp32" + ("" if fp16 else " or quantize with --quantize-method gptq"))
+    if recipe.lowering.precision == "fp16" and written != torch.float32:
+        raise UserError(f"--fp16 starts from float32 weights, and this run writes {dtype_name(written)}; add "
+                        "--dtype fp32")
     if recipe.quantize is None:
         return
     block = recipe.quantize.group_size

@@ -437,9 +437,6 @@ def test_joint_sweep_end_to_end(tmp_path, capsys):
     (["--method", "sparsegpt", "--act-order"], "--act-order set how to quantize, but nothing is quantized"),
     (["--method", "sparsegpt", "--pattern", "2:4", "--refit-steps", "5", "--quantize-bits", "4", "--joint"],
      "drop --refit-steps or --joint"),
-    (["--method", "magnitude", "--quantize-bits", "4", "--quantize-method", "rtn", "--dtype", "bf16"],
-     r"round-to-nearest quantization \(--quantize-method rtn\) starts from float32 weights, and this run writes "
-     "bf16; add --dtype fp32 or quantize with --quantize-method gptq"),
     (["--method", "magnitude", "--fp16", "--dtype", "bf16"], "--fp16 starts from float32 weights.*add --dtype fp32$"),
     (["--method", "sparsegpt", "--quantize-bits", "8", "--dtype", "bf16"],
      "cannot tell the codes of 8-bit grids apart"),
@@ -451,6 +448,21 @@ def test_bad_quantization_input(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert re.search(message, err) and err.count("\n") == 1, err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_round_to_nearest_runs_on_a_bf16_run(tmp_path):
+    """Round to nearest reads the bf16 file's weights through their Casts: no --dtype fp32 (a float32 copy of a big
+    model's file) is needed; the int4 file keeps the pruned zeros and is scored."""
+    out = tmp_path / "out"
+    assert main(["-q", "prune", "--model", "tiny-llama", "--method", "magnitude", "--pattern", "2:4", "--dtype", "bf16",
+                 "--quantize-bits", "4", "--eval-windows", "1", "--seq-len", "32", "--no-latency",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    int4 = report["artifacts"][-1]
+    assert int4["name"] == "int4" and int4["method"] == "rtn" and int4["pruned_zeros_kept"]
+    assert report["execution"]["dtype"] == "bf16" and report["artifacts"][0]["name"] == "bf16"
+    assert abs(int4["perplexity"] - report["perplexity"]["pruned"]) < 0.05 * report["perplexity"]["pruned"]
 
 
 def test_quantization_method_defaults_to_gptq_when_the_run_calibrates():

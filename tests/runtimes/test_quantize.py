@@ -93,17 +93,61 @@ def test_a_weight_off_its_grid_is_refused(tmp_path):
     assert not (tmp_path / "bad.onnx").exists() and not list(tmp_path.glob(".scratch-*"))  # no scratch file left
 
 
-def test_symmetric_grid_is_onnxruntimes_round_to_nearest(tmp_path):
-    """Rounding to our symmetric grid gives the weights onnxruntime's own RTN quantizer writes: one convention."""
+def onnxruntimes_rtn(src, dst, bits: int, block_size: int, sym: bool):
+    """The file onnxruntime's own round-to-nearest quantizer writes from ``src`` (the reference)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=block_size, is_symmetric=sym)
+    quantizer.process()
+    onnx.save(quantizer.model.model, str(dst), save_as_external_data=True, location=dst.name + ".data")
+    return dst
+
+
+@pytest.mark.parametrize("bits, sym", [(4, True), (4, False), (8, True)])
+def test_round_to_nearest_writes_onnxruntimes_weights(tmp_path, bits, sym):
+    """quantize_onnx rounds each weight on the grid onnxruntime's own quantizer uses: the same layers (the untied
+    head too), the same weights to float rounding, the same model output; and a program's grid gives them too."""
     program = tiny_program("llama")
+    MagnitudePass({"pattern": "2:4"}).run(program)
     fp32 = lower_to_onnx(program, tmp_path / "model.onnx")
-    theirs = dequantized_weights(quantize_onnx(fp32, tmp_path / "model.q4.onnx", 4, 32))
-    grid = Grid(4, 32)
+    ours = quantize_onnx(fp32, tmp_path / "model.q.onnx", bits, 32, sym)
+    theirs = onnxruntimes_rtn(fp32, tmp_path / "theirs.onnx", bits, 32, sym)
+    ours_w, theirs_w = dequantized_weights(ours), dequantized_weights(theirs)
+    assert sorted(ours_w) == sorted(theirs_w) and len(ours_w) == 15  # 14 block linears and the head
+    for name, w in ours_w.items():
+        np.testing.assert_allclose(w, theirs_w[name], rtol=0, atol=1e-6 * float(np.abs(w).max()))
+    ids = torch.arange(64).reshape(2, 32).numpy()
+    assert np.abs(ort.logits(ort.session(ours), ids) - ort.logits(ort.session(theirs), ids)).max() < 1e-4
+    assert zeros_kept(fp32, ours) and not list(tmp_path.glob(".scratch-*"))
+    grid = Grid(bits, 32, sym)
     for lin in program.structure.in_blocks():
         w = program.weight(lin.name).float()
         scales, zeros = grid.group_params(w)
-        ours = grid.dequantize(grid.layer_codes(w, scales, zeros), scales, zeros)
-        np.testing.assert_allclose(ours.numpy().T, theirs[lin.name], rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(grid.dequantize(grid.layer_codes(w, scales, zeros), scales, zeros).numpy().T,
+                                      ours_w[lin.name])
+
+
+def test_round_to_nearest_reads_a_16_bit_model_through_its_casts(tmp_path):
+    """A bf16 file is rounded from its bf16 weights (read through their Casts to float32, one at a time): every
+    linear's weight is the grid's rounding of them, the 16-bit weights it replaced are gone, zeros stay zero."""
+    program = tiny_program("llama")
+    program.store.dtype = torch.bfloat16
+    MagnitudePass({"pattern": "2:4"}).run(program)
+    half = lower_to_onnx(program, tmp_path / "model.onnx")
+    q = quantize_onnx(half, tmp_path / "model.q4.onnx", 4, 32, head=False)
+    weights, grid = dequantized_weights(q), Grid(4, 32)
+    assert len(weights) == 15  # the block linears and the untied head
+    for lin in program.structure.in_blocks():
+        w = program.weight(lin.name).float()  # the bf16 values, exactly
+        scales, zeros = grid.group_params(w)
+        np.testing.assert_array_equal(weights[lin.name],
+                                      grid.dequantize(grid.layer_codes(w, scales, zeros), scales, zeros).numpy().T)
+    bf16 = lambda path: [t.name for t in onnx.load(str(path), load_external_data=False).graph.initializer  # noqa: E731
+                         if t.data_type == onnx.TensorProto.BFLOAT16]
+    assert len(bf16(half)) == 14 and bf16(q) == []  # the block linears were bf16; none is kept beside its codes
+    assert zeros_kept(half, q)
+    ids = torch.arange(64).reshape(2, 32).numpy()
+    assert np.abs(ort.logits(ort.session(q), ids) - ort.logits(ort.session(half), ids)).max() < 0.5
 
 
 def test_codes_taken_rows_at_a_time_are_the_whole_ones():
