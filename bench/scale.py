@@ -54,6 +54,8 @@ METHODS = {
     "slicegpt": ["--method", "slicegpt", "--slicing", "0.25"],
     # GPTQ int4 keeps its dequantized weights in the checkpoint's dtype (bf16 here); the int4 file computes the grid
     "gptq": ["--method", "none", "--quantize-bits", "4", "--quantize-method", "gptq"],
+    # magnitude 2:4, then round to nearest int4 from the bf16 file
+    "rtn": ["--method", "magnitude", "--pattern", "2:4", "--quantize-bits", "4", "--quantize-method", "rtn"],
 }
 PROTOCOL = ["--calib-samples", "8", "--seq-len", "256", "--eval-windows", "4", "--no-latency", "--onnx-eval", "off"]
 SHARD_BYTES = 2**30
