@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Iterator
 
 import torch
 
@@ -92,9 +92,10 @@ class GPTQPass(Pass):
     joint_methods: ClassVar[tuple[str, ...]] = JOINT_METHODS
 
     @staticmethod
-    def quantization_grids(program: Program) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """The scales and zero points this pass left beside each weight it quantized (see quantization_grids)."""
-        return quantization_grids(program)
+    def grid_items(program: Program) -> Iterator[tuple[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """The scales and zero points this pass left beside each weight it quantized, a layer at a time (see
+        quantization_grids)."""
+        return grid_items(program)
 
     def check(self, program: Program) -> None:
         cfg: GPTQConfig = self.config
@@ -156,9 +157,12 @@ class GPTQPass(Pass):
 
 def quantization_grids(program: Program) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Scales and zero points [out, in / group] of every linear a GPTQ pass quantized, by linear name."""
-    out = {}
+    return dict(grid_items(program))
+
+
+def grid_items(program: Program) -> Iterator[tuple[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """(linear name, (scales, zero points)) of every linear a GPTQ pass quantized, each read when it is reached."""
     for lin in program.structure.linears.values():
         scale_name, zero_name = grid_names(lin.weight)
         if scale_name in program.store:
-            out[lin.name] = (program.parameter(scale_name), program.parameter(zero_name))
-    return out
+            yield lin.name, (program.parameter(scale_name), program.parameter(zero_name))

@@ -50,6 +50,7 @@ from nexus_export.progress import Progress
 from nexus_export.registry import get_pass, get_runtime
 from nexus_export.reporting.model_card import hf_card
 from nexus_export.reporting.report import write_reports
+from nexus_export.run.grid_files import GridFiles
 from nexus_export.run.recipe import Recipe, dtype_name, output_dtype, run_steps
 from nexus_export.weights.store import DEFAULT_BUDGET, parse_bytes
 
@@ -338,7 +339,7 @@ class _Run:
                       for n in self.targeted}
         total = sum(sizes.values())
         self.overall = sum(self.per_layer[n] * sizes[n] for n in self.targeted) / total if total else 0.0
-        self.grids = _quantization_grids(program, self.recipe)
+        self.grids = _quantization_grids(program, self.recipe, self.scratch / "grids")
         self.model_report = {"name": self.loaded.name, "origin": self.loaded.origin,
                              "structure": program.structure.summary(), "params_dense": self.params_dense,
                              "params_pruned": program.num_parameters()}
@@ -622,12 +623,12 @@ def _check_variants(recipe: Recipe, program: Program, passes: list, dtype: torch
                             "a group size that divides every layer's input width (e.g. 16 or 32)")
 
 
-def _quantization_grids(program: Program, recipe: Recipe) -> dict | None:
+def _quantization_grids(program: Program, recipe: Recipe, folder: Path) -> GridFiles | None:
     """The GPTQ pass's scales and zero points by layer, for writing MatMulNBits once the program is gone (None
-    without GPTQ). They are small beside the weights: one scale (and zero point) per group of inputs."""
+    without GPTQ): saved in ``folder`` a layer at a time and read back a layer at a time (grid_files.py)."""
     if recipe.quantize is None or recipe.quantize.method != "gptq":
         return None
-    return get_pass("gptq").quantization_grids(program)
+    return GridFiles.save(get_pass("gptq").grid_items(program), folder)
 
 
 def _block_need(program: Program) -> tuple[int, str]:
