@@ -373,6 +373,7 @@ def test_sparsegpt_then_gptq_end_to_end(tmp_path, capsys):
     assert sparsegpt["changes"]["calibration"] == {"windows": 4, "seq_len": 64, "true_sequential": True}
     assert sparsegpt["peak_rss_mb"] > 0 and sparsegpt["wall_s"] > 0 and report["onnx"]["summary"]["all_nm_valid"]
     assert not any(x.name.endswith(".checkpoint") for x in tmp_path.iterdir())  # removed once complete
+    assert not any(".scratch" in x.name for x in [*tmp_path.iterdir(), *out.iterdir()])  # the grids' and codes' too
     assert report["recipe"]["quantize"]["method"] == "gptq"
     fp32, int4 = report["artifacts"]
     assert int4["method"] == "gptq" and int4["layers"] == 14 and int4["pruned_zeros_kept"] is True
