@@ -563,16 +563,21 @@ def _calibration_report(cal) -> dict:
 
 def _disk_need(recipe: Recipe, program: Program, dtype: torch.dtype | None, budget: int) -> dict[str, int]:
     """Bytes the run may write beside its output, by what writes them (an estimate from the parameter count): the ONNX
-    data file, the variants and the Hugging Face folder, the scratch file where a pass's edits spill (past the budget,
-    and all of them before lowering), the resume checkpoints of calibrated passes (their blocks are read from
-    there instead of spilling), and the copy of a wide Hessian that SparseGPT and GPTQ factor in place."""
+    data file, the variants (and the int4 file's scratch codes and GPTQ's grids while it is written) and the Hugging
+    Face folder, the scratch file where a pass's edits spill (past the budget, and all of them before lowering), the
+    resume checkpoints of calibrated passes (their blocks are read from there instead of spilling), and the copy of
+    a wide Hessian that SparseGPT and GPTQ factor in place."""
     params = program.num_parameters()
     width = torch.finfo(dtype or program.main_dtype()).bits // 8
     need = {"model.onnx.data": params * width}
     if recipe.lowering.precision == "fp16":
         need["model.fp16.onnx.data"] = params * 2
     if recipe.quantize is not None:  # the weights' bits, and one float32 scale per group of 32 (at most)
-        need[f"model.q{recipe.quantize.bits}.onnx.data"] = params * recipe.quantize.bits // 8 + params // 8
+        q = recipe.quantize
+        need[f"model.q{q.bits}.onnx.data"] = params * q.bits // 8 + params // 8
+        need["its codes' scratch copy while it is written"] = need[f"model.q{q.bits}.onnx.data"]
+        if q.method == "gptq":  # float32 scales and uint8 zero points, from lowering to the int4 file
+            need["GPTQ's grids, until the int4 file is written"] = params * 5 // q.group_size
     if recipe.lowering.save_hf:
         need["hf/"] = params * width
     steps = run_steps(recipe)

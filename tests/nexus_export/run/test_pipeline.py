@@ -188,6 +188,10 @@ def test_outputs_larger_than_the_free_disk_are_refused_before_any_work(tmp_path,
         err = capsys.readouterr().err
         assert ("resume checkpoints (until the run ends)" in err) is kept
         assert ("scratch (a pass's edits, spilled before lowering)" in err) is not kept  # magnitude's stay in memory
+    assert prune(tmp_path / "out", "tiny-llama", "--method", "wanda", "--quantize-bits", "4") == 2
+    err = capsys.readouterr().err
+    assert "model.q4.onnx.data" in err and "its codes' scratch copy while it is written" in err
+    assert "GPTQ's grids, until the int4 file is written" in err  # wanda calibrates: GPTQ by default
     monkeypatch.setattr(pipeline, "LEAN_HESSIAN_WIDTH", 0)  # every input wide: its Hessian is factored in place
     for method, copied in (("sparsegpt", True), ("wanda", False)):
         assert prune(tmp_path / "out", "tiny-llama", "--method", method) == 2
