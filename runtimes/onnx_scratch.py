@@ -1,8 +1,8 @@
 """New initializers written to a scratch file as they are made, so they need not all be in memory at once.
 
-A step that makes one large tensor per layer of an ONNX model (the low-bit codes of ``quantize.write_grids``) would
-otherwise hold every one of them until the model is saved: half a byte a weight at 4 bits, about 35 GB for a 70B
-model. ``ScratchData`` appends each array to a file in the folder the model's external data locations are relative
+A step that makes one large tensor per layer of an ONNX model (the low-bit codes the int4 writers of
+``quantize.py`` and ``quantize_head.py`` make) would otherwise hold every one of them until the model is saved: half a
+byte a weight at 4 bits, about 35 GB for a 70B model by count. ``ScratchData`` appends each array to a file in the folder the model's external data locations are relative
 to, and returns an initializer that points at its bytes there; ``onnx_export.write_models`` then copies it into the
 output's data file one tensor at a time, as it does the float weights. The file is removed on leaving the context.
 """

@@ -1,8 +1,8 @@
 """GPTQ's scales and zero points kept on disk from lowering to the int4 file, one small file per layer.
 
 The int4 file is written after the program is let go, from the grids the GPTQ pass chose. They are 5/32 of a byte a
-weight at groups of 32 (float32 scales, uint8 zero points): about 300 MB at TinyLlama's width and 44 blocks, about
-11 GB for a 70B model, so holding them all in memory until then made the run's peak grow with depth. ``GridFiles``
+weight at groups of 32 (float32 scales, uint8 zero points): by count about 300 MB at TinyLlama's width and 44
+blocks, about 11 GB for a 70B model, so holding them all in memory until then made the run's peak grow with depth. ``GridFiles``
 writes each layer's pair as the program gives it and reads one pair back when the writer asks for that layer.
 """
 
